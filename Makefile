@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_TORCH := 2.13.0
+QUICK ?= 0
+DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,)
+
+.PHONY: install check test demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Keep a torch the user already has; on a machine without CUDA take the local CPU wheel.
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==$(CPU_TORCH); fi; \
+	fi
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+check: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src
+
+test: check
+	$(VENV)/bin/pytest
+
+demo: install
+	$(VENV)/bin/flexmoe demo --out demo-output $(DEMO_FLAGS)
+
+clean:
+	rm -rf $(VENV) demo-output .cache

@@ -1,0 +1,5 @@
+"""``python -m flexmoe``."""
+
+from flexmoe.cli import main
+
+main()

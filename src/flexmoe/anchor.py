@@ -1,0 +1,344 @@
+"""The public anchor: train or import it, fingerprint it, and its public router vectors.
+
+An anchor directory is a transformers OLMo-2 checkpoint (config.json, model.safetensors,
+tokenizer files) plus ``public_router.safetensors`` (``(layers, hidden)``: r_0 in every layer)
+and ``flexmoe_anchor.json``, the manifest below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import FlexOlmoConfig, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerBase
+
+from flexmoe import __version__
+from flexmoe.data.documents import DataSpec, read_documents
+from flexmoe.data.packing import pack_documents
+from flexmoe.data.split import SplitDocuments, SplitFractions, split_documents
+from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_directory, read_json, write_json
+from flexmoe.model import names
+from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, save_model
+from flexmoe.model.config import ModelDims, olmo2_config
+from flexmoe.model.probe import mean_ffn_inputs
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.loop import TrainResult, train
+
+MANIFEST_FILE = "flexmoe_anchor.json"
+ROUTER_FILE = "public_router.safetensors"
+ROUTER_KEY = "public_router"
+
+
+class RouterInit(BaseModel):
+    """How the public router vectors were made."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["anchor-hidden"] = "anchor-hidden"
+    documents: int
+    max_tokens_per_document: int
+
+
+class AnchorManifest(BaseModel):
+    """flexmoe's record of an anchor: what experts must match, and where the anchor came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    kind: Literal["flexmoe-anchor"] = "flexmoe-anchor"
+    fingerprint: str
+    tokenizer_fingerprint: str
+    router_init: RouterInit
+    origin: Literal["trained", "imported"]
+    created: str
+    flexmoe_version: str
+    seq_len: int
+    training: dict[str, float | int | str | None] | None = None
+
+
+@dataclass
+class Anchor:
+    """A loaded, verified anchor."""
+
+    path: Path
+    model: Olmo2ForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    public_router: torch.Tensor  # (layers, hidden)
+    manifest: AnchorManifest
+
+
+def fingerprint(state: dict[str, torch.Tensor], public_router: torch.Tensor) -> str:
+    """sha256 over every anchor tensor (all of them stay frozen in experts) and r_0.
+
+    Canonical order: sorted names; each contributes its name, dtype, shape and raw bytes.
+    """
+    h = hashlib.sha256()
+    items = sorted({**state, ROUTER_KEY: public_router}.items())
+    for name, tensor in items:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_split_documents(
+    specs: list[DataSpec], fractions: SplitFractions | None = None
+) -> SplitDocuments:
+    """Read, deduplicate and split the documents of several domains."""
+    docs = [doc for spec in specs for doc in read_documents(spec)]
+    return split_documents(docs, fractions)
+
+
+def _write_anchor(
+    out: Path,
+    *,
+    model: Olmo2ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    public_router: torch.Tensor,
+    router_init: RouterInit,
+    origin: Literal["trained", "imported"],
+    seq_len: int,
+    training: dict[str, float | int | str | None] | None,
+    overwrite: bool,
+) -> AnchorManifest:
+    model.float().cpu()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    manifest = AnchorManifest(
+        fingerprint=fingerprint(state, public_router),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        router_init=router_init,
+        origin=origin,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        flexmoe_version=__version__,
+        seq_len=seq_len,
+        training=training,
+    )
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_model(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({ROUTER_KEY: public_router.contiguous()}, str(tmp / ROUTER_FILE))
+        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+    return manifest
+
+
+def compute_public_router(
+    model: Olmo2ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    *,
+    max_documents: int = 1000,
+    max_tokens: int = 256,
+    device: torch.device,
+) -> tuple[torch.Tensor, RouterInit]:
+    """r_0 per layer from up to ``max_documents`` public documents (anchor-hidden method)."""
+    sample = texts[:max_documents]
+    vectors = mean_ffn_inputs(model, tokenizer, sample, max_tokens=max_tokens, device=device)
+    return vectors, RouterInit(documents=len(sample), max_tokens_per_document=max_tokens)
+
+
+def train_anchor(
+    *,
+    data: list[DataSpec],
+    out: Path,
+    dims: ModelDims,
+    cfg: TrainConfig,
+    device: torch.device,
+    cache_dir: Path,
+    tokenizer_dir: Path | None = None,
+    vocab_size: int = 8192,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[AnchorManifest, TrainResult]:
+    """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    splits = load_split_documents(data)
+    if not splits.train:
+        raise FlexMoEError(",".join(p for s in data for p in s.paths), "no training documents")
+    work = out.parent / f".{out.name}.work"
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tokenizer_dir = work / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            texts = (d.text for d in splits.train)
+            train_tokenizer(
+                texts, tokenizer_dir, vocab_size=vocab_size, model_max_length=cfg.seq_len
+            )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train_stream = pack_documents(splits.train, tokenizer, cache_dir=cache_dir)
+    val_stream = (
+        pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
+        if splits.validation
+        else None
+    )
+    config = olmo2_config(
+        dims.with_overrides(max_seq_len=cfg.seq_len),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Olmo2ForCausalLM(config)
+    result = train(
+        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
+        checkpoint_dir=work / "checkpoint", resume=resume, progress=progress, desc="anchor",
+    )  # fmt: skip
+    public_router, router_init = compute_public_router(
+        model, tokenizer, [d.text for d in splits.train], device=device
+    )
+    summary: dict[str, float | int | str | None] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "seed": cfg.seed,
+        **{f"dims.{k}": v for k, v in asdict(dims).items() if k != "max_seq_len"},
+    }
+    manifest = _write_anchor(
+        out, model=model, tokenizer=tokenizer, public_router=public_router,
+        router_init=router_init, origin="trained", seq_len=cfg.seq_len, training=summary,
+        overwrite=overwrite,
+    )  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest, result
+
+
+def _dense_from_single_expert(
+    config: FlexOlmoConfig, state: dict[str, torch.Tensor], where: Path
+) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
+    """A one-expert FlexOlmo checkpoint is an OLMo-2 model with its MLP under another name."""
+    if config.num_experts != 1:
+        raise FlexMoEError(
+            where, f"has {config.num_experts} experts; only a one-expert FlexOlmo is an anchor"
+        )
+    dense = dict(state)
+    for layer in range(config.num_hidden_layers):
+        dense.pop(names.ROUTER_ON_DISK.format(layer=layer), None)
+        for proj in names.PROJECTIONS:
+            key = names.EXPERT.format(layer=layer, expert=0, proj=proj)
+            if key in dense:
+                dense[names.DENSE_MLP.format(layer=layer, proj=proj)] = dense.pop(key)
+    fields = {
+        k: getattr(config, k)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "rope_parameters",
+            "attention_bias",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+        )
+    }
+    return Olmo2Config(**fields, architectures=["Olmo2ForCausalLM"]), dense
+
+
+def import_anchor(
+    hf_dir: Path,
+    *,
+    out: Path,
+    data: list[DataSpec],
+    device: torch.device,
+    max_documents: int = 1000,
+    overwrite: bool = False,
+) -> AnchorManifest:
+    """Adopt a transformers OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor.
+
+    The public router vectors are computed from ``data`` (public documents).
+    """
+    hf_dir = Path(hf_dir)
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    if not data:
+        raise FlexMoEError(
+            "--data", "public documents are needed to compute the public router vectors"
+        )
+    config = read_config(hf_dir)
+    state = {k: v.float() for k, v in read_state_dict(hf_dir).items()}
+    if isinstance(config, FlexOlmoConfig):
+        config, state = _dense_from_single_expert(config, state, hf_dir)
+    assert isinstance(config, Olmo2Config)
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        config.tie_word_embeddings = False
+    model = build_dense(config, state, where=hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
+    splits = load_split_documents(data)
+    texts = [d.text for d in splits.train] or [d.text for d in splits.validation]
+    model.to(device)  # type: ignore[arg-type]
+    public_router, router_init = compute_public_router(
+        model, tokenizer, texts, max_documents=max_documents, device=device
+    )
+    return _write_anchor(
+        out, model=model, tokenizer=tokenizer, public_router=public_router,
+        router_init=router_init, origin="imported", seq_len=config.max_position_embeddings,
+        training=None, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def load_anchor(path: Path, *, verify: bool = True) -> Anchor:
+    """Load an anchor directory; with ``verify``, recompute and check both fingerprints."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise FlexMoEError(path, "anchor directory not found")
+    if not manifest_path.is_file():
+        raise FlexMoEError(path, f"not a flexmoe anchor (no {MANIFEST_FILE})")
+    try:
+        manifest = AnchorManifest.model_validate(read_json(manifest_path))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise FlexMoEError(manifest_path, f"field {field!r}: {err['msg']}") from e
+    config = read_config(path)
+    if not isinstance(config, Olmo2Config):
+        raise FlexMoEError(path / "config.json", "an anchor must be an OLMo-2 checkpoint")
+    state = read_state_dict(path)
+    model = build_dense(config, state, where=path)
+    try:
+        public_router = load_file(path / ROUTER_FILE)[ROUTER_KEY]
+    except (OSError, SafetensorError, KeyError) as e:
+        raise FlexMoEError(path / ROUTER_FILE, f"missing or unreadable public router ({e})") from e
+    expected_shape = (config.num_hidden_layers, config.hidden_size)
+    if tuple(public_router.shape) != expected_shape:
+        raise FlexMoEError(
+            path / ROUTER_FILE, f"shape {tuple(public_router.shape)}, expected {expected_shape}"
+        )
+    tokenizer = load_tokenizer(path)
+    if verify:
+        if fingerprint(state, public_router) != manifest.fingerprint:
+            raise FlexMoEError(
+                path, "tensors do not match the manifest's fingerprint (modified or corrupt)"
+            )
+        if tokenizer_fingerprint(tokenizer) != manifest.tokenizer_fingerprint:
+            raise FlexMoEError(
+                path, "tokenizer does not match the manifest's tokenizer fingerprint"
+            )
+    return Anchor(
+        path=path, model=model, tokenizer=tokenizer, public_router=public_router, manifest=manifest
+    )

@@ -1,0 +1,247 @@
+"""The ``flexmoe`` command line: each subcommand parses its arguments and calls one function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexmoe import __version__
+from flexmoe.errors import FlexMoEError
+
+app = typer.Typer(
+    name="flexmoe",
+    help="Train one language model together without pooling data (the FlexOlmo method).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
+anchor_app = typer.Typer(help="The public anchor model.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(anchor_app, name="anchor")
+app.add_typer(eval_app, name="eval")
+
+_DEBUG = {"on": False}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FLEXMOE_CACHE", "~/.cache/flexmoe")).expanduser()
+
+
+DataOpt = Annotated[
+    list[str], typer.Option("--data", help="DOMAIN=FILES (files, directories or globs; repeatable)")
+]
+TextFieldOpt = Annotated[str, typer.Option(help="jsonl/parquet field holding the text")]
+IdFieldOpt = Annotated[str | None, typer.Option(help="jsonl/parquet field holding a document id")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
+CacheOpt = Annotated[Path | None, typer.Option(help="token cache (default $FLEXMOE_CACHE)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output directory")]
+
+
+def _specs(data: list[str], text_field: str, id_field: str | None):  # type: ignore[no-untyped-def]
+    from flexmoe.data.documents import parse_data_spec
+
+    return [parse_data_spec(s, text_field=text_field, id_field=id_field) for s in data]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flexmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    _DEBUG["on"] = debug
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path | None, typer.Option(help="where to write {domain}.jsonl")] = None,
+) -> None:
+    """Fetch the demo corpora (public, code, legal, dialogue, literature) as jsonl files."""
+    from flexmoe.data.demo import fetch_demo_corpora
+
+    fetch_demo_corpora(out or _cache_dir() / "demo-corpora", log=typer.echo)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="tokenizer directory to write")],
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 8192,
+    max_length: Annotated[int, typer.Option(help="model_max_length")] = 2048,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a byte-level BPE on the training split of the given documents."""
+    from flexmoe.anchor import load_split_documents
+    from flexmoe.data.tokenizer import train_tokenizer
+
+    docs = load_split_documents(_specs(data, text_field, id_field)).train
+    tok = train_tokenizer(
+        (d.text for d in docs), out, vocab_size=vocab_size, model_max_length=max_length,
+        overwrite=force,
+    )  # fmt: skip
+    typer.echo(f"tokenizer with {len(tok)} tokens -> {out}")
+
+
+@anchor_app.command("train")
+def anchor_train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="anchor directory to write")],
+    preset: Annotated[str, typer.Option(help="size preset: tiny or small")] = "tiny",
+    hidden_size: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    num_layers: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    intermediate_size: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="existing tokenizer directory")] = None,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary of a newly trained tokenizer")] = 8192,
+    steps: int = 300,
+    batch_size: Annotated[int, typer.Option(help="sequences per step, all processes")] = 16,
+    grad_accum: int = 1,
+    seq_len: int = 128,
+    lr: float = 2e-3,
+    warmup_steps: int = 30,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    eval_every: int = 100,
+    checkpoint_every: int = 100,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain a dense OLMo-2 anchor from scratch on public documents."""
+    from flexmoe.anchor import train_anchor
+    from flexmoe.device import pick_device
+    from flexmoe.model.config import PRESETS, Preset
+    from flexmoe.training.config import TrainConfig
+
+    if preset not in {p.value for p in Preset}:
+        raise FlexMoEError("--preset", f"unknown preset {preset!r}; choose tiny or small")
+    dims = PRESETS[Preset(preset)].with_overrides(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        intermediate_size=intermediate_size,
+    )  # fmt: skip
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
+    )  # fmt: skip
+    manifest, result = train_anchor(
+        data=_specs(data, text_field, id_field), out=out, dims=dims, cfg=cfg,
+        device=pick_device(device), cache_dir=cache_dir or _cache_dir() / "tokens",
+        tokenizer_dir=tokenizer, vocab_size=vocab_size, resume=resume, overwrite=force,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(
+            f"anchor -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
+            f"val loss {result.final_val_loss}, fingerprint {manifest.fingerprint[:16]}"
+        )
+
+
+@anchor_app.command("import")
+def anchor_import(
+    hf_dir: Annotated[Path, typer.Argument(help="transformers OLMo-2 checkpoint directory")],
+    out: Annotated[Path, typer.Option(help="anchor directory to write")],
+    data: DataOpt,
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Adopt an existing OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor."""
+    from flexmoe.anchor import import_anchor
+    from flexmoe.device import pick_device
+
+    manifest = import_anchor(
+        hf_dir, out=out, data=_specs(data, text_field, id_field), device=pick_device(device),
+        overwrite=force,
+    )  # fmt: skip
+    typer.echo(f"anchor -> {out}: fingerprint {manifest.fingerprint[:16]}")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: Annotated[Path, typer.Option(help="model directory (anchor or merged)")],
+    data: DataOpt,
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+    seq_len: Annotated[int | None, typer.Option(help="context per block")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Held-out loss, perplexity and bits per byte, per domain."""
+    from flexmoe.data.split import Split
+    from flexmoe.device import pick_device
+    from flexmoe.evaluate.perplexity import evaluate_model, format_table
+
+    if split not in {s.value for s in Split}:
+        raise FlexMoEError("--split", f"unknown split {split!r}; choose train, validation or test")
+    scores = evaluate_model(
+        model, _specs(data, text_field, id_field), split=Split(split), device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens", seq_len=seq_len,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in scores], indent=2))
+    else:
+        typer.echo(format_table(scores))
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-output"),
+    quick: Annotated[bool, typer.Option("--quick", help="smaller settings, ~minutes")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Run the demo pipeline end to end and write its report."""
+    from flexmoe.device import pick_device
+    from flexmoe.pipeline import run_demo
+
+    run_demo(out, cache_dir=_cache_dir(), device=pick_device(device), quick=quick, log=typer.echo)
+
+
+COMMANDS = {
+    "data demo": data_demo,
+    "tokenizer train": tokenizer_train,
+    "anchor train": anchor_train,
+    "anchor import": anchor_import,
+    "eval ppl": eval_ppl,
+    "demo": demo,
+}
+app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2; ``--debug`` shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="flexmoe", standalone_mode=True)
+    except FlexMoEError as e:
+        if _DEBUG["on"] or "--debug" in args:
+            traceback.print_exc()
+        print(f"flexmoe: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""From text files to token blocks: documents, splits, tokenizer, packing, demo corpora."""

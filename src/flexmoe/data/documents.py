@@ -1,0 +1,154 @@
+"""Read documents from .txt, .jsonl and .parquet files, directories and globs."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexmoe.errors import FlexMoEError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its domain, a stable id and its text."""
+
+    domain: str
+    doc_id: str
+    text: str
+
+    @property
+    def text_sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where one domain's documents live and how to read them."""
+
+    domain: str
+    paths: tuple[str, ...]
+    text_field: str = "text"
+    id_field: str | None = None
+
+
+def parse_data_spec(
+    spec: str, *, text_field: str = "text", id_field: str | None = None
+) -> DataSpec:
+    """Parse ``DOMAIN=PATH[,PATH...]`` (paths may be files, directories or globs)."""
+    domain, sep, rest = spec.partition("=")
+    domain = domain.strip()
+    if not sep or not domain or not rest.strip():
+        raise FlexMoEError("--data", f"expected DOMAIN=FILES, got {spec!r}")
+    if not domain.replace("-", "").replace("_", "").isalnum():
+        raise FlexMoEError("--data", f"domain name {domain!r} must be letters, digits, - or _")
+    paths = tuple(p.strip() for p in rest.split(",") if p.strip())
+    return DataSpec(domain=domain, paths=paths, text_field=text_field, id_field=id_field)
+
+
+def expand_paths(pattern: str) -> list[Path]:
+    """Files named by a path, a directory (searched recursively) or a glob, in sorted order."""
+    if any(c in pattern for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not matches:
+            raise FlexMoEError(pattern, "the pattern matches no file")
+        return [p for m in matches for p in expand_paths(str(m))]
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise FlexMoEError(path, f"directory holds no {', '.join(SUFFIXES)} file")
+        return files
+    if not path.exists():
+        raise FlexMoEError(path, "file not found")
+    if path.suffix not in SUFFIXES:
+        raise FlexMoEError(path, f"unsupported file type; expected one of {', '.join(SUFFIXES)}")
+    return [path]
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FlexMoEError(
+            where, f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from e
+
+
+def _make_doc(domain: str, text: str, doc_id: object | None) -> Document:
+    if doc_id is None:
+        doc_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return Document(domain=domain, doc_id=str(doc_id), text=text)
+
+
+def _read_txt(path: Path, spec: DataSpec) -> Iterator[Document]:
+    text = _decode(path.read_bytes(), str(path))
+    if not text.strip():
+        raise FlexMoEError(path, "file is empty")
+    yield _make_doc(spec.domain, text, None)
+
+
+def _read_jsonl(path: Path, spec: DataSpec) -> Iterator[Document]:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise FlexMoEError(path, "file is empty")
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(_decode(line, where))
+        except json.JSONDecodeError as e:
+            raise FlexMoEError(where, f"line is not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or spec.text_field not in record:
+            raise FlexMoEError(where, f"no {spec.text_field!r} field")
+        text = record[spec.text_field]
+        if not isinstance(text, str):
+            raise FlexMoEError(where, f"field {spec.text_field!r} is not a string")
+        doc_id = record.get(spec.id_field) if spec.id_field else None
+        if spec.id_field and doc_id is None:
+            raise FlexMoEError(where, f"no {spec.id_field!r} field")
+        if text.strip():
+            yield _make_doc(spec.domain, text, doc_id)
+
+
+def _read_parquet(path: Path, spec: DataSpec) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise FlexMoEError(path, f"not a readable parquet file ({e})") from e
+    columns = [spec.text_field] + ([spec.id_field] if spec.id_field else [])
+    for column in columns:
+        if column not in schema.names:
+            raise FlexMoEError(path, f"no column {column!r} (columns: {', '.join(schema.names)})")
+    table = pq.read_table(path, columns=columns)
+    texts = table.column(spec.text_field).to_pylist()
+    ids = table.column(spec.id_field).to_pylist() if spec.id_field else [None] * len(texts)
+    if not texts:
+        raise FlexMoEError(path, "file is empty")
+    for row, (text, doc_id) in enumerate(zip(texts, ids, strict=True)):
+        if not isinstance(text, str):
+            raise FlexMoEError(f"{path}:row {row}", f"column {spec.text_field!r} is not a string")
+        if text.strip():
+            yield _make_doc(spec.domain, text, doc_id)
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def read_documents(spec: DataSpec) -> list[Document]:
+    """All documents of one domain, in a deterministic order."""
+    docs: list[Document] = []
+    for pattern in spec.paths:
+        for path in expand_paths(pattern):
+            docs.extend(_READERS[path.suffix](path, spec))
+    if not docs:
+        raise FlexMoEError(",".join(spec.paths), f"no documents for domain {spec.domain!r}")
+    return docs

@@ -1,0 +1,207 @@
+"""Load and save transformers checkpoints (safetensors only) as flexmoe runtime models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import (
+    FlexOlmoConfig,
+    FlexOlmoForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.model import names
+from flexmoe.model.moe import ExpertMLP, MoEFeedForward, Router
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config(model_dir: Path) -> PretrainedConfig:
+    """The checkpoint's config, as an OLMo-2 or FlexOlmo config."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FlexMoEError(model_dir, "no config.json: not a transformers checkpoint directory")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlexMoEError(path, f"not valid JSON ({e})") from e
+    model_type = raw.get("model_type")
+    config_class: type[PretrainedConfig]
+    if model_type == "olmo2":
+        config_class = Olmo2Config
+    elif model_type == "flex_olmo":
+        config_class = FlexOlmoConfig
+    else:
+        raise FlexMoEError(path, f"model_type {model_type!r} is not 'olmo2' or 'flex_olmo'")
+    try:
+        return config_class.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers validates fields with several exception types
+        raise FlexMoEError(path, f"invalid config ({str(e).splitlines()[0]})") from e
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: one safetensors file or an index of shards."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FlexMoEError(index, f"not a safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise FlexMoEError(
+            model_dir, f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors is read)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            raise FlexMoEError(path, "shard named in the index is missing")
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FlexMoEError(path, f"not a readable safetensors file ({e})") from e
+    return state
+
+
+def _check_keys(where: Path, expected: set[str], found: set[str]) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FlexMoEError(where, f"missing tensors: {', '.join(missing[:3])}{more}")
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise FlexMoEError(where, f"unexpected tensors: {', '.join(unexpected[:3])}{more}")
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Load ``state`` into a model built on the meta device; shapes and names are checked."""
+    expected = dict(model.state_dict())
+    _check_keys(where, set(expected), set(state))
+    for key, tensor in state.items():
+        got, want = tuple(tensor.shape), tuple(expected[key].shape)
+        if got != want:
+            raise FlexMoEError(where, f"tensor {key} has shape {got}, expected {want}")
+        if not tensor.is_floating_point():
+            raise FlexMoEError(where, f"tensor {key} has dtype {tensor.dtype}, expected a float")
+    model.load_state_dict(state, assign=True, strict=True)
+
+
+def _fresh_rotary(model: PreTrainedModel) -> None:
+    """Rebuild rotary embeddings, whose buffers are computed rather than loaded."""
+    inner: Any = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=model.config)
+
+
+def build_dense(
+    config: Olmo2Config, state: dict[str, torch.Tensor], *, where: Path
+) -> Olmo2ForCausalLM:
+    """An OLMo-2 model holding exactly ``state``."""
+    with torch.device("meta"):
+        model = Olmo2ForCausalLM(config)
+    _assign(model, state, where)
+    _fresh_rotary(model)
+    return model.eval()
+
+
+def build_moe(
+    config: FlexOlmoConfig,
+    state: dict[str, torch.Tensor],
+    *,
+    where: Path,
+    biases: torch.Tensor | None = None,
+    use_bias: bool = False,
+) -> FlexOlmoForCausalLM:
+    """A FlexOlmo model with flexmoe's MoE module, holding ``state`` (runtime names).
+
+    ``biases``: optional ``(layers, N - 1)`` negative biases (a flexmoe extension; zeros if absent).
+    """
+    layers, experts = config.num_hidden_layers, config.num_experts
+    with torch.device("meta"):
+        model = FlexOlmoForCausalLM(config)
+        for layer in model.model.layers:
+            layer.mlp = MoEFeedForward(
+                experts=[
+                    ExpertMLP(
+                        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size
+                    )
+                    for _ in range(experts)
+                ],
+                router=Router(hidden_size=config.hidden_size, num_experts=experts),
+                top_k=config.num_experts_per_tok,
+                use_bias=use_bias,
+            )
+    state = dict(state)
+    ref = next(iter(state.values()))
+    for layer in range(layers):
+        for index in range(experts - 1):
+            value = biases[layer, index] if biases is not None else torch.zeros(())
+            key = names.ROUTER_BIAS.format(layer=layer, index=index)
+            state.setdefault(key, value.to(dtype=ref.dtype, device=ref.device).clone())
+    _assign(model, state, where)
+    _fresh_rotary(model)
+    return model.eval()
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoEFeedForward]:
+    """The MoE feed-forward modules of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def load_model(model_dir: Path, *, use_bias: bool = False) -> PreTrainedModel:
+    """Load an OLMo-2 or FlexOlmo checkpoint directory as a flexmoe runtime model (fp32, eval)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    state = read_state_dict(model_dir)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if isinstance(config, FlexOlmoConfig):
+        runtime = names.runtime_from_disk(state, num_layers=config.num_hidden_layers)
+        return build_moe(config, runtime, where=model_dir, use_bias=use_bias)
+    assert isinstance(config, Olmo2Config)
+    return build_dense(config, state, where=model_dir)
+
+
+def upcycle(dense: Olmo2ForCausalLM, *, num_experts: int, top_k: int) -> FlexOlmoForCausalLM:
+    """An MoE whose experts all start as ``dense``'s MLP; expert 0 shares its tensors.
+
+    Router rows start at zero; the caller sets them (see the anchor's public router vectors).
+    """
+    from flexmoe.model.config import flex_config
+
+    config = flex_config(dense.config, num_experts=num_experts, top_k=top_k)
+    layers = config.num_hidden_layers
+    state = names.upcycled_from_dense(
+        dict(dense.state_dict()), num_layers=layers, num_experts=num_experts
+    )
+    ref = state["model.embed_tokens.weight"]
+    for layer in range(layers):
+        for expert in range(num_experts):
+            key = names.ROUTER_ROW.format(layer=layer, expert=expert)
+            state[key] = torch.zeros(config.hidden_size, dtype=ref.dtype, device=ref.device)
+    return build_moe(config, state, where=Path("<upcycled>"))
+
+
+def save_model(model: PreTrainedModel, out_dir: Path) -> None:
+    """Write ``model`` in transformers' format (config.json, model.safetensors) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = model.config
+    if isinstance(config, FlexOlmoConfig):
+        state = names.disk_from_runtime(
+            state, num_layers=config.num_hidden_layers, num_experts=config.num_experts
+        )
+    config.save_pretrained(out_dir)
+    save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})

@@ -1,0 +1,67 @@
+"""Mean hidden state entering each layer's feed-forward over a set of documents.
+
+This is the ``anchor-hidden`` domain embedding: the public router row r_0 is computed from public
+documents when the anchor is built, and an owner's r_1 the same way from its own documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flexmoe.device import autocast
+from flexmoe.errors import FlexMoEError
+
+
+@torch.no_grad()
+def mean_ffn_inputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 256,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``(layers, hidden)``: per layer, the mean over documents of each document's mean
+    feed-forward input (the residual stream after attention)."""
+    if not texts:
+        raise FlexMoEError(None, "no documents to compute router vectors from")
+    device = device or next(model.parameters()).device
+    layers = list(model.model.layers)  # type: ignore[union-attr, arg-type]
+    sums = torch.zeros(len(layers), model.config.hidden_size, dtype=torch.float64)
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+
+    def hook_for(i: int):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured[i] = args[0]
+
+        return hook
+
+    handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            enc = tokenizer(
+                chunk, add_special_tokens=False, truncation=True, max_length=max_tokens,
+                padding=True, return_tensors="pt",
+            )  # fmt: skip
+            ids = enc["input_ids"].to(device)  # (B, T)
+            mask = enc["attention_mask"].to(device)  # (B, T)
+            keep = mask.sum(1) > 0
+            with autocast(device):
+                model(input_ids=ids, attention_mask=mask)
+            weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # (B, T)
+            for i, h in enumerate(captured):
+                assert h is not None
+                per_doc = torch.einsum("bt,bth->bh", weights, h.float())  # (B, H)
+                sums[i] += per_doc[keep].double().sum(0).cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return (sums / len(texts)).float()

@@ -1,0 +1,1 @@
+"""The training loop (single process and torchrun), its schedule and its checkpoints."""

@@ -1,0 +1,257 @@
+"""The training loop: one process or many under torchrun (DDP; gloo on CPU, NCCL on CUDA)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from flexmoe.data.packing import TokenStream
+from flexmoe.device import autocast
+from flexmoe.errors import FlexMoEError, TrainingInterrupted
+from flexmoe.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.schedule import batch_indices, lr_at
+
+AuxLoss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What a run did; every number is measured during the run."""
+
+    steps: int
+    tokens: int
+    final_train_loss: float
+    final_val_loss: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``."""
+    logits = model(input_ids=batch[:, :-1]).logits  # (B, L, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, stream: TokenStream, cfg: TrainConfig, device: torch.device
+) -> float:
+    """Mean loss over up to ``eval_batches`` evenly spaced batches of validation blocks."""
+    blocks = stream.num_blocks(cfg.seq_len)
+    if blocks == 0:
+        raise FlexMoEError("validation data", f"shorter than one block of {cfg.seq_len} tokens")
+    count = min(blocks, cfg.eval_batches * cfg.batch_size)
+    picks = sorted({int(i * blocks / count) for i in range(count)})
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for start in range(0, len(picks), cfg.batch_size):
+        batch = stream.batch(picks[start : start + cfg.batch_size], cfg.seq_len).to(device)
+        with autocast(device):
+            total += next_token_loss(model, batch).item() * len(batch)
+        n += len(batch)
+    model.train(was_training)
+    return total / n
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[bool]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
+    flag = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        flag[0] = True
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with suppress(ValueError):  # not the main thread: signals stay as they are
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _any(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    if info.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _mean(value: float, info: DistInfo, device: torch.device) -> float:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on vectors (norms, router rows, biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def train(
+    model: nn.Module,
+    *,
+    train_stream: TokenStream,
+    val_stream: TokenStream | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    aux_loss: AuxLoss | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps.
+
+    Only parameters with ``requires_grad`` are updated and checkpointed. A checkpoint is written
+    every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM (then :class:`TrainingInterrupted`
+    is raised); with ``resume`` the run continues from it exactly: same batches, same schedule.
+    """
+    info = init_distributed(device)
+    cfg.check_world(info.world_size)
+    num_blocks = train_stream.num_blocks(cfg.seq_len)
+    if num_blocks == 0:
+        raise FlexMoEError("training data", f"shorter than one block of {cfg.seq_len} tokens")
+    model.to(device).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise FlexMoEError(None, "the model has no trainable parameters")
+    optimizer = optimizer or build_optimizer(model, cfg)
+    state = TrainerState(
+        step=0, tokens=0, config=cfg.to_dict(), data_tokens=len(train_stream.tokens), history=[]
+    )
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").is_file():
+        state = load_checkpoint(checkpoint_dir, params=params, optimizer=optimizer)
+        _check_resumable(checkpoint_dir, state, cfg, len(train_stream.tokens))
+    wrapped: nn.Module = model
+    if info.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(
+        total=cfg.steps, initial=state.step, desc=desc, unit="step",
+        disable=not (progress and info.is_main), dynamic_ncols=True,
+    )  # fmt: skip
+    start_time, start_step = time.perf_counter(), state.step
+    train_loss = math.nan
+    val_loss: float | None = None
+
+    def checkpoint() -> None:
+        if checkpoint_dir is not None and info.is_main:
+            save_checkpoint(checkpoint_dir, params=params, optimizer=optimizer, state=state)
+        if info.world_size > 1:
+            dist.barrier()
+
+    with _stop_on_signals() as stop:
+        while state.step < cfg.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg)
+            indices = batch_indices(state.step, cfg, num_blocks)[info.rank :: info.world_size]
+            step_loss = 0.0
+            for a in range(cfg.grad_accum):
+                batch = train_stream.batch(indices[a * micro : (a + 1) * micro], cfg.seq_len)
+                sync = a == cfg.grad_accum - 1 or info.world_size == 1
+                no_sync = getattr(wrapped, "no_sync", nullcontext)
+                with nullcontext() if sync else no_sync(), autocast(device):
+                    loss = next_token_loss(wrapped, batch.to(device))
+                    step_loss += loss.item() / cfg.grad_accum
+                    if aux_loss is not None:
+                        loss = loss + aux_loss(model)
+                    (loss / cfg.grad_accum).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += tokens_per_step
+            train_loss = _mean(step_loss, info, device)
+            record = {"step": state.step, "loss": train_loss, "lr": lr_at(state.step - 1, cfg)}
+            if val_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                val_loss = validation_loss(model, val_stream, cfg, device)
+                record["val_loss"] = val_loss
+            state.history.append(record)
+            elapsed = time.perf_counter() - start_time
+            rate = (state.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if _any(stop[0], info, device) and state.step < cfg.steps:
+                checkpoint()
+                bar.close()
+                raise TrainingInterrupted(
+                    checkpoint_dir, f"interrupted at step {state.step}; rerun with --resume"
+                )
+    bar.close()
+    if val_stream is not None and (val_loss is None or state.history[-1].get("val_loss") is None):
+        val_loss = validation_loss(model, val_stream, cfg, device)
+    return TrainResult(
+        steps=state.step,
+        tokens=state.tokens,
+        final_train_loss=train_loss if not math.isnan(train_loss) else _last_loss(state),
+        final_val_loss=val_loss,
+        history=state.history,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def _last_loss(state: TrainerState) -> float:
+    return state.history[-1]["loss"] if state.history else math.nan
+
+
+def _check_resumable(where: Path, state: TrainerState, cfg: TrainConfig, data_tokens: int) -> None:
+    saved = TrainConfig.from_dict(state.config)
+    for name, value in cfg.to_dict().items():
+        if saved.to_dict()[name] != value:
+            raise FlexMoEError(
+                where, f"checkpoint was made with {name}={saved.to_dict()[name]}, now {value}"
+            )
+    if state.data_tokens != data_tokens:
+        raise FlexMoEError(where, "checkpoint was made on different training data")

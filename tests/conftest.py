@@ -1,0 +1,87 @@
+"""Shared fixtures: a small synthetic corpus, a tiny tokenizer, tiny models, a tiny anchor."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import FlexOlmoConfig, Olmo2Config
+
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.tokenizer import train_tokenizer
+from flexmoe.model.config import ModelDims, flex_config, olmo2_config
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at "
+    "which but have an they you were her she there been one all we their has would when if "
+    "union state congress nation people government year country public war peace law"
+).split()
+
+
+def make_texts(n: int, seed: int, words: list[str] | None = None) -> list[str]:
+    rng = random.Random(seed)
+    vocab = words or WORDS
+    return [
+        " ".join(rng.choice(vocab) for _ in range(rng.randint(40, 120))) + "." for _ in range(n)
+    ]
+
+
+def write_jsonl(path: Path, texts: list[str], *, ids: bool = False) -> Path:
+    rows = [{"id": f"d{i}", "text": t} if ids else {"text": t} for i, t in enumerate(texts)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_jsonl(root / "public.jsonl", make_texts(120, seed=1))
+    write_jsonl(root / "other.jsonl", make_texts(60, seed=2, words=[w.upper() for w in WORDS]))
+    return root
+
+
+@pytest.fixture(scope="session")
+def public_spec(corpus_dir: Path) -> DataSpec:
+    return DataSpec(domain="public", paths=(str(corpus_dir / "public.jsonl"),))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    texts = make_texts(120, seed=1) + make_texts(60, seed=2, words=[w.upper() for w in WORDS])
+    train_tokenizer(texts, out, vocab_size=400, model_max_length=64)
+    return out
+
+
+TINY_DIMS = ModelDims(
+    hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_seq_len=64
+)
+
+
+@pytest.fixture
+def olmo2_cfg() -> Olmo2Config:
+    return olmo2_config(TINY_DIMS, vocab_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+@pytest.fixture
+def flex_cfg(olmo2_cfg: Olmo2Config) -> FlexOlmoConfig:
+    return flex_config(olmo2_cfg, num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="session")
+def anchor_dir(tmp_path_factory: pytest.TempPathFactory, public_spec: DataSpec) -> Path:
+    """A tiny trained anchor (a few steps), shared by the tests that only read it."""
+    from flexmoe.anchor import train_anchor
+    from flexmoe.training.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("anchor")
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3,
+                      checkpoint_every=0, eval_batches=2)  # fmt: skip
+    train_anchor(
+        data=[public_spec], out=root / "anchor", dims=TINY_DIMS, cfg=cfg,
+        device=torch.device("cpu"), cache_dir=root / "cache", vocab_size=400, progress=False,
+    )  # fmt: skip
+    return root / "anchor"
