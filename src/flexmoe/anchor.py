@@ -22,7 +22,7 @@ from transformers import FlexOlmoConfig, Olmo2Config, Olmo2ForCausalLM, PreTrain
 
 from flexmoe import __version__
 from flexmoe.data.documents import DataSpec, read_documents
-from flexmoe.data.packing import pack_documents
+from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import SplitDocuments, SplitFractions, split_documents
 from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from flexmoe.errors import FlexMoEError
@@ -32,11 +32,12 @@ from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, 
 from flexmoe.model.config import ModelDims, olmo2_config
 from flexmoe.model.probe import mean_ffn_inputs
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, train
+from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
 
 MANIFEST_FILE = "flexmoe_anchor.json"
 ROUTER_FILE = "public_router.safetensors"
 ROUTER_KEY = "public_router"
+HISTORY_FILE = "training_history.json"
 
 
 class RouterInit(BaseModel):
@@ -110,6 +111,7 @@ def _write_anchor(
     seq_len: int,
     training: dict[str, float | int | str | None] | None,
     overwrite: bool,
+    history: list[dict[str, float]] | None = None,
 ) -> AnchorManifest:
     model.float().cpu()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -128,6 +130,8 @@ def _write_anchor(
         tokenizer.save_pretrained(tmp)
         save_file({ROUTER_KEY: public_router.contiguous()}, str(tmp / ROUTER_FILE))
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+        if history is not None:
+            write_json(tmp / HISTORY_FILE, history)
     return manifest
 
 
@@ -167,24 +171,22 @@ def train_anchor(
     splits = load_split_documents(data)
     if not splits.train:
         raise FlexMoEError(",".join(p for s in data for p in s.paths), "no training documents")
+    info = init_distributed(device)
     work = out.parent / f".{out.name}.work"
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is None:
-        tokenizer_dir = work / "tokenizer"
+    tokenizer_dir = tokenizer_dir or work / "tokenizer"
+    if info.is_main:  # one process prepares the tokenizer and the token cache; the rest reuse them
+        if work.exists() and not resume:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
         if not tokenizer_dir.is_dir():
             texts = (d.text for d in splits.train)
             train_tokenizer(
                 texts, tokenizer_dir, vocab_size=vocab_size, model_max_length=cfg.seq_len
             )
+        _pack_splits(splits, load_tokenizer(tokenizer_dir), cache_dir)  # fills the token cache
+    barrier(info)
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_stream = pack_documents(splits.train, tokenizer, cache_dir=cache_dir)
-    val_stream = (
-        pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
-        if splits.validation
-        else None
-    )
+    train_stream, val_stream = _pack_splits(splits, tokenizer, cache_dir)
     config = olmo2_config(
         dims.with_overrides(max_seq_len=cfg.seq_len),
         vocab_size=len(tokenizer),
@@ -200,6 +202,9 @@ def train_anchor(
         model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
         checkpoint_dir=work / "checkpoint", resume=resume, progress=progress, desc="anchor",
     )  # fmt: skip
+    if not info.is_main:
+        barrier(info)
+        return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE)), result
     public_router, router_init = compute_public_router(
         model, tokenizer, [d.text for d in splits.train], device=device
     )
@@ -214,10 +219,20 @@ def train_anchor(
     manifest = _write_anchor(
         out, model=model, tokenizer=tokenizer, public_router=public_router,
         router_init=router_init, origin="trained", seq_len=cfg.seq_len, training=summary,
-        overwrite=overwrite,
+        overwrite=overwrite, history=result.history,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
+    barrier(info)
     return manifest, result
+
+
+def _pack_splits(
+    splits: SplitDocuments, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
+) -> tuple[TokenStream, TokenStream | None]:
+    train_stream = pack_documents(splits.train, tokenizer, cache_dir=cache_dir)
+    if not splits.validation:
+        return train_stream, None
+    return train_stream, pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
 
 
 def _dense_from_single_expert(

@@ -60,6 +60,12 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if info.world_size > 1:
+        dist.barrier()
+
+
 def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``."""
     logits = model(input_ids=batch[:, :-1]).logits  # (B, L, V)
