@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from flexmoe.data.documents import DataSpec
@@ -48,12 +49,17 @@ def stream_nll(
     seq_len: int,
     batch_size: int = 8,
     device: torch.device,
+    desc: str | None = None,
 ) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) and the number of predicted tokens."""
+    """Total negative log-likelihood (nats) and the number of predicted tokens.
+
+    With ``desc``, a progress bar of that name shows the blocks done.
+    """
     model.eval()
     total, count = 0.0, 0
     blocks = stream.num_blocks(seq_len)
-    for start in range(0, blocks, batch_size):
+    starts = range(0, blocks, batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
         batch = stream.batch(list(range(start, min(blocks, start + batch_size))), seq_len)
         total_b, count_b = _nll(model, batch.to(device), device)
         total, count = total + total_b, count + count_b
@@ -81,7 +87,9 @@ def score_stream(
     device: torch.device,
     batch_size: int = 8,
 ) -> DomainScore:
-    nll, tokens = stream_nll(model, stream, seq_len=seq_len, batch_size=batch_size, device=device)
+    nll, tokens = stream_nll(
+        model, stream, seq_len=seq_len, batch_size=batch_size, device=device, desc=f"eval {domain}"
+    )
     loss = nll / tokens
     return DomainScore(
         domain=domain,
