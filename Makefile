@@ -9,8 +9,13 @@ DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,)
 .PHONY: install check test demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# Keep a torch the user already has; on a machine without CUDA take the local CPU wheel.
+	@# On a CUDA machine whose Python already has torch, the venv sees that torch and keeps it.
+	@if [ ! -x $(PY) ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@# Without a torch: a CUDA build where there is a GPU, else the local CPU wheel.
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q torch==$(CPU_TORCH); fi; \

@@ -56,16 +56,21 @@ def _cfg(**kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
-def test_loss_goes_down(streams) -> None:  # type: ignore[no-untyped-def]
-    train_s, val_s, cfg = streams
-    result = train(
-        _model(cfg),
-        train_stream=train_s,
-        val_stream=val_s,
-        cfg=_cfg(steps=30, eval_every=10),
+def _train(model: torch.nn.Module, stream: TokenStream, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("cfg", _cfg())
+    return train(
+        model,
+        train_stream=stream,
+        val_stream=kw.pop("val_stream", None),
         device=CPU,
         progress=False,
+        **kw,
     )
+
+
+def test_loss_goes_down(streams) -> None:  # type: ignore[no-untyped-def]
+    train_s, val_s, cfg = streams
+    result = _train(_model(cfg), train_s, val_stream=val_s, cfg=_cfg(steps=30, eval_every=10))
     losses = [h["loss"] for h in result.history]
     assert result.steps == 30 and result.tokens == 30 * 4 * 32
     assert losses[-1] < losses[0] - 1.0
@@ -88,34 +93,14 @@ def _interrupt_at(call: int):  # type: ignore[no-untyped-def]
 def test_interrupt_checkpoints_and_resume_continues_exactly(streams, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     train_s, _, cfg = streams
     straight = _model(cfg)
-    full = train(
-        straight, train_stream=train_s, val_stream=None, cfg=_cfg(), device=CPU, progress=False
-    )
+    full = _train(straight, train_s)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingInterrupted, match="interrupted at step 4"):
-        train(
-            _model(cfg),
-            train_stream=train_s,
-            val_stream=None,
-            cfg=_cfg(),
-            device=CPU,
-            progress=False,
-            checkpoint_dir=ckpt,
-            aux_loss=_interrupt_at(4),
-        )
+        _train(_model(cfg), train_s, cfg=_cfg(), checkpoint_dir=ckpt, aux_loss=_interrupt_at(4))
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
     assert not list(tmp_path.glob(".ckpt.tmp-*"))  # nothing half-written beside it
     resumed = _model(cfg)  # fresh weights: everything trained comes from the checkpoint
-    result = train(
-        resumed,
-        train_stream=train_s,
-        val_stream=None,
-        cfg=_cfg(),
-        device=CPU,
-        progress=False,
-        checkpoint_dir=ckpt,
-        resume=True,
-    )
+    result = _train(resumed, train_s, cfg=_cfg(), checkpoint_dir=ckpt, resume=True)
     assert [h["loss"] for h in result.history] == pytest.approx(
         [h["loss"] for h in full.history], abs=1e-6
     )
@@ -128,46 +113,17 @@ def test_interrupt_checkpoints_and_resume_continues_exactly(streams, tmp_path: P
 def test_resume_with_other_settings_is_refused(streams, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     train_s, _, cfg = streams
     ckpt = tmp_path / "ckpt"
-    train(
-        _model(cfg),
-        train_stream=train_s,
-        val_stream=None,
-        cfg=_cfg(steps=4, checkpoint_every=2),
-        device=CPU,
-        progress=False,
-        checkpoint_dir=ckpt,
-    )
+    _train(_model(cfg), train_s, cfg=_cfg(steps=4, checkpoint_every=2), checkpoint_dir=ckpt)
     with pytest.raises(FlexMoEError, match="batch_size=4, now 8"):
-        train(
-            _model(cfg),
-            train_stream=train_s,
-            val_stream=None,
-            cfg=_cfg(steps=4, batch_size=8),
-            device=CPU,
-            progress=False,
-            checkpoint_dir=ckpt,
-            resume=True,
+        _train(
+            _model(cfg), train_s, cfg=_cfg(steps=4, batch_size=8), checkpoint_dir=ckpt, resume=True
         )
 
 
 def test_grad_accumulation_matches_one_big_batch(streams) -> None:  # type: ignore[no-untyped-def]
     train_s, _, cfg = streams
-    a = train(
-        _model(cfg),
-        train_stream=train_s,
-        val_stream=None,
-        cfg=_cfg(steps=4),
-        device=CPU,
-        progress=False,
-    )
-    b = train(
-        _model(cfg),
-        train_stream=train_s,
-        val_stream=None,
-        cfg=_cfg(steps=4, grad_accum=2),
-        device=CPU,
-        progress=False,
-    )
+    a = _train(_model(cfg), train_s, cfg=_cfg(steps=4))
+    b = _train(_model(cfg), train_s, cfg=_cfg(steps=4, grad_accum=2))
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], abs=1e-4)
 
 
@@ -186,9 +142,7 @@ def test_too_little_data(streams) -> None:  # type: ignore[no-untyped-def]
     _, _, cfg = streams
     tiny = TokenStream(tokens=torch.arange(10).numpy(), num_bytes=10, num_docs=1)
     with pytest.raises(FlexMoEError, match="shorter than one block"):
-        train(
-            _model(cfg), train_stream=tiny, val_stream=None, cfg=_cfg(), device=CPU, progress=False
-        )
+        _train(_model(cfg), tiny)
 
 
 @pytest.mark.slow

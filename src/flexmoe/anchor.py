@@ -29,7 +29,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, save_model
-from flexmoe.model.config import ModelDims, olmo2_config
+from flexmoe.model.config import ModelDims, dense_config, olmo2_config
 from flexmoe.model.probe import mean_ffn_inputs
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
@@ -250,27 +250,7 @@ def _dense_from_single_expert(
             key = names.EXPERT.format(layer=layer, expert=0, proj=proj)
             if key in dense:
                 dense[names.DENSE_MLP.format(layer=layer, proj=proj)] = dense.pop(key)
-    fields = {
-        k: getattr(config, k)
-        for k in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "hidden_act",
-            "max_position_embeddings",
-            "rms_norm_eps",
-            "rope_parameters",
-            "attention_bias",
-            "pad_token_id",
-            "bos_token_id",
-            "eos_token_id",
-            "tie_word_embeddings",
-        )
-    }
-    return Olmo2Config(**fields, architectures=["Olmo2ForCausalLM"]), dense
+    return dense_config(config), dense
 
 
 def import_anchor(

@@ -111,6 +111,12 @@ def flex_config(
     )
 
 
+def dense_config(flex: FlexOlmoConfig) -> Olmo2Config:
+    """The OLMo-2 config of a one-expert FlexOlmo model (the same network)."""
+    shared: dict[str, Any] = {name: getattr(flex, name) for name in _SHARED_FIELDS}
+    return Olmo2Config(**shared, architectures=["Olmo2ForCausalLM"])
+
+
 def count_parameters(dims: ModelDims, vocab_size: int) -> int:
     """Parameters of a dense decoder of this shape (untied embeddings)."""
     h, f, n = dims.hidden_size, dims.intermediate_size, dims.num_layers
