@@ -57,7 +57,7 @@ def anchor_dir(tmp_path_factory: pytest.TempPathFactory, public_spec: DataSpec) 
     from flexmoe.training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("anchor")
-    cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3,
+    cfg = TrainConfig(steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=4, eval_every=20,
                       checkpoint_every=0, eval_batches=2)  # fmt: skip
     train_anchor(
         data=[public_spec], out=root / "anchor", dims=TINY_DIMS, cfg=cfg,

@@ -21,7 +21,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.perplexity import evaluate_model
 from flexmoe.model.checkpoint import load_model
 from flexmoe.model.config import flex_config
-from flexmoe.model.probe import mean_ffn_inputs
+from flexmoe.model.probe import mean_ffn_inputs, unit_rows
 
 CPU = torch.device("cpu")
 
@@ -38,7 +38,7 @@ def test_anchor_directory_layout(anchor_dir: Path) -> None:
     manifest = json.loads((anchor_dir / MANIFEST_FILE).read_text())
     assert manifest["schema_version"] == 1 and manifest["origin"] == "trained"
     assert (
-        manifest["training"]["steps"] == 6 and manifest["router_init"]["method"] == "anchor-hidden"
+        manifest["training"]["steps"] == 40 and manifest["router_init"]["method"] == "anchor-hidden"
     )
     config = json.loads((anchor_dir / "config.json").read_text())
     assert config["model_type"] == "olmo2" and config["architectures"] == ["Olmo2ForCausalLM"]
@@ -55,13 +55,14 @@ def test_transformers_loads_the_anchor_with_the_same_logits(anchor_dir: Path) ->
 
 
 def test_public_router_is_the_mean_ffn_input(anchor_dir: Path, public_spec: DataSpec) -> None:
-    from flexmoe.anchor import load_split_documents
+    from flexmoe.data.split import load_splits
 
     anchor = load_anchor(anchor_dir)
     assert anchor.public_router.shape == (2, 32)
-    texts = [d.text for d in load_split_documents([public_spec]).train]
+    texts = [d.text for d in load_splits([public_spec]).train]
     again = mean_ffn_inputs(anchor.model, anchor.tokenizer, texts, max_tokens=256)
-    assert torch.allclose(again, anchor.public_router, atol=1e-5)
+    assert torch.allclose(unit_rows(again), anchor.public_router, atol=1e-5)
+    assert torch.allclose(anchor.public_router.norm(dim=-1), torch.ones(2), atol=1e-6)
     # By hand for one document and layer 0: the residual stream after attention.
     one = mean_ffn_inputs(anchor.model, anchor.tokenizer, texts[:1], max_tokens=256)
     ids = anchor.tokenizer(texts[0], add_special_tokens=False, return_tensors="pt")["input_ids"][
@@ -190,12 +191,12 @@ def test_import_olmo2_and_single_expert_flexolmo(
 
 
 def test_bits_per_byte_by_hand(anchor_dir: Path, tmp_path: Path, public_spec: DataSpec) -> None:
-    from flexmoe.anchor import load_split_documents
+    from flexmoe.data.split import load_splits
 
     (score,) = evaluate_model(
         anchor_dir, [public_spec], split=Split.TEST, device=CPU, cache_dir=None, seq_len=16
     )
-    docs = load_split_documents([public_spec]).test
+    docs = load_splits([public_spec]).test
     model = load_model(anchor_dir)
     tok = load_anchor(anchor_dir).tokenizer
     nll, count = 0.0, 0

@@ -15,22 +15,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import FlexOlmoConfig, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerBase
 
 from flexmoe import __version__
-from flexmoe.data.documents import DataSpec, read_documents
+from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
-from flexmoe.data.split import SplitDocuments, SplitFractions, split_documents
+from flexmoe.data.split import SplitDocuments, load_splits
 from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_directory, read_json, write_json
+from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, save_model
 from flexmoe.model.config import ModelDims, dense_config, olmo2_config
-from flexmoe.model.probe import mean_ffn_inputs
+from flexmoe.model.probe import mean_ffn_inputs, unit_rows
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
 
@@ -92,14 +92,6 @@ def fingerprint(state: dict[str, torch.Tensor], public_router: torch.Tensor) -> 
     return h.hexdigest()
 
 
-def load_split_documents(
-    specs: list[DataSpec], fractions: SplitFractions | None = None
-) -> SplitDocuments:
-    """Read, deduplicate and split the documents of several domains."""
-    docs = [doc for spec in specs for doc in read_documents(spec)]
-    return split_documents(docs, fractions)
-
-
 def _write_anchor(
     out: Path,
     *,
@@ -144,9 +136,12 @@ def compute_public_router(
     max_tokens: int = 256,
     device: torch.device,
 ) -> tuple[torch.Tensor, RouterInit]:
-    """r_0 per layer from up to ``max_documents`` public documents (anchor-hidden method)."""
+    """r_0 per layer from up to ``max_documents`` public documents (anchor-hidden method):
+    the mean feed-forward input, scaled to unit norm."""
     sample = texts[:max_documents]
-    vectors = mean_ffn_inputs(model, tokenizer, sample, max_tokens=max_tokens, device=device)
+    vectors = unit_rows(
+        mean_ffn_inputs(model, tokenizer, sample, max_tokens=max_tokens, device=device)
+    )
     return vectors, RouterInit(documents=len(sample), max_tokens_per_document=max_tokens)
 
 
@@ -168,7 +163,7 @@ def train_anchor(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    splits = load_split_documents(data)
+    splits = load_splits(data)
     if not splits.train:
         raise FlexMoEError(",".join(p for s in data for p in s.paths), "no training documents")
     info = init_distributed(device)
@@ -283,7 +278,7 @@ def import_anchor(
         config.tie_word_embeddings = False
     model = build_dense(config, state, where=hf_dir)
     tokenizer = load_tokenizer(hf_dir)
-    splits = load_split_documents(data)
+    splits = load_splits(data)
     texts = [d.text for d in splits.train] or [d.text for d in splits.validation]
     model.to(device)  # type: ignore[arg-type]
     public_router, router_init = compute_public_router(
@@ -304,12 +299,7 @@ def load_anchor(path: Path, *, verify: bool = True) -> Anchor:
         raise FlexMoEError(path, "anchor directory not found")
     if not manifest_path.is_file():
         raise FlexMoEError(path, f"not a flexmoe anchor (no {MANIFEST_FILE})")
-    try:
-        manifest = AnchorManifest.model_validate(read_json(manifest_path))
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise FlexMoEError(manifest_path, f"field {field!r}: {err['msg']}") from e
+    manifest = read_manifest_model(manifest_path, AnchorManifest)
     config = read_config(path)
     if not isinstance(config, Olmo2Config):
         raise FlexMoEError(path / "config.json", "an anchor must be an OLMo-2 checkpoint")

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +25,12 @@ app = typer.Typer(
 data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
 anchor_app = typer.Typer(help="The public anchor model.", no_args_is_help=True)
+expert_app = typer.Typer(help="A data owner's expert.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(anchor_app, name="anchor")
+app.add_typer(expert_app, name="expert")
 app.add_typer(eval_app, name="eval")
 
 _DEBUG = {"on": False}
@@ -91,10 +94,10 @@ def tokenizer_train(
     force: ForceOpt = False,
 ) -> None:
     """Train a byte-level BPE on the training split of the given documents."""
-    from flexmoe.anchor import load_split_documents
+    from flexmoe.data.split import load_splits
     from flexmoe.data.tokenizer import train_tokenizer
 
-    docs = load_split_documents(_specs(data, text_field, id_field)).train
+    docs = load_splits(_specs(data, text_field, id_field)).train
     tok = train_tokenizer(
         (d.text for d in docs), out, vocab_size=vocab_size, model_max_length=max_length,
         overwrite=force,
@@ -181,6 +184,112 @@ def anchor_import(
     typer.echo(f"anchor -> {out}: fingerprint {manifest.fingerprint[:16]}")
 
 
+@expert_app.command("train")
+def expert_train(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: Annotated[list[str], typer.Option("--data", help="owner's files, dirs or globs")],
+    name: Annotated[str, typer.Option(help="expert name (also its domain)")],
+    owner: Annotated[str, typer.Option(help="the owning organisation")],
+    license: Annotated[str, typer.Option("--license", help="SPDX license identifier")],
+    out: Annotated[Path, typer.Option(help="package directory to write")],
+    description: str = "",
+    public_data: Annotated[
+        list[str] | None, typer.Option(help="public files mixed in (recommended)")
+    ] = None,
+    public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
+    router_init: Annotated[str, typer.Option(help="anchor-hidden or random")] = "anchor-hidden",
+    steps: int = 200,
+    batch_size: Annotated[int, typer.Option(help="sequences per step, all processes")] = 16,
+    grad_accum: int = 1,
+    seq_len: int = 128,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    weight_decay: float = 0.0,
+    z_loss: Annotated[float, typer.Option(help="router z-loss weight")] = 1e-3,
+    eval_every: int = 50,
+    checkpoint_every: int = 50,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train one expert alone against the frozen anchor; write its package."""
+    from flexmoe.data.documents import DataSpec
+    from flexmoe.device import pick_device
+    from flexmoe.expert.router_init import RouterInitMethod
+    from flexmoe.expert.train import ExpertIdentity, train_expert
+    from flexmoe.training.config import TrainConfig
+
+    if router_init not in {m.value for m in RouterInitMethod}:
+        choices = ", ".join(m.value for m in RouterInitMethod)
+        raise FlexMoEError("--router-init", f"unknown method {router_init!r}; choose {choices}")
+    identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
+    paths = tuple(p for item in data for p in item.split(",") if p)
+    public = [DataSpec("public", tuple(public_data), text_field, id_field)] if public_data else None
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, seed=seed, z_loss=z_loss,
+    )  # fmt: skip
+    manifest, result = train_expert(
+        anchor_dir=anchor, data=[DataSpec(name, paths, text_field, id_field)], identity=identity,
+        out=out, cfg=cfg, device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens", router_init=RouterInitMethod(router_init),
+        public_data=public, public_fraction=public_fraction, resume=resume, overwrite=force,
+    )  # fmt: skip
+    typer.echo(
+        f"expert {manifest.name} -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
+        f"val loss {result.final_val_loss}"
+    )
+
+
+@expert_app.command("verify")
+def expert_verify(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+) -> None:
+    """Check a package: schema, hashes, fingerprints, tensor names, shapes, dtypes, values."""
+    from flexmoe.expert.verify import verify_package
+
+    rows = verify_package(package, anchor)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+    typer.echo("package is sound")
+
+
+@expert_app.command("eval")
+def expert_eval(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: DataOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Held-out bits per byte of the 2-expert specialist next to the anchor's, per domain."""
+    from flexmoe.device import pick_device
+    from flexmoe.expert.verify import evaluate_specialist, format_specialist_table
+
+    scores = evaluate_specialist(
+        package, anchor, _specs(data, text_field, id_field), device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens",
+    )  # fmt: skip
+    if as_json:
+        rows = [
+            {"domain": s.domain, "anchor": s.anchor.to_dict(), "specialist": s.specialist.to_dict()}
+            for s in scores
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        typer.echo(format_specialist_table(package.name, scores))
+
+
 @eval_app.command("ppl")
 def eval_ppl(
     model: Annotated[Path, typer.Option(help="model directory (anchor or merged)")],
@@ -228,16 +337,24 @@ COMMANDS = {
     "tokenizer train": tokenizer_train,
     "anchor train": anchor_train,
     "anchor import": anchor_import,
+    "expert train": expert_train,
+    "expert verify": expert_verify,
+    "expert eval": expert_eval,
     "eval ppl": eval_ppl,
     "demo": demo,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 
 
+def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    print(f"flexmoe: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2; ``--debug`` shows the traceback."""
     args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
+    warnings.showwarning = _one_line_warning
     try:
         command.main(args=args, prog_name="flexmoe", standalone_mode=True)
     except FlexMoEError as e:

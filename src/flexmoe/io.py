@@ -10,9 +10,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from flexmoe.errors import FlexMoEError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def _umask() -> int:
@@ -80,6 +84,16 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlexMoEError(path, f"not valid JSON ({e})") from e
+
+
+def read_manifest_model(path: Path, model: type[ModelT]) -> ModelT:
+    """Read a JSON file into a pydantic model; the first field at fault names the error."""
+    try:
+        return model.model_validate(read_json(path))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise FlexMoEError(path, f"field {field!r}: {err['msg']}") from e
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:

@@ -43,6 +43,20 @@ class TokenStream:
         return torch.stack([self.block(i, seq_len) for i in indices])  # (B, L + 1)
 
 
+def mix_streams(primary: TokenStream, secondary: TokenStream, fraction: float) -> TokenStream:
+    """``primary`` followed by a prefix of ``secondary`` making up ``fraction`` of all tokens.
+
+    For training only (byte and document counts describe ``primary``): the training order
+    shuffles blocks, so the two sources interleave.
+    """
+    if not 0 <= fraction < 1:
+        raise FlexMoEError("--public-fraction", f"must be in [0, 1), got {fraction}")
+    wanted = int(len(primary.tokens) * fraction / (1 - fraction))
+    extra = np.asarray(secondary.tokens[:wanted], dtype=primary.tokens.dtype)
+    tokens = np.concatenate([np.asarray(primary.tokens), extra])
+    return TokenStream(tokens=tokens, num_bytes=primary.num_bytes, num_docs=primary.num_docs)
+
+
 def _cache_key(docs: list[Document], fingerprint: str) -> str:
     h = hashlib.sha256(f"pack-v{PACK_FORMAT}\x00{fingerprint}".encode())
     for doc in docs:

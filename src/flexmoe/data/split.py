@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from flexmoe.data.documents import Document
+from flexmoe.data.documents import DataSpec, Document, read_documents
 from flexmoe.errors import FlexMoEError
 
 
@@ -78,3 +78,8 @@ def split_documents(
     for part in (out.train, out.validation, out.test):
         part.sort(key=lambda d: (d.domain, d.doc_id, d.text_sha256))
     return out
+
+
+def load_splits(specs: list[DataSpec], fractions: SplitFractions | None = None) -> SplitDocuments:
+    """Read, deduplicate and split the documents of one or more domains."""
+    return split_documents([doc for spec in specs for doc in read_documents(spec)], fractions)

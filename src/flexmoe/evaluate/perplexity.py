@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
-from flexmoe.data.split import Split, SplitFractions
+from flexmoe.data.split import Split, SplitFractions, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
@@ -115,14 +115,32 @@ def evaluate_model(
     batch_size: int = 8,
 ) -> list[DomainScore]:
     """Score a model directory on the ``split`` documents of each domain."""
-    from flexmoe.anchor import load_split_documents
-
     model = load_model(model_dir).to(device)  # type: ignore[arg-type]
     tokenizer = load_tokenizer(model_dir)
+    return evaluate_loaded(
+        model, tokenizer, data, split=split, device=device, cache_dir=cache_dir, seq_len=seq_len,
+        fractions=fractions, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def evaluate_loaded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: list[DataSpec],
+    *,
+    split: Split = Split.TEST,
+    device: torch.device,
+    cache_dir: Path | None,
+    seq_len: int | None = None,
+    fractions: SplitFractions | None = None,
+    batch_size: int = 8,
+) -> list[DomainScore]:
+    """Score an in-memory model on the ``split`` documents of each domain."""
+    model.to(device)  # type: ignore[arg-type]
     seq_len = seq_len or min(1024, int(model.config.max_position_embeddings))
     scores = []
     for spec in data:
-        docs = load_split_documents([spec], fractions).get(split)
+        docs = load_splits([spec], fractions).get(split)
         if not docs:
             raise FlexMoEError(
                 ",".join(spec.paths),

@@ -65,3 +65,8 @@ def mean_ffn_inputs(
             handle.remove()
         model.train(was_training)
     return (sums / len(texts)).float()
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit L2 norm: a router row sets a direction, not a temperature."""
+    return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)

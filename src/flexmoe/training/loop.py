@@ -151,14 +151,17 @@ def train(
     resume: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     aux_loss: AuxLoss | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps.
 
-    Only parameters with ``requires_grad`` are updated and checkpointed. A checkpoint is written
-    every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM (then :class:`TrainingInterrupted`
-    is raised); with ``resume`` the run continues from it exactly: same batches, same schedule.
+    Only parameters with ``requires_grad`` are updated and checkpointed; ``aux_loss`` adds to the
+    loss of each micro-batch, ``after_step`` runs after each optimizer step (e.g. a projection).
+    A checkpoint is written every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM (then
+    :class:`TrainingInterrupted` is raised); with ``resume`` the run continues from it exactly:
+    same batches, same schedule.
     """
     info = init_distributed(device)
     cfg.check_world(info.world_size)
@@ -215,6 +218,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(model)
             state.step += 1
             state.tokens += tokens_per_step
             train_loss = _mean(step_loss, info, device)

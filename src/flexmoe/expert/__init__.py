@@ -1,0 +1,1 @@
+"""One data owner's expert: training against the frozen anchor, the package format, verification."""

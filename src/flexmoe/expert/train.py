@@ -1,0 +1,228 @@
+"""Train one owner's expert alone, against the frozen anchor, and write its package.
+
+The anchor is upcycled in memory to a 2-expert MoE: expert 0 is the anchor's MLP (the very same
+tensors, frozen), expert 1 a copy of it (trained); router row r_0 is the anchor's public vector
+(frozen), r_1 starts from the owner's domain embedding (trained), and so does the bias b_1 <= 0
+(starts at 0). Routing is top-2 of 2: every token passes both experts, the router sets weights.
+Only expert 1, r_1 and b_1 are parameters with gradients; everything else is frozen by
+construction, so after training it is bit-identical to the anchor (checked before writing).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import FlexOlmoForCausalLM
+
+from flexmoe import __version__
+from flexmoe.anchor import Anchor, fingerprint, load_anchor
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
+from flexmoe.data.split import load_splits
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.identity import check_label, check_license
+from flexmoe.expert.package import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    ExpertManifest,
+    ExpertShapes,
+    RouterInitRecord,
+    TrainingSummary,
+    expert_tensors,
+)
+from flexmoe.expert.router_init import RouterInitMethod, RouterInitRequest, init_router_rows
+from flexmoe.io import atomic_directory, sha256_file, write_json
+from flexmoe.model import names
+from flexmoe.model.checkpoint import moe_layers, upcycle
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.loop import TrainResult, train
+
+EXPERT_DEFAULTS = TrainConfig(
+    steps=200, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+    eval_every=50, checkpoint_every=50, z_loss=1e-3,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExpertIdentity:
+    name: str
+    owner: str
+    license: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        check_label("--name", self.name)
+        check_label("--owner", self.owner)
+        check_license(self.license)
+
+
+def build_trainable_moe(anchor: Anchor, router_rows: torch.Tensor) -> FlexOlmoForCausalLM:
+    """The 2-expert model with only expert 1, r_1 and b_1 requiring gradients."""
+    model = upcycle(anchor.model, num_experts=2, top_k=2)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with torch.no_grad():
+        for layer, moe in enumerate(moe_layers(model)):
+            moe.use_bias = True
+            moe.router.rows[0].copy_(anchor.public_router[layer])
+            moe.router.rows[1].copy_(router_rows[layer])
+            moe.router.biases[0].zero_()
+            moe.router.rows[1].requires_grad_(True)
+            moe.router.biases[0].requires_grad_(True)
+            moe.experts[1].requires_grad_(True)
+    return model
+
+
+def router_z_loss(weight: float):  # type: ignore[no-untyped-def]
+    """``weight`` x mean over layers and tokens of logsumexp(router logits)^2."""
+
+    def z_loss(model: torch.nn.Module) -> torch.Tensor:
+        layers = moe_layers(model)
+        terms = [
+            torch.logsumexp(m.last_logits.float(), dim=-1).pow(2).mean()
+            for m in layers
+            if m.last_logits is not None
+        ]
+        return weight * torch.stack(terms).mean()
+
+    return z_loss
+
+
+def project_biases(model: torch.nn.Module) -> None:
+    """Keep every trained bias at or below zero (a projection after each optimizer step)."""
+    with torch.no_grad():
+        for moe in moe_layers(model):
+            for bias in moe.router.biases:
+                bias.clamp_(max=0.0)
+
+
+def frozen_fingerprint(model: FlexOlmoForCausalLM, public_router: torch.Tensor) -> str:
+    """The anchor fingerprint recomputed from the MoE's frozen tensors (expert 0 as the MLP)."""
+    state = dict(model.state_dict())
+    layers = model.config.num_hidden_layers
+    dense: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".mlp." not in key:
+            dense[key] = value
+    for layer in range(layers):
+        for proj in names.PROJECTIONS:
+            dense[names.DENSE_MLP.format(layer=layer, proj=proj)] = state[
+                names.EXPERT.format(layer=layer, expert=0, proj=proj)
+            ]
+        row = state[names.ROUTER_ROW.format(layer=layer, expert=0)]
+        if not torch.equal(row, public_router[layer].to(row.device)):
+            raise FlexMoEError(None, f"public router row of layer {layer} changed during training")
+    return fingerprint(dense, public_router)
+
+
+def _owner_streams(
+    anchor: Anchor,
+    data: list[DataSpec],
+    public_data: list[DataSpec] | None,
+    public_fraction: float,
+    *,
+    seq_len: int,
+    cache_dir: Path | None,
+) -> tuple[TokenStream, TokenStream | None, list[str]]:
+    """Training stream (with the public share mixed in), validation stream, training texts."""
+    where = ",".join(p for s in data for p in s.paths)
+    splits = load_splits(data)
+    if not splits.train:
+        raise FlexMoEError(where, "no training documents")
+    train_stream = pack_documents(splits.train, anchor.tokenizer, cache_dir=cache_dir)
+    if train_stream.num_blocks(seq_len) == 0:
+        raise FlexMoEError(where, f"training data is shorter than one block of {seq_len} tokens")
+    if public_data and public_fraction > 0:
+        public = pack_documents(
+            load_splits(public_data).train, anchor.tokenizer, cache_dir=cache_dir
+        )
+        train_stream = mix_streams(train_stream, public, public_fraction)
+    val_stream = None
+    if splits.validation:
+        val_stream = pack_documents(splits.validation, anchor.tokenizer, cache_dir=cache_dir)
+        if val_stream.num_blocks(seq_len) == 0:
+            val_stream = None
+    return train_stream, val_stream, [d.text for d in splits.train]
+
+
+def train_expert(
+    *,
+    anchor_dir: Path,
+    data: list[DataSpec],
+    identity: ExpertIdentity,
+    out: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    cache_dir: Path | None,
+    router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
+    public_data: list[DataSpec] | None = None,
+    public_fraction: float = 0.25,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[ExpertManifest, TrainResult]:
+    """Train the owner's expert on ``data`` and write the package to ``out``.
+
+    With ``public_data`` (public documents, e.g. the anchor's own corpus), that share of the
+    training tokens is public text, so that the router also sees what belongs to the public
+    expert; the package records the fraction, never the files.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    anchor = load_anchor(anchor_dir)
+    public_fraction = public_fraction if public_data else 0.0
+    train_stream, val_stream, texts = _owner_streams(
+        anchor, data, public_data, public_fraction, seq_len=cfg.seq_len, cache_dir=cache_dir
+    )
+    rows, init_params = init_router_rows(
+        router_init,
+        RouterInitRequest(anchor=anchor, texts=texts, seed=cfg.seed, device=device),
+    )
+    model = build_trainable_moe(anchor, rows)
+    work = out.parent / f".{out.name}.work"
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    result = train(
+        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
+        checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
+        desc=f"expert {identity.name}",
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
+    )  # fmt: skip
+    model.cpu()
+    if frozen_fingerprint(model, anchor.public_router) != anchor.manifest.fingerprint:
+        raise FlexMoEError(
+            anchor_dir, "a frozen tensor changed during training; refusing to package"
+        )
+    tensors = expert_tensors(model)
+    config = model.config
+    summary = TrainingSummary(
+        steps=result.steps, tokens=result.tokens, final_train_loss=result.final_train_loss,
+        final_val_loss=result.final_val_loss, seed=cfg.seed,
+        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
+    )  # fmt: skip
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        manifest = ExpertManifest(
+            name=identity.name, owner=identity.owner, license=identity.license,
+            description=identity.description,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            anchor_fingerprint=anchor.manifest.fingerprint,
+            tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint,
+            router_init=RouterInitRecord(method=router_init.value, params=init_params),
+            training=summary,
+            shapes=ExpertShapes(
+                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+            ),
+            files={TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)},
+            flexmoe_version=__version__,
+        )  # fmt: skip
+        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest, result
