@@ -104,7 +104,7 @@ def test_frozen_tensors_stay_bit_identical(anchor_dir: Path, owner_dir: Path) ->
 
     anchor = load_anchor(anchor_dir)
     before = {k: v.clone() for k, v in anchor.model.state_dict().items()}
-    model = build_trainable_moe(anchor, anchor.public_router.clone())
+    model = build_trainable_moe(anchor.model, anchor.public_router, anchor.public_router.clone())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
         *(

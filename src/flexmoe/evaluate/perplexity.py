@@ -134,13 +134,15 @@ def evaluate_loaded(
     seq_len: int | None = None,
     fractions: SplitFractions | None = None,
     batch_size: int = 8,
+    max_documents: int | None = None,
 ) -> list[DomainScore]:
-    """Score an in-memory model on the ``split`` documents of each domain."""
+    """Score an in-memory model on the ``split`` documents of each domain (the first
+    ``max_documents`` of them, in the split's stable order, when given)."""
     model.to(device)  # type: ignore[arg-type]
     seq_len = seq_len or min(1024, int(model.config.max_position_embeddings))
     scores = []
     for spec in data:
-        docs = load_splits([spec], fractions).get(split)
+        docs = load_splits([spec], fractions).get(split)[:max_documents]
         if not docs:
             raise FlexMoEError(
                 ",".join(spec.paths),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import FlexOlmoForCausalLM
+from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexmoe import __version__
 from flexmoe.anchor import Anchor, fingerprint, load_anchor
@@ -61,15 +61,17 @@ class ExpertIdentity:
         check_license(self.license)
 
 
-def build_trainable_moe(anchor: Anchor, router_rows: torch.Tensor) -> FlexOlmoForCausalLM:
-    """The 2-expert model with only expert 1, r_1 and b_1 requiring gradients."""
-    model = upcycle(anchor.model, num_experts=2, top_k=2)
+def build_trainable_moe(
+    dense: Olmo2ForCausalLM, public_router: torch.Tensor, router_rows: torch.Tensor
+) -> FlexOlmoForCausalLM:
+    """The 2-expert model upcycled from ``dense`` with only expert 1, r_1 and b_1 trainable."""
+    model = upcycle(dense, num_experts=2, top_k=2)
     for param in model.parameters():
         param.requires_grad_(False)
     with torch.no_grad():
         for layer, moe in enumerate(moe_layers(model)):
             moe.use_bias = True
-            moe.router.rows[0].copy_(anchor.public_router[layer])
+            moe.router.rows[0].copy_(public_router[layer])
             moe.router.rows[1].copy_(router_rows[layer])
             moe.router.biases[0].zero_()
             moe.router.rows[1].requires_grad_(True)
@@ -184,7 +186,7 @@ def train_expert(
         router_init,
         RouterInitRequest(anchor=anchor, texts=texts, seed=cfg.seed, device=device),
     )
-    model = build_trainable_moe(anchor, rows)
+    model = build_trainable_moe(anchor.model, anchor.public_router, rows)
     work = out.parent / f".{out.name}.work"
     if work.exists() and not resume:
         shutil.rmtree(work)
