@@ -110,7 +110,7 @@ def run_demo(
             device=device,
             cache_dir=tokens,
             max_documents=settings.eval_documents,
-        )  # fmt: skip
+        )
     }
     log(format_table(list(anchor_scores.values())))
     experts: dict[str, dict[str, Any]] = {}
