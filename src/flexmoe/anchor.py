@@ -30,7 +30,7 @@ from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_j
 from flexmoe.model import names
 from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, save_model
 from flexmoe.model.config import ModelDims, dense_config, olmo2_config
-from flexmoe.model.probe import mean_ffn_inputs, unit_rows
+from flexmoe.router_init import RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
 
@@ -45,9 +45,8 @@ class RouterInit(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["anchor-hidden"] = "anchor-hidden"
-    documents: int
-    max_tokens_per_document: int
+    method: Literal["anchor-hidden", "embedder"]
+    params: dict[str, str | int | float]
 
 
 class AnchorManifest(BaseModel):
@@ -132,17 +131,23 @@ def compute_public_router(
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     *,
-    max_documents: int = 1000,
-    max_tokens: int = 256,
     device: torch.device,
+    method: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
+    embedder: Path | None = None,
+    projection_seed: int = 0,
+    max_documents: int = 1000,
 ) -> tuple[torch.Tensor, RouterInit]:
-    """r_0 per layer from up to ``max_documents`` public documents (anchor-hidden method):
-    the mean feed-forward input, scaled to unit norm."""
-    sample = texts[:max_documents]
-    vectors = unit_rows(
-        mean_ffn_inputs(model, tokenizer, sample, max_tokens=max_tokens, device=device)
-    )
-    return vectors, RouterInit(documents=len(sample), max_tokens_per_document=max_tokens)
+    """r_0 per layer from up to ``max_documents`` public documents (unit-length rows)."""
+    if method is RouterInitMethod.RANDOM:
+        raise FlexMoEError(
+            "--router-init", "the public router is made with anchor-hidden or embedder"
+        )
+    request = RouterInitRequest(
+        model=model, tokenizer=tokenizer, texts=texts, device=device, max_documents=max_documents,
+        embedder=embedder, projection_seed=projection_seed,
+    )  # fmt: skip
+    rows, params = domain_rows(method, request)
+    return rows, RouterInit.model_validate({"method": method.value, "params": params})
 
 
 def train_anchor(
@@ -158,6 +163,8 @@ def train_anchor(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
+    embedder: Path | None = None,
 ) -> tuple[AnchorManifest, TrainResult]:
     """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor."""
     out = Path(out)
@@ -200,9 +207,10 @@ def train_anchor(
     if not info.is_main:
         barrier(info)
         return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE)), result
-    public_router, router_init = compute_public_router(
-        model, tokenizer, [d.text for d in splits.train], device=device
-    )
+    public_router, router_record = compute_public_router(
+        model, tokenizer, [d.text for d in splits.train], device=device, method=router_init,
+        embedder=embedder, projection_seed=cfg.seed,
+    )  # fmt: skip
     summary: dict[str, float | int | str | None] = {
         "steps": result.steps,
         "tokens": result.tokens,
@@ -213,7 +221,7 @@ def train_anchor(
     }
     manifest = _write_anchor(
         out, model=model, tokenizer=tokenizer, public_router=public_router,
-        router_init=router_init, origin="trained", seq_len=cfg.seq_len, training=summary,
+        router_init=router_record, origin="trained", seq_len=cfg.seq_len, training=summary,
         overwrite=overwrite, history=result.history,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
@@ -256,6 +264,8 @@ def import_anchor(
     device: torch.device,
     max_documents: int = 1000,
     overwrite: bool = False,
+    router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
+    embedder: Path | None = None,
 ) -> AnchorManifest:
     """Adopt a transformers OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor.
 
@@ -281,12 +291,13 @@ def import_anchor(
     splits = load_splits(data)
     texts = [d.text for d in splits.train] or [d.text for d in splits.validation]
     model.to(device)  # type: ignore[arg-type]
-    public_router, router_init = compute_public_router(
-        model, tokenizer, texts, max_documents=max_documents, device=device
-    )
+    public_router, router_record = compute_public_router(
+        model, tokenizer, texts, max_documents=max_documents, device=device, method=router_init,
+        embedder=embedder,
+    )  # fmt: skip
     return _write_anchor(
         out, model=model, tokenizer=tokenizer, public_router=public_router,
-        router_init=router_init, origin="imported", seq_len=config.max_position_embeddings,
+        router_init=router_record, origin="imported", seq_len=config.max_position_embeddings,
         training=None, overwrite=overwrite,
     )  # fmt: skip
 

@@ -47,6 +47,12 @@ TextFieldOpt = Annotated[str, typer.Option(help="jsonl/parquet field holding the
 IdFieldOpt = Annotated[str | None, typer.Option(help="jsonl/parquet field holding a document id")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
 CacheOpt = Annotated[Path | None, typer.Option(help="token cache (default $FLEXMOE_CACHE)")]
+RouterInitOpt = Annotated[
+    str, typer.Option(help="router rows from: anchor-hidden, embedder or random (ablation)")
+]
+EmbedderOpt = Annotated[
+    Path | None, typer.Option(help="local sentence-embedding model (for --router-init embedder)")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output directory")]
 
 
@@ -131,6 +137,8 @@ def anchor_train(
     cache_dir: CacheOpt = None,
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = None,
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
     force: ForceOpt = False,
 ) -> None:
@@ -138,6 +146,7 @@ def anchor_train(
     from flexmoe.anchor import train_anchor
     from flexmoe.device import pick_device
     from flexmoe.model.config import PRESETS, Preset
+    from flexmoe.router_init import parse_method
     from flexmoe.training.config import TrainConfig
 
     if preset not in {p.value for p in Preset}:
@@ -155,6 +164,7 @@ def anchor_train(
         data=_specs(data, text_field, id_field), out=out, dims=dims, cfg=cfg,
         device=pick_device(device), cache_dir=cache_dir or _cache_dir() / "tokens",
         tokenizer_dir=tokenizer, vocab_size=vocab_size, resume=resume, overwrite=force,
+        router_init=parse_method(router_init), embedder=embedder,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
@@ -171,15 +181,18 @@ def anchor_import(
     device: DeviceOpt = "auto",
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = None,
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Adopt an existing OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor."""
     from flexmoe.anchor import import_anchor
     from flexmoe.device import pick_device
+    from flexmoe.router_init import parse_method
 
     manifest = import_anchor(
         hf_dir, out=out, data=_specs(data, text_field, id_field), device=pick_device(device),
-        overwrite=force,
+        overwrite=force, router_init=parse_method(router_init), embedder=embedder,
     )  # fmt: skip
     typer.echo(f"anchor -> {out}: fingerprint {manifest.fingerprint[:16]}")
 
@@ -197,7 +210,8 @@ def expert_train(
         list[str] | None, typer.Option(help="public files mixed in (recommended)")
     ] = None,
     public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
-    router_init: Annotated[str, typer.Option(help="anchor-hidden or random")] = "anchor-hidden",
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
     steps: int = 200,
     batch_size: Annotated[int, typer.Option(help="sequences per step, all processes")] = 16,
     grad_accum: int = 1,
@@ -219,13 +233,10 @@ def expert_train(
     """Train one expert alone against the frozen anchor; write its package."""
     from flexmoe.data.documents import DataSpec
     from flexmoe.device import pick_device
-    from flexmoe.expert.router_init import RouterInitMethod
     from flexmoe.expert.train import ExpertIdentity, train_expert
+    from flexmoe.router_init import parse_method
     from flexmoe.training.config import TrainConfig
 
-    if router_init not in {m.value for m in RouterInitMethod}:
-        choices = ", ".join(m.value for m in RouterInitMethod)
-        raise FlexMoEError("--router-init", f"unknown method {router_init!r}; choose {choices}")
     identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
     paths = tuple(p for item in data for p in item.split(",") if p)
     public = [DataSpec("public", tuple(public_data), text_field, id_field)] if public_data else None
@@ -237,7 +248,8 @@ def expert_train(
     manifest, result = train_expert(
         anchor_dir=anchor, data=[DataSpec(name, paths, text_field, id_field)], identity=identity,
         out=out, cfg=cfg, device=pick_device(device),
-        cache_dir=cache_dir or _cache_dir() / "tokens", router_init=RouterInitMethod(router_init),
+        cache_dir=cache_dir or _cache_dir() / "tokens", router_init=parse_method(router_init),
+        embedder=embedder,
         public_data=public, public_fraction=public_fraction, resume=resume, overwrite=force,
     )  # fmt: skip
     typer.echo(

@@ -34,7 +34,7 @@ PKG_BIAS = "layers.{layer}.bias"
 class RouterInitRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["anchor-hidden", "random"]
+    method: Literal["anchor-hidden", "embedder", "random"]
     params: dict[str, str | int | float] = Field(default_factory=dict)
 
 

@@ -35,10 +35,10 @@ from flexmoe.expert.package import (
     TrainingSummary,
     expert_tensors,
 )
-from flexmoe.expert.router_init import RouterInitMethod, RouterInitRequest, init_router_rows
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
+from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, train
 
@@ -122,6 +122,35 @@ def frozen_fingerprint(model: FlexOlmoForCausalLM, public_router: torch.Tensor) 
     return fingerprint(dense, public_router)
 
 
+def owner_router_rows(
+    anchor: Anchor,
+    method: RouterInitMethod,
+    texts: list[str],
+    *,
+    device: torch.device,
+    seed: int = 0,
+    embedder: Path | None = None,
+) -> tuple[torch.Tensor, Params]:
+    """r_1 for the owner, made the way the anchor's r_0 was (``random`` is an ablation)."""
+    record = anchor.manifest.router_init
+    if method is not RouterInitMethod.RANDOM and method.value != record.method:
+        raise FlexMoEError(
+            "--router-init",
+            f"{method.value} does not match how the anchor's public router was made "
+            f"({record.method}); use --router-init {record.method}",
+        )
+    projection_seed = int(record.params.get("projection_seed", 0))
+    request = RouterInitRequest(
+        model=anchor.model, tokenizer=anchor.tokenizer, texts=texts, device=device, seed=seed,
+        embedder=embedder, projection_seed=projection_seed,
+    )  # fmt: skip
+    rows, params = domain_rows(method, request)
+    wanted = record.params.get("embedder_fingerprint")
+    if method is RouterInitMethod.EMBEDDER and params["embedder_fingerprint"] != wanted:
+        raise FlexMoEError("--embedder", "is not the embedding model that made the anchor's r_0")
+    return rows, params
+
+
 def _owner_streams(
     anchor: Anchor,
     data: list[DataSpec],
@@ -162,6 +191,7 @@ def train_expert(
     device: torch.device,
     cache_dir: Path | None,
     router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
+    embedder: Path | None = None,
     public_data: list[DataSpec] | None = None,
     public_fraction: float = 0.25,
     resume: bool = False,
@@ -182,9 +212,8 @@ def train_expert(
     train_stream, val_stream, texts = _owner_streams(
         anchor, data, public_data, public_fraction, seq_len=cfg.seq_len, cache_dir=cache_dir
     )
-    rows, init_params = init_router_rows(
-        router_init,
-        RouterInitRequest(anchor=anchor, texts=texts, seed=cfg.seed, device=device),
+    rows, init_params = owner_router_rows(
+        anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
     )
     model = build_trainable_moe(anchor.model, anchor.public_router, rows)
     work = out.parent / f".{out.name}.work"
