@@ -103,8 +103,12 @@ class MoEFeedForward(nn.Module):
             self.last_routing = weights.detach().reshape(batch, seq, -1)  # (B, T, N)
 
         out = torch.zeros_like(x)
+        dense = self.top_k >= self.num_experts  # every token visits every expert (training)
         for e, expert in enumerate(self.experts):
             w = weights[:, e]  # (B*T,)
+            if dense:  # no gather; a zero weight (an excluded expert) adds exactly zero
+                out = out + expert(x) * w[:, None]
+                continue
             rows = w.nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
