@@ -352,3 +352,38 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
     a, b = load_file(tmp_path / "a" / TENSORS_FILE), load_file(tmp_path / "b" / TENSORS_FILE)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_torchrun_expert_matches_one_process(
+    anchor_dir: Path, owner_dir: Path, tmp_path: Path
+) -> None:
+    """Two DDP processes write one package, equal to the one-process package; --tokens sets steps."""
+    args = ["expert", "train", "--anchor", str(anchor_dir), "--data", str(owner_dir), "--name", "secret",
+            "--owner", "o", "--license", "MIT", "--tokens", "640", "--batch-size", "4", "--seq-len", "32",
+            "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0", "--checkpoint-every", "0",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "one")),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "flexmoe", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / MANIFEST_FILE).read_text())
+    m2 = json.loads((tmp_path / "two" / MANIFEST_FILE).read_text())
+    assert m1["training"]["steps"] == m2["training"]["steps"] == 5
+    assert m2["training"]["final_train_loss"] == pytest.approx(
+        m1["training"]["final_train_loss"], abs=1e-4
+    )
+    a, b = load_file(tmp_path / "one" / TENSORS_FILE), load_file(tmp_path / "two" / TENSORS_FILE)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-4), key

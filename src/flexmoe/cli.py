@@ -213,6 +213,9 @@ def expert_train(
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
     steps: int = 200,
+    tokens: Annotated[
+        int | None, typer.Option(help="train on this many tokens (overrides --steps)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per step, all processes")] = 16,
     grad_accum: int = 1,
     seq_len: int = 128,
@@ -239,6 +242,8 @@ def expert_train(
 
     identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
     paths = tuple(p for item in data for p in item.split(",") if p)
+    if tokens is not None:
+        steps = max(1, -(-tokens // (batch_size * seq_len)))  # ceil
     public = [DataSpec("public", tuple(public_data), text_field, id_field)] if public_data else None
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,

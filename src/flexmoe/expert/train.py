@@ -34,13 +34,14 @@ from flexmoe.expert.package import (
     RouterInitRecord,
     TrainingSummary,
     expert_tensors,
+    read_manifest,
 )
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, train
+from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
 
 EXPERT_DEFAULTS = TrainConfig(
     steps=200, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20, weight_decay=0.0,
@@ -181,6 +182,38 @@ def _owner_streams(
     return train_stream, val_stream, [d.text for d in splits.train]
 
 
+def write_package(
+    out: Path,
+    *,
+    model: FlexOlmoForCausalLM,
+    anchor: Anchor,
+    identity: ExpertIdentity,
+    summary: TrainingSummary,
+    router_init: RouterInitRecord,
+    overwrite: bool,
+) -> ExpertManifest:
+    """Write expert 1 of ``model`` and its manifest to ``out`` (temp dir, then rename)."""
+    config = model.config
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(expert_tensors(model), str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        manifest = ExpertManifest(
+            name=identity.name, owner=identity.owner, license=identity.license,
+            description=identity.description,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            anchor_fingerprint=anchor.manifest.fingerprint,
+            tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint,
+            router_init=router_init, training=summary,
+            shapes=ExpertShapes(
+                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+            ),
+            files={TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)},
+            flexmoe_version=__version__,
+        )  # fmt: skip
+        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+    return manifest
+
+
 def train_expert(
     *,
     anchor_dir: Path,
@@ -216,44 +249,35 @@ def train_expert(
         anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
     )
     model = build_trainable_moe(anchor.model, anchor.public_router, rows)
+    info = init_distributed(device)
     work = out.parent / f".{out.name}.work"
-    if work.exists() and not resume:
+    if info.is_main and work.exists() and not resume:
         shutil.rmtree(work)
+    barrier(info)
     result = train(
         model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
         checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
         desc=f"expert {identity.name}",
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
     )  # fmt: skip
+    if not info.is_main:  # one process writes the package; the others wait for it
+        barrier(info)
+        return read_manifest(out), result
     model.cpu()
     if frozen_fingerprint(model, anchor.public_router) != anchor.manifest.fingerprint:
         raise FlexMoEError(
             anchor_dir, "a frozen tensor changed during training; refusing to package"
         )
-    tensors = expert_tensors(model)
-    config = model.config
     summary = TrainingSummary(
         steps=result.steps, tokens=result.tokens, final_train_loss=result.final_train_loss,
         final_val_loss=result.final_val_loss, seed=cfg.seed,
         hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
     )  # fmt: skip
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        manifest = ExpertManifest(
-            name=identity.name, owner=identity.owner, license=identity.license,
-            description=identity.description,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            anchor_fingerprint=anchor.manifest.fingerprint,
-            tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint,
-            router_init=RouterInitRecord(method=router_init.value, params=init_params),
-            training=summary,
-            shapes=ExpertShapes(
-                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-            ),
-            files={TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)},
-            flexmoe_version=__version__,
-        )  # fmt: skip
-        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+    manifest = write_package(
+        out, model=model, anchor=anchor, identity=identity, summary=summary,
+        router_init=RouterInitRecord(method=router_init.value, params=init_params),
+        overwrite=overwrite,
+    )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
+    barrier(info)
     return manifest, result
