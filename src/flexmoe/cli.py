@@ -307,6 +307,28 @@ def expert_eval(
         typer.echo(format_specialist_table(package.name, scores))
 
 
+@app.command("merge")
+def merge(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    expert: Annotated[list[Path], typer.Option("--expert", help="expert package (repeatable)")],
+    out: Annotated[Path, typer.Option(help="merged model directory to write")],
+    top_k: Annotated[int, typer.Option(help="experts active per token")] = 2,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Merge the anchor and expert packages into one FlexOlmo MoE checkpoint."""
+    from flexmoe.merge.build import build_merged
+    from flexmoe.merge.plan import format_plan, plan_merge
+
+    if out.exists() and not force and not dry_run:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    plan = plan_merge(anchor, expert, top_k=top_k)
+    typer.echo(format_plan(plan))
+    if not dry_run:
+        build_merged(plan, out, overwrite=force)
+        typer.echo(f"merged model -> {out}")
+
+
 @eval_app.command("ppl")
 def eval_ppl(
     model: Annotated[Path, typer.Option(help="model directory (anchor or merged)")],
@@ -357,6 +379,7 @@ COMMANDS = {
     "expert train": expert_train,
     "expert verify": expert_verify,
     "expert eval": expert_eval,
+    "merge": merge,
     "eval ppl": eval_ppl,
     "demo": demo,
 }

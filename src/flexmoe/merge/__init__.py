@@ -1,0 +1,1 @@
+"""Merging: plan (validate, assign slots, dry run), then stream tensors into shards."""

@@ -1,0 +1,192 @@
+"""Execute a merge plan: stream tensors one at a time from the anchor and packages into shards.
+
+Peak memory is about one shard (``max_shard_bytes``) plus one tensor, whatever the number of
+experts: nothing is loaded whole. Output: a transformers FlexOlmo checkpoint (config.json,
+sharded safetensors with an index, tokenizer) and flexmoe's slot table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+from flexmoe.anchor import ROUTER_FILE, ROUTER_KEY
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER
+from flexmoe.io import atomic_directory, read_json, write_json
+from flexmoe.merge.plan import MergePlan
+from flexmoe.model import names
+from flexmoe.model.checkpoint import INDEX_FILE, build_moe, read_config, read_state_dict
+from flexmoe.model.config import flex_config
+
+SLOTS_FILE = "flexmoe_slots.json"
+SLOTS_SCHEMA = 1
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one output tensor comes from: a loader called only when the tensor is written."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    load: Callable[[], torch.Tensor]
+
+
+def _reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    return load
+
+
+def _meta(path: Path, key: str) -> tuple[tuple[int, ...], int]:
+    with safe_open(str(path), framework="pt") as f:
+        sl = f.get_slice(key)
+        shape = tuple(sl.get_shape())
+        dtype = sl.get_dtype()
+    count = 1
+    for d in shape:
+        count *= d
+    return shape, count * _DTYPE_BYTES.get(dtype, 4)
+
+
+def tensor_sources(plan: MergePlan) -> list[TensorSource]:
+    """Every output tensor, in a deterministic order, with a lazy loader."""
+    anchor_file = plan.anchor.path / "model.safetensors"
+    router_file = plan.anchor.path / ROUTER_FILE
+    config = plan.anchor.model.config
+    with safe_open(str(anchor_file), framework="pt") as f:
+        anchor_keys = sorted(f.keys())
+    dense = {
+        names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
+        for layer in range(config.num_hidden_layers)
+        for proj in names.PROJECTIONS
+    }
+    out: list[TensorSource] = []
+    for key in anchor_keys:
+        shape, nbytes = _meta(anchor_file, key)
+        if key not in dense:
+            out.append(TensorSource(key, shape, nbytes, _reader(anchor_file, key)))
+            continue
+        layer, proj = dense[key]
+        target = names.EXPERT.format(layer=layer, expert=0, proj=proj)
+        out.append(TensorSource(target, shape, nbytes, _reader(anchor_file, key)))
+        for slot in plan.slots[1:]:
+            pkg_key = PKG_PROJ.format(layer=layer, proj=proj)
+            target = names.EXPERT.format(layer=layer, expert=slot.index, proj=proj)
+            out.append(TensorSource(target, shape, nbytes, _reader(slot.source, pkg_key)))
+    for layer in range(config.num_hidden_layers):
+
+        def gate(layer: int = layer) -> torch.Tensor:
+            with safe_open(str(router_file), framework="pt") as f:
+                rows = [f.get_slice(ROUTER_KEY)[layer]]
+            for slot in plan.slots[1:]:
+                with safe_open(str(slot.source), framework="pt") as f:
+                    rows.append(f.get_tensor(PKG_ROUTER.format(layer=layer)))
+            return torch.stack(rows)  # (N, H)
+
+        shape = (plan.num_experts, config.hidden_size)
+        out.append(
+            TensorSource(
+                names.ROUTER_ON_DISK.format(layer=layer), shape, 4 * shape[0] * shape[1], gate
+            )
+        )
+    return out
+
+
+def _shards(sources: list[TensorSource], max_bytes: int) -> list[list[TensorSource]]:
+    shards: list[list[TensorSource]] = [[]]
+    size = 0
+    for source in sources:
+        if shards[-1] and size + source.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(source)
+        size += source.nbytes
+    return shards
+
+
+def slot_table(plan: MergePlan) -> dict[str, Any]:
+    """flexmoe's record of the slots: who owns each expert and its learned bias per layer."""
+    layers = plan.anchor.model.config.num_hidden_layers
+    slots = []
+    for slot in plan.slots:
+        if slot.manifest is None:
+            bias = [0.0] * layers
+        else:
+            with safe_open(str(slot.source), framework="pt") as f:
+                bias = [float(f.get_tensor(PKG_BIAS.format(layer=i))) for i in range(layers)]
+        slots.append({
+            "slot": slot.index, "name": slot.name, "owner": slot.owner, "license": slot.license,
+            "package_sha256": slot.package_sha256, "bias": bias,
+            "manifest": slot.manifest.model_dump() if slot.manifest else None,
+        })  # fmt: skip
+    return {
+        "schema_version": SLOTS_SCHEMA,
+        "anchor_fingerprint": plan.anchor.manifest.fingerprint,
+        "tokenizer_fingerprint": plan.anchor.manifest.tokenizer_fingerprint,
+        "top_k": plan.top_k,
+        "router_tuning": None,
+        "slots": slots,
+    }
+
+
+def build_merged(
+    plan: MergePlan, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 1 << 30,
+    progress: bool = True,
+) -> Path:  # fmt: skip
+    """Write the merged FlexOlmo checkpoint described by ``plan`` to ``out``."""
+    sources = tensor_sources(plan)
+    shards = _shards(sources, max_shard_bytes)
+    config = flex_config(plan.anchor.model.config, num_experts=plan.num_experts, top_k=plan.top_k)
+    weight_map: dict[str, str] = {}
+    bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not progress)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for source in shard:
+                tensors[source.name] = source.load().contiguous()
+                weight_map[source.name] = filename
+                bar.update(1)
+            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+            del tensors
+        total = sum(s.nbytes for s in sources)
+        write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        config.save_pretrained(tmp)
+        plan.anchor.tokenizer.save_pretrained(tmp)
+        write_json(tmp / SLOTS_FILE, slot_table(plan))
+    bar.close()
+    return out
+
+
+def load_merged(model_dir: Path, *, use_bias: bool = False) -> FlexOlmoForCausalLM:
+    """A merged model as a flexmoe runtime model; ``use_bias`` applies the owners' learned biases
+    from the slot table (transformers, which does not know them, runs without)."""
+    model_dir = Path(model_dir)
+    table = read_json(model_dir / SLOTS_FILE)
+    config = read_config(model_dir)
+    if not isinstance(config, FlexOlmoConfig):
+        raise FlexMoEError(
+            model_dir / "config.json", "a merged model must be a FlexOlmo checkpoint"
+        )
+    slots = table.get("slots", [])
+    if len(slots) != config.num_experts:
+        raise FlexMoEError(
+            model_dir / SLOTS_FILE, f"{len(slots)} slots but {config.num_experts} experts"
+        )
+    biases = torch.tensor([s["bias"] for s in slots[1:]], dtype=torch.float32).T  # (layers, N - 1)
+    state = {k: v.float() for k, v in read_state_dict(model_dir).items()}
+    runtime = names.runtime_from_disk(state, num_layers=config.num_hidden_layers)
+    return build_moe(config, runtime, where=model_dir, biases=biases, use_bias=use_bias)

@@ -1,0 +1,80 @@
+"""The merge plan: which package goes to which slot, validated before anything is written.
+
+Slot 0 is the public expert (the anchor's MLP and r_0); slot k is the k-th package in the order
+given. Every package is checked against the anchor as ``flexmoe expert verify`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexmoe.anchor import Anchor, load_anchor
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, ExpertManifest, load_package
+from flexmoe.io import sha256_file
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One expert slot of the merged model."""
+
+    index: int
+    name: str
+    owner: str
+    license: str
+    source: Path  # the tensors file the slot's expert weights come from
+    bytes: int
+    package_sha256: str  # of the package's manifest.json, which pins its tensors' sha256
+    manifest: ExpertManifest | None  # None for the public slot
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    anchor: Anchor
+    slots: list[Slot]
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.slots)
+
+
+def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> MergePlan:
+    """Validate the anchor and every package; assign slots; check names and top-k."""
+    if not package_dirs:
+        raise FlexMoEError("--expert", "give at least one expert package")
+    anchor = load_anchor(anchor_dir)
+    anchor_bytes = (Path(anchor_dir) / "model.safetensors").stat().st_size
+    slots = [
+        Slot(
+            index=0, name="public", owner="coordinator", license="public", source=anchor.path,
+            bytes=anchor_bytes, package_sha256=anchor.manifest.fingerprint, manifest=None,
+        )
+    ]  # fmt: skip
+    for index, path in enumerate(package_dirs, start=1):
+        package = load_package(path, anchor)
+        m = package.manifest
+        if any(slot.name == m.name for slot in slots):
+            raise FlexMoEError(path, f"expert name {m.name!r} is already taken by another slot")
+        slots.append(
+            Slot(
+                index=index, name=m.name, owner=m.owner, license=m.license,
+                source=Path(path) / TENSORS_FILE, bytes=(Path(path) / TENSORS_FILE).stat().st_size,
+                package_sha256=sha256_file(Path(path) / MANIFEST_FILE), manifest=m,
+            )
+        )  # fmt: skip
+    if not 1 <= top_k <= len(slots):
+        raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
+    return MergePlan(anchor=anchor, slots=slots, top_k=top_k)
+
+
+def format_plan(plan: MergePlan) -> str:
+    """The plan as a table: slot, expert, owner, license, bytes, source file."""
+    rows = [("slot", "expert", "owner", "license", "bytes", "source")]
+    for s in plan.slots:
+        rows.append((str(s.index), s.name, s.owner, s.license, f"{s.bytes:,}", str(s.source)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(f"{plan.num_experts} experts, top-{plan.top_k} routing")
+    return "\n".join(lines)

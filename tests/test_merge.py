@@ -1,0 +1,134 @@
+"""Merging packages into one FlexOlmo checkpoint: plan, streaming build, compatibility."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flexmoe.anchor import load_anchor
+from flexmoe.data.documents import DataSpec
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+from flexmoe.merge.build import SLOTS_FILE, build_merged, load_merged
+from flexmoe.merge.plan import format_plan, plan_merge
+
+CPU = torch.device("cpu")
+CFG = replace(
+    EXPERT_DEFAULTS,
+    steps=8,
+    batch_size=4,
+    seq_len=32,
+    lr=1e-2,
+    warmup_steps=1,
+    eval_every=0,
+    checkpoint_every=0,
+)
+
+
+@pytest.fixture(scope="module")
+def packages(
+    tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir: Path
+) -> list[Path]:
+    root = tmp_path_factory.mktemp("packages")
+    out = []
+    for name, files in (
+        ("upper", corpus_dir / "other.jsonl"),
+        ("again", corpus_dir / "public.jsonl"),
+    ):
+        train_expert(
+            anchor_dir=anchor_dir, data=[DataSpec(name, (str(files),))],
+            identity=ExpertIdentity(name=name, owner=f"{name} org", license="MIT"),
+            out=root / name, cfg=CFG, device=CPU, cache_dir=None, progress=False,
+        )  # fmt: skip
+        out.append(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(
+    tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, packages: list[Path]
+) -> Path:
+    out = tmp_path_factory.mktemp("merged") / "model"
+    build_merged(
+        plan_merge(anchor_dir, packages, top_k=2), out, max_shard_bytes=200_000, progress=False
+    )
+    return out
+
+
+def test_merged_checkpoint_is_transformers_flexolmo(merged: Path) -> None:
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "flex_olmo" and config["architectures"] == [
+        "FlexOlmoForCausalLM"
+    ]
+    assert config["num_experts"] == 3 and config["num_experts_per_tok"] == 2
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    theirs = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ours = load_merged(merged, use_bias=False)
+    ids = torch.randint(2, config["vocab_size"], (2, 16))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_slot_table(merged: Path, packages: list[Path], anchor_dir: Path) -> None:
+    table = json.loads((merged / SLOTS_FILE).read_text())
+    assert [s["name"] for s in table["slots"]] == ["public", "upper", "again"]
+    assert table["anchor_fingerprint"] == load_anchor(anchor_dir).manifest.fingerprint
+    assert table["slots"][1]["owner"] == "upper org" and table["slots"][1]["license"] == "MIT"
+    assert (
+        all(b <= 0 for s in table["slots"] for b in s["bias"])
+        and len(table["slots"][2]["bias"]) == 2
+    )
+    assert table["slots"][1]["manifest"]["name"] == "upper"
+
+
+def test_one_expert_merge_equals_the_specialist(
+    anchor_dir: Path, packages: list[Path], tmp_path: Path
+) -> None:
+    build_merged(plan_merge(anchor_dir, packages[:1], top_k=2), tmp_path / "m", progress=False)
+    anchor = load_anchor(anchor_dir)
+    specialist = build_specialist(anchor, load_package(packages[0], anchor))
+    ids = torch.randint(2, 400, (2, 16))
+    with torch.no_grad():
+        assert (
+            load_merged(tmp_path / "m", use_bias=True)(ids).logits - specialist(ids).logits
+        ).abs().max().item() <= 1e-5
+
+
+def test_plan_and_refusals(anchor_dir: Path, packages: list[Path], merged: Path) -> None:
+    text = format_plan(plan_merge(anchor_dir, packages, top_k=3))
+    assert "upper org" in text and "3 experts, top-3 routing" in text
+    with pytest.raises(FlexMoEError, match="already taken"):
+        plan_merge(anchor_dir, [packages[0], packages[0]], top_k=2)
+    with pytest.raises(FlexMoEError, match="between 1 and 3"):
+        plan_merge(anchor_dir, packages, top_k=4)
+    with pytest.raises(FlexMoEError, match="already exists"):
+        build_merged(plan_merge(anchor_dir, packages, top_k=2), merged, progress=False)
+
+
+def test_cli_dry_run_writes_nothing(anchor_dir: Path, packages: list[Path], tmp_path: Path) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "flexmoe",
+        "merge",
+        "--anchor",
+        str(anchor_dir),
+        "--out",
+        str(tmp_path / "m"),
+        "--dry-run",
+    ]
+    for p in packages:
+        args += ["--expert", str(p)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "slot" in result.stdout and "again org" in result.stdout
+    assert not (tmp_path / "m").exists()
