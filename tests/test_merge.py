@@ -132,3 +132,89 @@ def test_cli_dry_run_writes_nothing(anchor_dir: Path, packages: list[Path], tmp_
     assert result.returncode == 0, result.stderr
     assert "slot" in result.stdout and "again org" in result.stdout
     assert not (tmp_path / "m").exists()
+
+
+def test_selection_masks(merged: Path) -> None:
+    from flexmoe.inference.selection import Selection, read_slots
+
+    slots = read_slots(merged)
+    assert Selection(exclude=frozenset({"upper"})).mask(slots).tolist() == [True, False, True]
+    assert Selection(exclude=frozenset({"again org"})).mask(slots).tolist() == [True, True, False]
+    assert Selection(include=frozenset({"upper"})).mask(slots).tolist() == [True, True, False]
+    assert Selection(licenses=frozenset({"Apache-2.0"})).mask(slots).tolist() == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(FlexMoEError, match="unknown expert or owner: nobody"):
+        Selection(exclude=frozenset({"nobody"})).mask(slots)
+
+
+def test_excluding_equals_a_model_merged_without(
+    anchor_dir: Path, packages: list[Path], merged: Path, tmp_path: Path
+) -> None:
+    from flexmoe.inference.selection import set_expert_mask
+
+    build_merged(
+        plan_merge(anchor_dir, packages[:1], top_k=2), tmp_path / "without", progress=False
+    )
+    full, without = (
+        load_merged(merged, use_bias=True),
+        load_merged(tmp_path / "without", use_bias=True),
+    )
+    ids = torch.randint(2, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True, True, True], [True, True, False]])  # row 1 opts "again" out
+    set_expert_mask(full, mask)
+    with torch.no_grad():
+        mixed, alone = full(ids).logits, without(ids).logits
+    set_expert_mask(full, None)
+    with torch.no_grad():
+        everyone = full(ids).logits
+    assert (mixed[1] - alone[1]).abs().max().item() <= 1e-5
+    assert (mixed[0] - everyone[0]).abs().max().item() <= 1e-5
+
+
+def test_generation_attribution_and_opt_out(merged: Path) -> None:
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.inference.generate import generate
+    from flexmoe.inference.selection import Selection, read_slots
+
+    slots, tok, model = (
+        read_slots(merged),
+        load_tokenizer(merged),
+        load_merged(merged, use_bias=True),
+    )
+    both = generate(model, tok, "the union", slots=slots, max_new_tokens=6, seed=1, per_token=True)
+    assert both.new_tokens == 6 and both.prompt_tokens == 3
+    assert sum(both.prompt_shares.values()) == pytest.approx(1.0)
+    assert sum(both.generated_shares.values()) == pytest.approx(1.0)
+    assert (
+        both.per_token is not None
+        and len(both.per_token) == both.prompt_tokens + both.new_tokens - 1
+    )
+    out = generate(
+        model,
+        tok,
+        "the union",
+        slots=slots,
+        max_new_tokens=6,
+        seed=1,
+        selection=Selection(exclude=frozenset({"upper"})),
+    )
+    assert out.prompt_shares["upper"] == 0.0 and out.generated_shares["upper"] == 0.0
+    assert both.prompt_shares["upper"] > 0.0
+    # the next call without the exclusion uses the expert again: no reload, no leftover mask
+    again = generate(model, tok, "the union", slots=slots, max_new_tokens=6, seed=1, per_token=True)
+    assert again.text == both.text and again.prompt_shares == both.prompt_shares
+
+
+def test_cli_generate(merged: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flexmoe", "generate", str(merged), "the union", "--attribution",
+         "--max-new-tokens", "5", "--exclude", "again", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the union")
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("again"))
+    assert line.split()[-2:] == ["0.0%", "0.0%"]

@@ -329,6 +329,51 @@ def merge(
         typer.echo(f"merged model -> {out}")
 
 
+@app.command("generate")
+def generate(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    exclude: Annotated[list[str] | None, typer.Option(help="expert or owner to leave out")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="only these experts or owners")] = None,
+    license: Annotated[
+        list[str] | None, typer.Option("--license", help="only experts under these licenses")
+    ] = None,
+    attribution: Annotated[bool, typer.Option("--attribution", help="print who answered")] = False,
+    per_token: Annotated[bool, typer.Option("--per-token", help="attribution per token")] = False,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    bias: Annotated[bool, typer.Option(help="apply the owners' learned router biases")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate text from a merged model with a per-call expert selection and attribution."""
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.device import pick_device
+    from flexmoe.inference.generate import format_attribution
+    from flexmoe.inference.generate import generate as run
+    from flexmoe.inference.selection import Selection, read_slots
+    from flexmoe.merge.build import load_merged
+
+    slots = read_slots(model)
+    net = load_merged(model, use_bias=bias).to(pick_device(device))  # type: ignore[arg-type]
+    selection = Selection(
+        include=frozenset(include or ()), exclude=frozenset(exclude or ()),
+        licenses=frozenset(license or ()),
+    )  # fmt: skip
+    result = run(
+        net, load_tokenizer(model), prompt, slots=slots, selection=selection,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        per_token=per_token,
+    )  # fmt: skip
+    typer.echo(prompt + result.text)
+    if attribution or per_token:
+        typer.echo("")
+        typer.echo(format_attribution(result, slots))
+    if per_token and result.per_token:
+        typer.echo(json.dumps(result.per_token))
+
+
 @eval_app.command("ppl")
 def eval_ppl(
     model: Annotated[Path, typer.Option(help="model directory (anchor or merged)")],
@@ -380,6 +425,7 @@ COMMANDS = {
     "expert verify": expert_verify,
     "expert eval": expert_eval,
     "merge": merge,
+    "generate": generate,
     "eval ppl": eval_ppl,
     "demo": demo,
 }

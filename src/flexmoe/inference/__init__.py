@@ -1,0 +1,1 @@
+"""Inference: which experts are active, generation, and attribution of every answer."""
