@@ -218,3 +218,60 @@ def test_cli_generate(merged: Path) -> None:
     assert result.stdout.startswith("the union")
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("again"))
     assert line.split()[-2:] == ["0.0%", "0.0%"]
+
+
+def test_standing_choice_is_durable_audited_and_honoured(merged: Path, tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+
+    from flexmoe.inference.standing import DB_FILE, StandingStore, standing_exclusions
+
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    cli = [sys.executable, "-m", "flexmoe"]
+    out = subprocess.run(
+        [*cli, "experts", "opt-out", str(model), "upper", "--reason", "consent withdrawn"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert standing_exclusions(model) == frozenset({"upper"})
+    listed = subprocess.run(
+        [*cli, "experts", "list", str(model)], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert any(
+        ln.split()[1] == "upper" and " out " in ln and "consent withdrawn" in ln
+        for ln in listed.splitlines()
+    )
+    gen = subprocess.run(
+        [
+            *cli,
+            "generate",
+            str(model),
+            "the union",
+            "--attribution",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    upper = next(ln for ln in gen.stdout.splitlines() if ln.startswith("upper"))
+    assert upper.split()[-2:] == ["0.0%", "0.0%"]  # honoured with no flag given
+    store = StandingStore(model)
+    store.set("upper", opted_out=False, actor="test")
+    assert store.opted_out() == frozenset()
+    assert [(a[1], a[2]) for a in store.audit()] == [("upper", "opt-out"), ("upper", "opt-in")]
+    with pytest.raises(FlexMoEError, match="always active"):
+        store.set("public", opted_out=True)
+    with pytest.raises(FlexMoEError, match="no such expert"):
+        store.set("nobody", opted_out=True)
+    store.close()
+    db = sqlite3.connect(model / DB_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit")

@@ -26,11 +26,15 @@ data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
 anchor_app = typer.Typer(help="The public anchor model.", no_args_is_help=True)
 expert_app = typer.Typer(help="A data owner's expert.", no_args_is_help=True)
+experts_app = typer.Typer(
+    help="The owners' standing choice in a merged model.", no_args_is_help=True
+)
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(anchor_app, name="anchor")
 app.add_typer(expert_app, name="expert")
+app.add_typer(experts_app, name="experts")
 app.add_typer(eval_app, name="eval")
 
 _DEBUG = {"on": False}
@@ -353,12 +357,14 @@ def generate(
     from flexmoe.inference.generate import format_attribution
     from flexmoe.inference.generate import generate as run
     from flexmoe.inference.selection import Selection, read_slots
+    from flexmoe.inference.standing import standing_exclusions
     from flexmoe.merge.build import load_merged
 
     slots = read_slots(model)
     net = load_merged(model, use_bias=bias).to(pick_device(device))  # type: ignore[arg-type]
+    standing = standing_exclusions(model)  # the owners' current choice, read on every call
     selection = Selection(
-        include=frozenset(include or ()), exclude=frozenset(exclude or ()),
+        include=frozenset(include or ()), exclude=frozenset(exclude or ()) | standing,
         licenses=frozenset(license or ()),
     )  # fmt: skip
     result = run(
@@ -372,6 +378,55 @@ def generate(
         typer.echo(format_attribution(result, slots))
     if per_token and result.per_token:
         typer.echo(json.dumps(result.per_token))
+
+
+@experts_app.command("list")
+def experts_list(model: Annotated[Path, typer.Argument(help="merged model directory")]) -> None:
+    """Each expert's owner, license and standing (in or out); whether routing was tuned."""
+    from flexmoe.inference.standing import StandingStore
+    from flexmoe.io import read_json
+
+    store = StandingStore(model)
+    tuned = read_json(model / "flexmoe_slots.json").get("router_tuning")
+    typer.echo(f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'status':<8} reason")
+    for s in store.statuses():
+        status = "out" if s.opted_out else "in"
+        slot = s.slot
+        typer.echo(
+            f"{slot.index:<5} {slot.name:<14} {slot.owner:<28} {slot.license:<22} "
+            f"{status:<8} {s.reason}"
+        )
+    typer.echo(f"routing tuned after merging: {'yes (' + str(tuned) + ')' if tuned else 'no'}")
+    store.close()
+
+
+@experts_app.command("opt-out")
+def experts_opt_out(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    name: Annotated[str, typer.Argument(help="expert name")],
+    reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
+) -> None:
+    """Stop using an expert from the next request on; recorded with a timestamp."""
+    from flexmoe.inference.standing import StandingStore
+
+    store = StandingStore(model)
+    store.set(name, opted_out=True, reason=reason)
+    store.close()
+    typer.echo(f"{name}: opted out")
+
+
+@experts_app.command("opt-in")
+def experts_opt_in(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    name: Annotated[str, typer.Argument(help="expert name")],
+) -> None:
+    """Use an expert again from the next request on; recorded with a timestamp."""
+    from flexmoe.inference.standing import StandingStore
+
+    store = StandingStore(model)
+    store.set(name, opted_out=False)
+    store.close()
+    typer.echo(f"{name}: opted in")
 
 
 @eval_app.command("ppl")
@@ -426,6 +481,9 @@ COMMANDS = {
     "expert eval": expert_eval,
     "merge": merge,
     "generate": generate,
+    "experts list": experts_list,
+    "experts opt-out": experts_opt_out,
+    "experts opt-in": experts_opt_in,
     "eval ppl": eval_ppl,
     "demo": demo,
 }
