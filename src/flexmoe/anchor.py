@@ -7,7 +7,6 @@ and ``flexmoe_anchor.json``, the manifest below.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -28,7 +27,13 @@ from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
 from flexmoe.model import names
-from flexmoe.model.checkpoint import build_dense, read_config, read_state_dict, save_model
+from flexmoe.model.checkpoint import (
+    build_dense,
+    read_config,
+    read_state_dict,
+    save_model,
+    tensors_sha256,
+)
 from flexmoe.model.config import ModelDims, dense_config, olmo2_config
 from flexmoe.router_init import RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
@@ -82,13 +87,7 @@ def fingerprint(state: dict[str, torch.Tensor], public_router: torch.Tensor) -> 
 
     Canonical order: sorted names; each contributes its name, dtype, shape and raw bytes.
     """
-    h = hashlib.sha256()
-    items = sorted({**state, ROUTER_KEY: public_router}.items())
-    for name, tensor in items:
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_sha256({**state, ROUTER_KEY: public_router})
 
 
 def _write_anchor(

@@ -385,9 +385,10 @@ def experts_list(model: Annotated[Path, typer.Argument(help="merged model direct
     """Each expert's owner, license and standing (in or out); whether routing was tuned."""
     from flexmoe.inference.standing import StandingStore
     from flexmoe.io import read_json
+    from flexmoe.merge.build import SLOTS_FILE
 
     store = StandingStore(model)
-    tuned = read_json(model / "flexmoe_slots.json").get("router_tuning")
+    tuned = read_json(model / SLOTS_FILE).get("router_tuning")
     typer.echo(f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'status':<8} reason")
     for s in store.statuses():
         status = "out" if s.opted_out else "in"

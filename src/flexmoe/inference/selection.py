@@ -14,9 +14,8 @@ import torch
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import read_json
+from flexmoe.merge.build import SLOTS_FILE
 from flexmoe.model.checkpoint import moe_layers
-
-SLOTS_FILE = "flexmoe_slots.json"
 
 
 @dataclass(frozen=True)

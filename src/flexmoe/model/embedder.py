@@ -7,7 +7,6 @@ size with a fixed, seeded random projection recorded in the anchor.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.model.checkpoint import tensors_sha256
 
 
 class Embedder:
@@ -42,12 +42,7 @@ class Embedder:
 
     def fingerprint(self) -> str:
         """sha256 over the encoder's tensors (sorted names, dtype, shape, bytes)."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return tensors_sha256(self.model.state_dict())
 
     @torch.no_grad()
     def mean_embedding(
