@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from flexmoe import __version__
+from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 
 app = typer.Typer(
@@ -60,7 +61,7 @@ EmbedderOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output directory")]
 
 
-def _specs(data: list[str], text_field: str, id_field: str | None):  # type: ignore[no-untyped-def]
+def _specs(data: list[str], text_field: str, id_field: str | None) -> list[DataSpec]:
     from flexmoe.data.documents import parse_data_spec
 
     return [parse_data_spec(s, text_field=text_field, id_field=id_field) for s in data]
@@ -238,7 +239,6 @@ def expert_train(
     force: ForceOpt = False,
 ) -> None:
     """Train one expert alone against the frozen anchor; write its package."""
-    from flexmoe.data.documents import DataSpec
     from flexmoe.device import pick_device
     from flexmoe.expert.train import ExpertIdentity, train_expert
     from flexmoe.router_init import parse_method

@@ -186,6 +186,10 @@ def _report(
 ) -> str:
     training = results["anchor"]["training"]
     expert_cfg = results["settings"]["expert"]
+    fractions = {
+        e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
+    }
+    public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
     curve = "\n".join(
         f"| {h['step']} | {h['loss']:.4f} | {h['val_loss']:.4f} |"
         for h in history
@@ -199,8 +203,8 @@ and the paper's baselines come in later stages of the pipeline.
 The anchor is a tiny OLMo-2 decoder trained only on the public domain (State of the Union
 addresses). Each owner then trained one expert alone, in its own process that was handed only
 its own domain's files and the public corpus, against the frozen anchor ({expert_cfg["steps"]}
-steps of {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, a quarter of them public
-text), and shipped only the expert.
+steps of {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them
+public text), and shipped only the expert.
 
 - device: {results["device"]}; wall time: {results["seconds"]} s
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss

@@ -50,15 +50,18 @@ def _reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-def _meta(path: Path, key: str) -> tuple[tuple[int, ...], int]:
+def _meta(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Shape and byte size of every tensor of a safetensors file, from its header alone."""
+    out = {}
     with safe_open(str(path), framework="pt") as f:
-        sl = f.get_slice(key)
-        shape = tuple(sl.get_shape())
-        dtype = sl.get_dtype()
-    count = 1
-    for d in shape:
-        count *= d
-    return shape, count * _DTYPE_BYTES.get(dtype, 4)
+        for key in sorted(f.keys()):
+            sl = f.get_slice(key)
+            shape = tuple(sl.get_shape())
+            count = 1
+            for d in shape:
+                count *= d
+            out[key] = (shape, count * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+    return out
 
 
 def tensor_sources(plan: MergePlan) -> list[TensorSource]:
@@ -66,16 +69,14 @@ def tensor_sources(plan: MergePlan) -> list[TensorSource]:
     anchor_file = plan.anchor.path / "model.safetensors"
     router_file = plan.anchor.path / ROUTER_FILE
     config = plan.anchor.model.config
-    with safe_open(str(anchor_file), framework="pt") as f:
-        anchor_keys = sorted(f.keys())
+    anchor_meta = _meta(anchor_file)
     dense = {
         names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
         for layer in range(config.num_hidden_layers)
         for proj in names.PROJECTIONS
     }
     out: list[TensorSource] = []
-    for key in anchor_keys:
-        shape, nbytes = _meta(anchor_file, key)
+    for key, (shape, nbytes) in anchor_meta.items():
         if key not in dense:
             out.append(TensorSource(key, shape, nbytes, _reader(anchor_file, key)))
             continue
