@@ -31,10 +31,12 @@ experts_app = typer.Typer(
     help="The owners' standing choice in a merged model.", no_args_is_help=True
 )
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
+merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(anchor_app, name="anchor")
 app.add_typer(expert_app, name="expert")
+app.add_typer(merge_app, name="merge")
 app.add_typer(experts_app, name="experts")
 app.add_typer(eval_app, name="eval")
 
@@ -58,7 +60,30 @@ RouterInitOpt = Annotated[
 EmbedderOpt = Annotated[
     Path | None, typer.Option(help="local sentence-embedding model (for --router-init embedder)")
 ]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option(help="expert or owner to leave out (repeatable)")
+]
+IncludeOpt = Annotated[
+    list[str] | None, typer.Option(help="only these experts or owners (repeatable)")
+]
+LicenseOpt = Annotated[
+    list[str] | None, typer.Option("--license", help="only experts under these licenses")
+]
+BiasOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--bias/--no-bias",
+        help="apply the owners' learned router biases (default: on)",
+        show_default=False,
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output directory")]
+
+
+def _bias(flag: bool | None) -> bool:
+    from flexmoe.merge.build import APPLY_BIAS
+
+    return APPLY_BIAS if flag is None else flag
 
 
 def _specs(data: list[str], text_field: str, id_field: str | None) -> list[DataSpec]:
@@ -311,44 +336,85 @@ def expert_eval(
         typer.echo(format_specialist_table(package.name, scores))
 
 
-@app.command("merge")
+@merge_app.callback(invoke_without_command=True)
 def merge(
-    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
-    expert: Annotated[list[Path], typer.Option("--expert", help="expert package (repeatable)")],
-    out: Annotated[Path, typer.Option(help="merged model directory to write")],
+    ctx: typer.Context,
+    anchor: Annotated[Path | None, typer.Option(help="the anchor directory")] = None,
+    expert: Annotated[
+        list[Path] | None, typer.Option("--expert", help="expert package (repeatable)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="merged model directory to write")] = None,
     top_k: Annotated[int, typer.Option(help="experts active per token")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Merge the anchor and expert packages into one FlexOlmo MoE checkpoint."""
+    """Merge the anchor and expert packages into one FlexOlmo MoE checkpoint.
+
+    `flexmoe merge add` and `flexmoe merge remove` then change one slot of a merged model.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from flexmoe.merge.build import build_merged
     from flexmoe.merge.plan import format_plan, plan_merge
 
+    if anchor is None or out is None:
+        raise FlexMoEError("--anchor/--out", "both are required to merge")
     if out.exists() and not force and not dry_run:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    plan = plan_merge(anchor, expert, top_k=top_k)
+    plan = plan_merge(anchor, expert or [], top_k=top_k)
     typer.echo(format_plan(plan))
     if not dry_run:
         build_merged(plan, out, overwrite=force)
         typer.echo(f"merged model -> {out}")
 
 
+EditOutOpt = Annotated[
+    Path | None, typer.Option(help="write the changed model here (default: replace MODEL)")
+]
+
+
+@merge_app.command("add")
+def merge_add(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    package: Annotated[Path, typer.Argument(help="expert package to add as a new slot")],
+    out: EditOutOpt = None,
+) -> None:
+    """Add one expert to a merged model, without reading the other owners' packages."""
+    from flexmoe.merge.edit import add_expert
+
+    if out is not None and out.exists():
+        raise FlexMoEError(out, "already exists; choose another --out")
+    typer.echo(f"model with the new expert -> {add_expert(model, package, out=out)}")
+
+
+@merge_app.command("remove")
+def merge_remove(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    name: Annotated[str, typer.Argument(help="expert to remove")],
+    out: EditOutOpt = None,
+) -> None:
+    """Remove one expert (its FFN and router row) from a merged model."""
+    from flexmoe.merge.edit import remove_expert
+
+    if out is not None and out.exists():
+        raise FlexMoEError(out, "already exists; choose another --out")
+    typer.echo(f"model without {name} -> {remove_expert(model, name, out=out)}")
+
+
 @app.command("generate")
 def generate(
     model: Annotated[Path, typer.Argument(help="merged model directory")],
     prompt: Annotated[str, typer.Argument(help="the prompt")],
-    exclude: Annotated[list[str] | None, typer.Option(help="expert or owner to leave out")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="only these experts or owners")] = None,
-    license: Annotated[
-        list[str] | None, typer.Option("--license", help="only experts under these licenses")
-    ] = None,
+    exclude: ExcludeOpt = None,
+    include: IncludeOpt = None,
+    license: LicenseOpt = None,
     attribution: Annotated[bool, typer.Option("--attribution", help="print who answered")] = False,
     per_token: Annotated[bool, typer.Option("--per-token", help="attribution per token")] = False,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 0.95,
     seed: int = 0,
-    bias: Annotated[bool, typer.Option(help="apply the owners' learned router biases")] = True,
+    bias: BiasOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate text from a merged model with a per-call expert selection and attribution."""
@@ -356,16 +422,16 @@ def generate(
     from flexmoe.device import pick_device
     from flexmoe.inference.generate import format_attribution
     from flexmoe.inference.generate import generate as run
-    from flexmoe.inference.selection import Selection, read_slots
-    from flexmoe.inference.standing import standing_exclusions
+    from flexmoe.inference.selection import Selection
     from flexmoe.merge.build import load_merged
+    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.standing import standing_exclusions
 
     slots = read_slots(model)
-    net = load_merged(model, use_bias=bias).to(pick_device(device))  # type: ignore[arg-type]
-    standing = standing_exclusions(model)  # the owners' current choice, read on every call
+    net = load_merged(model, use_bias=_bias(bias)).to(pick_device(device))  # type: ignore[arg-type]
     selection = Selection(
-        include=frozenset(include or ()), exclude=frozenset(exclude or ()) | standing,
-        licenses=frozenset(license or ()),
+        include=frozenset(include or ()), exclude=frozenset(exclude or ()),
+        licenses=frozenset(license or ()), opted_out=standing_exclusions(model),
     )  # fmt: skip
     result = run(
         net, load_tokenizer(model), prompt, slots=slots, selection=selection,
@@ -383,9 +449,9 @@ def generate(
 @experts_app.command("list")
 def experts_list(model: Annotated[Path, typer.Argument(help="merged model directory")]) -> None:
     """Each expert's owner, license and standing (in or out); whether routing was tuned."""
-    from flexmoe.inference.standing import StandingStore
     from flexmoe.io import read_json
     from flexmoe.merge.build import SLOTS_FILE
+    from flexmoe.merge.standing import StandingStore
 
     store = StandingStore(model)
     tuned = read_json(model / SLOTS_FILE).get("router_tuning")
@@ -408,7 +474,7 @@ def experts_opt_out(
     reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
 ) -> None:
     """Stop using an expert from the next request on; recorded with a timestamp."""
-    from flexmoe.inference.standing import StandingStore
+    from flexmoe.merge.standing import StandingStore
 
     store = StandingStore(model)
     store.set(name, opted_out=True, reason=reason)
@@ -422,7 +488,7 @@ def experts_opt_in(
     name: Annotated[str, typer.Argument(help="expert name")],
 ) -> None:
     """Use an expert again from the next request on; recorded with a timestamp."""
-    from flexmoe.inference.standing import StandingStore
+    from flexmoe.merge.standing import StandingStore
 
     store = StandingStore(model)
     store.set(name, opted_out=False)
@@ -441,17 +507,33 @@ def eval_ppl(
     cache_dir: CacheOpt = None,
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = None,
+    exclude: ExcludeOpt = None,
+    include: IncludeOpt = None,
+    license: LicenseOpt = None,
+    bias: BiasOpt = None,
 ) -> None:
-    """Held-out loss, perplexity and bits per byte, per domain."""
+    """Held-out loss, perplexity and bits per byte, per domain.
+
+    A merged model is scored with the experts its owners have not opted out of, narrowed by
+    --exclude/--include/--license.
+    """
     from flexmoe.data.split import Split
     from flexmoe.device import pick_device
     from flexmoe.evaluate.perplexity import evaluate_model, format_table
+    from flexmoe.inference.selection import Selection
 
     if split not in {s.value for s in Split}:
         raise FlexMoEError("--split", f"unknown split {split!r}; choose train, validation or test")
+    selection = None
+    if exclude or include or license:
+        selection = Selection(
+            include=frozenset(include or ()), exclude=frozenset(exclude or ()),
+            licenses=frozenset(license or ()),
+        )  # fmt: skip
     scores = evaluate_model(
         model, _specs(data, text_field, id_field), split=Split(split), device=pick_device(device),
-        cache_dir=cache_dir or _cache_dir() / "tokens", seq_len=seq_len,
+        cache_dir=cache_dir or _cache_dir() / "tokens", seq_len=seq_len, selection=selection,
+        use_bias=_bias(bias),
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in scores], indent=2))
@@ -481,6 +563,8 @@ COMMANDS = {
     "expert verify": expert_verify,
     "expert eval": expert_eval,
     "merge": merge,
+    "merge add": merge_add,
+    "merge remove": merge_remove,
     "generate": generate,
     "experts list": experts_list,
     "experts opt-out": experts_opt_out,

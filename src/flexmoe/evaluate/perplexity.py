@@ -23,6 +23,9 @@ from flexmoe.data.split import Split, SplitFractions, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
+from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
+from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
+from flexmoe.merge.slots import read_slots
 from flexmoe.model.checkpoint import load_model
 
 
@@ -113,9 +116,24 @@ def evaluate_model(
     seq_len: int | None = None,
     fractions: SplitFractions | None = None,
     batch_size: int = 8,
+    selection: Selection | None = None,
+    use_bias: bool = APPLY_BIAS,
 ) -> list[DomainScore]:
-    """Score a model directory on the ``split`` documents of each domain."""
-    model = load_model(model_dir).to(device)  # type: ignore[arg-type]
+    """Score a model directory on the ``split`` documents of each domain.
+
+    A merged model is loaded with its owners' biases (``use_bias``) and scored with the
+    experts that ``selection`` and the owners' standing choice leave active.
+    """
+    model: PreTrainedModel
+    if (Path(model_dir) / SLOTS_FILE).is_file():
+        model = load_merged(model_dir, use_bias=use_bias)
+        set_expert_mask(
+            model, current_mask(model_dir, read_slots(model_dir), selection or Selection())
+        )
+    elif selection is not None:
+        raise FlexMoEError(model_dir, "expert selection needs a merged model")
+    else:
+        model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     return evaluate_loaded(
         model, tokenizer, data, split=split, device=device, cache_dir=cache_dir, seq_len=seq_len,

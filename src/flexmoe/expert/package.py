@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import FlexOlmoForCausalLM
+from transformers import FlexOlmoForCausalLM, PretrainedConfig
 
 from flexmoe.anchor import Anchor
 from flexmoe.errors import FlexMoEError
@@ -181,14 +181,25 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
 
 def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: Anchor) -> None:
     """The package was trained on this very anchor and tokenizer, with matching shapes."""
-    if manifest.anchor_fingerprint != anchor.manifest.fingerprint:
-        theirs, ours = manifest.anchor_fingerprint[:12], anchor.manifest.fingerprint[:12]
+    check_compatible(
+        path, manifest, anchor_fingerprint=anchor.manifest.fingerprint,
+        tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint, config=anchor.model.config,
+    )  # fmt: skip
+
+
+def check_compatible(
+    path: Path, manifest: ExpertManifest, *, anchor_fingerprint: str, tokenizer_fingerprint: str,
+    config: PretrainedConfig,
+) -> None:  # fmt: skip
+    """The package was trained on the anchor and tokenizer with these fingerprints, and its
+    shapes fit ``config`` (the anchor's, or a merged model's that was built on that anchor)."""
+    if manifest.anchor_fingerprint != anchor_fingerprint:
+        theirs, ours = manifest.anchor_fingerprint[:12], anchor_fingerprint[:12]
         raise FlexMoEError(
             path, f"trained on another anchor ({theirs}...; this anchor is {ours}...)"
         )
-    if manifest.tokenizer_fingerprint != anchor.manifest.tokenizer_fingerprint:
+    if manifest.tokenizer_fingerprint != tokenizer_fingerprint:
         raise FlexMoEError(path, "trained with another tokenizer than this anchor's")
-    config = anchor.model.config
     want = ExpertShapes(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,

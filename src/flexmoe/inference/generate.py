@@ -9,7 +9,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.inference.attribution import record_routing
-from flexmoe.inference.selection import Selection, SlotInfo, set_expert_mask
+from flexmoe.inference.selection import Selection, set_expert_mask
+from flexmoe.merge.slots import SlotInfo
 
 
 @dataclass(frozen=True)

@@ -7,32 +7,17 @@ on the MoE layers: changing one needs no reload, and each row of a batch may hav
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import read_json
-from flexmoe.merge.build import SLOTS_FILE
+from flexmoe.merge.slots import SlotInfo
+from flexmoe.merge.standing import standing_exclusions
 from flexmoe.model.checkpoint import moe_layers
-
-
-@dataclass(frozen=True)
-class SlotInfo:
-    index: int
-    name: str
-    owner: str
-    license: str
-
-
-def read_slots(model_dir: Path) -> list[SlotInfo]:
-    """The slot table of a merged model, in slot order."""
-    table = read_json(Path(model_dir) / SLOTS_FILE)
-    try:
-        return [SlotInfo(s["slot"], s["name"], s["owner"], s["license"]) for s in table["slots"]]
-    except (KeyError, TypeError) as e:
-        raise FlexMoEError(Path(model_dir) / SLOTS_FILE, f"malformed slot table ({e})") from e
+from flexmoe.model.moe import MoEFeedForward
 
 
 @dataclass(frozen=True)
@@ -42,27 +27,58 @@ class Selection:
     include: frozenset[str] = field(default_factory=frozenset)  # names or owners
     exclude: frozenset[str] = field(default_factory=frozenset)  # names or owners
     licenses: frozenset[str] = field(default_factory=frozenset)  # allowed license ids
+    opted_out: frozenset[str] = field(default_factory=frozenset)  # the owners' standing choice
 
     def mask(self, slots: list[SlotInfo]) -> torch.Tensor:
-        """``(N,)`` bool, True = active. Unknown names are an error; slot 0 is always active."""
+        """``(N,)`` bool, True = active. Slot 0 is always active. Unknown names, and a choice
+        that leaves no expert but the public one, are errors (opt-outs alone may do that)."""
         known = {s.name for s in slots} | {s.owner for s in slots}
         unknown = sorted((self.include | self.exclude) - known)
         if unknown:
             raise FlexMoEError(
                 "--exclude/--include", f"unknown expert or owner: {', '.join(unknown)}"
             )
-        active = []
+        if self.exclude & {slots[0].name, slots[0].owner}:
+            raise FlexMoEError("--exclude", "the public expert is always active")
+        chosen = []
         for slot in slots:
             keys = {slot.name, slot.owner}
             ok = (not self.include or bool(keys & self.include)) and not keys & self.exclude
-            ok = ok and (not self.licenses or slot.license in self.licenses)
-            active.append(slot.index == 0 or ok)
+            chosen.append(ok and (not self.licenses or slot.license in self.licenses))
+        if (
+            len(slots) > 1
+            and (self.include or self.exclude or self.licenses)
+            and not any(chosen[1:])
+        ):
+            raise FlexMoEError(
+                "--exclude/--include/--license", "the selection excludes every owner's expert"
+            )
+        active = [
+            slot.index == 0 or (ok and slot.name not in self.opted_out)
+            for slot, ok in zip(slots, chosen, strict=True)
+        ]
         return torch.tensor(active, dtype=torch.bool)
 
 
+def current_mask(model_dir: Path, slots: list[SlotInfo], selection: Selection) -> torch.Tensor:
+    """The mask for ``selection`` on top of the owners' standing choice, read now."""
+    return replace(selection, opted_out=standing_exclusions(model_dir, slots)).mask(slots)
+
+
+_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, list[MoEFeedForward]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def set_expert_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
-    """Apply ``(N,)`` or ``(B, N)`` masks to every MoE layer (None: all experts active)."""
-    for layer in moe_layers(model):
+    """Apply ``(N,)`` or ``(B, N)`` masks to every MoE layer (None: all experts active).
+
+    The model's MoE layers are found once and remembered, so a change costs microseconds.
+    """
+    layers = _LAYERS.get(model)
+    if layers is None:
+        layers = _LAYERS[model] = moe_layers(model)
+    for layer in layers:
         if mask is not None and mask.shape[-1] != layer.num_experts:
             raise FlexMoEError(
                 None, f"mask has {mask.shape[-1]} experts, model has {layer.num_experts}"

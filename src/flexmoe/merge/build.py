@@ -16,19 +16,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase
 
 from flexmoe.anchor import ROUTER_FILE, ROUTER_KEY
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER
 from flexmoe.io import atomic_directory, read_json, write_json
-from flexmoe.merge.plan import MergePlan
+from flexmoe.merge.plan import MergePlan, Slot
 from flexmoe.model import names
 from flexmoe.model.checkpoint import INDEX_FILE, build_moe, read_config, read_state_dict
 from flexmoe.model.config import flex_config
 
 SLOTS_FILE = "flexmoe_slots.json"
 SLOTS_SCHEMA = 1
+# Whether loads apply the owners' learned negative router biases unless told otherwise. Decided
+# by measurement: see the demo report's merged rows with and without them.
+APPLY_BIAS = True
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
@@ -42,7 +45,7 @@ class TensorSource:
     load: Callable[[], torch.Tensor]
 
 
-def _reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
+def tensor_reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor(key)
@@ -50,7 +53,7 @@ def _reader(path: Path, key: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-def _meta(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     """Shape and byte size of every tensor of a safetensors file, from its header alone."""
     out = {}
     with safe_open(str(path), framework="pt") as f:
@@ -69,7 +72,7 @@ def tensor_sources(plan: MergePlan) -> list[TensorSource]:
     anchor_file = plan.anchor.path / "model.safetensors"
     router_file = plan.anchor.path / ROUTER_FILE
     config = plan.anchor.model.config
-    anchor_meta = _meta(anchor_file)
+    anchor_meta = read_header(anchor_file)
     dense = {
         names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
         for layer in range(config.num_hidden_layers)
@@ -78,15 +81,15 @@ def tensor_sources(plan: MergePlan) -> list[TensorSource]:
     out: list[TensorSource] = []
     for key, (shape, nbytes) in anchor_meta.items():
         if key not in dense:
-            out.append(TensorSource(key, shape, nbytes, _reader(anchor_file, key)))
+            out.append(TensorSource(key, shape, nbytes, tensor_reader(anchor_file, key)))
             continue
         layer, proj = dense[key]
         target = names.EXPERT.format(layer=layer, expert=0, proj=proj)
-        out.append(TensorSource(target, shape, nbytes, _reader(anchor_file, key)))
+        out.append(TensorSource(target, shape, nbytes, tensor_reader(anchor_file, key)))
         for slot in plan.slots[1:]:
             pkg_key = PKG_PROJ.format(layer=layer, proj=proj)
             target = names.EXPERT.format(layer=layer, expert=slot.index, proj=proj)
-            out.append(TensorSource(target, shape, nbytes, _reader(slot.source, pkg_key)))
+            out.append(TensorSource(target, shape, nbytes, tensor_reader(slot.source, pkg_key)))
     for layer in range(config.num_hidden_layers):
 
         def gate(layer: int = layer) -> torch.Tensor:
@@ -118,40 +121,44 @@ def _shards(sources: list[TensorSource], max_bytes: int) -> list[list[TensorSour
     return shards
 
 
+def slot_entry(slot: Slot, layers: int) -> dict[str, Any]:
+    """One slot's row of the slot table; the bias per layer is read from the package."""
+    if slot.manifest is None:
+        bias = [0.0] * layers
+    else:
+        with safe_open(str(slot.source), framework="pt") as f:
+            bias = [float(f.get_tensor(PKG_BIAS.format(layer=i))) for i in range(layers)]
+    return {
+        "slot": slot.index, "name": slot.name, "owner": slot.owner, "license": slot.license,
+        "package_sha256": slot.package_sha256, "bias": bias,
+        "manifest": slot.manifest.model_dump() if slot.manifest else None,
+    }  # fmt: skip
+
+
 def slot_table(plan: MergePlan) -> dict[str, Any]:
     """flexmoe's record of the slots: who owns each expert and its learned bias per layer."""
     layers = plan.anchor.model.config.num_hidden_layers
-    slots = []
-    for slot in plan.slots:
-        if slot.manifest is None:
-            bias = [0.0] * layers
-        else:
-            with safe_open(str(slot.source), framework="pt") as f:
-                bias = [float(f.get_tensor(PKG_BIAS.format(layer=i))) for i in range(layers)]
-        slots.append({
-            "slot": slot.index, "name": slot.name, "owner": slot.owner, "license": slot.license,
-            "package_sha256": slot.package_sha256, "bias": bias,
-            "manifest": slot.manifest.model_dump() if slot.manifest else None,
-        })  # fmt: skip
     return {
         "schema_version": SLOTS_SCHEMA,
         "anchor_fingerprint": plan.anchor.manifest.fingerprint,
         "tokenizer_fingerprint": plan.anchor.manifest.tokenizer_fingerprint,
         "top_k": plan.top_k,
         "router_tuning": None,
-        "slots": slots,
+        "slots": [slot_entry(slot, layers) for slot in plan.slots],
     }
 
 
-def build_merged(
-    plan: MergePlan, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 1 << 30,
-    progress: bool = True,
+def write_checkpoint(
+    sources: list[TensorSource], *, config: FlexOlmoConfig, tokenizer: PreTrainedTokenizerBase,
+    table: dict[str, Any], out: Path, overwrite: bool, max_shard_bytes: int, progress: bool,
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:  # fmt: skip
-    """Write the merged FlexOlmo checkpoint described by ``plan`` to ``out``."""
-    sources = tensor_sources(plan)
-    shards = _shards(sources, max_shard_bytes)
-    config = flex_config(plan.anchor.model.config, num_experts=plan.num_experts, top_k=plan.top_k)
+    """Stream ``sources`` into shards of a FlexOlmo checkpoint at ``out`` (temp dir + rename).
+
+    ``finish(tmp)`` runs last, just before the rename, to add files of its own.
+    """
     weight_map: dict[str, str] = {}
+    shards = _shards(sources, max_shard_bytes)
     bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not progress)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for i, shard in enumerate(shards, start=1):
@@ -166,13 +173,28 @@ def build_merged(
         total = sum(s.nbytes for s in sources)
         write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         config.save_pretrained(tmp)
-        plan.anchor.tokenizer.save_pretrained(tmp)
-        write_json(tmp / SLOTS_FILE, slot_table(plan))
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / SLOTS_FILE, table)
+        if finish is not None:
+            finish(tmp)
     bar.close()
     return out
 
 
-def load_merged(model_dir: Path, *, use_bias: bool = False) -> FlexOlmoForCausalLM:
+def build_merged(
+    plan: MergePlan, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 1 << 30,
+    progress: bool = True,
+) -> Path:  # fmt: skip
+    """Write the merged FlexOlmo checkpoint described by ``plan`` to ``out``."""
+    config = flex_config(plan.anchor.model.config, num_experts=plan.num_experts, top_k=plan.top_k)
+    return write_checkpoint(
+        tensor_sources(plan), config=config, tokenizer=plan.anchor.tokenizer,
+        table=slot_table(plan), out=out, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )  # fmt: skip
+
+
+def load_merged(model_dir: Path, *, use_bias: bool = APPLY_BIAS) -> FlexOlmoForCausalLM:
     """A merged model as a flexmoe runtime model; ``use_bias`` applies the owners' learned biases
     from the slot table (transformers, which does not know them, runs without)."""
     model_dir = Path(model_dir)

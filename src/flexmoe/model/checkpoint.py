@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     FlexOlmoConfig,
@@ -61,25 +61,32 @@ def read_config(model_dir: Path) -> PretrainedConfig:
         raise FlexMoEError(path, f"invalid config ({str(e).splitlines()[0]})") from e
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: one safetensors file or an index of shards."""
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Each tensor name of a checkpoint -> the safetensors file holding it (one file or shards)."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            return {key: model_dir / name for key, name in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise FlexMoEError(index, f"not a safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
-    elif (model_dir / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
         raise FlexMoEError(
             model_dir, f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors is read)"
         )
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FlexMoEError(single, f"not a readable safetensors file ({e})") from e
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: one safetensors file or an index of shards."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = model_dir / name
+    for path in sorted(set(weight_files(model_dir).values())):
         if not path.is_file():
             raise FlexMoEError(path, "shard named in the index is missing")
         try:

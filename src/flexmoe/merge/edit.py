@@ -1,0 +1,186 @@
+"""Change one slot of a merged model: add an expert package, or remove an expert by name.
+
+Only the merged model's own shards and the one package are read; the other owners' packages are
+not needed. The result is written like a merge (temporary directory, then a rename), and the
+owners' standing choices travel with it: the opt-out store is copied under its write lock, so a
+change made meanwhile waits and lands in the new directory.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import FlexOlmoConfig
+
+from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import (
+    MANIFEST_FILE,
+    PKG_PROJ,
+    PKG_ROUTER,
+    TENSORS_FILE,
+    check_compatible,
+    load_package,
+)
+from flexmoe.io import read_json, sha256_file
+from flexmoe.merge.build import (
+    SLOTS_FILE,
+    TensorSource,
+    read_header,
+    slot_entry,
+    tensor_reader,
+    write_checkpoint,
+)
+from flexmoe.merge.plan import Slot
+from flexmoe.merge.standing import standing_frozen
+from flexmoe.model import names
+from flexmoe.model.checkpoint import read_config, weight_files
+
+_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
+_GATE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
+
+
+def _open(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, Any], list[TensorSource]]:
+    """A merged model's config, slot table, and a lazy source for each of its tensors."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    if not isinstance(config, FlexOlmoConfig):
+        raise FlexMoEError(
+            model_dir / "config.json", "a merged model must be a FlexOlmo checkpoint"
+        )
+    table = read_json(model_dir / SLOTS_FILE)
+    if len(table.get("slots", [])) != config.num_experts:
+        raise FlexMoEError(
+            model_dir / SLOTS_FILE,
+            f"{len(table.get('slots', []))} slots but {config.num_experts} experts",
+        )
+    files = weight_files(model_dir)
+    sources = []
+    for path in sorted(set(files.values())):
+        if not path.is_file():
+            raise FlexMoEError(path, "shard named in the index is missing")
+        for key, (shape, nbytes) in read_header(path).items():
+            sources.append(TensorSource(key, shape, nbytes, tensor_reader(path, key)))
+    return config, table, sources
+
+
+def _gate(
+    source: TensorSource, rows: int, change: Callable[[torch.Tensor], torch.Tensor]
+) -> TensorSource:
+    """The router of one layer, ``(rows, H)`` after ``change`` is applied to the stored one."""
+    shape = (rows, source.shape[1])
+    return TensorSource(
+        source.name, shape, 4 * shape[0] * shape[1], lambda: change(source.load().float())
+    )
+
+
+def _finish(model_dir: Path, out: Path, sources: list[TensorSource], config: FlexOlmoConfig,
+            table: dict[str, Any], progress: bool) -> Path:  # fmt: skip
+    tokenizer = load_tokenizer(model_dir)
+    with standing_frozen(model_dir) as copy_standing:
+        return write_checkpoint(
+            sources, config=config, tokenizer=tokenizer, table=table, out=out, overwrite=True,
+            max_shard_bytes=1 << 30, progress=progress, finish=copy_standing,
+        )  # fmt: skip
+
+
+def add_expert(
+    model_dir: Path, package_dir: Path, *, out: Path | None = None, progress: bool = True
+) -> Path:
+    """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model)."""
+    model_dir, package_dir = Path(model_dir), Path(package_dir)
+    config, table, sources = _open(model_dir)
+    package = load_package(package_dir)  # hashes, shapes, finite values, biases <= 0
+    m = package.manifest
+    check_compatible(
+        package_dir, m, anchor_fingerprint=table["anchor_fingerprint"],
+        tokenizer_fingerprint=table["tokenizer_fingerprint"], config=config,
+    )  # fmt: skip
+    if any(s["name"] == m.name for s in table["slots"]):
+        raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
+    index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
+    del package  # its tensors are read again one at a time while writing
+    out_sources = []
+    for source in sources:
+        gate = _GATE_KEY.fullmatch(source.name)
+        if gate is None:
+            out_sources.append(source)
+            continue
+        key = PKG_ROUTER.format(layer=int(gate.group(1)))
+
+        def append_row(g: torch.Tensor, key: str = key) -> torch.Tensor:
+            with safe_open(str(tensor_file), framework="pt") as f:
+                return torch.cat([g, f.get_tensor(key)[None]])
+
+        out_sources.append(_gate(source, index + 1, append_row))
+    for layer in range(config.num_hidden_layers):
+        for proj in names.PROJECTIONS:
+            pkg_key = PKG_PROJ.format(layer=layer, proj=proj)
+            ref = next(
+                s
+                for s in sources
+                if s.name == names.EXPERT.format(layer=layer, expert=0, proj=proj)
+            )
+            out_sources.append(
+                TensorSource(
+                    names.EXPERT.format(layer=layer, expert=index, proj=proj), ref.shape,
+                    ref.nbytes, tensor_reader(tensor_file, pkg_key),
+                )
+            )  # fmt: skip
+    slot = Slot(
+        index=index, name=m.name, owner=m.owner, license=m.license, source=tensor_file,
+        bytes=tensor_file.stat().st_size, package_sha256=sha256_file(package_dir / MANIFEST_FILE),
+        manifest=m,
+    )  # fmt: skip
+    new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
+    new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
+    return _finish(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
+
+
+def remove_expert(
+    model_dir: Path, name: str, *, out: Path | None = None, progress: bool = True
+) -> Path:
+    """Drop expert ``name`` (its FFN and router row); later slots move down by one."""
+    model_dir = Path(model_dir)
+    config, table, sources = _open(model_dir)
+    slots = table["slots"]
+    index = next((s["slot"] for s in slots if s["name"] == name), None)
+    if index is None:
+        known = ", ".join(s["name"] for s in slots[1:])
+        raise FlexMoEError(name, f"no such expert in this model (experts: {known})")
+    if index == 0:
+        raise FlexMoEError(name, "the public expert cannot be removed")
+    out_sources = []
+    for source in sources:
+        expert, gate = _EXPERT_KEY.fullmatch(source.name), _GATE_KEY.fullmatch(source.name)
+        if expert is not None:
+            layer, e, proj = int(expert.group(1)), int(expert.group(2)), expert.group(3)
+            if e == index:
+                continue
+            if e > index:
+                renamed = names.EXPERT.format(layer=layer, expert=e - 1, proj=proj)
+                source = TensorSource(renamed, source.shape, source.nbytes, source.load)
+        elif gate is not None:
+
+            def drop_row(g: torch.Tensor) -> torch.Tensor:
+                return torch.cat([g[:index], g[index + 1 :]])
+
+            source = _gate(source, config.num_experts - 1, drop_row)
+        out_sources.append(source)
+    remaining = [dict(s, slot=i) for i, s in enumerate(s for s in slots if s["name"] != name)]
+    top_k = min(config.num_experts_per_tok, len(remaining))
+    if top_k < config.num_experts_per_tok:
+        warnings.warn(
+            f"top-k lowered to {top_k}: only {len(remaining)} experts remain", stacklevel=2
+        )
+    new_table = dict(table, slots=remaining, top_k=top_k)
+    new_config = FlexOlmoConfig.from_dict(
+        {**config.to_dict(), "num_experts": len(remaining), "num_experts_per_tok": top_k}
+    )
+    return _finish(model_dir, out or model_dir, out_sources, new_config, new_table, progress)

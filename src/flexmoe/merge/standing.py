@@ -1,0 +1,197 @@
+"""The owners' standing choice: opted out or in, stored durably beside the merged model.
+
+SQLite in WAL mode: a ``status`` table (one row per expert that ever changed) and an append-only
+``audit`` table. Each change is one transaction, so a ``kill -9`` at any moment leaves the
+previous state or the new one. Every load of the model (generation, evaluation, the server) reads
+the current exclusions from here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.merge.slots import SlotInfo, read_slots
+
+DB_FILE = "flexmoe_standing.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS status (
+    name TEXT PRIMARY KEY, opted_out INTEGER NOT NULL, reason TEXT NOT NULL, updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, name TEXT NOT NULL,
+    action TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class ExpertStatus:
+    slot: SlotInfo
+    opted_out: bool
+    reason: str
+    updated: str | None
+
+
+class StandingStore:
+    """Opt-out state of one merged model's experts."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.slots = read_slots(self.model_dir)
+        self.path = self.model_dir / DB_FILE
+        self._connect()
+
+    def _connect(self) -> None:
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise FlexMoEError(self.path, f"cannot open the opt-out store ({e})") from e
+        self._inode = self.path.stat().st_ino
+
+    def _replaced(self) -> bool:
+        """True when the model directory was rewritten (``merge add/remove``) since we opened."""
+        try:
+            return self.path.stat().st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _slot(self, name: str) -> SlotInfo:
+        slot = next((s for s in self.slots if s.name == name), None)
+        if slot is None:
+            known = ", ".join(s.name for s in self.slots[1:])
+            raise FlexMoEError(name, f"no such expert in this model (experts: {known})")
+        if slot.index == 0:
+            raise FlexMoEError(name, "the public expert is always active")
+        return slot
+
+    def set(self, name: str, *, opted_out: bool, reason: str = "", actor: str = "cli") -> None:
+        """Record a change and its audit row in one transaction."""
+        self._slot(name)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        action = "opt-out" if opted_out else "opt-in"
+        for _ in range(3):
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                if self._replaced():  # our file is the old model's: write to the new one
+                    self.db.execute("ROLLBACK")
+                    self.db.close()
+                    self.slots = read_slots(self.model_dir)
+                    self._slot(name)
+                    self._connect()
+                    continue
+                self.db.execute(
+                    "INSERT INTO status (name, opted_out, reason, updated) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET opted_out=excluded.opted_out, "
+                    "reason=excluded.reason, updated=excluded.updated",
+                    (name, int(opted_out), reason, now),
+                )
+                self.db.execute(
+                    "INSERT INTO audit (time, name, action, reason, actor) VALUES (?, ?, ?, ?, ?)",
+                    (now, name, action, reason, actor),
+                )
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error as e:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise FlexMoEError(self.path, f"could not record the {action} ({e})") from e
+        raise FlexMoEError(self.path, f"could not record the {action}: the model keeps changing")
+
+    def opted_out(self) -> frozenset[str]:
+        """Experts of this model whose owners have opted out (rows of removed experts stay in
+        the log but name no slot)."""
+        rows = self.db.execute("SELECT name FROM status WHERE opted_out = 1").fetchall()
+        return frozenset(r[0] for r in rows) & {s.name for s in self.slots}
+
+    def statuses(self) -> list[ExpertStatus]:
+        rows = {
+            r[0]: r for r in self.db.execute("SELECT name, opted_out, reason, updated FROM status")
+        }
+        out = []
+        for slot in self.slots:
+            row = rows.get(slot.name)
+            out.append(
+                ExpertStatus(
+                    slot, bool(row and row[1]), row[2] if row else "", row[3] if row else None
+                )
+            )
+        return out
+
+    def audit(self) -> list[tuple[str, str, str, str, str]]:
+        return list(
+            self.db.execute("SELECT time, name, action, reason, actor FROM audit ORDER BY id")
+        )
+
+
+def standing_exclusions(model_dir: Path, slots: list[SlotInfo] | None = None) -> frozenset[str]:
+    """Names of the experts whose owners have opted out, as of now.
+
+    A quick read-only query (no schema set-up): every request makes it.
+    """
+    path = Path(model_dir) / DB_FILE
+    names = {s.name for s in (slots if slots is not None else read_slots(model_dir))}
+    if not path.exists():
+        return frozenset()
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT name FROM status WHERE opted_out = 1").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise FlexMoEError(path, f"cannot read the opt-out store ({e})") from e
+    return frozenset(r[0] for r in rows) & names
+
+
+@contextmanager
+def standing_frozen(model_dir: Path) -> Iterator[Callable[[Path], None]]:
+    """Keep the store's changes out while the model directory is being replaced.
+
+    Yields ``copy(dest_dir)``: it takes the store's write lock, keeps it until the block ends,
+    and writes the store's rows into a new store in ``dest_dir``. A change that waited for the
+    lock then notices that the directory was replaced and writes to the new store.
+    """
+    store = StandingStore(model_dir)  # creates the store if the model has none yet
+
+    def copy(dest: Path) -> None:
+        try:
+            store.db.execute("BEGIN IMMEDIATE")
+            status = store.db.execute("SELECT name, opted_out, reason, updated FROM status")
+            status_rows = status.fetchall()
+            audit = store.db.execute("SELECT id, time, name, action, reason, actor FROM audit")
+            audit_rows = audit.fetchall()
+            target = sqlite3.connect(Path(dest) / DB_FILE, isolation_level=None)
+            try:
+                target.execute("PRAGMA journal_mode=WAL")
+                target.executescript(_SCHEMA)
+                target.execute("BEGIN")
+                target.executemany("INSERT INTO status VALUES (?, ?, ?, ?)", status_rows)
+                target.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", audit_rows)
+                target.execute("COMMIT")
+            finally:
+                target.close()
+        except sqlite3.Error as e:
+            raise FlexMoEError(store.path, f"cannot copy the opt-out store ({e})") from e
+
+    try:
+        yield copy
+    finally:
+        if store.db.in_transaction:
+            store.db.execute("ROLLBACK")
+        store.close()
