@@ -526,3 +526,78 @@ def test_kill_9_during_opt_out_changes_leaves_old_or_new_state(
         store = StandingStore(model)
         assert store.opted_out() == (frozenset({"upper"}) if opted_out else frozenset())
         store.close()
+
+
+def test_router_tune_changes_only_the_router_and_records_it(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    from flexmoe.evaluate.perplexity import evaluate_model
+    from flexmoe.merge.tune import tune_router
+    from flexmoe.training.config import TrainConfig
+
+    spec = DataSpec("upper", (str(corpus_dir / "other.jsonl"),))
+    cfg = TrainConfig(steps=15, batch_size=8, seq_len=32, lr=3e-2, warmup_steps=1,
+                      weight_decay=0.0, eval_every=0, checkpoint_every=0)  # fmt: skip
+    out = tmp_path / "tuned"
+    tune_router(merged, [spec], out=out, cfg=cfg, device=CPU, cache_dir=None, progress=False)
+    before, after = _state(merged), _state(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    from flexmoe.data.split import Split
+
+    kwargs = {"device": CPU, "cache_dir": None, "seq_len": 32, "split": Split.VALIDATION}
+    old = evaluate_model(merged, [spec], **kwargs)[0].bits_per_byte  # type: ignore[arg-type]
+    new = evaluate_model(out, [spec], **kwargs)[0].bits_per_byte  # type: ignore[arg-type]
+    assert new < old  # held-out text of the tuning domain
+    record = json.loads((out / SLOTS_FILE).read_text())["router_tuning"]
+    assert record["data"] == {"upper": record["data"]["upper"]} and record["steps"] == 15
+    assert json.loads((merged / SLOTS_FILE).read_text())["router_tuning"] is None
+    listed = _run("experts", "list", str(out))
+    assert "routing tuned after merging on" in listed.stdout and "not as strict" in listed.stdout
+    with pytest.raises(FlexMoEError, match="new directory"):
+        tune_router(merged, [spec], out=merged, cfg=cfg, device=CPU, cache_dir=None)
+    assert theirs_loads(out)
+
+
+def theirs_loads(model_dir: Path) -> bool:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(2, 400, (1, 8))
+    with torch.no_grad():
+        return bool(
+            (model(ids).logits - load_merged(model_dir, use_bias=False)(ids).logits).abs().max()
+            <= 1e-5
+        )
+
+
+def test_demo_merge_stage_opts_out_exactly(
+    anchor_dir: Path, packages: list[Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from helpers import WORDS, make_texts, write_jsonl
+
+    from flexmoe.pipeline import QUICK, _merge_stage
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    upper = write_jsonl(tmp_path / "upper.jsonl", make_texts(200, 7, [w.upper() for w in WORDS]))
+    specs = {
+        "public": DataSpec("public", (str(corpus_dir / "public.jsonl"),)),
+        "upper": DataSpec("upper", (str(upper),)),
+    }
+    copies = []
+    for p in packages:
+        shutil.copytree(p, out / p.name)
+        copies.append(out / p.name)
+    lines: list[str] = []
+    merged = _merge_stage(
+        out, anchor_dir, copies, specs, replace(QUICK, top_k=2), CPU, tmp_path / "cache",
+        lines.append, opt_out="upper", prompt="the union",
+    )  # fmt: skip
+    opt = merged["opt_out"]
+    assert opt["bpb_difference_vs_merged_without"] <= 1e-5
+    assert opt["generation_after"]["generated"]["upper"] == 0.0
+    assert opt["generation_before"]["generated"]["upper"] > 0.0
+    assert [row[2] for row in opt["audit"]] == ["opt-out", "opt-in"]
+    assert set(merged["scores"]) == {"public", "upper"}
+    assert (out / "merged" / "config.json").is_file() and (out / "merged-without-upper").is_dir()

@@ -31,12 +31,14 @@ experts_app = typer.Typer(
     help="The owners' standing choice in a merged model.", no_args_is_help=True
 )
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
+router_app = typer.Typer(help="The merged model's router.", no_args_is_help=True)
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(anchor_app, name="anchor")
 app.add_typer(expert_app, name="expert")
 app.add_typer(merge_app, name="merge")
+app.add_typer(router_app, name="router")
 app.add_typer(experts_app, name="experts")
 app.add_typer(eval_app, name="eval")
 
@@ -401,6 +403,52 @@ def merge_remove(
     typer.echo(f"model without {name} -> {remove_expert(model, name, out=out)}")
 
 
+@router_app.command("tune")
+def router_tune(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="tuned model directory to write")],
+    steps: int = 100,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 1e-3,
+    warmup_steps: int = 10,
+    z_loss: Annotated[float, typer.Option(help="router z-loss weight")] = 1e-3,
+    eval_every: int = 50,
+    seed: int = 0,
+    bias: BiasOpt = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train only the router rows on small proxy data (everything else frozen); write a new model.
+
+    The slot table records the tuning; it weakens strict opt-out, and `flexmoe experts list`
+    says so.
+    """
+    from flexmoe.device import pick_device
+    from flexmoe.merge.tune import tune_router
+    from flexmoe.training.config import TrainConfig
+
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=0.0, eval_every=eval_every, checkpoint_every=0, seed=seed, z_loss=z_loss,
+    )  # fmt: skip
+    result = tune_router(
+        model, _specs(data, text_field, id_field), out=out, cfg=cfg, device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens", use_bias=_bias(bias), overwrite=force,
+    )  # fmt: skip
+    val = result.train.final_val_loss
+    typer.echo(
+        f"router tuned: {result.train.steps} steps, {result.train.tokens:,} tokens, final train "
+        f"loss {result.train.final_train_loss:.4f}"
+        + (f", validation {val:.4f}" if val is not None else "")
+        + f" -> {result.out}"
+    )
+
+
 @app.command("generate")
 def generate(
     model: Annotated[Path, typer.Argument(help="merged model directory")],
@@ -463,7 +511,15 @@ def experts_list(model: Annotated[Path, typer.Argument(help="merged model direct
             f"{slot.index:<5} {slot.name:<14} {slot.owner:<28} {slot.license:<22} "
             f"{status:<8} {s.reason}"
         )
-    typer.echo(f"routing tuned after merging: {'yes (' + str(tuned) + ')' if tuned else 'no'}")
+    if tuned:
+        on = ", ".join(f"{name} ({docs} documents)" for name, docs in tuned["data"].items())
+        typer.echo(
+            f"routing tuned after merging on {tuned['time']}: {tuned['steps']} steps on {on}. "
+            "Every router row was trained together, so an opt-out here is not as strict as in "
+            "an untuned merge."
+        )
+    else:
+        typer.echo("routing tuned after merging: no")
     store.close()
 
 
@@ -565,6 +621,7 @@ COMMANDS = {
     "merge": merge,
     "merge add": merge_add,
     "merge remove": merge_remove,
+    "router tune": router_tune,
     "generate": generate,
     "experts list": experts_list,
     "experts opt-out": experts_opt_out,

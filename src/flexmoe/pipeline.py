@@ -19,10 +19,19 @@ import torch
 from flexmoe.anchor import load_anchor, train_anchor
 from flexmoe.data.demo import DOMAINS, fetch_demo_corpora
 from flexmoe.data.documents import DataSpec
+from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.perplexity import DomainScore, evaluate_loaded, format_table
 from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.inference.generate import format_attribution, generate
+from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, write_json
+from flexmoe.merge.build import APPLY_BIAS, build_merged, load_merged
+from flexmoe.merge.edit import remove_expert
+from flexmoe.merge.plan import plan_merge
+from flexmoe.merge.slots import read_slots
+from flexmoe.merge.standing import StandingStore, standing_exclusions
+from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.training.config import TrainConfig
 
@@ -41,6 +50,7 @@ class DemoSettings:
     anchor: TrainConfig
     expert: TrainConfig
     eval_documents: int | None  # per domain; None scores the whole test split
+    top_k: int = 3  # experts active per token in the merged model (of 5)
 
 
 FULL = DemoSettings(
@@ -143,6 +153,10 @@ def run_demo(
             f"{anchor_scores[domain].bits_per_byte:.4f}; on public {public.bits_per_byte:.4f} "
             f"vs {anchor_scores['public'].bits_per_byte:.4f}"
         )
+    merged = _merge_stage(
+        out, anchor_dir, [out / "experts" / d for d in OWNERS], specs, settings, device, tokens,
+        log,
+    )  # fmt: skip
     elapsed = time.perf_counter() - started
     results = {
         "settings": {
@@ -153,6 +167,7 @@ def run_demo(
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "anchor_scores": [s.to_dict() for s in anchor_scores.values()],
         "experts": experts,
+        "merged": merged,
         "seconds": round(elapsed, 1),
         "device": str(device),
     }  # fmt: skip
@@ -160,8 +175,108 @@ def run_demo(
     report = _report(results, anchor_scores, anchor_result.history)
     atomic_write_bytes(out / "report.md", report.encode())
     log(_specialist_table(results, anchor_scores))
+    log(_merged_table(results, anchor_scores))
     log(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
     return results
+
+
+OPT_OUT = "legal"  # the owner who opts out in the demo
+OPT_OUT_PROMPT = "Permission is hereby granted, free of charge, to any person"
+
+
+def _merge_stage(
+    out: Path, anchor_dir: Path, packages: list[Path], specs: dict[str, DataSpec],
+    settings: DemoSettings, device: torch.device, tokens: Path, log: Callable[[str], None],
+    opt_out: str = OPT_OUT, prompt: str = OPT_OUT_PROMPT,
+) -> dict[str, Any]:  # fmt: skip
+    """Merge every expert; score with and without the owners' biases; one owner opts out (and
+    back in); check the opt-out against a model merged without that expert."""
+    merged_dir = out / "merged"
+    log(f"merging the anchor and {len(packages)} experts (top-{settings.top_k}) -> {merged_dir}")
+    build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged_dir, overwrite=True)
+    model, tokenizer = load_merged(merged_dir), load_tokenizer(merged_dir)
+    slots = read_slots(merged_dir)
+    every = list(specs.values())
+
+    def score(data: list[DataSpec], net: Any = model) -> dict[str, DomainScore]:
+        found = evaluate_loaded(
+            net, tokenizer, data, device=device, cache_dir=tokens,
+            max_documents=settings.eval_documents,
+        )  # fmt: skip
+        return {s.domain: s for s in found}
+
+    log("evaluating the merged model (owners' biases off, the default)")
+    plain = score(every)
+    log("evaluating the merged model with the owners' biases on")
+    for layer in moe_layers(model):
+        layer.use_bias = True
+    with_bias = score(every)
+    for layer in moe_layers(model):
+        layer.use_bias = APPLY_BIAS
+
+    def attribution(label: str) -> dict[str, Any]:
+        result = generate(
+            model, tokenizer, prompt, slots=slots, max_new_tokens=24, seed=0,
+            selection=Selection(opted_out=standing_exclusions(merged_dir, slots)),
+        )  # fmt: skip
+        log(f"{label}: {prompt}{result.text}")
+        log(format_attribution(result, slots))
+        return {"text": result.text, "prompt": result.prompt_shares,
+                "generated": result.generated_shares}  # fmt: skip
+
+    before = attribution(f"generation with every expert ({opt_out} in)")
+    store = StandingStore(merged_dir)
+    store.set(opt_out, opted_out=True, reason="demo: the owner withdraws", actor="demo")
+    log(f"{opt_out} opted out; the same loaded model, no reload")
+    after = attribution(f"generation after {opt_out} opted out")
+    set_expert_mask(model, current_mask(merged_dir, slots, Selection()))
+    opted_out = score(every)
+    set_expert_mask(model, None)
+    without_dir = out / f"merged-without-{opt_out}"
+    remove_expert(merged_dir, opt_out, out=without_dir)  # carries the opt-out store along
+    without = score([specs[opt_out]], load_merged(without_dir))[opt_out]
+    gap = abs(without.bits_per_byte - opted_out[opt_out].bits_per_byte)
+    log(f"{opt_out}: opted out {opted_out[opt_out].bits_per_byte:.6f} bpb, merged without it "
+        f"{without.bits_per_byte:.6f} (difference {gap:.1e})")  # fmt: skip
+    store.set(opt_out, opted_out=False, reason="demo: the owner returns", actor="demo")
+    audit = [list(row) for row in store.audit()]
+    store.close()
+    return {
+        "top_k": settings.top_k,
+        "default_bias": APPLY_BIAS,
+        "scores": {d: s.to_dict() for d, s in plain.items()},
+        "scores_with_bias": {d: s.to_dict() for d, s in with_bias.items()},
+        "opt_out": {
+            "expert": opt_out,
+            "prompt": prompt,
+            "scores": {d: s.to_dict() for d, s in opted_out.items()},
+            "merged_without": without.to_dict(),
+            "bpb_difference_vs_merged_without": gap,
+            "generation_before": before,
+            "generation_after": after,
+            "audit": audit,
+        },
+    }
+
+
+def _merged_table(results: dict[str, Any], anchor: dict[str, DomainScore]) -> str:
+    merged = results["merged"]
+    out_name = merged["opt_out"]["expert"]
+    lines = [
+        f"| domain | anchor | own specialist | merged | merged, biases on "
+        f"| merged, {out_name} opted out |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for domain, base in anchor.items():
+        spec = results["experts"].get(domain, {}).get("own_domain", {}).get("bits_per_byte")
+        m = merged["scores"][domain]["bits_per_byte"]
+        b = merged["scores_with_bias"][domain]["bits_per_byte"]
+        o = merged["opt_out"]["scores"][domain]["bits_per_byte"]
+        own = f"{spec:.4f}" if spec is not None else "-"
+        lines.append(
+            f"| {domain} | {base.bits_per_byte:.4f} | {own} | {m:.4f} | {b:.4f} | {o:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def _specialist_table(results: dict[str, Any], anchor: dict[str, DomainScore]) -> str:
@@ -190,6 +305,14 @@ def _report(
         e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
     }
     public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
+    merged, opt = results["merged"], results["merged"]["opt_out"]
+    bias_default = "on" if merged["default_bias"] else "off"
+    shares = "\n".join(
+        f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
+        f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
+        for name in opt["generation_before"]["generated"]
+    )
+    audit = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
     curve = "\n".join(
         f"| {h['step']} | {h['loss']:.4f} | {h['val_loss']:.4f} |"
         for h in history
@@ -197,8 +320,8 @@ def _report(
     )
     return f"""# flexmoe demo report
 
-Stage reached: corpora, tokenizer, public anchor, and one expert per data owner. Merging, opt-out
-and the paper's baselines come in later stages of the pipeline.
+Stage reached: corpora, tokenizer, public anchor, one expert per data owner, the merged model,
+and one owner's opt-out. The paper's baselines come in a later stage of the pipeline.
 
 The anchor is a tiny OLMo-2 decoder trained only on the public domain (State of the Union
 addresses). Each owner then trained one expert alone, in its own process that was handed only
@@ -220,6 +343,31 @@ public text), and shipped only the expert.
 ## Each owner's 2-expert specialist next to the anchor (bits per byte, test split)
 
 {_specialist_table(results, anchor)}
+
+## The merged model (bits per byte, test split)
+
+The anchor (public expert) and all four experts merged into one FlexOlmo model,
+top-{merged["top_k"]} of {len(results["experts"]) + 1} experts per token, router not tuned after
+merging. The owners' learned biases are {bias_default} by default; the column with them on is
+measured on the same model. Then the {opt["expert"]} owner opts out (`flexmoe experts opt-out`):
+the same loaded model, no reload.
+
+{_merged_table(results, anchor)}
+
+Opting out is exact: on {opt["expert"]} text the opted-out model scores
+{opt["scores"][opt["expert"]]["bits_per_byte"]:.6f} bpb and a model merged without that expert
+(`flexmoe merge remove`) {opt["merged_without"]["bits_per_byte"]:.6f} (difference
+{opt["bpb_difference_vs_merged_without"]:.1e}).
+
+Generation from "{opt["prompt"]}" (seed 0), share of routing mass per expert over the generated
+tokens:
+
+| expert | every expert in | {opt["expert"]} opted out |
+| --- | ---: | ---: |
+{shares}
+
+The owner then opted back in; the audit log of the model's opt-out store holds both changes:
+{audit}
 
 ## Anchor training curve
 

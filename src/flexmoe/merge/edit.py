@@ -46,7 +46,7 @@ _EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.wei
 _GATE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
 
 
-def _open(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, Any], list[TensorSource]]:
+def open_sources(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, Any], list[TensorSource]]:
     """A merged model's config, slot table, and a lazy source for each of its tensors."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -80,8 +80,12 @@ def _gate(
     )
 
 
-def _finish(model_dir: Path, out: Path, sources: list[TensorSource], config: FlexOlmoConfig,
-            table: dict[str, Any], progress: bool) -> Path:  # fmt: skip
+def write_edited(
+    model_dir: Path, out: Path, sources: list[TensorSource], config: FlexOlmoConfig,
+    table: dict[str, Any], progress: bool,
+) -> Path:  # fmt: skip
+    """Write a changed copy of ``model_dir`` to ``out`` (which may be ``model_dir`` itself),
+    carrying the owners' opt-out store along."""
     tokenizer = load_tokenizer(model_dir)
     with standing_frozen(model_dir) as copy_standing:
         return write_checkpoint(
@@ -95,7 +99,7 @@ def add_expert(
 ) -> Path:
     """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model)."""
     model_dir, package_dir = Path(model_dir), Path(package_dir)
-    config, table, sources = _open(model_dir)
+    config, table, sources = open_sources(model_dir)
     package = load_package(package_dir)  # hashes, shapes, finite values, biases <= 0
     m = package.manifest
     check_compatible(
@@ -140,7 +144,7 @@ def add_expert(
     )  # fmt: skip
     new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
     new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
-    return _finish(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
+    return write_edited(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
 
 
 def remove_expert(
@@ -148,7 +152,7 @@ def remove_expert(
 ) -> Path:
     """Drop expert ``name`` (its FFN and router row); later slots move down by one."""
     model_dir = Path(model_dir)
-    config, table, sources = _open(model_dir)
+    config, table, sources = open_sources(model_dir)
     slots = table["slots"]
     index = next((s["slot"] for s in slots if s["name"] == name), None)
     if index is None:
@@ -183,4 +187,4 @@ def remove_expert(
     new_config = FlexOlmoConfig.from_dict(
         {**config.to_dict(), "num_experts": len(remaining), "num_experts_per_tok": top_k}
     )
-    return _finish(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
+    return write_edited(model_dir, out or model_dir, out_sources, new_config, new_table, progress)

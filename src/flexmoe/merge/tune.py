@@ -1,0 +1,114 @@
+"""Router tuning after merging (paper section 3.3.3): train only the router, on proxy data.
+
+Every expert and every other tensor stays frozen; only the router rows (and, when the owners'
+biases are in use, the biases, kept <= 0) change. The result is a new model directory whose slot
+table records that routing was tuned, on what data (domain names, document counts and a hash of
+the documents, never the text or its paths) and for how long. Tuning weakens strict opt-out: an
+expert's router row was tuned together with the others', so `flexmoe experts list` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.packing import pack_documents
+from flexmoe.data.split import load_splits
+from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.train import project_biases, router_z_loss
+from flexmoe.merge.build import APPLY_BIAS, TensorSource, load_merged
+from flexmoe.merge.edit import open_sources, write_edited
+from flexmoe.model import names
+from flexmoe.model.checkpoint import moe_layers
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.loop import TrainResult, train
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    out: Path
+    train: TrainResult
+    record: dict[str, Any]
+
+
+def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
+
+
+def tune_router(
+    model_dir: Path, data: list[DataSpec], *, out: Path, cfg: TrainConfig, device: torch.device,
+    cache_dir: Path | None, use_bias: bool = APPLY_BIAS, overwrite: bool = False,
+    progress: bool = True,
+) -> TuneResult:  # fmt: skip
+    """Tune the router of the merged model at ``model_dir`` on ``data``; write it to ``out``."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise FlexMoEError(out, "write the tuned model to a new directory, not over the original")
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    if not data:
+        raise FlexMoEError("--data", "give at least one NAME=FILES of proxy data")
+    config, table, sources = open_sources(model_dir)
+    splits = load_splits(data)
+    where = ",".join(p for s in data for p in s.paths)
+    if not splits.train:
+        raise FlexMoEError(where, "no training documents")
+    tokenizer = load_tokenizer(model_dir)
+    train_stream = pack_documents(splits.train, tokenizer, cache_dir=cache_dir)
+    if train_stream.num_blocks(cfg.seq_len) == 0:
+        raise FlexMoEError(where, f"proxy data is shorter than one block of {cfg.seq_len} tokens")
+    val_stream = None
+    if splits.validation:
+        val_stream = pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
+        val_stream = val_stream if val_stream.num_blocks(cfg.seq_len) else None
+
+    model = load_merged(model_dir, use_bias=use_bias)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for moe in moe_layers(model):
+        moe.router.rows.requires_grad_(True)
+        moe.router.biases.requires_grad_(use_bias)
+    result = train(
+        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
+        progress=progress, desc="router tune",
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
+    )  # fmt: skip
+    model.cpu()
+    layers = moe_layers(model)
+    gates = {
+        names.ROUTER_ON_DISK.format(layer=i): moe.router.weight.detach().float().clone()
+        for i, moe in enumerate(layers)
+    }
+    tuned_sources = [
+        TensorSource(s.name, s.shape, s.nbytes, _constant(gates[s.name])) if s.name in gates else s
+        for s in sources
+    ]
+    digest = hashlib.sha256()
+    for doc in splits.train:
+        digest.update(doc.text_sha256.encode())
+    record = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {spec.domain: sum(d.domain == spec.domain for d in splits.train) for spec in data},
+        "documents_sha256": digest.hexdigest(),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "biases_tuned": use_bias,
+        "hyperparameters": cfg.to_dict(),
+    }
+    slots = [dict(s) for s in table["slots"]]
+    if use_bias:
+        for index, slot in enumerate(slots[1:]):
+            slot["bias"] = [float(moe.router.biases[index].detach().clamp(max=0)) for moe in layers]
+    new_table = dict(table, slots=slots, router_tuning=record)
+    written = write_edited(model_dir, out, tuned_sources, config, new_table, progress)
+    return TuneResult(out=written, train=result, record=record)
