@@ -1,7 +1,8 @@
-"""Baselines from the same anchor and packages: registry names, the soup's weights."""
+"""Baselines from the same anchor and packages: registry, soup, BTM posterior, sequence routing."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import torch
 from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluate.baselines import baseline_names, build_baseline
+from flexmoe.evaluate.baselines import (
+    PosteriorEnsemble,
+    baseline_names,
+    build_baseline,
+    merged_variant,
+    seq_route,
+)
+from flexmoe.evaluate.perplexity import DocumentRouted, evaluate_loaded
 from flexmoe.expert.package import PKG_PROJ, load_package
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
 from flexmoe.merge.build import build_merged
@@ -40,9 +48,9 @@ def test_registry_and_soup(anchor_dir: Path, package_dirs: list[Path], tmp_path:
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]
     assert baseline_names(packages) == [
-        "anchor", "specialist:upper", "specialist:again", "soup", "flexmoe"
+        "anchor", "specialist:upper", "specialist:again", "soup", "btm", "seq-route", "flexmoe"
     ]  # fmt: skip
-    soup = build_baseline("soup", anchor=anchor, packages=packages)
+    soup = build_baseline("soup", anchor=anchor, packages=packages, device=CPU)
     key = "model.layers.1.mlp.up_proj.weight"
     want = torch.stack([
         anchor.model.state_dict()[key],
@@ -53,17 +61,157 @@ def test_registry_and_soup(anchor_dir: Path, package_dirs: list[Path], tmp_path:
     same = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(soup.state_dict()[same], anchor.model.state_dict()[same])
     ids = torch.randint(2, 300, (1, 8))
+    upper = build_baseline("specialist:upper", anchor=anchor, packages=packages, device=CPU)
     with torch.no_grad():
-        assert (
-            build_baseline("specialist:upper", anchor=anchor, packages=packages)(ids).logits.shape[
-                -1
-            ]
-            > 0
-        )
+        assert upper(ids).logits.shape == (1, 8, anchor.model.config.vocab_size)
     build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
-    merged = build_baseline("flexmoe", anchor=anchor, packages=packages, merged_dir=tmp_path / "m")
+    merged = build_baseline(
+        "flexmoe", anchor=anchor, packages=packages, device=CPU, merged_dir=tmp_path / "m"
+    )
     assert merged.config.num_experts == 3
-    with pytest.raises(FlexMoEError, match="unknown baseline"):
-        build_baseline("btm-ish", anchor=anchor, packages=packages)
-    with pytest.raises(FlexMoEError, match="no such expert"):
-        build_baseline("specialist:nobody", anchor=anchor, packages=packages)
+    for bad, match in (
+        ("btm-ish", "unknown baseline"),
+        ("specialist:nobody", "no such expert"),
+        ("flexmoe", "needs the merged model"),
+        ("unrestricted", "unknown baseline"),
+    ):
+        with pytest.raises(FlexMoEError, match=match):
+            build_baseline(bad, anchor=anchor, packages=packages, device=CPU)
+
+
+def test_merged_variants(anchor_dir: Path, package_dirs: list[Path], tmp_path: Path) -> None:
+    build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
+    model = merged_variant(tmp_path / "m", ["top-3", "bias", "without-again"])
+    layer = model.model.layers[0].mlp
+    assert layer.top_k == 3 and layer.use_bias
+    assert layer.expert_mask is not None and layer.expert_mask.tolist() == [True, True, False]
+    for bad in (["top-9"], ["sideways"], ["without-nobody"]):
+        with pytest.raises(FlexMoEError):
+            merged_variant(tmp_path / "m", bad)
+
+
+def _reference_btm(members: list[torch.nn.Module], ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Position by position: the posterior from explicit sums, the top-k members mixed."""
+    with torch.no_grad():
+        logps = [torch.log_softmax(m(input_ids=ids).logits.float(), -1)[0] for m in members]
+    out = []
+    for t in range(ids.shape[1]):
+        context = torch.tensor(
+            [sum(float(lp[j, ids[0, j + 1]]) for j in range(t)) for lp in logps],
+            dtype=torch.float64,
+        )
+        top = context.topk(top_k).indices
+        weights = torch.softmax(context[top], 0)
+        mix = sum(float(w) * logps[int(i)][t].exp() for w, i in zip(weights, top, strict=True))
+        out.append(torch.as_tensor(mix).log())
+    return torch.stack(out)
+
+
+def test_btm_posterior_matches_a_reference(anchor_dir: Path, package_dirs: list[Path]) -> None:
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    members = [anchor.model, *(build_baseline(f"specialist:{p.manifest.name}", anchor=anchor,
+               packages=packages, device=CPU) for p in packages)]  # fmt: skip
+    ids = anchor.tokenizer("THE CAT SAT on the mat, THE END", return_tensors="pt")["input_ids"]
+    ensemble = PosteriorEnsemble(members, top_k=2)
+    with torch.no_grad():
+        got = ensemble(input_ids=ids).logits[0]
+    assert torch.allclose(got, _reference_btm(members, ids, 2), atol=1e-5)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(ids.shape[1]), atol=1e-5)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % anchor.model.config.vocab_size
+    with torch.no_grad():  # causal: a later token changes nothing before it
+        assert torch.equal(ensemble(input_ids=changed).logits[0, :-1], got[:-1])
+    single = PosteriorEnsemble(members[:1])
+    with torch.no_grad():
+        want = torch.log_softmax(members[0](input_ids=ids).logits.float(), -1)
+        assert torch.allclose(single(input_ids=ids).logits, want, atol=1e-6)
+
+
+def test_seq_route_sends_documents_and_sums_groups(
+    anchor_dir: Path, package_dirs: list[Path], corpus_dir: Path
+) -> None:
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    routed = seq_route(anchor, packages, CPU)
+    upper_texts = [line.upper() for line in ("the cat sat on the mat", "a dog ran far away")]
+    assert routed.route(upper_texts) == [1, 1]  # the upper-case owner's row is nearest
+    spec = DataSpec("other", (str(corpus_dir / "other.jsonl"),))
+    score = evaluate_loaded(routed, anchor.tokenizer, [spec], device=CPU, cache_dir=None)[0]
+    # all documents to one member: exactly that member's score
+    only = DocumentRouted(members=routed.members, route=lambda texts: [2] * len(texts))
+    alone = evaluate_loaded(routed.members[2], anchor.tokenizer, [spec], device=CPU,
+                            cache_dir=None)[0]  # fmt: skip
+    assert evaluate_loaded(only, anchor.tokenizer, [spec], device=CPU, cache_dir=None)[0] == alone
+    assert score.documents == alone.documents and score.bytes == alone.bytes
+
+
+def test_unrestricted_trains_the_merged_shape_on_all_data(
+    anchor_dir: Path, package_dirs: list[Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.evaluate.unrestricted import RECORD_FILE, train_unrestricted
+    from flexmoe.training.config import TrainConfig
+
+    owners = [DataSpec("upper", (str(corpus_dir / "other.jsonl"),))]
+    public = [DataSpec("public", (str(corpus_dir / "public.jsonl"),))]
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=3,
+                      checkpoint_every=0, eval_batches=1, z_loss=1e-3)  # fmt: skip
+    out = tmp_path / "unrestricted"
+    result = train_unrestricted(
+        anchor_dir=anchor_dir, data=owners, public_data=public, out=out, cfg=cfg, top_k=2,
+        device=CPU, cache_dir=None, progress=False,
+    )  # fmt: skip
+    assert result.steps == 6 and result.tokens == 6 * 4 * 32
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["domains"] == ["upper"] and record["steps"] == 6
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    model = build_baseline(
+        "unrestricted", anchor=anchor, packages=packages, device=CPU, unrestricted_dir=out
+    )
+    assert model.config.num_experts == 2 and model.config.num_experts_per_tok == 2
+    # every part trained: attention as well as the copied experts
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[key], anchor.model.state_dict()[key])
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(2, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(FlexMoEError, match="top-k"):
+        train_unrestricted(
+            anchor_dir=anchor_dir, data=owners, public_data=public, out=tmp_path / "x", cfg=cfg,
+            top_k=3, device=CPU, cache_dir=None, progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_suite_scores_every_model_on_the_same_text(
+    anchor_dir: Path, package_dirs: list[Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    from flexmoe.evaluate.report import write_report
+    from flexmoe.evaluate.suite import run_suite
+
+    build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
+    data = [
+        DataSpec("public", (str(corpus_dir / "public.jsonl"),)),
+        DataSpec("other", (str(corpus_dir / "other.jsonl"),)),
+    ]
+    results = run_suite(
+        anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=tmp_path / "m", data=data,
+        device=CPU, cache_dir=None, max_bytes=1500, seq_len=32, log=lambda _: None,
+    )  # fmt: skip
+    assert list(results["models"]) == [
+        "anchor", "specialist:upper", "specialist:again", "soup", "btm", "seq-route", "flexmoe",
+        "flexmoe:top-1", "flexmoe:top-3", "flexmoe:bias", "flexmoe:without-upper",
+        "flexmoe:without-again",
+    ]  # fmt: skip
+    for domain in ("public", "other"):
+        sizes = {row[domain]["bytes"] for row in results["models"].values()}
+        assert len(sizes) == 1 and sizes.pop() <= 1500  # the same text for every model
+        shares = results["routing"][domain]
+        assert set(shares) == {"public", "upper", "again"}
+        assert abs(sum(shares.values()) - 1) < 1e-6
+    report = write_report(results, tmp_path / "report")
+    assert "merged better on average than btm" in report.read_text()

@@ -576,7 +576,9 @@ def test_demo_merge_stage_opts_out_exactly(
 
     from helpers import WORDS, make_texts, write_jsonl
 
-    from flexmoe.pipeline import QUICK, _merge_stage
+    from flexmoe.evaluate.extraction import AuditSettings
+    from flexmoe.merge.standing import StandingStore
+    from flexmoe.pipeline import QUICK, _audit_stage, _opt_out_stage
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -590,14 +592,21 @@ def test_demo_merge_stage_opts_out_exactly(
         shutil.copytree(p, out / p.name)
         copies.append(out / p.name)
     lines: list[str] = []
-    merged = _merge_stage(
-        out, anchor_dir, copies, specs, replace(QUICK, top_k=2), CPU, tmp_path / "cache",
-        lines.append, opt_out="upper", prompt="the union",
+    build_merged(plan_merge(anchor_dir, copies, top_k=2), out / "merged", progress=False)
+    settings = replace(QUICK, top_k=2)
+    opt = _opt_out_stage(
+        out, out / "merged", specs, settings, CPU, tmp_path / "cache", lines.append,
+        opt_out="upper", prompt="the union",
     )  # fmt: skip
-    opt = merged["opt_out"]
     assert opt["bpb_difference_vs_merged_without"] <= 1e-5
+    assert opt["opted_out_bpb"] > 0
     assert opt["generation_after"]["generated"]["upper"] == 0.0
     assert opt["generation_before"]["generated"]["upper"] > 0.0
     assert [row[2] for row in opt["audit"]] == ["opt-out", "opt-in"]
-    assert set(merged["scores"]) == {"public", "upper"}
-    assert (out / "merged" / "config.json").is_file() and (out / "merged-without-upper").is_dir()
+    assert (out / "merged-without-upper").is_dir()
+    assert StandingStore(out / "merged").opted_out() == set()  # back in
+    quick_audit = replace(settings, audit=AuditSettings(documents=2, samples=1, prefix_tokens=8,
+                                                        suffix_tokens=8))  # fmt: skip
+    audit = _audit_stage(anchor_dir, copies, out / "merged", specs, quick_audit, CPU, "upper")
+    assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
+    assert all(r["documents"] == 2 for r in audit["results"])

@@ -32,6 +32,8 @@ experts_app = typer.Typer(
 )
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 router_app = typer.Typer(help="The merged model's router.", no_args_is_help=True)
+baseline_app = typer.Typer(help="Baselines that need training.", no_args_is_help=True)
+audit_app = typer.Typer(help="Audits of what a model gives away.", no_args_is_help=True)
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -41,6 +43,8 @@ app.add_typer(merge_app, name="merge")
 app.add_typer(router_app, name="router")
 app.add_typer(experts_app, name="experts")
 app.add_typer(eval_app, name="eval")
+app.add_typer(baseline_app, name="baseline")
+app.add_typer(audit_app, name="audit")
 
 _DEBUG = {"on": False}
 
@@ -597,6 +601,198 @@ def eval_ppl(
         typer.echo(format_table(scores))
 
 
+@eval_app.command("baselines")
+def eval_baselines(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    expert: Annotated[list[str], typer.Option("--expert", help="expert package (repeatable)")],
+    merged: Annotated[Path, typer.Option(help="the merged model directory")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="JSON file to write the scores to")],
+    unrestricted: Annotated[
+        Path | None, typer.Option(help="jointly trained model (flexmoe baseline unrestricted)")
+    ] = None,
+    tuned: Annotated[Path | None, typer.Option(help="the merged model after router tune")] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="score only these registry names (repeatable)")
+    ] = None,
+    max_documents: Annotated[int | None, typer.Option(help="per domain")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="text per domain, in bytes")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="context per block")] = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Score the merged model, its variants and the paper's baselines on the same held-out text.
+
+    Registry names: anchor, specialist:NAME, soup, btm, seq-route, unrestricted, flexmoe,
+    flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME, flexmoe:tuned.
+    """
+    from flexmoe.device import pick_device
+    from flexmoe.evaluate.report import average
+    from flexmoe.evaluate.suite import run_suite
+    from flexmoe.io import write_json
+
+    if out.suffix != ".json":
+        raise FlexMoEError(out, "--out must name a .json file")
+    results = run_suite(
+        anchor_dir=anchor, package_dirs=[Path(e) for e in expert], merged_dir=merged,
+        data=_specs(data, text_field, id_field), device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens", unrestricted_dir=unrestricted,
+        tuned_dir=tuned, only=only, max_documents=max_documents, max_bytes=max_bytes,
+        seq_len=seq_len, log=lambda line: typer.echo(line, err=True),
+    )  # fmt: skip
+    write_json(out, results)
+    domains = results["domains"]
+    typer.echo(f"{'model':<28}" + "".join(f"{d:>12}" for d in domains) + f"{'average':>12}")
+    for name, row in results["models"].items():
+        cells = "".join(f"{row[d]['bits_per_byte']:>12.4f}" for d in domains)
+        typer.echo(f"{name:<28}{cells}{average(results, name):>12.4f}")
+    typer.echo(f"bits per byte; all scores -> {out}")
+
+
+@app.command("report")
+def report(
+    scores: Annotated[Path, typer.Argument(help="JSON written by flexmoe eval baselines")],
+    out: Annotated[Path, typer.Option(help="directory for report.md and the plots")],
+) -> None:
+    """Write the markdown report, its PNG plots and the claims checked from measured scores."""
+    from flexmoe.evaluate.report import check_results, write_report
+    from flexmoe.io import read_json
+
+    path = write_report(check_results(read_json(scores), scores), out)
+    typer.echo(f"report: {path}")
+
+
+@baseline_app.command("unrestricted")
+def baseline_unrestricted(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: Annotated[list[str], typer.Option("--data", help="OWNER_DOMAIN=FILES (repeatable)")],
+    public_data: Annotated[list[str], typer.Option(help="public files")],
+    out: Annotated[Path, typer.Option(help="model directory to write")],
+    top_k: Annotated[int, typer.Option(help="experts per token, as in the merged model")] = 2,
+    public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
+    embedder: EmbedderOpt = None,
+    steps: Annotated[int, typer.Option(help="total steps: the sum of the experts' steps")] = 800,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    z_loss: Annotated[float, typer.Option(help="router z-loss weight")] = 1e-3,
+    eval_every: int = 100,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train the upper bound that pools all data: the merged model's shape on every domain."""
+    from flexmoe.device import pick_device
+    from flexmoe.evaluate.unrestricted import train_unrestricted
+    from flexmoe.training.config import TrainConfig
+
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=0.0, eval_every=eval_every, checkpoint_every=0, seed=seed, z_loss=z_loss,
+    )  # fmt: skip
+    public = [DataSpec("public", tuple(public_data), text_field, id_field)]
+    result = train_unrestricted(
+        anchor_dir=anchor, data=_specs(data, text_field, id_field), public_data=public, out=out,
+        cfg=cfg, top_k=top_k, device=pick_device(device),
+        cache_dir=cache_dir or _cache_dir() / "tokens", public_fraction=public_fraction,
+        embedder=embedder, overwrite=force,
+    )  # fmt: skip
+    typer.echo(
+        f"unrestricted -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
+        f"val loss {result.final_val_loss}"
+    )
+
+
+@audit_app.command("extraction")
+def audit_extraction_cmd(
+    model: Annotated[list[Path], typer.Argument(help="model directories (anchor, merged, ...)")],
+    docs: Annotated[list[str], typer.Option("--docs", help="training files, dirs or globs")],
+    anchor: Annotated[Path | None, typer.Option(help="the anchor (with --specialist)")] = None,
+    specialist: Annotated[
+        list[Path] | None, typer.Option(help="expert package audited as its 2-expert model")
+    ] = None,
+    split: Annotated[str, typer.Option(help="which split of --docs to sample")] = "train",
+    documents: Annotated[int, typer.Option(help="documents to sample")] = 100,
+    samples: Annotated[int, typer.Option(help="continuations per document")] = 4,
+    prefix_tokens: int = 32,
+    suffix_tokens: int = 32,
+    threshold: Annotated[float, typer.Option(help="normalised Levenshtein similarity")] = 0.9,
+    seed: int = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """How often each model reproduces its training text from a prefix (paper section 5.3)."""
+    from flexmoe.data.split import Split, load_splits
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.device import pick_device
+    from flexmoe.evaluate.extraction import (
+        AuditSettings,
+        audit_extraction,
+        format_audit,
+        sample_passages,
+    )
+
+    if split not in {s.value for s in Split}:
+        raise FlexMoEError("--split", f"unknown split {split!r}; choose train, validation or test")
+    if specialist and anchor is None:
+        raise FlexMoEError("--specialist", "needs --anchor")
+    settings = AuditSettings(
+        documents=documents, samples=samples, prefix_tokens=prefix_tokens,
+        suffix_tokens=suffix_tokens, threshold=threshold, seed=seed,
+    )  # fmt: skip
+    paths = tuple(p for item in docs for p in item.split(",") if p)
+    texts = load_splits([DataSpec("audit", paths, text_field, id_field)]).get(Split(split))
+    first = model[0] if model else anchor
+    if first is None:
+        raise FlexMoEError("MODEL", "name at least one model directory or --anchor")
+    tokenizer = load_tokenizer(first)
+    passages = sample_passages(texts, tokenizer, settings)
+    chosen = pick_device(device)
+    results = [
+        audit_extraction(
+            _load_any(path), tokenizer, passages, settings, name=str(path), device=chosen
+        )
+        for path in model
+    ]
+    if specialist and anchor is not None:
+        from flexmoe.anchor import load_anchor
+        from flexmoe.expert.package import build_specialist, load_package
+
+        base = load_anchor(anchor)
+        for package_dir in specialist:
+            package = load_package(package_dir, base)
+            results.append(audit_extraction(
+                build_specialist(base, package), tokenizer, passages, settings,
+                name=f"specialist:{package.manifest.name}", device=chosen,
+            ))  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        typer.echo(format_audit(results))
+
+
+def _load_any(path: Path):  # type: ignore[no-untyped-def]
+    """A merged model with its owners' standing choice applied, or any other checkpoint."""
+    from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
+    from flexmoe.merge.build import SLOTS_FILE, load_merged
+    from flexmoe.merge.slots import read_slots
+    from flexmoe.model.checkpoint import load_model
+
+    if not (path / SLOTS_FILE).is_file():
+        return load_model(path)
+    merged = load_merged(path)
+    set_expert_mask(merged, current_mask(path, read_slots(path), Selection()))
+    return merged
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-output"),
@@ -627,6 +823,10 @@ COMMANDS = {
     "experts opt-out": experts_opt_out,
     "experts opt-in": experts_opt_in,
     "eval ppl": eval_ppl,
+    "eval baselines": eval_baselines,
+    "baseline unrestricted": baseline_unrestricted,
+    "report": report,
+    "audit extraction": audit_extraction_cmd,
     "demo": demo,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."

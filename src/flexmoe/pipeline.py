@@ -1,7 +1,9 @@
-"""The demo pipeline, end to end as far as it exists today.
+"""The demo pipeline, end to end.
 
 corpora -> tokenizer -> anchor -> one expert per owner domain (each trained in its own process
-that is given only that domain's files and the public corpus) -> held-out scores -> report.
+that is given only that domain's files and the public corpus) -> merge -> the unrestricted
+upper bound (all data in one place, for comparison only) -> every baseline and variant scored on
+the same held-out text -> one owner's opt-out -> extraction audit -> report with plots.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +21,24 @@ import torch
 from flexmoe.anchor import load_anchor, train_anchor
 from flexmoe.data.demo import DOMAINS, fetch_demo_corpora
 from flexmoe.data.documents import DataSpec
+from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluate.perplexity import DomainScore, evaluate_loaded, format_table
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.evaluate.baselines import build_baseline
+from flexmoe.evaluate.extraction import AuditSettings, audit_extraction, sample_passages
+from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.report import checks, markdown, model_order, plot_files
+from flexmoe.evaluate.suite import run_suite
+from flexmoe.evaluate.unrestricted import train_unrestricted
+from flexmoe.expert.package import load_package
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, write_json
-from flexmoe.merge.build import APPLY_BIAS, build_merged, load_merged
+from flexmoe.merge.build import build_merged, load_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.plan import plan_merge
 from flexmoe.merge.slots import read_slots
 from flexmoe.merge.standing import StandingStore, standing_exclusions
-from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.training.config import TrainConfig
 
@@ -49,7 +56,8 @@ class DemoSettings:
     vocab_size: int
     anchor: TrainConfig
     expert: TrainConfig
-    eval_documents: int | None  # per domain; None scores the whole test split
+    eval_bytes: int | None  # held-out text scored per domain; None scores the whole test split
+    audit: AuditSettings
     top_k: int = 3  # experts active per token in the merged model (of 5)
 
 
@@ -59,15 +67,17 @@ FULL = DemoSettings(
                        eval_every=100, checkpoint_every=100),
     expert=TrainConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10,
                        weight_decay=0.0, eval_every=50, checkpoint_every=50, z_loss=1e-3),
-    eval_documents=None,
+    eval_bytes=40_000,
+    audit=AuditSettings(documents=40, samples=4),
 )  # fmt: skip
 QUICK = DemoSettings(
     vocab_size=2048,
     anchor=TrainConfig(steps=120, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=12,
                        eval_every=40, checkpoint_every=40),
-    expert=TrainConfig(steps=30, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=3,
-                       weight_decay=0.0, eval_every=15, checkpoint_every=15, z_loss=1e-3),
-    eval_documents=8,
+    expert=TrainConfig(steps=24, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=3,
+                       weight_decay=0.0, eval_every=12, checkpoint_every=12, z_loss=1e-3),
+    eval_bytes=6_000,
+    audit=AuditSettings(documents=8, samples=2),
 )  # fmt: skip
 
 
@@ -94,9 +104,14 @@ def run_demo(
     out: Path, *, cache_dir: Path, device: torch.device, quick: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    """Fetch the corpora, train the anchor and one expert per owner domain, score, report."""
+    """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``."""
     settings = QUICK if quick else FULL
     started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        stage_seconds[name] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
+
     corpora = fetch_demo_corpora(cache_dir / "demo-corpora", log=log)
     specs = {
         d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
@@ -104,78 +119,84 @@ def run_demo(
     }
     tokens = cache_dir / "tokens"
     anchor_dir = out / "anchor"
-    log(f"training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
+    stage("corpora")
+    log(f"[1/7] training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
     manifest, anchor_result = train_anchor(
         data=[specs["public"]], out=anchor_dir, dims=PRESETS[Preset.TINY], cfg=settings.anchor,
         device=device, cache_dir=tokens, vocab_size=settings.vocab_size, overwrite=True,
     )  # fmt: skip
+    stage("anchor")
     anchor = load_anchor(anchor_dir)
-    log("evaluating the anchor on every domain's held-out test split")
-    anchor_scores = {
-        s.domain: s
-        for s in evaluate_loaded(
-            anchor.model,
-            anchor.tokenizer,
-            list(specs.values()),
-            device=device,
-            cache_dir=tokens,
-            max_documents=settings.eval_documents,
-        )
-    }
-    log(format_table(list(anchor_scores.values())))
+    package_dirs = [out / "experts" / domain for domain in OWNERS]
     experts: dict[str, dict[str, Any]] = {}
-    for domain in OWNERS:
-        package_dir = out / "experts" / domain
-        log(f"training the {domain} expert in its own process -> {package_dir}")
+    for i, (domain, package_dir) in enumerate(zip(OWNERS, package_dirs, strict=True), 1):
+        log(f"[2/7] expert {i}/{len(OWNERS)}: {domain}, in its own process -> {package_dir}")
         _train_expert_process(
             domain, corpora[domain], corpora["public"], anchor_dir, package_dir,
             settings.expert, tokens, device,
         )  # fmt: skip
         package = load_package(package_dir, anchor)
-        specialist = build_specialist(anchor, package)
-        own, public = evaluate_loaded(
-            specialist,
-            anchor.tokenizer,
-            [specs[domain], specs["public"]],
-            device=device,
-            cache_dir=tokens,
-            max_documents=settings.eval_documents,
-        )
         experts[domain] = {
             "owner": package.manifest.owner,
             "license": package.manifest.license,
             "training": package.manifest.training.model_dump(),
-            "own_domain": own.to_dict(),
-            "public": public.to_dict(),
         }
-        log(
-            f"{domain}: specialist {own.bits_per_byte:.4f} bpb vs anchor "
-            f"{anchor_scores[domain].bits_per_byte:.4f}; on public {public.bits_per_byte:.4f} "
-            f"vs {anchor_scores['public'].bits_per_byte:.4f}"
-        )
-    merged = _merge_stage(
-        out, anchor_dir, [out / "experts" / d for d in OWNERS], specs, settings, device, tokens,
-        log,
+    stage("experts")
+    merged_dir = out / "merged"
+    log(
+        f"[3/7] merging the anchor and {len(OWNERS)} experts (top-{settings.top_k}) -> {merged_dir}"
+    )
+    build_merged(
+        plan_merge(anchor_dir, package_dirs, top_k=settings.top_k), merged_dir, overwrite=True
+    )
+    stage("merge")
+    unrestricted_dir = out / "unrestricted"
+    joint = replace(settings.expert, steps=settings.expert.steps * len(OWNERS),
+                    eval_every=0, checkpoint_every=0)  # fmt: skip
+    log(f"[4/7] the unrestricted upper bound: the merged shape trained on all domains at once "
+        f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}")  # fmt: skip
+    train_unrestricted(
+        anchor_dir=anchor_dir, data=[specs[d] for d in OWNERS], public_data=[specs["public"]],
+        out=unrestricted_dir, cfg=joint, top_k=settings.top_k, device=device, cache_dir=tokens,
+        overwrite=True,
     )  # fmt: skip
+    stage("unrestricted")
+    log("[5/7] scoring every baseline and variant on the same held-out text")
+    evaluation = run_suite(
+        anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=merged_dir,
+        data=list(specs.values()), device=device, cache_dir=tokens,
+        unrestricted_dir=unrestricted_dir, max_bytes=settings.eval_bytes, log=log,
+    )  # fmt: skip
+    stage("evaluation")
+    log(f"[6/7] the {OPT_OUT} owner opts out, and back in")
+    opt_out = _opt_out_stage(out, merged_dir, specs, settings, device, tokens, log)
+    stage("opt-out")
+    log("[7/7] extraction audit on the code owner's training documents")
+    audit = _audit_stage(anchor_dir, package_dirs, merged_dir, specs, settings, device, "code")
+    stage("audit")
     elapsed = time.perf_counter() - started
     results = {
         "settings": {
-            "quick": quick, "vocab_size": settings.vocab_size,
-            "eval_documents_per_domain": settings.eval_documents,
+            "quick": quick, "vocab_size": settings.vocab_size, "top_k": settings.top_k,
+            "eval_bytes_per_domain": settings.eval_bytes, "audit": settings.audit.__dict__,
             "anchor": settings.anchor.to_dict(), "expert": settings.expert.to_dict(),
+            "unrestricted": joint.to_dict(),
         },
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
-        "anchor_scores": [s.to_dict() for s in anchor_scores.values()],
         "experts": experts,
-        "merged": merged,
+        "evaluation": evaluation,
+        "opt_out": opt_out,
+        "audit": audit,
         "seconds": round(elapsed, 1),
+        "stage_seconds": stage_seconds,
         "device": str(device),
     }  # fmt: skip
     write_json(out / "results.json", results)
-    report = _report(results, anchor_scores, anchor_result.history)
+    for name, data in plot_files(evaluation).items():
+        atomic_write_bytes(out / name, data)
+    report = _report(results, anchor_result.history)
     atomic_write_bytes(out / "report.md", report.encode())
-    log(_specialist_table(results, anchor_scores))
-    log(_merged_table(results, anchor_scores))
+    log(_summary(evaluation))
     log(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
     return results
 
@@ -184,35 +205,22 @@ OPT_OUT = "legal"  # the owner who opts out in the demo
 OPT_OUT_PROMPT = "Permission is hereby granted, free of charge, to any person"
 
 
-def _merge_stage(
-    out: Path, anchor_dir: Path, packages: list[Path], specs: dict[str, DataSpec],
-    settings: DemoSettings, device: torch.device, tokens: Path, log: Callable[[str], None],
-    opt_out: str = OPT_OUT, prompt: str = OPT_OUT_PROMPT,
+def _opt_out_stage(
+    out: Path, merged_dir: Path, specs: dict[str, DataSpec], settings: DemoSettings,
+    device: torch.device, tokens: Path, log: Callable[[str], None], opt_out: str = OPT_OUT,
+    prompt: str = OPT_OUT_PROMPT,
 ) -> dict[str, Any]:  # fmt: skip
-    """Merge every expert; score with and without the owners' biases; one owner opts out (and
-    back in); check the opt-out against a model merged without that expert."""
-    merged_dir = out / "merged"
-    log(f"merging the anchor and {len(packages)} experts (top-{settings.top_k}) -> {merged_dir}")
-    build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged_dir, overwrite=True)
+    """The owner opts out through the model's store: the loaded model's next generation and
+    score no longer use the expert, exactly as a model merged without it; then back in."""
     model, tokenizer = load_merged(merged_dir), load_tokenizer(merged_dir)
     slots = read_slots(merged_dir)
-    every = list(specs.values())
 
-    def score(data: list[DataSpec], net: Any = model) -> dict[str, DomainScore]:
-        found = evaluate_loaded(
-            net, tokenizer, data, device=device, cache_dir=tokens,
-            max_documents=settings.eval_documents,
+    def bpb(net: Any) -> float:
+        [score] = evaluate_loaded(
+            net, tokenizer, [specs[opt_out]], device=device, cache_dir=tokens,
+            max_bytes=settings.eval_bytes,
         )  # fmt: skip
-        return {s.domain: s for s in found}
-
-    log("evaluating the merged model (owners' biases off, the default)")
-    plain = score(every)
-    log("evaluating the merged model with the owners' biases on")
-    for layer in moe_layers(model):
-        layer.use_bias = True
-    with_bias = score(every)
-    for layer in moe_layers(model):
-        layer.use_bias = APPLY_BIAS
+        return score.bits_per_byte
 
     def attribution(label: str) -> dict[str, Any]:
         result = generate(
@@ -230,134 +238,123 @@ def _merge_stage(
     log(f"{opt_out} opted out; the same loaded model, no reload")
     after = attribution(f"generation after {opt_out} opted out")
     set_expert_mask(model, current_mask(merged_dir, slots, Selection()))
-    opted_out = score(every)
+    opted_out = bpb(model)
     set_expert_mask(model, None)
     without_dir = out / f"merged-without-{opt_out}"
     remove_expert(merged_dir, opt_out, out=without_dir)  # carries the opt-out store along
-    without = score([specs[opt_out]], load_merged(without_dir))[opt_out]
-    gap = abs(without.bits_per_byte - opted_out[opt_out].bits_per_byte)
-    log(f"{opt_out}: opted out {opted_out[opt_out].bits_per_byte:.6f} bpb, merged without it "
-        f"{without.bits_per_byte:.6f} (difference {gap:.1e})")  # fmt: skip
+    without = bpb(load_merged(without_dir))
+    gap = abs(without - opted_out)
+    log(f"{opt_out}: opted out {opted_out:.6f} bpb, merged without it {without:.6f} "
+        f"(difference {gap:.1e})")  # fmt: skip
     store.set(opt_out, opted_out=False, reason="demo: the owner returns", actor="demo")
     audit = [list(row) for row in store.audit()]
     store.close()
     return {
-        "top_k": settings.top_k,
-        "default_bias": APPLY_BIAS,
-        "scores": {d: s.to_dict() for d, s in plain.items()},
-        "scores_with_bias": {d: s.to_dict() for d, s in with_bias.items()},
-        "opt_out": {
-            "expert": opt_out,
-            "prompt": prompt,
-            "scores": {d: s.to_dict() for d, s in opted_out.items()},
-            "merged_without": without.to_dict(),
-            "bpb_difference_vs_merged_without": gap,
-            "generation_before": before,
-            "generation_after": after,
-            "audit": audit,
-        },
+        "expert": opt_out,
+        "prompt": prompt,
+        "opted_out_bpb": opted_out,
+        "merged_without_bpb": without,
+        "bpb_difference_vs_merged_without": gap,
+        "generation_before": before,
+        "generation_after": after,
+        "audit": audit,
     }
 
 
-def _merged_table(results: dict[str, Any], anchor: dict[str, DomainScore]) -> str:
-    merged = results["merged"]
-    out_name = merged["opt_out"]["expert"]
-    lines = [
-        f"| domain | anchor | own specialist | merged | merged, biases on "
-        f"| merged, {out_name} opted out |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for domain, base in anchor.items():
-        spec = results["experts"].get(domain, {}).get("own_domain", {}).get("bits_per_byte")
-        m = merged["scores"][domain]["bits_per_byte"]
-        b = merged["scores_with_bias"][domain]["bits_per_byte"]
-        o = merged["opt_out"]["scores"][domain]["bits_per_byte"]
-        own = f"{spec:.4f}" if spec is not None else "-"
-        lines.append(
-            f"| {domain} | {base.bits_per_byte:.4f} | {own} | {m:.4f} | {b:.4f} | {o:.4f} |"
+def _audit_stage(
+    anchor_dir: Path, package_dirs: list[Path], merged_dir: Path, specs: dict[str, DataSpec],
+    settings: DemoSettings, device: torch.device, owner: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Extraction rates of the anchor, the owner's specialist and the merged model on the
+    owner's training documents (the same passages for all three)."""
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    docs = load_splits([specs[owner]]).get(Split.TRAIN)
+    passages = sample_passages(docs, anchor.tokenizer, settings.audit)
+    rows = []
+    for name in ("anchor", f"specialist:{owner}", "flexmoe"):
+        model = build_baseline(
+            name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir
         )
+        assert isinstance(model, torch.nn.Module)
+        result = audit_extraction(
+            model, anchor.tokenizer, passages, settings.audit, name=name, device=device
+        )
+        rows.append(result.to_dict())
+    return {"domain": owner, "results": rows}
+
+
+def _summary(evaluation: dict[str, Any]) -> str:
+    """Bits per byte of each model (rows) on each domain, and the claims met."""
+    domains = evaluation["domains"]
+    lines = [f"{'model':<24}" + "".join(f"{d:>11}" for d in domains)]
+    for name in model_order(evaluation):
+        row = evaluation["models"][name]
+        lines.append(f"{name:<24}" + "".join(f"{row[d]['bits_per_byte']:>11.4f}" for d in domains))
+    found = checks(evaluation)
+    lines.append(f"claims met: {sum(c.passed for c in found)} of {len(found)} (see the report)")
     return "\n".join(lines)
 
 
-def _specialist_table(results: dict[str, Any], anchor: dict[str, DomainScore]) -> str:
-    lines = [
-        "| domain | anchor bpb | specialist bpb | change "
-        "| public bpb: anchor | specialist | change |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    base_public = anchor["public"].bits_per_byte
-    for domain, row in results["experts"].items():
-        own, pub = row["own_domain"]["bits_per_byte"], row["public"]["bits_per_byte"]
-        base = anchor[domain].bits_per_byte
-        lines.append(
-            f"| {domain} | {base:.4f} | {own:.4f} | {own / base - 1:+.1%} "
-            f"| {base_public:.4f} | {pub:.4f} | {pub / base_public - 1:+.1%} |"
-        )
-    return "\n".join(lines)
-
-
-def _report(
-    results: dict[str, Any], anchor: dict[str, DomainScore], history: list[dict[str, float]]
-) -> str:
+def _report(results: dict[str, Any], history: list[dict[str, float]]) -> str:
     training = results["anchor"]["training"]
     expert_cfg = results["settings"]["expert"]
     fractions = {
         e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
     }
     public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
-    merged, opt = results["merged"], results["merged"]["opt_out"]
-    bias_default = "on" if merged["default_bias"] else "off"
+    opt, evaluation = results["opt_out"], results["evaluation"]
     shares = "\n".join(
         f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
         f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
         for name in opt["generation_before"]["generated"]
     )
-    audit = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
+    log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
+    audit = results["audit"]
+    audit_rows = "\n".join(
+        f"| {r['model']} | {r['documents']} | {r['extracted_documents']} | {r['rate']:.1%} "
+        f"| {r['mean_best_similarity']:.3f} |"
+        for r in audit["results"]
+    )
+    a = results["settings"]["audit"]
     curve = "\n".join(
         f"| {h['step']} | {h['loss']:.4f} | {h['val_loss']:.4f} |"
         for h in history
         if "val_loss" in h
     )
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
     return f"""# flexmoe demo report
-
-Stage reached: corpora, tokenizer, public anchor, one expert per data owner, the merged model,
-and one owner's opt-out. The paper's baselines come in a later stage of the pipeline.
 
 The anchor is a tiny OLMo-2 decoder trained only on the public domain (State of the Union
 addresses). Each owner then trained one expert alone, in its own process that was handed only
 its own domain's files and the public corpus, against the frozen anchor ({expert_cfg["steps"]}
 steps of {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them
-public text), and shipped only the expert.
+public text), and shipped only the expert. The coordinator merged the anchor and the four
+experts into one FlexOlmo model, top-{evaluation["top_k"]} of {len(results["experts"]) + 1}
+experts per token, router not tuned after merging; the owners' learned biases are
+{"on" if evaluation["default_bias"] else "off"} by default.
 
-- device: {results["device"]}; wall time: {results["seconds"]} s
+- device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
   {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
 - anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
+- unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
+  (every parameter trained), as many tokens as the four experts together
 
-## Held-out scores of the anchor (test split)
+Model names: `anchor` the public model; `specialist:X` owner X's 2-expert model; `soup` the
+anchor with the average of all FFNs; `btm` Branch-Train-Merge (the specialists' next-token
+distributions mixed by their posterior given the context, top 2); `seq-route` each document sent
+whole to the specialist with the nearest router rows; `unrestricted` the same shape trained on
+all the data in one place; `flexmoe` the merged model, and its variants (`top-K`, `bias`,
+`without-X` for owner X opted out).
 
-```
-{format_table(list(anchor.values()))}
-```
+{markdown(evaluation)}
+## One owner opts out, live
 
-## Each owner's 2-expert specialist next to the anchor (bits per byte, test split)
-
-{_specialist_table(results, anchor)}
-
-## The merged model (bits per byte, test split)
-
-The anchor (public expert) and all four experts merged into one FlexOlmo model,
-top-{merged["top_k"]} of {len(results["experts"]) + 1} experts per token, router not tuned after
-merging. The owners' learned biases are {bias_default} by default; the column with them on is
-measured on the same model. Then the {opt["expert"]} owner opts out (`flexmoe experts opt-out`):
-the same loaded model, no reload.
-
-{_merged_table(results, anchor)}
-
-Opting out is exact: on {opt["expert"]} text the opted-out model scores
-{opt["scores"][opt["expert"]]["bits_per_byte"]:.6f} bpb and a model merged without that expert
-(`flexmoe merge remove`) {opt["merged_without"]["bits_per_byte"]:.6f} (difference
-{opt["bpb_difference_vs_merged_without"]:.1e}).
+The {opt["expert"]} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
+loaded. On {opt["expert"]} text the opted-out model scores {opt["opted_out_bpb"]:.6f} bpb and a
+model merged without that expert (`flexmoe merge remove`) {opt["merged_without_bpb"]:.6f}
+(difference {opt["bpb_difference_vs_merged_without"]:.1e}).
 
 Generation from "{opt["prompt"]}" (seed 0), share of routing mass per expert over the generated
 tokens:
@@ -367,7 +364,20 @@ tokens:
 {shares}
 
 The owner then opted back in; the audit log of the model's opt-out store holds both changes:
-{audit}
+{log_rows}
+
+## Extraction audit ({audit["domain"]} training documents)
+
+{a["documents"]} passages: a {a["prefix_tokens"]}-token prefix, {a["samples"]} sampled
+continuations of {a["suffix_tokens"]} tokens each (top-k {a["top_k"]}, top-p {a["top_p"]},
+temperature {a["temperature"]}); extracted when the normalised Levenshtein similarity to the true
+continuation is at least {a["threshold"]}. The paper reports 0.1% (public model), 1.6% (expert)
+and 0.7% (merged) at 7B scale; `tests/test_extraction.py` checks that a model over-trained on a
+few documents is caught.
+
+| model | passages | extracted | rate | mean best similarity |
+| --- | ---: | ---: | ---: | ---: |
+{audit_rows}
 
 ## Anchor training curve
 

@@ -1,24 +1,45 @@
 """Baselines built from the same anchor and expert packages as the merged model (paper Tables 1-2).
 
-Each has a registry name: ``anchor`` (the public model alone), ``specialist:NAME`` (one owner's
-2-expert model), ``soup`` (the anchor with its MLP replaced by the uniform average of every
-expert's FFN, the public one included) and ``flexmoe`` (the merged model).
+Registry names:
+
+- ``anchor``: the public model alone;
+- ``specialist:NAME``: one owner's 2-expert model, as its owner trained and scored it;
+- ``soup``: the anchor with its MLP replaced by the uniform average of every expert's FFN (the
+  public one included);
+- ``btm``: Branch-Train-Merge: the specialists' next-token distributions mixed by the posterior
+  of each specialist given the context so far (uniform prior), the top-2 members only;
+- ``seq-route``: each document sent as a whole to the anchor or the specialist whose router rows
+  (the domain embeddings) are nearest to the document's mean hidden state;
+- ``unrestricted``: an MoE of the merged model's shape trained on all the data at once (see
+  :mod:`flexmoe.evaluate.unrestricted`; needs its directory);
+- ``flexmoe``: the merged model, and its variants ``flexmoe:top-K``, ``flexmoe:bias`` and
+  ``flexmoe:without-NAME`` (options joined by ``:``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
 
 from flexmoe.anchor import Anchor
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import PKG_PROJ, ExpertPackage, build_specialist
-from flexmoe.merge.build import load_merged
+from flexmoe.evaluate.perplexity import DocumentRouted, Scoreable
+from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
+from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
+from flexmoe.merge.build import APPLY_BIAS, load_merged
+from flexmoe.merge.slots import read_slots
 from flexmoe.model import names
-from flexmoe.model.checkpoint import build_dense
+from flexmoe.model.checkpoint import build_dense, load_model, moe_layers
+from flexmoe.model.probe import document_ffn_inputs, unit_rows
+
+BTM_TOP_K = 2
 
 
 def soup(anchor: Anchor, packages: list[ExpertPackage]) -> PreTrainedModel:
@@ -34,34 +55,142 @@ def soup(anchor: Anchor, packages: list[ExpertPackage]) -> PreTrainedModel:
     return build_dense(anchor.model.config, state, where=Path("<soup>"))
 
 
-def baseline_names(packages: list[ExpertPackage]) -> list[str]:
-    """Every registry name buildable from these packages, in report order."""
+class PosteriorEnsemble(nn.Module):
+    """Branch-Train-Merge inference: ``p(x_t+1 | x_<=t) = sum_d p(d | x_<=t) p_d(x_t+1 | x_<=t)``.
+
+    ``p(d | x_<=t)`` is proportional to the likelihood each member gave the tokens it has already
+    seen in this sequence (a uniform prior at the first position); only the ``top_k`` most
+    probable members are mixed, their posteriors renormalised. ``logits`` are log-probabilities.
+    """
+
+    def __init__(self, members: list[nn.Module], *, top_k: int = BTM_TOP_K) -> None:
+        super().__init__()
+        if not members:
+            raise FlexMoEError(None, "an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.top_k = min(top_k, len(members))
+        self.config = members[0].config  # type: ignore[union-attr]
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: object) -> CausalLMOutput:
+        logps = torch.stack(
+            [F.log_softmax(m(input_ids=input_ids).logits.float(), dim=-1) for m in self.members]
+        )  # (M, B, L, V)
+        count, batch, _, vocab = logps.shape
+        seen = logps[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(count, -1, -1, 1))[
+            ..., 0
+        ]  # (M, B, L-1): log p_d of each next token that is already in the context
+        context = torch.cat([logps.new_zeros(count, batch, 1), seen.cumsum(-1)], dim=-1)  # (M,B,L)
+        top_ll, top_i = context.topk(self.top_k, dim=0)  # (K, B, L)
+        weights = torch.log_softmax(top_ll, dim=0)  # (K, B, L)
+        chosen = logps.gather(0, top_i[..., None].expand(-1, -1, -1, vocab))  # (K, B, L, V)
+        return CausalLMOutput(logits=torch.logsumexp(weights[..., None] + chosen, dim=0))
+
+
+@dataclass(frozen=True)
+class NearestDomain:
+    """Sends each text to the member whose per-layer router rows are nearest (cosine, averaged
+    over layers) to the text's mean feed-forward input in the anchor."""
+
+    anchor: Anchor
+    rows: torch.Tensor  # (members, layers, hidden), unit length
+    device: torch.device
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        docs = document_ffn_inputs(
+            self.anchor.model, self.anchor.tokenizer, texts, device=self.device
+        )  # (D, layers, hidden)
+        similarity = torch.einsum("dlh,mlh->dml", unit_rows(docs), self.rows).mean(-1)  # (D, M)
+        return [int(i) for i in similarity.argmax(-1)]
+
+
+def seq_route(
+    anchor: Anchor, packages: list[ExpertPackage], device: torch.device
+) -> DocumentRouted:
+    """The anchor (public row r_0) and each owner's specialist (its row r_k), one per document."""
+    layers = anchor.model.config.num_hidden_layers
+    owner_rows = [
+        torch.stack([p.tensors[PKG_ROUTER.format(layer=layer)] for layer in range(layers)])
+        for p in packages
+    ]  # each (layers, hidden)
+    rows = unit_rows(torch.stack([anchor.public_router, *owner_rows]).float())
+    return DocumentRouted(
+        members=[anchor.model, *(build_specialist(anchor, p) for p in packages)],
+        route=NearestDomain(anchor, rows, device),
+    )
+
+
+def merged_variant(merged_dir: Path, options: list[str]) -> PreTrainedModel:
+    """The merged model with ``top-K``, ``bias`` and ``without-NAME`` options applied (the
+    owners' standing opt-outs are honoured too)."""
+    use_bias, top_k, without = APPLY_BIAS, None, []
+    for option in options:
+        if option == "bias":
+            use_bias = True
+        elif option == "no-bias":
+            use_bias = False
+        elif option.startswith("top-") and option[4:].isdigit():
+            top_k = int(option[4:])
+        elif option.startswith("without-") and option[8:]:
+            without.append(option[8:])
+        else:
+            raise FlexMoEError(
+                f"flexmoe:{option}", "unknown option; use top-K, bias, no-bias or without-NAME"
+            )
+    slots = read_slots(merged_dir)
+    model = load_merged(merged_dir, use_bias=use_bias)
+    if top_k is not None:
+        if not 1 <= top_k <= len(slots):
+            raise FlexMoEError(f"flexmoe:top-{top_k}", f"top-k must be in 1..{len(slots)}")
+        for layer in moe_layers(model):
+            layer.top_k = top_k
+    mask = current_mask(merged_dir, slots, Selection(exclude=frozenset(without)))
+    set_expert_mask(model, mask)
+    return model
+
+
+def baseline_names(packages: list[ExpertPackage], *, unrestricted: bool = False) -> list[str]:
+    """Every registry name buildable from these packages (and a merged model), in report order."""
     return [
         "anchor",
         *(f"specialist:{p.manifest.name}" for p in packages),
         "soup",
+        "btm",
+        "seq-route",
+        *(["unrestricted"] if unrestricted else []),
         "flexmoe",
     ]
 
 
 def build_baseline(
-    name: str, *, anchor: Anchor, packages: list[ExpertPackage], merged_dir: Path | None = None
-) -> PreTrainedModel:
-    """The model registered as ``name``; ``flexmoe`` needs the merged model's directory."""
+    name: str,
+    *,
+    anchor: Anchor,
+    packages: list[ExpertPackage],
+    device: torch.device,
+    merged_dir: Path | None = None,
+    unrestricted_dir: Path | None = None,
+) -> Scoreable:
+    """The model registered as ``name``. ``flexmoe`` and its variants need the merged model's
+    directory, ``unrestricted`` the jointly trained model's."""
     by_name = {p.manifest.name: p for p in packages}
-    builders: dict[str, Callable[[], PreTrainedModel]] = {
+    builders: dict[str, Callable[[], Scoreable]] = {
         "anchor": lambda: anchor.model,
         "soup": lambda: soup(anchor, packages),
+        "btm": lambda: PosteriorEnsemble([build_specialist(anchor, p) for p in packages]),
+        "seq-route": lambda: seq_route(anchor, packages, device),
     }
-    if merged_dir is not None:
-        builders["flexmoe"] = lambda: load_merged(merged_dir)
+    if unrestricted_dir is not None:
+        builders["unrestricted"] = lambda: load_model(unrestricted_dir)
     if name.startswith("specialist:"):
         package = by_name.get(name.removeprefix("specialist:"))
         if package is None:
             raise FlexMoEError(name, f"no such expert (experts: {', '.join(by_name)})")
-        return build_specialist(anchor, package)  # as its owner trained and scored it
+        return build_specialist(anchor, package)
+    if name == "flexmoe" or name.startswith("flexmoe:"):
+        if merged_dir is None:
+            raise FlexMoEError(name, "needs the merged model's directory")
+        return merged_variant(merged_dir, name.split(":")[1:])
     if name not in builders:
-        raise FlexMoEError(
-            name, f"unknown baseline; choose from {', '.join(baseline_names(packages))}"
-        )
+        known = baseline_names(packages, unrestricted=unrestricted_dir is not None)
+        raise FlexMoEError(name, f"unknown baseline; choose from {', '.join(known)}")
     return builders[name]()

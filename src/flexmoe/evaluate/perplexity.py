@@ -8,16 +8,17 @@ UTF-8 bytes, which makes models with different tokenizers comparable.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from flexmoe.data.documents import DataSpec
+from flexmoe.data.documents import DataSpec, Document
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import Split, SplitFractions, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
@@ -46,7 +47,7 @@ class DomainScore:
 
 @torch.no_grad()
 def stream_nll(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     stream: TokenStream,
     *,
     seq_len: int,
@@ -73,37 +74,11 @@ def stream_nll(
     return total, count
 
 
-def _nll(model: PreTrainedModel, batch: torch.Tensor, device: torch.device) -> tuple[float, int]:
+def _nll(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[float, int]:
     with autocast(device):
         logits = model(input_ids=batch[:, :-1]).logits  # (B, L, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
     return loss.item(), batch[:, 1:].numel()
-
-
-def score_stream(
-    model: PreTrainedModel,
-    stream: TokenStream,
-    *,
-    domain: str,
-    split: str,
-    seq_len: int,
-    device: torch.device,
-    batch_size: int = 8,
-) -> DomainScore:
-    nll, tokens = stream_nll(
-        model, stream, seq_len=seq_len, batch_size=batch_size, device=device, desc=f"eval {domain}"
-    )
-    loss = nll / tokens
-    return DomainScore(
-        domain=domain,
-        split=split,
-        documents=stream.num_docs,
-        tokens=tokens,
-        bytes=stream.num_bytes,
-        loss=loss,
-        perplexity=math.exp(loss),
-        bits_per_byte=nll / (math.log(2) * stream.num_bytes),
-    )
 
 
 def evaluate_model(
@@ -141,8 +116,54 @@ def evaluate_model(
     )  # fmt: skip
 
 
+def eval_documents(
+    spec: DataSpec,
+    split: Split = Split.TEST,
+    fractions: SplitFractions | None = None,
+    max_documents: int | None = None,
+    max_bytes: int | None = None,
+) -> list[Document]:
+    """The ``split`` documents of a domain in the split's stable order: the first
+    ``max_documents``, then cut after ``max_bytes`` bytes of text (the last one shortened), so
+    that every model is scored on exactly the same text."""
+    docs = load_splits([spec], fractions).get(split)[:max_documents]
+    if not docs:
+        raise FlexMoEError(
+            ",".join(spec.paths), f"domain {spec.domain!r} has no documents in the {split} split"
+        )
+    if max_bytes is None:
+        return docs
+    kept: list[Document] = []
+    left = max_bytes
+    for doc in docs:
+        size = len(doc.text.encode("utf-8"))
+        if size > left:
+            text = doc.text.encode("utf-8")[:left].decode("utf-8", errors="ignore")
+            if text:
+                kept.append(replace(doc, text=text))
+            break
+        kept.append(doc)
+        left -= size
+    return kept
+
+
+@dataclass(frozen=True)
+class DocumentRouted:
+    """Several models and a rule that sends each document, as a whole, to one of them."""
+
+    members: list[PreTrainedModel]
+    route: Callable[[list[str]], list[int]]  # texts -> index of a member, one per text
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.members[0].config
+
+
+Scoreable = torch.nn.Module | DocumentRouted
+
+
 def evaluate_loaded(
-    model: PreTrainedModel,
+    model: Scoreable,
     tokenizer: PreTrainedTokenizerBase,
     data: list[DataSpec],
     *,
@@ -153,23 +174,45 @@ def evaluate_loaded(
     fractions: SplitFractions | None = None,
     batch_size: int = 8,
     max_documents: int | None = None,
+    max_bytes: int | None = None,
 ) -> list[DomainScore]:
-    """Score an in-memory model on the ``split`` documents of each domain (the first
-    ``max_documents`` of them, in the split's stable order, when given)."""
-    model.to(device)  # type: ignore[arg-type]
-    seq_len = seq_len or min(1024, int(model.config.max_position_embeddings))
+    """Score an in-memory model on the ``split`` documents of each domain (see
+    :func:`eval_documents` for ``max_documents`` and ``max_bytes``).
+
+    A :class:`DocumentRouted` model scores each member on the documents routed to it; the
+    domain's score sums over members.
+    """
+    members = model.members if isinstance(model, DocumentRouted) else [model]
+    for member in members:
+        member.to(device)  # type: ignore[arg-type]
+    config: Any = model.config
+    seq_len = seq_len or min(1024, int(config.max_position_embeddings))
     scores = []
     for spec in data:
-        docs = load_splits([spec], fractions).get(split)[:max_documents]
-        if not docs:
-            raise FlexMoEError(
-                ",".join(spec.paths),
-                f"domain {spec.domain!r} has no documents in the {split} split",
-            )
-        stream = pack_documents(docs, tokenizer, cache_dir=cache_dir)
-        score = score_stream(
-            model, stream, domain=spec.domain, split=str(split), seq_len=seq_len,
-            device=device, batch_size=batch_size,
+        docs = eval_documents(spec, split, fractions, max_documents, max_bytes)
+        if isinstance(model, DocumentRouted):
+            choice = model.route([d.text for d in docs])
+            groups = [
+                (member, [d for d, c in zip(docs, choice, strict=True) if c == i])
+                for i, member in enumerate(members)
+            ]
+        else:
+            groups = [(model, docs)]
+        nll, tokens, num_bytes = 0.0, 0, 0
+        for member, group in groups:
+            if not group:
+                continue
+            stream = pack_documents(group, tokenizer, cache_dir=cache_dir)
+            nll_g, tokens_g = stream_nll(
+                member, stream, seq_len=seq_len, batch_size=batch_size, device=device,
+                desc=f"eval {spec.domain}",
+            )  # fmt: skip
+            nll, tokens, num_bytes = nll + nll_g, tokens + tokens_g, num_bytes + stream.num_bytes
+        loss = nll / tokens
+        score = DomainScore(
+            domain=spec.domain, split=str(split), documents=len(docs), tokens=tokens,
+            bytes=num_bytes, loss=loss, perplexity=math.exp(loss),
+            bits_per_byte=nll / (math.log(2) * num_bytes),
         )  # fmt: skip
         scores.append(score)
     return scores

@@ -15,7 +15,6 @@ from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
 
 
-@torch.no_grad()
 def mean_ffn_inputs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -27,12 +26,30 @@ def mean_ffn_inputs(
 ) -> torch.Tensor:
     """``(layers, hidden)``: per layer, the mean over documents of each document's mean
     feed-forward input (the residual stream after attention)."""
+    per_doc = document_ffn_inputs(
+        model, tokenizer, texts, max_tokens=max_tokens, batch_size=batch_size, device=device
+    )  # (D, layers, hidden)
+    return per_doc.double().mean(0).float()
+
+
+@torch.no_grad()
+def document_ffn_inputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 256,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``(documents, layers, hidden)``: each document's mean feed-forward input per layer, over
+    its first ``max_tokens`` tokens."""
     if not texts:
         raise FlexMoEError(None, "no documents to compute router vectors from")
     device = device or next(model.parameters()).device
     layers = list(model.model.layers)  # type: ignore[union-attr, arg-type]
-    sums = torch.zeros(len(layers), model.config.hidden_size, dtype=torch.float64)
     captured: list[torch.Tensor | None] = [None] * len(layers)
+    found: list[torch.Tensor] = []
 
     def hook_for(i: int):  # type: ignore[no-untyped-def]
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -52,19 +69,20 @@ def mean_ffn_inputs(
             )  # fmt: skip
             ids = enc["input_ids"].to(device)  # (B, T)
             mask = enc["attention_mask"].to(device)  # (B, T)
-            keep = mask.sum(1) > 0
             with autocast(device):
                 model(input_ids=ids, attention_mask=mask)
             weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # (B, T)
-            for i, h in enumerate(captured):
-                assert h is not None
-                per_doc = torch.einsum("bt,bth->bh", weights, h.float())  # (B, H)
-                sums[i] += per_doc[keep].double().sum(0).cpu()
+            per_layer = [
+                torch.einsum("bt,bth->bh", weights, h.float())  # (B, H)
+                for h in captured
+                if h is not None
+            ]
+            found.append(torch.stack(per_layer, dim=1).cpu())  # (B, layers, H)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return (sums / len(texts)).float()
+    return torch.cat(found)
 
 
 def unit_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""The experiment: the merged model, its variants and every baseline, scored on the same text.
+
+The result is one JSON-ready dict (``models``: registry name -> domain -> score; ``routing``:
+domain -> expert -> share) that :mod:`flexmoe.evaluate.report` turns into tables and plots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.anchor import load_anchor
+from flexmoe.data.documents import DataSpec
+from flexmoe.evaluate.baselines import baseline_names, build_baseline
+from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.routing import routing_matrix
+from flexmoe.expert.package import load_package
+from flexmoe.merge.build import APPLY_BIAS, load_merged
+from flexmoe.merge.slots import read_slots
+from flexmoe.model.checkpoint import read_config
+
+Log = Callable[[str], None]
+
+
+def variant_names(experts: list[str], *, default_top_k: int) -> list[str]:
+    """The merged model's variants: every top-k, the owners' biases, each expert left out."""
+    total = len(experts) + 1
+    tops = [f"flexmoe:top-{k}" for k in range(1, total + 1) if k != default_top_k]
+    return [
+        *tops,
+        "flexmoe:no-bias" if APPLY_BIAS else "flexmoe:bias",
+        *(f"flexmoe:without-{name}" for name in experts),
+    ]
+
+
+def run_suite(
+    *,
+    anchor_dir: Path,
+    package_dirs: list[Path],
+    merged_dir: Path,
+    data: list[DataSpec],
+    device: torch.device,
+    cache_dir: Path | None,
+    unrestricted_dir: Path | None = None,
+    tuned_dir: Path | None = None,
+    only: list[str] | None = None,
+    max_documents: int | None = None,
+    max_bytes: int | None = None,
+    seq_len: int | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Score every model named in ``only`` (default: every baseline, then every variant)."""
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    experts = [p.manifest.name for p in packages]
+    slots = read_slots(merged_dir)
+    top_k = int(read_config(merged_dir).num_experts_per_tok)
+    names = only or [
+        *baseline_names(packages, unrestricted=unrestricted_dir is not None),
+        *variant_names(experts, default_top_k=top_k),
+        *(["flexmoe:tuned"] if tuned_dir is not None else []),
+    ]
+    models: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        started = time.perf_counter()
+        log(f"scoring {name}")
+        if name == "flexmoe:tuned" and tuned_dir is not None:
+            model: Any = load_merged(tuned_dir)
+        else:
+            model = build_baseline(
+                name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir,
+                unrestricted_dir=unrestricted_dir,
+            )  # fmt: skip
+        scores = evaluate_loaded(
+            model, anchor.tokenizer, data, device=device, cache_dir=cache_dir, seq_len=seq_len,
+            max_documents=max_documents, max_bytes=max_bytes,
+        )  # fmt: skip
+        models[name] = {s.domain: s.to_dict() for s in scores}
+        seconds[name] = round(time.perf_counter() - started, 1)
+    log("routing shares of the merged model per domain")
+    routing = routing_matrix(
+        load_merged(merged_dir), anchor.tokenizer, data, [s.name for s in slots], device=device,
+        cache_dir=cache_dir, max_documents=max_documents, max_bytes=max_bytes,
+    )  # fmt: skip
+    return {
+        "domains": [spec.domain for spec in data],
+        "experts": experts,
+        "public_expert": slots[0].name,
+        "top_k": top_k,
+        "default_bias": APPLY_BIAS,
+        "max_documents": max_documents,
+        "max_bytes": max_bytes,
+        "models": models,
+        "order": list(models),
+        "routing": routing,
+        "seconds": seconds,
+    }

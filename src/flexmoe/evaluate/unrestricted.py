@@ -1,0 +1,126 @@
+"""The ``unrestricted`` upper bound: the merged model's shape, trained on all the data at once.
+
+This is what FlexOlmo gives up by never pooling the owners' data, so it needs every domain's
+training text in one place and exists for evaluation only. The anchor is upcycled to the merged
+model's shape (N + 1 experts, the same top-k), router rows start the way the owners' rows did
+(r_0 the anchor's public vector, r_i from domain i's documents), and every parameter trains on a
+mix with the same token budget and proportions as the anchor's continuation in all experts
+together: each owner domain an equal share, public text the experts' public fraction.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexmoe.anchor import load_anchor
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.packing import TokenStream, pack_documents
+from flexmoe.data.split import load_splits
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.train import owner_router_rows, router_z_loss
+from flexmoe.io import atomic_directory, write_json
+from flexmoe.model.checkpoint import moe_layers, save_model, upcycle
+from flexmoe.router_init import RouterInitMethod
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.loop import TrainResult, train
+
+RECORD_FILE = "unrestricted.json"
+
+
+def _tiled(stream: TokenStream, tokens: int) -> np.ndarray:
+    """The stream's tokens repeated (or cut) to exactly ``tokens``, as an expert's epochs do."""
+    return np.resize(np.asarray(stream.tokens), tokens)
+
+
+def train_unrestricted(
+    *,
+    anchor_dir: Path,
+    data: list[DataSpec],
+    public_data: list[DataSpec],
+    out: Path,
+    cfg: TrainConfig,
+    top_k: int,
+    device: torch.device,
+    cache_dir: Path | None,
+    public_fraction: float = 0.25,
+    embedder: Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the joint model on ``data`` (one spec per owner domain) and ``public_data``;
+    ``cfg.steps`` is the total over all domains (the sum of the experts' steps)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    if not data:
+        raise FlexMoEError("--data", "the unrestricted model needs at least one owner domain")
+    if not 1 <= top_k <= len(data) + 1:
+        raise FlexMoEError("--top-k", f"must be in 1..{len(data) + 1}")
+    anchor = load_anchor(anchor_dir)
+    budget = cfg.steps * cfg.batch_size * cfg.seq_len + 1
+    share = int(budget * (1 - public_fraction) / len(data))
+    parts, validation, rows = [], [], [anchor.public_router]
+    method = RouterInitMethod(anchor.manifest.router_init.method)
+    for spec in data:
+        splits = load_splits([spec])
+        if not splits.train:
+            raise FlexMoEError(",".join(spec.paths), f"domain {spec.domain!r} has no training text")
+        stream = pack_documents(splits.train, anchor.tokenizer, cache_dir=cache_dir)
+        parts.append(_tiled(stream, share))
+        validation.extend(splits.validation)
+        texts = [d.text for d in splits.train]
+        rows.append(owner_router_rows(anchor, method, texts, device=device, embedder=embedder)[0])
+    public = load_splits(public_data).train
+    if public_fraction > 0:
+        if not public:
+            raise FlexMoEError("--public-data", "no public training documents")
+        stream = pack_documents(public, anchor.tokenizer, cache_dir=cache_dir)
+        parts.append(_tiled(stream, budget - share * len(data)))
+    dtype = np.asarray(parts[0]).dtype
+    train_stream = TokenStream(
+        tokens=np.concatenate(parts).astype(dtype), num_bytes=0, num_docs=0
+    )  # training only: the order shuffles blocks across domains
+    val_stream = (
+        pack_documents(validation, anchor.tokenizer, cache_dir=cache_dir) if validation else None
+    )
+    model = upcycle(anchor.model, num_experts=len(data) + 1, top_k=top_k)
+    with torch.no_grad():
+        for layer, moe in enumerate(moe_layers(model)):
+            for slot, domain_rows in enumerate(rows):
+                moe.router.rows[slot].copy_(domain_rows[layer])
+    for param in model.parameters():
+        param.requires_grad_(True)
+    for moe in moe_layers(model):  # no biases: the joint router sees every domain
+        moe.router.biases.requires_grad_(False)
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    result = train(
+        model, train_stream=train_stream, val_stream=val_stream,
+        cfg=replace(cfg, checkpoint_every=0), device=device, checkpoint_dir=work,
+        progress=progress, desc="unrestricted",
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+    )  # fmt: skip
+    model.cpu()
+    record: dict[str, Any] = {
+        "kind": "unrestricted",
+        "anchor_fingerprint": anchor.manifest.fingerprint,
+        "domains": [spec.domain for spec in data],
+        "public_fraction": public_fraction,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "hyperparameters": cfg.to_dict(),
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_model(model, tmp)
+        anchor.tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / RECORD_FILE, record)
+    shutil.rmtree(work, ignore_errors=True)
+    return result

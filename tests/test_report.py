@@ -1,0 +1,99 @@
+"""The report: the claims are computed from the numbers, plots are PNGs, files land whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flexmoe.evaluate.report import PLOTS, checks, plot_files, write_report
+
+DOMAINS = ["public", "code", "legal"]
+
+
+def _results(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, Any]:
+    table = {
+        "anchor": {"public": 1.00, "code": 3.00, "legal": 2.50},
+        "specialist:code": {"public": 1.00, "code": 2.00, "legal": 2.50},
+        "specialist:legal": {"public": 1.00, "code": 3.00, "legal": 1.80},
+        "soup": {"public": 1.20, "code": 2.90, "legal": 2.40},
+        "btm": {"public": 1.00, "code": 2.20, "legal": 2.00},
+        "seq-route": {"public": 1.00, "code": 2.10, "legal": 1.90},
+        "unrestricted": {"public": 0.99, "code": 2.00, "legal": 1.80},
+        "flexmoe": merged,
+        "flexmoe:without-code": {"public": 1.001, "code": 2.90, "legal": 1.85},
+        "flexmoe:without-legal": {"public": 1.001, "code": 2.05, "legal": 2.40},
+        **extra,
+    }
+    return {
+        "domains": DOMAINS,
+        "experts": ["code", "legal"],
+        "public_expert": "public",
+        "max_bytes": 1000,
+        "models": {
+            m: {d: {"bits_per_byte": v} for d, v in row.items()} for m, row in table.items()
+        },
+        "routing": {
+            "public": {"public": 0.8, "code": 0.1, "legal": 0.1},
+            "code": {"public": 0.3, "code": 0.6, "legal": 0.1},
+            "legal": {"public": 0.3, "code": 0.4, "legal": 0.3},  # the wrong expert leads
+        },
+    }
+
+
+def test_claims_follow_the_numbers() -> None:
+    good = checks(_results({"public": 1.005, "code": 2.05, "legal": 1.84}))
+    by_claim = {c.claim: c for c in good}
+    assert by_claim["on code, merged within 3% of the code specialist"].passed
+    assert by_claim["on public, merged within 1% of the anchor"].passed
+    assert by_claim["merged better on average than btm"].passed
+    assert by_claim["merged within 5% of unrestricted on average"].passed
+    assert by_claim["opting out of code moves code back toward the anchor"].passed
+    assert by_claim["opting out of legal moves every other domain by at most 1%"].passed
+    assert by_claim["on code, code has the largest non-public routing share"].passed
+    assert not by_claim["on legal, legal has the largest non-public routing share"].passed
+    bad = {c.claim: c for c in checks(_results({"public": 1.05, "code": 2.5, "legal": 1.84}))}
+    assert not bad["on public, merged within 1% of the anchor"].passed
+    assert not bad["on code, merged within 3% of the code specialist"].passed
+    assert bad["on code, merged within 3% of the code specialist"].measured.endswith("(+25.0%)")
+    assert not bad["merged better on average than seq-route"].passed
+    # the opt-out moved code by more than 1% relative to this merged model
+    assert not bad["opting out of legal moves every other domain by at most 1%"].passed
+
+
+def test_report_files(tmp_path: Path) -> None:
+    results = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
+    files = plot_files(results)
+    assert set(files) == set(PLOTS.values())
+    assert all(data.startswith(b"\x89PNG") for data in files.values())
+    report = write_report(results, tmp_path / "r")
+    text = report.read_text()
+    assert "| flexmoe | 1.0050 | 2.0500 | 1.8400 | 1.6317 |" in text
+    assert "**no**" in text  # the legal routing claim is missed and says so
+    assert json.loads((tmp_path / "r" / "evaluation.json").read_text()) == results
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
+
+
+def test_report_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flexmoe", "report", *args],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    good = tmp_path / "scores.json"
+    good.write_text(json.dumps(_results({"public": 1.005, "code": 2.05, "legal": 1.84})))
+    done = run(str(good), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "report.md").is_file()
+    broken = json.loads(good.read_text())
+    del broken["models"]["soup"]["legal"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(broken))
+    for path, message in ((bad, "models.soup.legal.bits_per_byte is missing"),
+                          (tmp_path / "none.json", "file not found")):  # fmt: skip
+        result = run(str(path), "--out", str(tmp_path / "never"))
+        assert result.returncode == 2
+        assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+        assert not (tmp_path / "never").exists()
