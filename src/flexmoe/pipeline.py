@@ -63,12 +63,12 @@ class DemoSettings:
 
 FULL = DemoSettings(
     vocab_size=4096,
-    anchor=TrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40,
+    anchor=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
                        eval_every=100, checkpoint_every=100),
-    expert=TrainConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10,
-                       weight_decay=0.0, eval_every=50, checkpoint_every=50, z_loss=1e-3),
-    eval_bytes=40_000,
-    audit=AuditSettings(documents=40, samples=4),
+    expert=TrainConfig(steps=60, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=6,
+                       weight_decay=0.0, eval_every=30, checkpoint_every=30, z_loss=1e-3),
+    eval_bytes=24_000,
+    audit=AuditSettings(documents=32, samples=4),
 )  # fmt: skip
 QUICK = DemoSettings(
     vocab_size=2048,
