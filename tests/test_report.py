@@ -97,3 +97,19 @@ def test_report_command(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert result.stderr.strip().count("\n") == 0 and message in result.stderr
         assert not (tmp_path / "never").exists()
+
+
+def test_settings_are_read_from_the_variants() -> None:
+    from flexmoe.evaluate.report import settings_measured
+
+    results = _results(
+        {"public": 1.005, "code": 2.05, "legal": 1.84},
+        **{
+            "flexmoe:top-1": {"public": 1.0, "code": 2.0, "legal": 1.8},
+            "flexmoe:bias": {"public": 1.1, "code": 2.1, "legal": 1.9},
+        },
+    )
+    results.update(top_k=2, default_bias=False)
+    text = settings_measured(results)
+    assert "the default is 2 (1.6317" in text and "the best measured is 1 (1.6000)" in text
+    assert "turning them on changes the average by +4.19%" in text

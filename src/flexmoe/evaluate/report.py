@@ -208,6 +208,32 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
     return files
 
 
+def settings_measured(results: dict[str, Any]) -> str:
+    """What the top-k and bias variants say about the merged model's defaults."""
+    models, lines = results["models"], []
+    top_k = results.get("top_k")
+    tops = {int(m.removeprefix("flexmoe:top-")): m for m in models if m.startswith("flexmoe:top-")}
+    if tops and "flexmoe" in models and top_k is not None:
+        tops[int(top_k)] = "flexmoe"
+        ranked = sorted(tops, key=lambda k: average(results, tops[k]))
+        best = ranked[0]
+        lines.append(
+            f"- top-k: the default is {top_k} ({average(results, 'flexmoe'):.4f} average bits per "
+            f"byte); the best measured is {best} ({average(results, tops[best]):.4f}); "
+            + ", ".join(f"top-{k} {average(results, tops[k]):.4f}" for k in sorted(tops))
+            + "."
+        )
+    other = "flexmoe:no-bias" if results.get("default_bias") else "flexmoe:bias"
+    if other in models and "flexmoe" in models:
+        state = "on" if results.get("default_bias") else "off"
+        change = average(results, other) / average(results, "flexmoe") - 1
+        lines.append(
+            f"- the owners' learned biases: {state} by default; turning them "
+            f"{'off' if state == 'on' else 'on'} changes the average by {change:+.2%}."
+        )
+    return "\n".join(lines) or "- (no variants scored)"
+
+
 def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> str:
     """The report's experiment section (the plots are referenced by file name)."""
     domains, models = results["domains"], model_order(results)
@@ -240,6 +266,10 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
 ![bits per byte](bpb_heatmap.png)
 
 ![improvement over the anchor](improvement_over_anchor.png)
+
+## Settings, measured
+
+{settings_measured(results)}
 
 ## The paper's claims, measured
 
