@@ -74,7 +74,7 @@ def sample_passages(
     rng.shuffle(order)
     passages = []
     for index in order:
-        ids = tokenizer(docs[index].text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(docs[index].text, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) < need:
             continue
         start = rng.randrange(len(ids) - need + 1)
