@@ -388,8 +388,6 @@ def merge_add(
     """Add one expert to a merged model, without reading the other owners' packages."""
     from flexmoe.merge.edit import add_expert
 
-    if out is not None and out.exists():
-        raise FlexMoEError(out, "already exists; choose another --out")
     typer.echo(f"model with the new expert -> {add_expert(model, package, out=out)}")
 
 
@@ -402,8 +400,6 @@ def merge_remove(
     """Remove one expert (its FFN and router row) from a merged model."""
     from flexmoe.merge.edit import remove_expert
 
-    if out is not None and out.exists():
-        raise FlexMoEError(out, "already exists; choose another --out")
     typer.echo(f"model without {name} -> {remove_expert(model, name, out=out)}")
 
 
@@ -739,6 +735,7 @@ def audit_extraction_cmd(
         format_audit,
         sample_passages,
     )
+    from flexmoe.inference.selection import load_selected
 
     if split not in {s.value for s in Split}:
         raise FlexMoEError("--split", f"unknown split {split!r}; choose train, validation or test")
@@ -758,7 +755,7 @@ def audit_extraction_cmd(
     chosen = pick_device(device)
     results = [
         audit_extraction(
-            _load_any(path), tokenizer, passages, settings, name=str(path), device=chosen
+            load_selected(path), tokenizer, passages, settings, name=str(path), device=chosen
         )
         for path in model
     ]
@@ -777,20 +774,6 @@ def audit_extraction_cmd(
         typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         typer.echo(format_audit(results))
-
-
-def _load_any(path: Path):  # type: ignore[no-untyped-def]
-    """A merged model with its owners' standing choice applied, or any other checkpoint."""
-    from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-    from flexmoe.merge.build import SLOTS_FILE, load_merged
-    from flexmoe.merge.slots import read_slots
-    from flexmoe.model.checkpoint import load_model
-
-    if not (path / SLOTS_FILE).is_file():
-        return load_model(path)
-    merged = load_merged(path)
-    set_expert_mask(merged, current_mask(path, read_slots(path), Selection()))
-    return merged
 
 
 @app.command("demo")

@@ -241,7 +241,7 @@ def _opt_out_stage(
     opted_out = bpb(model)
     set_expert_mask(model, None)
     without_dir = out / f"merged-without-{opt_out}"
-    remove_expert(merged_dir, opt_out, out=without_dir)  # carries the opt-out store along
+    remove_expert(merged_dir, opt_out, out=without_dir, overwrite=True)  # carries the opt-out store
     without = bpb(load_merged(without_dir))
     gap = abs(without - opted_out)
     log(f"{opt_out}: opted out {opted_out:.6f} bpb, merged without it {without:.6f} "

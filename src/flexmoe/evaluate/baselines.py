@@ -32,9 +32,8 @@ from flexmoe.anchor import Anchor
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.perplexity import DocumentRouted, Scoreable
 from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
-from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-from flexmoe.merge.build import APPLY_BIAS, load_merged
-from flexmoe.merge.slots import read_slots
+from flexmoe.inference.selection import Selection, load_selected
+from flexmoe.merge.build import APPLY_BIAS
 from flexmoe.model import names
 from flexmoe.model.checkpoint import build_dense, load_model, moe_layers
 from flexmoe.model.probe import document_ffn_inputs, unit_rows
@@ -119,7 +118,7 @@ def seq_route(
     )
 
 
-def merged_variant(merged_dir: Path, options: list[str]) -> PreTrainedModel:
+def merged_variant(merged_dir: Path, options: list[str]) -> nn.Module:
     """The merged model with ``top-K``, ``bias`` and ``without-NAME`` options applied (the
     owners' standing opt-outs are honoured too)."""
     use_bias, top_k, without = APPLY_BIAS, None, []
@@ -136,15 +135,15 @@ def merged_variant(merged_dir: Path, options: list[str]) -> PreTrainedModel:
             raise FlexMoEError(
                 f"flexmoe:{option}", "unknown option; use top-K, bias, no-bias or without-NAME"
             )
-    slots = read_slots(merged_dir)
-    model = load_merged(merged_dir, use_bias=use_bias)
+    model = load_selected(merged_dir, Selection(exclude=frozenset(without)), use_bias=use_bias)
     if top_k is not None:
-        if not 1 <= top_k <= len(slots):
-            raise FlexMoEError(f"flexmoe:top-{top_k}", f"top-k must be in 1..{len(slots)}")
-        for layer in moe_layers(model):
+        layers = moe_layers(model)
+        if not 1 <= top_k <= layers[0].num_experts:
+            raise FlexMoEError(
+                f"flexmoe:top-{top_k}", f"top-k must be in 1..{layers[0].num_experts}"
+            )
+        for layer in layers:
             layer.top_k = top_k
-    mask = current_mask(merged_dir, slots, Selection(exclude=frozenset(without)))
-    set_expert_mask(model, mask)
     return model
 
 

@@ -24,10 +24,8 @@ from flexmoe.data.split import Split, SplitFractions, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
-from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
-from flexmoe.merge.slots import read_slots
-from flexmoe.model.checkpoint import load_model
+from flexmoe.inference.selection import Selection, load_selected
+from flexmoe.merge.build import APPLY_BIAS
 
 
 @dataclass(frozen=True)
@@ -99,16 +97,7 @@ def evaluate_model(
     A merged model is loaded with its owners' biases (``use_bias``) and scored with the
     experts that ``selection`` and the owners' standing choice leave active.
     """
-    model: PreTrainedModel
-    if (Path(model_dir) / SLOTS_FILE).is_file():
-        model = load_merged(model_dir, use_bias=use_bias)
-        set_expert_mask(
-            model, current_mask(model_dir, read_slots(model_dir), selection or Selection())
-        )
-    elif selection is not None:
-        raise FlexMoEError(model_dir, "expert selection needs a merged model")
-    else:
-        model = load_model(model_dir)
+    model = load_selected(model_dir, selection, use_bias=use_bias)
     tokenizer = load_tokenizer(model_dir)
     return evaluate_loaded(
         model, tokenizer, data, split=split, device=device, cache_dir=cache_dir, seq_len=seq_len,

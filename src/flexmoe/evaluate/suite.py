@@ -19,6 +19,7 @@ from flexmoe.evaluate.baselines import baseline_names, build_baseline
 from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
+from flexmoe.inference.selection import load_selected
 from flexmoe.merge.build import APPLY_BIAS, load_merged
 from flexmoe.merge.slots import read_slots
 from flexmoe.model.checkpoint import read_config
@@ -70,7 +71,7 @@ def run_suite(
         started = time.perf_counter()
         log(f"scoring {name}")
         if name == "flexmoe:tuned" and tuned_dir is not None:
-            model: Any = load_merged(tuned_dir)
+            model: Any = load_selected(tuned_dir)
         else:
             model = build_baseline(
                 name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir,

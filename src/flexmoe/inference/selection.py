@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.merge.slots import SlotInfo
+from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
+from flexmoe.merge.slots import SlotInfo, read_slots
 from flexmoe.merge.standing import standing_exclusions
-from flexmoe.model.checkpoint import moe_layers
+from flexmoe.model.checkpoint import load_model, moe_layers
 from flexmoe.model.moe import MoEFeedForward
 
 
@@ -63,6 +64,20 @@ class Selection:
 def current_mask(model_dir: Path, slots: list[SlotInfo], selection: Selection) -> torch.Tensor:
     """The mask for ``selection`` on top of the owners' standing choice, read now."""
     return replace(selection, opted_out=standing_exclusions(model_dir, slots)).mask(slots)
+
+
+def load_selected(
+    model_dir: Path, selection: Selection | None = None, *, use_bias: bool = APPLY_BIAS
+) -> torch.nn.Module:
+    """Any checkpoint directory as a runtime model. A merged model runs the experts that
+    ``selection`` and the owners' standing choice (read now) leave active."""
+    if not (Path(model_dir) / SLOTS_FILE).is_file():
+        if selection is not None:
+            raise FlexMoEError(model_dir, "expert selection needs a merged model")
+        return load_model(model_dir)
+    model = load_merged(model_dir, use_bias=use_bias)
+    set_expert_mask(model, current_mask(model_dir, read_slots(model_dir), selection or Selection()))
+    return model
 
 
 _LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, list[MoEFeedForward]] = (

@@ -80,12 +80,22 @@ def _gate(
     )
 
 
+def edit_target(model_dir: Path, out: Path | None, overwrite: bool) -> Path:
+    """Where an edit of ``model_dir`` goes: ``out``, or the model itself when not given. Another
+    directory that exists already is refused unless ``overwrite``."""
+    if out is None or Path(out).resolve() == Path(model_dir).resolve():
+        return Path(model_dir)
+    if Path(out).exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out")
+    return Path(out)
+
+
 def write_edited(
     model_dir: Path, out: Path, sources: list[TensorSource], config: FlexOlmoConfig,
     table: dict[str, Any], progress: bool,
 ) -> Path:  # fmt: skip
-    """Write a changed copy of ``model_dir`` to ``out`` (which may be ``model_dir`` itself),
-    carrying the owners' opt-out store along."""
+    """Write a changed copy of ``model_dir`` to ``out`` (from :func:`edit_target`), carrying
+    the owners' opt-out store along."""
     tokenizer = load_tokenizer(model_dir)
     with standing_frozen(model_dir) as copy_standing:
         return write_checkpoint(
@@ -95,10 +105,12 @@ def write_edited(
 
 
 def add_expert(
-    model_dir: Path, package_dir: Path, *, out: Path | None = None, progress: bool = True
-) -> Path:
+    model_dir: Path, package_dir: Path, *, out: Path | None = None, overwrite: bool = False,
+    progress: bool = True,
+) -> Path:  # fmt: skip
     """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model)."""
     model_dir, package_dir = Path(model_dir), Path(package_dir)
+    target = edit_target(model_dir, out, overwrite)
     config, table, sources = open_sources(model_dir)
     package = load_package(package_dir)  # hashes, shapes, finite values, biases <= 0
     m = package.manifest
@@ -110,6 +122,7 @@ def add_expert(
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
     del package  # its tensors are read again one at a time while writing
+    by_name = {s.name: s for s in sources}
     out_sources = []
     for source in sources:
         gate = _GATE_KEY.fullmatch(source.name)
@@ -126,11 +139,7 @@ def add_expert(
     for layer in range(config.num_hidden_layers):
         for proj in names.PROJECTIONS:
             pkg_key = PKG_PROJ.format(layer=layer, proj=proj)
-            ref = next(
-                s
-                for s in sources
-                if s.name == names.EXPERT.format(layer=layer, expert=0, proj=proj)
-            )
+            ref = by_name[names.EXPERT.format(layer=layer, expert=0, proj=proj)]
             out_sources.append(
                 TensorSource(
                     names.EXPERT.format(layer=layer, expert=index, proj=proj), ref.shape,
@@ -144,14 +153,16 @@ def add_expert(
     )  # fmt: skip
     new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
     new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
-    return write_edited(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
+    return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
 
 
 def remove_expert(
-    model_dir: Path, name: str, *, out: Path | None = None, progress: bool = True
-) -> Path:
+    model_dir: Path, name: str, *, out: Path | None = None, overwrite: bool = False,
+    progress: bool = True,
+) -> Path:  # fmt: skip
     """Drop expert ``name`` (its FFN and router row); later slots move down by one."""
     model_dir = Path(model_dir)
+    target = edit_target(model_dir, out, overwrite)
     config, table, sources = open_sources(model_dir)
     slots = table["slots"]
     index = next((s["slot"] for s in slots if s["name"] == name), None)
@@ -187,4 +198,4 @@ def remove_expert(
     new_config = FlexOlmoConfig.from_dict(
         {**config.to_dict(), "num_experts": len(remaining), "num_experts_per_tok": top_k}
     )
-    return write_edited(model_dir, out or model_dir, out_sources, new_config, new_table, progress)
+    return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
