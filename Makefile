@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH := 2.13.0
 QUICK ?= 0
-DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,)
+ABLATIONS ?= 0
+DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,) $(if $(filter 1,$(ABLATIONS)),--ablations,)
 
 .PHONY: install check test demo clean
 

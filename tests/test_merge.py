@@ -610,3 +610,20 @@ def test_demo_merge_stage_opts_out_exactly(
     audit = _audit_stage(anchor_dir, copies, out / "merged", specs, quick_audit, CPU, "upper")
     assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
     assert all(r["documents"] == 2 for r in audit["results"])
+    # the router-tuning variant: a small proxy window sample per domain, only the router trains
+    from flexmoe.pipeline import _tune_stage
+    from flexmoe.training.config import TrainConfig
+
+    tune_cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1,
+                           weight_decay=0.0, eval_every=0, checkpoint_every=0)  # fmt: skip
+    record = _tune_stage(
+        out, out / "merged", out / "merged-tuned", specs,
+        replace(settings, tune=tune_cfg, proxy_bytes=1500), CPU, tmp_path / "cache",
+    )  # fmt: skip
+    for domain in specs:
+        proxy = (out / "proxy" / f"{domain}.jsonl").read_bytes()
+        texts = [json.loads(line)["text"] for line in proxy.splitlines()]
+        assert 0 < sum(len(t.encode()) for t in texts) <= 1500
+    assert set(record["data"]) == set(specs) and record["steps"] == 2
+    table = json.loads((out / "merged-tuned" / SLOTS_FILE).read_text())
+    assert table["router_tuning"]["documents_sha256"] == record["documents_sha256"]

@@ -113,3 +113,75 @@ def test_settings_are_read_from_the_variants() -> None:
     text = settings_measured(results)
     assert "the default is 2 (1.6317" in text and "the best measured is 1 (1.6000)" in text
     assert "turning them on changes the average by +4.19%" in text
+    assert "router init: only the owners' method was scored" in text
+    from flexmoe.evaluate.report import RANDOM_INIT
+
+    results["models"][RANDOM_INIT] = {
+        d: {"bits_per_byte": v} for d, v in {"public": 1.0, "code": 2.3, "legal": 1.9}.items()
+    }
+    text = settings_measured(results)
+    assert "the average changes by +6.23% (flexmoe:random-init 1.7333); keep domain" in text
+
+
+def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
+    from flexmoe.evaluate.report import TUNED, markdown
+
+    results = _results(
+        {"public": 1.005, "code": 2.30, "legal": 1.84},
+        **{TUNED: {"public": 1.004, "code": 2.05, "legal": 1.83}},
+    )
+    results["routing_tuned"] = {
+        "public": {"public": 0.9, "code": 0.05, "legal": 0.05},
+        "code": {"public": 0.2, "code": 0.7, "legal": 0.1},
+        "legal": {"public": 0.2, "code": 0.2, "legal": 0.6},
+    }
+    tuned = {c.claim: c for c in checks(results, model=TUNED)}
+    assert tuned["on code, merged within 3% of the code specialist"].passed
+    assert tuned["on legal, legal has the largest non-public routing share"].passed
+    # no opt-out variants of the tuned model were scored, so no opt-out claims for it
+    assert not [c for c in tuned if c.startswith("opting out")]
+    untuned = {c.claim: c for c in checks(results)}
+    assert not untuned["on code, merged within 3% of the code specialist"].passed
+    text = markdown(results)
+    assert f"`{TUNED}`: " in text and "router tuning on proxy data: -5.07% on average" in text
+    assert "domains whose own expert leads the routing: 1 untuned, 2 tuned" in text
+    # code's expert leads on legal text in the untuned routing: the section names it
+    assert "on legal (code 40%, legal 30%) text another owner's expert" in text
+
+
+def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
+    from flexmoe.evaluate.report import investigation
+
+    results = _results(
+        {"public": 1.005, "code": 2.05, "legal": 1.84},
+        **{"flexmoe:without-code": {"public": 0.95, "code": 2.90, "legal": 1.70}},
+    )
+    text = investigation(results)
+    assert "Leaving one expert out improves everyone else: code (-6.5% on the other" in text
+    assert "legal (" not in text.split("improves everyone else:")[1].split("\n")[0]
+    assert "Public text" not in text  # the specialists match the anchor there
+    results["models"]["specialist:code"]["public"]["bits_per_byte"] = 1.03
+    results["models"]["specialist:legal"]["public"]["bits_per_byte"] = 1.05
+    results["models"]["flexmoe"]["public"]["bits_per_byte"] = 1.02
+    text = investigation(results)
+    assert "every specialist is already +3.0% to +5.0% worse than the anchor on public" in text
+    assert "the public expert to take nearly all the routing mass there; it takes 80%." in text
+
+
+def test_proxy_sample_is_small_seeded_and_keeps_ids(tmp_path: Path) -> None:
+    from flexmoe.data.documents import DataSpec, Document
+    from flexmoe.data.split import load_splits
+    from flexmoe.merge.tune import proxy_sample, write_jsonl
+
+    words = [f"w{i}" for i in range(1500)]
+    docs = [Document("code", f"d{i}", f"doc {i} " + " ".join(words[i:])) for i in range(10)]
+    picked = proxy_sample(docs, max_bytes=2500, window=1000)
+    assert sum(len(d.text.encode()) for d in picked) == 2500
+    assert [d.doc_id for d in picked] == ["d0", "d1", "d2"]
+    assert all(d.text in src.text for d, src in zip(picked, docs, strict=False))
+    assert picked[0].text != docs[0].text[:1000]  # a window at a random offset, not the start
+    assert proxy_sample(docs, max_bytes=2500, window=1000) == picked
+    path = write_jsonl(picked, tmp_path / "proxy" / "code.jsonl")
+    back = load_splits([DataSpec("code", (str(path),), id_field="id")])
+    all_back = [*back.train, *back.validation, *back.test]
+    assert sorted(d.doc_id for d in all_back) == ["d0", "d1", "d2"]

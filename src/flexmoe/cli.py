@@ -780,13 +780,19 @@ def audit_extraction_cmd(
 def demo(
     out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-output"),
     quick: Annotated[bool, typer.Option("--quick", help="smaller settings, ~minutes")] = False,
+    ablations: Annotated[
+        bool, typer.Option("--ablations", help="also train every expert from a random router row")
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Run the demo pipeline end to end and write its report."""
     from flexmoe.device import pick_device
     from flexmoe.pipeline import run_demo
 
-    run_demo(out, cache_dir=_cache_dir(), device=pick_device(device), quick=quick, log=typer.echo)
+    run_demo(
+        out, cache_dir=_cache_dir(), device=pick_device(device), quick=quick, ablations=ablations,
+        log=typer.echo,
+    )  # fmt: skip
 
 
 COMMANDS = {

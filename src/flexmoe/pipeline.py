@@ -27,7 +27,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import AuditSettings, audit_extraction, sample_passages
 from flexmoe.evaluate.perplexity import evaluate_loaded
-from flexmoe.evaluate.report import checks, markdown, model_order, plot_files
+from flexmoe.evaluate.report import RANDOM_INIT, TUNED, checks, markdown, model_order, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.evaluate.unrestricted import train_unrestricted
 from flexmoe.expert.package import load_package
@@ -39,8 +39,12 @@ from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.plan import plan_merge
 from flexmoe.merge.slots import read_slots
 from flexmoe.merge.standing import StandingStore, standing_exclusions
+from flexmoe.merge.tune import proxy_sample, tune_router, write_jsonl
 from flexmoe.model.config import PRESETS, Preset
+from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import TrainConfig
+
+ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
 # Who owns each demo domain, and under which license its text is shared.
 OWNERS = {
@@ -58,6 +62,8 @@ class DemoSettings:
     expert: TrainConfig
     eval_bytes: int | None  # held-out text scored per domain; None scores the whole test split
     audit: AuditSettings
+    tune: TrainConfig  # router tuning after merging (a variant; the default stays untuned)
+    proxy_bytes: int  # the sample of its text each owner hands over for router tuning
     top_k: int = 3  # experts active per token in the merged model (of 5)
 
 
@@ -69,6 +75,9 @@ FULL = DemoSettings(
                        weight_decay=0.0, eval_every=30, checkpoint_every=30, z_loss=1e-3),
     eval_bytes=24_000,
     audit=AuditSettings(documents=32, samples=4),
+    tune=TrainConfig(steps=100, batch_size=16, seq_len=128, lr=1e-2, warmup_steps=10,
+                     weight_decay=0.0, eval_every=0, checkpoint_every=0, z_loss=1e-3),
+    proxy_bytes=20_000,
 )  # fmt: skip
 QUICK = DemoSettings(
     vocab_size=2048,
@@ -78,12 +87,16 @@ QUICK = DemoSettings(
                        weight_decay=0.0, eval_every=12, checkpoint_every=12, z_loss=1e-3),
     eval_bytes=6_000,
     audit=AuditSettings(documents=8, samples=2),
+    tune=TrainConfig(steps=30, batch_size=8, seq_len=128, lr=1e-2, warmup_steps=3,
+                     weight_decay=0.0, eval_every=0, checkpoint_every=0, z_loss=1e-3),
+    proxy_bytes=6_000,
 )  # fmt: skip
 
 
 def _train_expert_process(
     domain: str, corpus: Path, public: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
-    cache_dir: Path, device: torch.device,
+    cache_dir: Path, device: torch.device, router_init: RouterInitMethod = ANCHOR_HIDDEN,
+    seed: int = 0,
 ) -> None:  # fmt: skip
     """One owner, one process: it is handed only its own files (and the public corpus)."""
     owner, license_id = OWNERS[domain]
@@ -95,6 +108,7 @@ def _train_expert_process(
         "--seq-len", str(cfg.seq_len), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps),
         "--eval-every", str(cfg.eval_every), "--checkpoint-every", str(cfg.checkpoint_every),
         "--z-loss", str(cfg.z_loss), "--device", str(device), "--cache-dir", str(cache_dir),
+        "--router-init", router_init.value, "--seed", str(seed),
     ]  # fmt: skip
     if subprocess.run(command, check=False).returncode != 0:
         raise FlexMoEError(out, f"training the {domain} expert failed (see its output above)")
@@ -102,9 +116,13 @@ def _train_expert_process(
 
 def run_demo(
     out: Path, *, cache_dir: Path, device: torch.device, quick: bool = False,
-    log: Callable[[str], None] = print,
+    ablations: bool = False, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``."""
+    """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
+
+    ``ablations`` also trains every expert again from random router rows (against a copy of the
+    anchor whose public row is random too) and scores that merge as ``flexmoe:random-init``.
+    """
     settings = QUICK if quick else FULL
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
@@ -120,7 +138,7 @@ def run_demo(
     tokens = cache_dir / "tokens"
     anchor_dir = out / "anchor"
     stage("corpora")
-    log(f"[1/7] training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
+    log(f"[1/8] training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
     manifest, anchor_result = train_anchor(
         data=[specs["public"]], out=anchor_dir, dims=PRESETS[Preset.TINY], cfg=settings.anchor,
         device=device, cache_dir=tokens, vocab_size=settings.vocab_size, overwrite=True,
@@ -130,7 +148,7 @@ def run_demo(
     package_dirs = [out / "experts" / domain for domain in OWNERS]
     experts: dict[str, dict[str, Any]] = {}
     for i, (domain, package_dir) in enumerate(zip(OWNERS, package_dirs, strict=True), 1):
-        log(f"[2/7] expert {i}/{len(OWNERS)}: {domain}, in its own process -> {package_dir}")
+        log(f"[2/8] expert {i}/{len(OWNERS)}: {domain}, in its own process -> {package_dir}")
         _train_expert_process(
             domain, corpora[domain], corpora["public"], anchor_dir, package_dir,
             settings.expert, tokens, device,
@@ -144,16 +162,29 @@ def run_demo(
     stage("experts")
     merged_dir = out / "merged"
     log(
-        f"[3/7] merging the anchor and {len(OWNERS)} experts (top-{settings.top_k}) -> {merged_dir}"
+        f"[3/8] merging the anchor and {len(OWNERS)} experts (top-{settings.top_k}) -> {merged_dir}"
     )
     build_merged(
         plan_merge(anchor_dir, package_dirs, top_k=settings.top_k), merged_dir, overwrite=True
     )
     stage("merge")
+    extra: dict[str, Path] = {}
+    if ablations:
+        extra[RANDOM_INIT] = _random_init_stage(
+            out / "ablation-random-init", anchor_dir, corpora, settings, device, tokens, log
+        )
+        stage("ablation")
+    tuned_dir = out / "merged-tuned"
+    log(
+        f"[4/8] a variant: each owner hands over {settings.proxy_bytes:,} bytes of its text and "
+        f"the router alone is tuned on it ({settings.tune.steps} steps) -> {tuned_dir}"
+    )
+    tuning = _tune_stage(out, merged_dir, tuned_dir, specs, settings, device, tokens)
+    stage("router-tuning")
     unrestricted_dir = out / "unrestricted"
     joint = replace(settings.expert, steps=settings.expert.steps * len(OWNERS),
                     eval_every=0, checkpoint_every=0)  # fmt: skip
-    log(f"[4/7] the unrestricted upper bound: the merged shape trained on all domains at once "
+    log(f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
         f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}")  # fmt: skip
     train_unrestricted(
         anchor_dir=anchor_dir, data=[specs[d] for d in OWNERS], public_data=[specs["public"]],
@@ -161,30 +192,34 @@ def run_demo(
         overwrite=True,
     )  # fmt: skip
     stage("unrestricted")
-    log("[5/7] scoring every baseline and variant on the same held-out text")
+    log("[6/8] scoring every baseline and variant on the same held-out text")
     evaluation = run_suite(
         anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=merged_dir,
         data=list(specs.values()), device=device, cache_dir=tokens,
-        unrestricted_dir=unrestricted_dir, max_bytes=settings.eval_bytes, log=log,
+        unrestricted_dir=unrestricted_dir, tuned_dir=tuned_dir, extra_models=extra,
+        max_bytes=settings.eval_bytes, log=log,
     )  # fmt: skip
     stage("evaluation")
-    log(f"[6/7] the {OPT_OUT} owner opts out, and back in")
+    log(f"[7/8] the {OPT_OUT} owner opts out, and back in")
     opt_out = _opt_out_stage(out, merged_dir, specs, settings, device, tokens, log)
     stage("opt-out")
-    log("[7/7] extraction audit on the code owner's training documents")
+    log("[8/8] extraction audit on the code owner's training documents")
     audit = _audit_stage(anchor_dir, package_dirs, merged_dir, specs, settings, device, "code")
     stage("audit")
     elapsed = time.perf_counter() - started
     results = {
         "settings": {
-            "quick": quick, "vocab_size": settings.vocab_size, "top_k": settings.top_k,
+            "quick": quick, "ablations": ablations, "vocab_size": settings.vocab_size,
+            "top_k": settings.top_k,
             "eval_bytes_per_domain": settings.eval_bytes, "audit": settings.audit.__dict__,
             "anchor": settings.anchor.to_dict(), "expert": settings.expert.to_dict(),
-            "unrestricted": joint.to_dict(),
+            "unrestricted": joint.to_dict(), "router_tuning": settings.tune.to_dict(),
+            "proxy_bytes_per_domain": settings.proxy_bytes,
         },
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
         "evaluation": evaluation,
+        "router_tuning": tuning,
         "opt_out": opt_out,
         "audit": audit,
         "seconds": round(elapsed, 1),
@@ -199,6 +234,44 @@ def run_demo(
     log(_summary(evaluation))
     log(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
     return results
+
+
+def _random_init_stage(
+    root: Path, anchor_dir: Path, corpora: dict[str, Path], settings: DemoSettings,
+    device: torch.device, tokens: Path, log: Callable[[str], None],
+) -> Path:  # fmt: skip
+    """The router-init ablation: every owner's expert trained again from a random router row
+    (seeded by the owner's position, which also seeds its data order), merged like the main
+    model; the public row stays the anchor's."""
+    packages = [root / "experts" / domain for domain in OWNERS]
+    for i, (domain, package) in enumerate(zip(OWNERS, packages, strict=True), 1):
+        log(f"[ablation] expert {i}/{len(OWNERS)}: {domain}, random router row -> {package}")
+        _train_expert_process(
+            domain, corpora[domain], corpora["public"], anchor_dir, package, settings.expert,
+            tokens, device, router_init=RouterInitMethod.RANDOM, seed=i,
+        )  # fmt: skip
+    merged = root / "merged"
+    build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
+    return merged
+
+
+def _tune_stage(
+    out: Path, merged_dir: Path, tuned_dir: Path, specs: dict[str, DataSpec],
+    settings: DemoSettings, device: torch.device, tokens: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Router tuning on proxy data: a window of each of a few training documents per domain
+    (never held-out text), written to ``out/proxy``; only the router rows train."""
+    proxy = []
+    for domain, spec in specs.items():
+        docs = load_splits([spec]).get(Split.TRAIN)
+        sample = proxy_sample(docs, max_bytes=settings.proxy_bytes)
+        path = write_jsonl(sample, out / "proxy" / f"{domain}.jsonl")
+        proxy.append(DataSpec(domain=domain, paths=(str(path),), id_field="id"))
+    result = tune_router(
+        merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
+        overwrite=True,
+    )  # fmt: skip
+    return result.record
 
 
 OPT_OUT = "legal"  # the owner who opts out in the demo
@@ -291,8 +364,11 @@ def _summary(evaluation: dict[str, Any]) -> str:
     for name in model_order(evaluation):
         row = evaluation["models"][name]
         lines.append(f"{name:<24}" + "".join(f"{row[d]['bits_per_byte']:>11.4f}" for d in domains))
-    found = checks(evaluation)
-    lines.append(f"claims met: {sum(c.passed for c in found)} of {len(found)} (see the report)")
+    for model in ("flexmoe", TUNED):
+        found = checks(evaluation, model=model)
+        if found:
+            lines.append(f"{model}: claims met {sum(c.passed for c in found)} of {len(found)}")
+    lines.append("(see the report)")
     return "\n".join(lines)
 
 
@@ -334,6 +410,13 @@ experts into one FlexOlmo model, top-{evaluation["top_k"]} of {len(results["expe
 experts per token, router not tuned after merging; the owners' learned biases are
 {"on" if evaluation["default_bias"] else "off"} by default.
 
+As a variant (`flexmoe:tuned`), each owner also handed the coordinator a small sample of its
+training text ({results["settings"]["proxy_bytes_per_domain"]:,} bytes per domain, one window per
+document, in `proxy/`) and only the router rows were trained on it with every expert frozen
+({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens; recorded
+in the tuned model's slot table). That breaks the premise that no text leaves its owner and makes
+opt-out less strict, so it is not the default.
+
 - device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
   {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
@@ -346,7 +429,7 @@ anchor with the average of all FFNs; `btm` Branch-Train-Merge (the specialists' 
 distributions mixed by their posterior given the context, top 2); `seq-route` each document sent
 whole to the specialist with the nearest router rows; `unrestricted` the same shape trained on
 all the data in one place; `flexmoe` the merged model, and its variants (`top-K`, `bias`,
-`without-X` for owner X opted out).
+`without-X` for owner X opted out, `tuned` the router tuned on proxy data).
 
 {markdown(evaluation)}
 ## One owner opts out, live

@@ -14,7 +14,11 @@ from typing import Any
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_write_bytes, write_json
 
-MAIN_MODELS = ("anchor", "soup", "btm", "seq-route", "unrestricted", "flexmoe")
+MAIN_MODELS = ("anchor", "soup", "btm", "seq-route", "unrestricted", "flexmoe", "flexmoe:tuned")
+TUNED = "flexmoe:tuned"
+RANDOM_INIT = "flexmoe:random-init"  # every owner's router row started from a random vector
+# Where each merged model's routing-share matrix is kept in the results.
+ROUTING_KEYS = {"flexmoe": "routing", TUNED: "routing_tuned"}
 PLOTS = {
     "bpb": "bpb_heatmap.png",
     "improvement": "improvement_over_anchor.png",
@@ -76,24 +80,32 @@ def public_domain(results: dict[str, Any], owners: dict[str, str]) -> str | None
     return "public" if "public" in rest else (rest[0] if len(rest) == 1 else None)
 
 
-def checks(results: dict[str, Any], owners: dict[str, str] | None = None) -> list[Check]:
-    """The issue's bars for the merged model (``flexmoe``), each measured."""
+def routing_of(results: dict[str, Any], model: str = "flexmoe") -> dict[str, dict[str, float]]:
+    """The routing-share matrix (domain -> expert -> share) measured for ``model``, if any."""
+    key = ROUTING_KEYS.get(model)
+    return dict(results.get(key) or {}) if key else {}
+
+
+def checks(
+    results: dict[str, Any], owners: dict[str, str] | None = None, model: str = "flexmoe"
+) -> list[Check]:
+    """The issue's bars for a merged model (``flexmoe`` or ``flexmoe:tuned``), each measured."""
     owners = owner_domains(results, owners)
     models = results["models"]
     found: list[Check] = []
     for expert, domain in owners.items():
         key = f"specialist:{expert}"
-        if key in models and "flexmoe" in models:
-            m, s = bpb(results, "flexmoe", domain), bpb(results, key, domain)
+        if key in models and model in models:
+            m, s = bpb(results, model, domain), bpb(results, key, domain)
             claim = f"on {domain}, merged within 3% of the {expert} specialist"
             found.append(Check(claim, f"{m:.4f} vs {s:.4f} ({m / s - 1:+.1%})", m <= 1.03 * s))
     public = public_domain(results, owners)
-    if public is not None and {"flexmoe", "anchor"} <= models.keys():
-        m, a = bpb(results, "flexmoe", public), bpb(results, "anchor", public)
+    if public is not None and {model, "anchor"} <= models.keys():
+        m, a = bpb(results, model, public), bpb(results, "anchor", public)
         found.append(Check(f"on {public}, merged within 1% of the anchor",
                            f"{m:.4f} vs {a:.4f} ({m / a - 1:+.1%})", m <= 1.01 * a))  # fmt: skip
-    if "flexmoe" in models:
-        mine = average(results, "flexmoe")
+    if model in models:
+        mine = average(results, model)
         for other in ("anchor", "soup", "seq-route", "btm"):
             if other in models:
                 theirs = average(results, other)
@@ -105,30 +117,30 @@ def checks(results: dict[str, Any], owners: dict[str, str] | None = None) -> lis
                                f"{mine:.4f} vs {top:.4f} ({mine / top - 1:+.1%})",
                                mine <= 1.05 * top))  # fmt: skip
     for expert, domain in owners.items():
-        key = f"flexmoe:without-{expert}"
-        if key not in models or "flexmoe" not in models:
+        key = f"{model}:without-{expert}"
+        if key not in models or model not in models:
             continue
-        m, w = bpb(results, "flexmoe", domain), bpb(results, key, domain)
+        m, w = bpb(results, model, domain), bpb(results, key, domain)
         toward = "anchor" in models and abs(w - bpb(results, "anchor", domain)) < abs(
             m - bpb(results, "anchor", domain)
         )
         found.append(Check(f"opting out of {expert} moves {domain} back toward the anchor",
                            f"{m:.4f} -> {w:.4f}", toward))  # fmt: skip
         others = [d for d in results["domains"] if d != domain]
-        moves = {d: bpb(results, key, d) / bpb(results, "flexmoe", d) - 1 for d in others}
+        moves = {d: bpb(results, key, d) / bpb(results, model, d) - 1 for d in others}
         worst = max(moves, key=lambda d: abs(moves[d]))
         found.append(Check(f"opting out of {expert} moves every other domain by at most 1%",
                            f"largest: {worst} {moves[worst]:+.2%}",
                            abs(moves[worst]) <= 0.01))  # fmt: skip
-    routing = results.get("routing", {})
+    routing = routing_of(results, model)
     public_name = results.get("public_expert")
     for expert, domain in owners.items():
         shares = {e: s for e, s in routing.get(domain, {}).items() if e != public_name}
         if shares:
-            top = max(shares, key=lambda e: shares[e])
+            lead = max(shares, key=lambda e: shares[e])
             found.append(Check(f"on {domain}, {expert} has the largest non-public routing share",
-                               f"{expert} {shares[expert]:.1%}, largest {top} {shares[top]:.1%}",
-                               top == expert))  # fmt: skip
+                               f"{expert} {shares[expert]:.1%}, largest {lead} {shares[lead]:.1%}",
+                               lead == expert))  # fmt: skip
     return found
 
 
@@ -196,13 +208,18 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
         files[PLOTS["opt_out"]] = _png(fig)
         plt.close(fig)
 
-    routing = results.get("routing", {})
-    if routing:
-        experts = list(next(iter(routing.values())))
-        fig, ax = plt.subplots(figsize=(1.3 * len(experts) + 3, 0.5 * len(routing) + 1.5))
-        _heatmap(ax, [[100 * routing[d][e] for e in experts] for d in routing], list(routing),
-                 experts, ".1f", "Blues")  # fmt: skip
-        ax.set_title("% of routing mass: domain of the text (rows) x expert")
+    matrices = {m: routing_of(results, m) for m in ROUTING_KEYS if routing_of(results, m)}
+    if matrices:
+        first = next(iter(matrices.values()))
+        experts = list(next(iter(first.values())))
+        fig, axes = plt.subplots(
+            1, len(matrices), figsize=(len(matrices) * (1.3 * len(experts) + 3),
+                                       0.5 * len(first) + 1.8), squeeze=False,
+        )  # fmt: skip
+        for ax, (model, routing) in zip(axes[0], matrices.items(), strict=True):
+            _heatmap(ax, [[100 * routing[d][e] for e in experts] for d in routing],
+                     list(routing), experts, ".1f", "Blues")  # fmt: skip
+            ax.set_title(f"{model}: % of routing mass, text domain x expert", fontsize=9)
         files[PLOTS["routing"]] = _png(fig)
         plt.close(fig)
     return files
@@ -231,7 +248,113 @@ def settings_measured(results: dict[str, Any]) -> str:
             f"- the owners' learned biases: {state} by default; turning them "
             f"{'off' if state == 'on' else 'on'} changes the average by {change:+.2%}."
         )
+    if "flexmoe" in models:
+        if RANDOM_INIT in models:
+            change = average(results, RANDOM_INIT) / average(results, "flexmoe") - 1
+            verdict = "keep" if change > 0 else "reconsider"
+            lines.append(
+                f"- router init: with the owners' rows started from random vectors instead of "
+                f"their domain embeddings the average changes by {change:+.2%} ({RANDOM_INIT} "
+                f"{average(results, RANDOM_INIT):.4f}); {verdict} domain-embedding init."
+            )
+        else:
+            lines.append(
+                "- router init: only the owners' method was scored (no random-init ablation; "
+                "`flexmoe demo --ablations` trains one)."
+            )
+    if TUNED in models and "flexmoe" in models:
+        change = average(results, TUNED) / average(results, "flexmoe") - 1
+        lines.append(
+            f"- router tuning on proxy data: {change:+.2%} on average ({TUNED} "
+            f"{average(results, TUNED):.4f} vs {average(results, 'flexmoe'):.4f}). It stays off "
+            "by default: it needs each owner to hand the coordinator a sample of its text, and a "
+            "tuned router weakens strict opt-out (the rows were fitted together)."
+        )
     return "\n".join(lines) or "- (no variants scored)"
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{new / old - 1:+.1%}"
+
+
+def _public_note(results: dict[str, Any], owners: dict[str, str]) -> str | None:
+    """Why public text misses its bar when every specialist is already worse there."""
+    models, public = results["models"], public_domain(results, owners)
+    specialists = [k for k in (f"specialist:{e}" for e in owners) if k in models]
+    if not (public and specialists and {"anchor", "flexmoe"} <= models.keys()):
+        return None
+    anchor = bpb(results, "anchor", public)
+    worst = [bpb(results, k, public) for k in specialists]
+    if min(worst) <= anchor or bpb(results, "flexmoe", public) <= 1.01 * anchor:
+        return None
+    share = routing_of(results).get(public, {}).get(results.get("public_expert") or "")
+    return (
+        f"- Public text: every specialist is already {_pct(min(worst), anchor)} to "
+        f"{_pct(max(worst), anchor)} worse than the anchor on {public}, so staying within 1% "
+        "needs the public expert to take nearly all the routing mass there"
+        + (f"; it takes {share:.0%}." if share is not None else ".")
+    )
+
+
+def investigation(results: dict[str, Any], owners: dict[str, str] | None = None) -> str:
+    """What the measured variants say about the bars the merged model misses, in sentences
+    built from the scores (empty when there is nothing to say)."""
+    owners = owner_domains(results, owners)
+    models, lines = results["models"], []
+    routing, public_name = routing_of(results), results.get("public_expert")
+    stolen = []
+    for expert, domain in owners.items():
+        shares = {e: v for e, v in routing.get(domain, {}).items() if e != public_name}
+        top = max(shares, key=lambda e: shares[e]) if shares else expert
+        if top != expert:
+            stolen.append(f"{domain} ({top} {shares[top]:.0%}, {expert} {shares[expert]:.0%})")
+    if stolen:
+        lines.append(
+            "- Routing, not the experts: on " + ", ".join(stolen) + " text another owner's "
+            "expert takes more routing mass than the text's own. Each owner trained its router "
+            "row only against the public row, so every row learned 'not public' rather than "
+            "'mine'; merged, the row most aligned with that shared direction wins on other "
+            "owners' text."
+        )
+    if "flexmoe" in models:
+        helped = []
+        for expert, domain in owners.items():
+            key = f"flexmoe:without-{expert}"
+            if key not in models:
+                continue
+            others = [d for d in results["domains"] if d != domain]
+            gain = sum(bpb(results, key, d) / bpb(results, "flexmoe", d) - 1 for d in others)
+            if gain / len(others) < -0.01:
+                helped.append(f"{expert} ({gain / len(others):+.1%} on the other domains)")
+        if helped:
+            lines.append(
+                "- Leaving one expert out improves everyone else: " + ", ".join(helped) + ". "
+                "That expert's row fires on text that is not its own."
+            )
+    note = _public_note(results, owners)
+    if note:
+        lines.append(note)
+    if TUNED in models and "flexmoe" in models:
+        moves = ", ".join(
+            f"{d} {_pct(bpb(results, TUNED, d), bpb(results, 'flexmoe', d))}"
+            for d in results["domains"]
+        )
+        passed = {m: sum(c.passed for c in checks(results, owners, m) if "routing" in c.claim)
+                  for m in ("flexmoe", TUNED)}  # fmt: skip
+        lines.append(
+            f"- Router tuning on proxy data (only the rows trained, every expert frozen): {moves}; "
+            f"domains whose own expert leads the routing: {passed['flexmoe']} untuned, "
+            f"{passed[TUNED]} tuned."
+        )
+    if {"unrestricted", "flexmoe"} <= models.keys():
+        gap = _pct(average(results, "flexmoe"), average(results, "unrestricted"))
+        lines.append(
+            f"- flexmoe is {gap} from unrestricted on average"
+            ": unrestricted trains every parameter (attention and embeddings too) on all "
+            "domains together, where each owner trains one feed-forward expert against a frozen "
+            "anchor."
+        )
+    return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> str:
@@ -244,15 +367,34 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
         + f" | {average(results, m):.4f} |"
         for m in models
     ]  # fmt: skip
-    found = checks(results, owners)
-    claims = "\n".join(
-        f"| {c.claim} | {c.measured} | {'yes' if c.passed else '**no**'} |" for c in found
-    )
-    routing = results.get("routing", {})
-    experts = list(next(iter(routing.values()))) if routing else []
-    routing_rows = "\n".join(
-        f"| {d} | " + " | ".join(f"{routing[d][e]:.1%}" for e in experts) + " |" for d in routing
-    )
+    tables = []
+    for model in ("flexmoe", TUNED):
+        found = checks(results, owners, model)
+        if not found:
+            continue
+        claims = "\n".join(
+            f"| {c.claim} | {c.measured} | {'yes' if c.passed else '**no**'} |" for c in found
+        )
+        tables.append(
+            f"`{model}`: {sum(c.passed for c in found)} of {len(found)} met.\n\n"
+            f"| claim | measured | met |\n| --- | --- | :---: |\n{claims}\n"
+        )
+    routing_tables = []
+    for model in ROUTING_KEYS:
+        routing = routing_of(results, model)
+        if not routing:
+            continue
+        experts = list(next(iter(routing.values())))
+        rows_text = "\n".join(
+            f"| {d} | " + " | ".join(f"{routing[d][e]:.1%}" for e in experts) + " |"
+            for d in routing
+        )
+        routing_tables.append(
+            f"`{model}`:\n\n| domain | {' | '.join(experts)} |\n| --- |"
+            f"{' ---: |' * len(experts)}\n{rows_text}\n"
+        )
+    tried = investigation(results, owners)
+    tried_section = f"## What the variants say about the misses\n\n{tried}\n\n" if tried else ""
     sample = (
         f"at most {results['max_bytes']:,} bytes per domain" if results.get("max_bytes") else
         "the whole test split"
@@ -273,19 +415,14 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
 
 ## The paper's claims, measured
 
-| claim | measured | met |
-| --- | --- | :---: |
-{claims}
-
-## Opting out, expert by expert
+{chr(10).join(tables)}
+{tried_section}## Opting out, expert by expert
 
 ![opt-out effect](opt_out_effect.png)
 
 ## Routing shares of the merged model (domain of the text x expert)
 
-| domain | {" | ".join(experts)} |
-| --- |{" ---: |" * len(experts)}
-{routing_rows}
+{chr(10).join(routing_tables)}
 
 ![routing shares](routing_shares.png)
 """

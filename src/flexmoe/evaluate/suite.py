@@ -48,13 +48,19 @@ def run_suite(
     cache_dir: Path | None,
     unrestricted_dir: Path | None = None,
     tuned_dir: Path | None = None,
+    extra_models: dict[str, Path] | None = None,
     only: list[str] | None = None,
     max_documents: int | None = None,
     max_bytes: int | None = None,
     seq_len: int | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Score every model named in ``only`` (default: every baseline, then every variant)."""
+    """Score every model named in ``only`` (default: every baseline, then every variant).
+
+    ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
+    merged model directories (ablations), each loaded with the owners' choice applied.
+    """
+    extra = {**({"flexmoe:tuned": tuned_dir} if tuned_dir else {}), **(extra_models or {})}
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]
     experts = [p.manifest.name for p in packages]
@@ -63,15 +69,15 @@ def run_suite(
     names = only or [
         *baseline_names(packages, unrestricted=unrestricted_dir is not None),
         *variant_names(experts, default_top_k=top_k),
-        *(["flexmoe:tuned"] if tuned_dir is not None else []),
+        *extra,
     ]
     models: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()
         log(f"scoring {name}")
-        if name == "flexmoe:tuned" and tuned_dir is not None:
-            model: Any = load_selected(tuned_dir)
+        if name in extra:
+            model: Any = load_selected(extra[name])
         else:
             model = build_baseline(
                 name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir,
@@ -83,11 +89,16 @@ def run_suite(
         )  # fmt: skip
         models[name] = {s.domain: s.to_dict() for s in scores}
         seconds[name] = round(time.perf_counter() - started, 1)
-    log("routing shares of the merged model per domain")
-    routing = routing_matrix(
-        load_merged(merged_dir), anchor.tokenizer, data, [s.name for s in slots], device=device,
-        cache_dir=cache_dir, max_documents=max_documents, max_bytes=max_bytes,
-    )  # fmt: skip
+    routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
+    routings: dict[str, Any] = {}
+    for key, model_dir in routed.items():
+        if model_dir is None:
+            continue
+        log(f"routing shares per domain of {model_dir.name}")
+        routings[key] = routing_matrix(
+            load_merged(model_dir), anchor.tokenizer, data, [s.name for s in slots],
+            device=device, cache_dir=cache_dir, max_documents=max_documents, max_bytes=max_bytes,
+        )  # fmt: skip
     return {
         "domains": [spec.domain for spec in data],
         "experts": experts,
@@ -98,6 +109,6 @@ def run_suite(
         "max_bytes": max_bytes,
         "models": models,
         "order": list(models),
-        "routing": routing,
+        **routings,
         "seconds": seconds,
     }

@@ -10,6 +10,8 @@ expert's router row was tuned together with the others', so `flexmoe experts lis
 from __future__ import annotations
 
 import hashlib
+import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,12 +20,13 @@ from typing import Any
 
 import torch
 
-from flexmoe.data.documents import DataSpec
+from flexmoe.data.documents import DataSpec, Document
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.train import project_biases, router_z_loss
+from flexmoe.io import atomic_write_bytes
 from flexmoe.merge.build import APPLY_BIAS, TensorSource, load_merged
 from flexmoe.merge.edit import open_sources, write_edited
 from flexmoe.model import names
@@ -37,6 +40,38 @@ class TuneResult:
     out: Path
     train: TrainResult
     record: dict[str, Any]
+
+
+def proxy_sample(
+    docs: list[Document], *, max_bytes: int, window: int = 2000, seed: int = 0
+) -> list[Document]:
+    """A small proxy set: one window of at most ``window`` characters from each document, at a
+    seeded random offset (not always the title page), until ``max_bytes`` of UTF-8 text.
+
+    The windows keep their document's id, so the proxy falls in the same split as its source.
+    """
+    if max_bytes <= 0 or window <= 0:
+        raise FlexMoEError("proxy", "max_bytes and window must be positive")
+    picked: list[Document] = []
+    total = 0
+    for doc in docs:
+        if total >= max_bytes:
+            break
+        rng = random.Random(f"{seed}:{doc.domain}:{doc.doc_id}")
+        start = rng.randrange(max(1, len(doc.text) - window + 1))
+        text = doc.text[start : start + window]
+        text = text.encode()[: max_bytes - total].decode("utf-8", errors="ignore")
+        if text.strip():
+            picked.append(Document(doc.domain, doc.doc_id, text))
+            total += len(text.encode())
+    return picked
+
+
+def write_jsonl(docs: list[Document], path: Path) -> Path:
+    """``id`` and ``text`` per line, written atomically (read back with ``--id-field id``)."""
+    lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in docs)
+    atomic_write_bytes(Path(path), lines.encode())
+    return Path(path)
 
 
 def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
