@@ -25,3 +25,31 @@ def write_jsonl(path: Path, texts: list[str], *, ids: bool = False) -> Path:
     rows = [{"id": f"d{i}", "text": t} if ids else {"text": t} for i, t in enumerate(texts)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return path
+
+
+def train_packages(
+    root: Path, anchor_dir: Path, corpus_dir: Path, licenses: tuple[str, str] = ("MIT", "MIT")
+) -> list[Path]:
+    """Two tiny owners' experts against ``anchor_dir``: ``upper`` (the upper-case corpus) and
+    ``again`` (public text again), under ``licenses``; a few steps each."""
+    from dataclasses import replace
+
+    import torch
+
+    from flexmoe.data.documents import DataSpec
+    from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+
+    cfg = replace(EXPERT_DEFAULTS, steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1,
+                  eval_every=0, checkpoint_every=0)  # fmt: skip
+    out = []
+    for name, files, license_id in (
+        ("upper", corpus_dir / "other.jsonl", licenses[0]),
+        ("again", corpus_dir / "public.jsonl", licenses[1]),
+    ):
+        train_expert(
+            anchor_dir=anchor_dir, data=[DataSpec(name, (str(files),))],
+            identity=ExpertIdentity(name=name, owner=f"{name} org", license=license_id),
+            out=root / name, cfg=cfg, device=torch.device("cpu"), cache_dir=None, progress=False,
+        )  # fmt: skip
+        out.append(root / name)
+    return out

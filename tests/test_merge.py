@@ -16,40 +16,19 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import build_specialist, load_package
-from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
 from flexmoe.merge.build import SLOTS_FILE, build_merged, load_merged
 from flexmoe.merge.plan import format_plan, plan_merge
 
 CPU = torch.device("cpu")
-CFG = replace(
-    EXPERT_DEFAULTS,
-    steps=8,
-    batch_size=4,
-    seq_len=32,
-    lr=1e-2,
-    warmup_steps=1,
-    eval_every=0,
-    checkpoint_every=0,
-)
 
 
 @pytest.fixture(scope="module")
 def packages(
     tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir: Path
 ) -> list[Path]:
-    root = tmp_path_factory.mktemp("packages")
-    out = []
-    for name, files in (
-        ("upper", corpus_dir / "other.jsonl"),
-        ("again", corpus_dir / "public.jsonl"),
-    ):
-        train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec(name, (str(files),))],
-            identity=ExpertIdentity(name=name, owner=f"{name} org", license="MIT"),
-            out=root / name, cfg=CFG, device=CPU, cache_dir=None, progress=False,
-        )  # fmt: skip
-        out.append(root / name)
-    return out
+    from helpers import train_packages
+
+    return train_packages(tmp_path_factory.mktemp("packages"), anchor_dir, corpus_dir)
 
 
 @pytest.fixture(scope="module")

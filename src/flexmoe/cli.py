@@ -35,6 +35,9 @@ router_app = typer.Typer(help="The merged model's router.", no_args_is_help=True
 baseline_app = typer.Typer(help="Baselines that need training.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audits of what a model gives away.", no_args_is_help=True)
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
+owners_app = typer.Typer(
+    help="Owners' bearer tokens for the server's opt-out and opt-in.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(anchor_app, name="anchor")
@@ -45,6 +48,7 @@ app.add_typer(experts_app, name="experts")
 app.add_typer(eval_app, name="eval")
 app.add_typer(baseline_app, name="baseline")
 app.add_typer(audit_app, name="audit")
+app.add_typer(owners_app, name="owners")
 
 _DEBUG = {"on": False}
 
@@ -79,7 +83,7 @@ BiasOpt = Annotated[
     bool | None,
     typer.Option(
         "--bias/--no-bias",
-        help="apply the owners' learned router biases (default: on)",
+        help="apply the owners' learned router biases (default: off, as measured)",
         show_default=False,
     ),
 ]
@@ -795,6 +799,117 @@ def demo(
     )  # fmt: skip
 
 
+@app.command("serve")
+def serve(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="requests generated together at most")] = 8,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(help="file with the admin token (mode 600); else $FLEXMOE_ADMIN_TOKEN"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="model id in the API (default: dir name)")
+    ] = None,
+    bias: BiasOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve the merged model over an OpenAI-compatible HTTP API (needs the serve extra)."""
+    from flexmoe.device import pick_device
+    from flexmoe.serve.auth import read_admin_token
+
+    try:
+        import uvicorn
+
+        from flexmoe.serve.app import create_app
+    except ImportError as e:
+        raise FlexMoEError(
+            "serve", f"needs the serve extra: pip install 'flexmoe[serve]' ({e})"
+        ) from e
+    if max_batch < 1:
+        raise FlexMoEError("--max-batch", "must be at least 1")
+    app_ = create_app(
+        model, device=pick_device(device), admin_token=read_admin_token(admin_token_file),
+        max_batch=max_batch, name=name, use_bias=_bias(bias),
+    )  # fmt: skip
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+@owners_app.command("add")
+def owners_add(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    name: Annotated[str, typer.Argument(help="expert name")],
+) -> None:
+    """Make a bearer token for the owner of expert NAME; printed once, only its hash is kept."""
+    from flexmoe.serve.auth import OwnerTokens
+
+    tokens = OwnerTokens(model)
+    try:
+        token = tokens.add(name)
+    finally:
+        tokens.close()
+    typer.echo(token)
+    typer.echo(f"(the token for {name}'s owner; it is not stored and cannot be shown again)",
+               err=True)  # fmt: skip
+
+
+@owners_app.command("revoke")
+def owners_revoke(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    name: Annotated[str, typer.Argument(help="expert name")],
+    token_id: Annotated[int | None, typer.Option("--id", help="one token (default: all)")] = None,
+) -> None:
+    """Revoke the tokens of expert NAME's owner (all, or one by --id)."""
+    from flexmoe.serve.auth import OwnerTokens
+
+    tokens = OwnerTokens(model)
+    try:
+        count = tokens.revoke(name, token_id)
+    finally:
+        tokens.close()
+    if token_id is not None and count == 0:
+        raise FlexMoEError("--id", f"no live token {token_id} for {name}")
+    typer.echo(f"revoked {count} token(s) of {name}")
+
+
+@owners_app.command("list")
+def owners_list(model: Annotated[Path, typer.Argument(help="merged model directory")]) -> None:
+    """The tokens made for each owner (id, created, revoked); never the tokens themselves."""
+    from flexmoe.serve.auth import OwnerTokens
+
+    tokens = OwnerTokens(model)
+    try:
+        rows = tokens.list()
+    finally:
+        tokens.close()
+    typer.echo(f"{'id':<5} {'expert':<16} {'created':<26} revoked")
+    for row in rows:
+        typer.echo(f"{row.id:<5} {row.expert:<16} {row.created:<26} {row.revoked or '-'}")
+
+
+@app.command("ledger")
+def ledger(
+    model: Annotated[Path, typer.Argument(help="merged model directory")],
+    by: Annotated[str, typer.Option(help="day or expert")] = "expert",
+) -> None:
+    """Summarise the server's usage ledger: responses and tokens per day or per expert."""
+    from flexmoe.serve.ledger import Ledger
+
+    if by not in ("day", "expert"):
+        raise FlexMoEError("--by", f"expected day or expert, got {by!r}")
+    book = Ledger(model, create=False)
+    try:
+        rows = book.summary(by)
+    finally:
+        book.close()
+    tokens = "tokens (weighted)" if by == "expert" else "completion tokens"
+    typer.echo(f"{by:<16} {'responses':>10} {tokens:>18} {'prompt tokens':>14}")
+    for row in rows:
+        typer.echo(f"{row.key:<16} {row.responses:>10} {row.completion_tokens:>18.1f} "
+                   f"{row.prompt_tokens:>14}")  # fmt: skip
+
+
 COMMANDS = {
     "data demo": data_demo,
     "tokenizer train": tokenizer_train,
@@ -817,6 +932,11 @@ COMMANDS = {
     "report": report,
     "audit extraction": audit_extraction_cmd,
     "demo": demo,
+    "serve": serve,
+    "owners add": owners_add,
+    "owners revoke": owners_revoke,
+    "owners list": owners_list,
+    "ledger": ledger,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,3 +104,17 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def open_sqlite(path: Path, schema: str, what: str) -> sqlite3.Connection:
+    """A connection to the SQLite file at ``path`` in WAL mode with durable commits
+    (``synchronous=FULL``), autocommit unless a transaction is begun, ``schema`` applied;
+    a one-line error naming ``what`` when it cannot be opened."""
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+    except sqlite3.Error as e:
+        raise FlexMoEError(path, f"cannot open {what} ({e})") from e
+    return db

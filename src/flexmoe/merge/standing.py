@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import open_sqlite
 from flexmoe.merge.slots import SlotInfo, read_slots
 
 DB_FILE = "flexmoe_standing.sqlite"
@@ -52,13 +53,7 @@ class StandingStore:
         self._connect()
 
     def _connect(self) -> None:
-        try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise FlexMoEError(self.path, f"cannot open the opt-out store ({e})") from e
+        self.db = open_sqlite(self.path, _SCHEMA, "the opt-out store")
         self._inode = self.path.stat().st_ino
 
     def _replaced(self) -> bool:

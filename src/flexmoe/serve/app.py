@@ -1,0 +1,410 @@
+"""The OpenAI-compatible HTTP API over a merged model (FastAPI; install the ``serve`` extra).
+
+Requests and responses follow OpenAI's completions and chat completions shapes, with two
+additions: the request field ``experts`` (``{"include": [...]}``, ``{"exclude": [...]}``,
+``{"licenses": [...]}``) and the response field ``attribution`` (expert -> share of the routing
+mass over the generated tokens). Errors are OpenAI-style bodies with a 4xx status; the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.errors import FlexMoEError
+from flexmoe.inference.selection import Selection
+from flexmoe.io import read_json
+from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
+from flexmoe.merge.slots import read_slots
+from flexmoe.merge.standing import StandingStore
+from flexmoe.serve.auth import OwnerTokens, is_admin
+from flexmoe.serve.batch import RowResult
+from flexmoe.serve.ledger import Ledger
+from flexmoe.serve.scheduler import Job, Scheduler
+
+MAX_STOP = 4
+CHAT_STOP = ("\nUser:", "\nSystem:")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = (
+            status, message, param, kind, code
+        )  # fmt: skip
+
+
+def _error(
+    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+    code: str | None = None,
+) -> JSONResponse:  # fmt: skip
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class ExpertChoice(BaseModel):
+    """The extra request field: which experts may answer this request."""
+
+    model_config = ConfigDict(extra="forbid")
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    licenses: list[str] | None = None
+
+    def selection(self) -> Selection:
+        return Selection(
+            include=frozenset(self.include or ()), exclude=frozenset(self.exclude or ()),
+            licenses=frozenset(self.licenses or ()),
+        )  # fmt: skip
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # other OpenAI fields are accepted and ignored
+    model: str | None = None
+    max_tokens: int = Field(default=16, ge=1)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-text before this
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+    experts: ExpertChoice | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("give one prompt (a string or a list of one string)")
+            return value[0]
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """A plain template for base models: ``Role: content`` lines, then ``Assistant:``."""
+    lines = [f"{m.role.capitalize()}: {m.content.strip()}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class OptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=500)
+
+
+@dataclass
+class ServerState:
+    model_dir: Path
+    name: str
+    scheduler: Scheduler
+    tokenizer: Any
+    slots: list[Any]
+    context: int
+    admin_token: str | None
+    tuned: bool
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing bearer token", kind="authentication_error")
+    return token.strip()
+
+
+def create_app(
+    model_dir: Path, *, device: torch.device, admin_token: str | None = None,
+    max_batch: int = 8, name: str | None = None, use_bias: bool = APPLY_BIAS,
+) -> FastAPI:  # fmt: skip
+    """The app for the merged model at ``model_dir``; the model loads when the app starts."""
+    model_dir = Path(model_dir)
+    if not (model_dir / SLOTS_FILE).is_file():
+        raise FlexMoEError(model_dir, "not a merged model (no flexmoe_slots.json)")
+    state: dict[str, ServerState] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = load_merged(model_dir, use_bias=use_bias)
+        model.to(device).eval()  # type: ignore[arg-type]
+        slots = read_slots(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        table = read_json(model_dir / SLOTS_FILE)
+        scheduler = Scheduler(model, tokenizer, model_dir, slots, device=device,
+                              max_batch=max_batch)  # fmt: skip
+        state["s"] = ServerState(
+            model_dir=model_dir, name=name or model_dir.name, scheduler=scheduler,
+            tokenizer=tokenizer, slots=slots, context=int(model.config.max_position_embeddings),
+            admin_token=admin_token, tuned=bool(table.get("router_tuning")),
+        )  # fmt: skip
+        app.state.scheduler = scheduler
+        try:
+            yield
+        finally:
+            scheduler.close()
+
+    app = FastAPI(title="flexmoe", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.param, exc.kind, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON", None)
+        if tuple(first.get("loc", ())) == ("body",):
+            return _error(400, "the request body must be a JSON object", None)
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _error(400, f"{where}: {message}" if where else message, where or None)
+
+    @app.exception_handler(FlexMoEError)
+    async def _flexmoe_error(request: Request, exc: FlexMoEError) -> JSONResponse:
+        return _error(400, exc.fault, exc.where)
+
+    def server() -> ServerState:
+        return state["s"]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        s = server()
+        return {"status": "ok", "model": s.name, "experts": len(s.slots),
+                "batches": len(s.scheduler.batches),
+                "largest_batch": max(s.scheduler.batches, default=0)}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        s = server()
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": int(time.time()), "owned_by": "flexmoe"}
+        ]}  # fmt: skip
+
+    def _job(body: _Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
+        import asyncio
+
+        s = server()
+        if body.model is not None and body.model != s.name:
+            raise ApiError(404, f"model {body.model!r} is not served here (serving {s.name!r})",
+                           param="model", code="model_not_found")  # fmt: skip
+        selection = body.experts.selection() if body.experts else Selection()
+        try:  # unknown names, or nothing left: a 400 before queueing
+            selection.mask(s.slots)
+        except FlexMoEError as e:
+            raise ApiError(400, e.fault, param="experts") from None
+        encoded = s.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = [s.tokenizer.eos_token_id, *encoded]
+        if len(ids) + body.max_tokens > s.context:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens "
+                                f"({body.max_tokens}) exceed the context of {s.context} tokens",
+                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        return Job(
+            request_id=f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex}",
+            endpoint=endpoint, prompt_ids=ids, selection=selection, max_tokens=body.max_tokens,
+            min_tokens=min(body.min_tokens, body.max_tokens),
+            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+            stream=body.stream, loop=asyncio.get_running_loop(),
+        )  # fmt: skip
+
+    def _attribution(result: RowResult) -> dict[str, float]:
+        return {slot.name: round(share, 6) for slot, share in
+                zip(server().slots, result.shares, strict=True)}  # fmt: skip
+
+    def _usage(result: RowResult) -> dict[str, int]:
+        done = len(result.token_ids)
+        return {"prompt_tokens": result.prompt_tokens, "completion_tokens": done,
+                "total_tokens": result.prompt_tokens + done}  # fmt: skip
+
+    async def _finish(job: Job) -> RowResult:
+        while True:
+            kind, value = await job.events.get()
+            if kind == "done":
+                return value  # type: ignore[no-any-return]
+            if kind == "error":
+                raise ApiError(500, str(value), kind="server_error")
+
+    def _chunk(
+        job: Job, chat: bool, text: str | None, result: RowResult | None, first: bool = False
+    ) -> str:
+        s = server()
+        if chat:
+            delta = {"content": text} if text is not None else {}
+            if first:
+                delta = {"role": "assistant", "content": ""}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": result.finish_reason if result else None,
+            }
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None,
+                      "finish_reason": result.finish_reason if result else None}  # fmt: skip
+        body: dict[str, Any] = {
+            "id": job.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": s.name, "choices": [choice],
+        }  # fmt: skip
+        if result is not None:
+            body["attribution"] = _attribution(result)
+            body["usage"] = _usage(result)
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def _stream(job: Job, chat: bool) -> AsyncIterator[str]:
+        if chat:
+            yield _chunk(job, chat, None, None, first=True)
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                yield _chunk(job, chat, value, None)
+            elif kind == "done":
+                yield _chunk(job, chat, None, value)
+                break
+            else:
+                error = {"error": {"message": str(value), "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+
+    async def _respond(job: Job, chat: bool) -> Any:
+        server().scheduler.submit(job)
+        if job.stream:
+            return StreamingResponse(_stream(job, chat), media_type="text/event-stream")
+        result = await _finish(job)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason, "logprobs": None,
+            }  # fmt: skip
+        else:
+            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                      "logprobs": None}  # fmt: skip
+        return {
+            "id": job.request_id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": server().name, "choices": [choice],
+            "usage": _usage(result), "attribution": _attribution(result),
+        }  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        stop = tuple(body.stop or ())  # type: ignore[arg-type]
+        return await _respond(_job(body, str(body.prompt), "completions", stop), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        stop = (*(body.stop or ()), *CHAT_STOP)  # type: ignore[misc]
+        job = _job(body, chat_prompt(body.messages), "chat.completions", tuple(stop))
+        return await _respond(job, chat=True)
+
+    @app.get("/v1/experts")
+    async def experts() -> dict[str, Any]:
+        s = server()
+        store = StandingStore(s.model_dir)
+        try:
+            statuses = store.statuses()
+        finally:
+            store.close()
+        data = [
+            {"name": st.slot.name, "owner": st.slot.owner, "license": st.slot.license,
+             "slot": st.slot.index, "public": st.slot.index == 0,
+             "status": "opted-out" if st.opted_out else "active", "reason": st.reason,
+             "updated": st.updated, "routing_tuned": s.tuned}
+            for st in statuses
+        ]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    def _known(expert: str) -> None:
+        names = [slot.name for slot in server().slots]
+        if expert not in names:
+            raise ApiError(404, f"no expert {expert!r} in this model", param="name",
+                           code="expert_not_found")  # fmt: skip
+        if expert == names[0]:
+            raise ApiError(400, "the public expert is always active", param="name")
+
+    def _authorise(request: Request, expert: str) -> str:
+        token = _bearer(request)
+        s = server()
+        if is_admin(token, s.admin_token):
+            return "admin"
+        tokens = OwnerTokens(s.model_dir)
+        try:
+            owner = tokens.owner_of(token)
+        finally:
+            tokens.close()
+        if owner is None:
+            raise ApiError(401, "the token is not valid", kind="authentication_error")
+        if owner != expert:
+            raise ApiError(403, f"this token belongs to the {owner} expert's owner, not {expert}'s",
+                           kind="permission_error")  # fmt: skip
+        return f"owner:{owner}"
+
+    async def _set(request: Request, expert: str, opted_out: bool) -> dict[str, Any]:
+        _known(expert)
+        actor = _authorise(request, expert)
+        raw = await request.body()
+        try:
+            body = OptRequest.model_validate_json(raw) if raw.strip() else OptRequest()
+        except ValueError:
+            raise ApiError(400, 'the body must be {"reason": "..."} (at most 500 characters)',
+                           param="reason") from None  # fmt: skip
+        store = StandingStore(server().model_dir)
+        try:
+            store.set(expert, opted_out=opted_out, reason=body.reason, actor=f"api {actor}")
+        finally:
+            store.close()
+        return {"name": expert, "status": "opted-out" if opted_out else "active"}
+
+    @app.post("/v1/experts/{expert}/opt-out")
+    async def opt_out(expert: str, request: Request) -> dict[str, Any]:
+        return await _set(request, expert, True)
+
+    @app.post("/v1/experts/{expert}/opt-in")
+    async def opt_in(expert: str, request: Request) -> dict[str, Any]:
+        return await _set(request, expert, False)
+
+    @app.get("/v1/experts/{expert}/usage")
+    async def usage(expert: str) -> dict[str, Any]:
+        if expert not in [slot.name for slot in server().slots]:
+            raise ApiError(404, f"no expert {expert!r} in this model", param="name",
+                           code="expert_not_found")  # fmt: skip
+        ledger = Ledger(server().model_dir)
+        try:
+            return {"name": expert, **ledger.expert_usage(expert)}
+        finally:
+            ledger.close()
+
+    return app

@@ -1,0 +1,99 @@
+"""The usage ledger: every completed response's per-expert attribution, appended durably.
+
+SQLite in WAL mode beside the model (``flexmoe_ledger.sqlite``): one row per response (time,
+endpoint, token counts) and one row per expert it used, with the tokens weighted by that expert's
+share of the routing mass. Each response is one transaction with ``synchronous=FULL``, so a
+response the server has answered is in the ledger even if the server is killed right after.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.io import open_sqlite
+
+DB_FILE = "flexmoe_ledger.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, time TEXT NOT NULL, day TEXT NOT NULL, endpoint TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    response TEXT NOT NULL REFERENCES responses(id), expert TEXT NOT NULL,
+    share REAL NOT NULL, tokens REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_expert ON usage (expert);
+"""
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key: str  # the day or the expert
+    responses: int
+    completion_tokens: float  # weighted by the expert's share when grouped by expert
+    prompt_tokens: int
+
+
+class Ledger:
+    """The ledger of one model directory. Open one per thread."""
+
+    def __init__(self, model_dir: Path, *, create: bool = True) -> None:
+        self.path = Path(model_dir) / DB_FILE
+        if not create and not self.path.exists():
+            raise FlexMoEError(self.path, "no ledger yet: the server has answered no request")
+        self.db = open_sqlite(self.path, _SCHEMA, "the usage ledger")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def record(
+        self, response_id: str, *, endpoint: str, prompt_tokens: int, completion_tokens: int,
+        shares: dict[str, float],
+    ) -> None:  # fmt: skip
+        """Append one response and its per-expert shares in one transaction."""
+        now = datetime.now(UTC)
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                (response_id, now.isoformat(timespec="milliseconds"), now.date().isoformat(),
+                 endpoint, prompt_tokens, completion_tokens),
+            )  # fmt: skip
+            self.db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?)",
+                [(response_id, e, s, s * completion_tokens) for e, s in shares.items() if s > 0],
+            )
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise FlexMoEError(self.path, f"cannot append to the usage ledger ({e})") from e
+
+    def summary(self, by: str) -> list[UsageRow]:
+        """Totals per ``day`` or per ``expert``."""
+        if by == "day":
+            query = ("SELECT day, COUNT(*), SUM(completion_tokens), SUM(prompt_tokens) "
+                     "FROM responses GROUP BY day ORDER BY day")  # fmt: skip
+        elif by == "expert":
+            query = ("SELECT u.expert, COUNT(*), SUM(u.tokens), SUM(r.prompt_tokens) FROM usage u "
+                     "JOIN responses r ON r.id = u.response GROUP BY u.expert "
+                     "ORDER BY SUM(u.tokens) DESC")  # fmt: skip
+        else:
+            raise FlexMoEError("--by", f"expected day or expert, got {by!r}")
+        return [UsageRow(k, int(n), float(c or 0), int(p or 0)) for k, n, c, p in
+                self.db.execute(query)]  # fmt: skip
+
+    def expert_usage(self, expert: str) -> dict[str, float | int]:
+        """One expert's totals: responses that used it, weighted tokens, mean share."""
+        n, tokens, share = self.db.execute(
+            "SELECT COUNT(*), SUM(tokens), AVG(share) FROM usage WHERE expert = ?", (expert,)
+        ).fetchone()
+        total = self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        return {
+            "responses": int(n), "responses_total": int(total),
+            "weighted_tokens": float(tokens or 0.0), "mean_share": float(share or 0.0),
+        }  # fmt: skip

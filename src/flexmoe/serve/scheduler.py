@@ -1,0 +1,143 @@
+"""One worker thread owns the model: it takes the requests that arrived together and generates
+them as one batch, each row with its own expert selection.
+
+At the start of every batch the worker reads the owners' standing choice from the model's store,
+so an opt-out that has been answered applies to every request whose batch starts afterwards.
+Each finished row is appended to the usage ledger before its answer is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flexmoe.device import autocast
+from flexmoe.errors import FlexMoEError
+from flexmoe.inference.selection import Selection
+from flexmoe.merge.slots import SlotInfo
+from flexmoe.merge.standing import standing_exclusions
+from flexmoe.serve.batch import RowRequest, RowResult, generate_batch
+from flexmoe.serve.ledger import Ledger
+
+
+@dataclass
+class Job:
+    """One request on its way through the worker. Events go to ``events`` on the server's
+    event loop: ``("text", str)`` while streaming, then ``("done", RowResult)`` or
+    ``("error", str)``."""
+
+    request_id: str
+    endpoint: str
+    prompt_ids: list[int]
+    selection: Selection
+    max_tokens: int
+    min_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+
+    def emit(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class Scheduler:
+    """The batching worker. ``submit`` is safe from any thread; ``close`` stops the worker."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: Path,
+        slots: list[SlotInfo], *, device: torch.device, max_batch: int = 8,
+        window_s: float = 0.005,
+    ) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.model_dir, self.slots = model, tokenizer, model_dir, slots
+        self.max_batch, self.window_s = max_batch, window_s
+        self.device = device
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.batches: list[int] = []  # size of each batch run, for tests and the benchmark
+        self.thread = threading.Thread(target=self._run, name="flexmoe-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def _collect(self, first: Job) -> list[Job]:
+        """``first`` and whatever else arrives within the window, up to ``max_batch``."""
+        jobs, deadline = [first], time.monotonic() + self.window_s
+        while len(jobs) < self.max_batch:
+            try:
+                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # stop after this batch
+                break
+            jobs.append(job)
+        return jobs
+
+    def _run(self) -> None:
+        ledger = Ledger(self.model_dir)
+        try:
+            while (first := self.queue.get()) is not None:
+                self._batch(self._collect(first), ledger)
+        finally:
+            ledger.close()
+
+    def _batch(self, jobs: list[Job], ledger: Ledger) -> None:
+        try:
+            opted_out = standing_exclusions(self.model_dir, self.slots)  # read now, every batch
+        except FlexMoEError as e:
+            for job in jobs:
+                job.emit("error", str(e))
+            return
+        rows, running = [], []
+        for job in jobs:
+            try:
+                mask = replace(job.selection, opted_out=opted_out).mask(self.slots)
+            except FlexMoEError as e:
+                job.emit("error", str(e))
+                continue
+            rows.append(self._row(job, mask, ledger))
+            running.append(job)
+        if not rows:
+            return
+        self.batches.append(len(rows))
+        try:
+            with autocast(self.device):
+                generate_batch(self.model, self.tokenizer, rows)
+        except Exception as e:  # the server must keep serving; the client hears what failed
+            for job in running:
+                job.emit("error", f"generation failed: {e}")
+
+    def _row(self, job: Job, mask: torch.Tensor, ledger: Ledger) -> RowRequest:
+        names = [s.name for s in self.slots]
+
+        def finish(result: RowResult) -> None:
+            shares = dict(zip(names, result.shares, strict=True))
+            ledger.record(
+                job.request_id, endpoint=job.endpoint, prompt_tokens=result.prompt_tokens,
+                completion_tokens=len(result.token_ids), shares=shares,
+            )  # fmt: skip
+            job.emit("done", result)
+
+        return RowRequest(
+            prompt_ids=job.prompt_ids, mask=mask, max_tokens=job.max_tokens,
+            min_tokens=job.min_tokens,
+            temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
+            on_text=(lambda text: job.emit("text", text)) if job.stream else None,
+            on_finish=finish,
+        )  # fmt: skip

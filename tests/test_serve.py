@@ -1,0 +1,355 @@
+"""The server: batched generation with per-row selections, the OpenAI client against a live
+server on 127.0.0.1, owners' tokens, opt-out semantics, bad input, the ledger, restarts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from openai import OpenAI
+
+from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.inference.selection import Selection
+from flexmoe.merge.build import build_merged, load_merged
+from flexmoe.merge.plan import plan_merge
+from flexmoe.merge.slots import read_slots
+from flexmoe.serve.app import create_app
+from flexmoe.serve.auth import DB_FILE as TOKENS_FILE
+from flexmoe.serve.auth import OwnerTokens
+from flexmoe.serve.batch import RowRequest, generate_batch
+from flexmoe.serve.ledger import Ledger
+
+CPU = torch.device("cpu")
+ADMIN = "admin-" + "s" * 24
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir: Path) -> Path:
+    from helpers import train_packages
+
+    root = tmp_path_factory.mktemp("serve")
+    packages = train_packages(root, anchor_dir, corpus_dir, licenses=("MIT", "Apache-2.0"))
+    build_merged(plan_merge(anchor_dir, packages, top_k=2), root / NAME, progress=False)
+    return root / NAME
+
+
+@pytest.fixture
+def model_dir(built: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test: no opt-outs, no tokens, no ledger."""
+    return Path(shutil.copytree(built, tmp_path / NAME))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live(model_dir: Path, **kwargs: object) -> Iterator[str]:
+    """The app on 127.0.0.1 in a thread; yields its base URL."""
+    app = create_app(model_dir, device=CPU, admin_token=ADMIN, **kwargs)  # type: ignore[arg-type]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _client(url: str) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _attribution(response: object) -> dict[str, float]:
+    extra = getattr(response, "model_extra", None) or {}
+    return dict(extra["attribution"])
+
+
+def test_a_batch_equals_each_request_alone(model_dir: Path) -> None:
+    """Left padding and per-row masks: greedy rows in one batch give what each gives alone."""
+    model, tokenizer = load_merged(model_dir), load_tokenizer(model_dir)
+    slots = read_slots(model_dir)
+    prompts = ["the union", "THE UNION IS STRONG AND", "we"]
+    selections = [Selection(), Selection(exclude=frozenset({"upper"})),
+                  Selection(include=frozenset({"upper"}))]  # fmt: skip
+
+    def request(prompt: str, selection: Selection, **kw: object) -> RowRequest:
+        ids = [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return RowRequest(prompt_ids=ids, mask=selection.mask(slots), max_tokens=6,
+                          min_tokens=6, temperature=0.0, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    together = generate_batch(
+        model, tokenizer, [request(p, s) for p, s in zip(prompts, selections, strict=True)]
+    )
+    for prompt, selection, result in zip(prompts, selections, together, strict=True):
+        [alone] = generate_batch(model, tokenizer, [request(prompt, selection)])
+        assert result.token_ids == alone.token_ids and len(result.token_ids) == 6
+        assert result.shares == pytest.approx(alone.shares, abs=1e-5)
+    names = [s.name for s in slots]
+    assert together[1].shares[names.index("upper")] == 0.0  # excluded: exactly no mass
+    assert together[2].shares[names.index("again")] == 0.0
+    assert sum(together[0].shares) == pytest.approx(1.0)
+    # stop strings cut the text; streamed pieces add up to the final text
+    pieces: list[str] = []
+    probe = generate_batch(model, tokenizer, [request(prompts[0], Selection())])[0]
+    stop = probe.text[2:4]
+    [cut] = generate_batch(model, tokenizer, [request(prompts[0], Selection(), stop=(stop,),
+                                                      on_text=pieces.append)])  # fmt: skip
+    assert cut.finish_reason == "stop" and cut.text == probe.text[: probe.text.find(stop)]
+    assert "".join(pieces) == cut.text
+
+
+def test_openai_client_completion_chat_stream_and_experts(model_dir: Path) -> None:
+    with live(model_dir, name=NAME) as url:
+        client = _client(url)
+        assert [m.id for m in client.models.list().data] == [NAME]
+        full = {"min_tokens": 8}  # no early end-of-text: every answer has 8 tokens to attribute
+        done = client.completions.create(
+            model=NAME, prompt="the union", max_tokens=8, seed=3, extra_body=full
+        )
+        shares = _attribution(done)
+        assert set(shares) == {"public", "upper", "again"}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
+        assert done.usage is not None and done.usage.completion_tokens == 8
+        assert done.choices[0].finish_reason == "length"
+        without = client.completions.create(
+            model=NAME, prompt="the union", max_tokens=8, seed=3,
+            extra_body={"experts": {"exclude": ["upper"]}, **full},
+        )  # fmt: skip
+        assert _attribution(without)["upper"] == 0.0 and _attribution(without)["again"] > 0
+        licensed = client.completions.create(
+            model=NAME, prompt="the union", max_tokens=8, seed=3,
+            extra_body={"experts": {"licenses": ["Apache-2.0"]}, **full},
+        )  # fmt: skip
+        assert _attribution(licensed)["upper"] == 0.0 and _attribution(licensed)["again"] > 0
+        streamed = client.completions.create(
+            model=NAME, prompt="the union", max_tokens=8, seed=3, stream=True, extra_body=full
+        )
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+        assert _attribution(chunks[-1]) == pytest.approx(shares)
+        chat = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "the union"}], max_tokens=8,
+            seed=1, extra_body={"experts": {"include": ["again"]}, **full},
+        )  # fmt: skip
+        assert chat.choices[0].message.role == "assistant"
+        assert isinstance(chat.choices[0].message.content, str)
+        assert _attribution(chat)["upper"] == 0.0 and _attribution(chat)["again"] > 0
+        pieces = list(client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "the union"}], max_tokens=8,
+            seed=1, stream=True, extra_body={"experts": {"include": ["again"]}, **full},
+        ))  # fmt: skip
+        text = "".join(p.choices[0].delta.content or "" for p in pieces)
+        assert text == chat.choices[0].message.content
+        experts = httpx.get(f"{url}/v1/experts").json()["data"]
+        assert [(e["name"], e["status"], e["routing_tuned"]) for e in experts] == [
+            ("public", "active", False), ("upper", "active", False), ("again", "active", False)
+        ]  # fmt: skip
+        usage = httpx.get(f"{url}/v1/experts/again/usage").json()
+        assert usage["responses"] >= 4 and usage["weighted_tokens"] > 0
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(model_dir: Path) -> None:
+    with live(model_dir, name=NAME) as url:
+        post = f"{url}/v1/completions"
+        cases = [
+            (httpx.post(post, content=b"{not json", headers={"content-type": "application/json"}),
+             400, "not valid JSON"),
+            (httpx.post(post, json=["a list"]), 400, "JSON object"),
+            (httpx.post(post, json={"prompt": "a", "max_tokens": "many"}), 400, "max_tokens"),
+            (httpx.post(post, json={"prompt": "a", "max_tokens": -3}), 400, "max_tokens"),
+            (httpx.post(post, json={"prompt": "a", "max_tokens": 10**9}), 400, "context"),
+            (httpx.post(post, json={"prompt": "word " * 5000, "max_tokens": 1}), 400, "context"),
+            (httpx.post(post, json={"prompt": "a", "temperature": -1}), 400, "temperature"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"exclude": ["nobody"]}}), 400,
+             "unknown expert or owner: nobody"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"include": ["public"]}}), 400,
+             "excludes every owner's expert"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"exclude": "upper"}}), 400,
+             "experts.exclude"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"drop": ["upper"]}}), 400,
+             "experts.drop"),
+            (httpx.post(post, json={"prompt": "a", "model": "other"}), 404, "not served here"),
+            (httpx.post(post, json={"prompt": "a", "n": 2}), 400, "n"),
+            (httpx.post(post, json={"max_tokens": 2}), 400, "prompt"),
+            (httpx.post(f"{url}/v1/chat/completions", json={"messages": []}), 400, "messages"),
+        ]  # fmt: skip
+        for response, status, words in cases:
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert words in error["message"] or words == error["param"], error
+            assert error["type"]
+        ok = httpx.post(post, json={"prompt": "the union", "max_tokens": 3})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+        assert httpx.get(f"{url}/v1/experts/nobody/usage").status_code == 404
+
+
+def test_owners_tokens_opt_out_and_opt_in(model_dir: Path) -> None:
+    made = subprocess.run([sys.executable, "-m", "flexmoe", "owners", "add", str(model_dir),
+                           "upper"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("fmx_upper_") and "not stored" in made.stderr
+    tokens = OwnerTokens(model_dir)
+    other = tokens.add("again")
+    tokens.close()
+    assert token.encode() not in (model_dir / TOKENS_FILE).read_bytes()  # only salted hashes
+    with live(model_dir, name=NAME) as url:
+        out = f"{url}/v1/experts/upper/opt-out"
+
+        def status() -> str:
+            data = httpx.get(f"{url}/v1/experts").json()["data"]
+            return str(next(e["status"] for e in data if e["name"] == "upper"))
+
+        for headers, code in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                              ({"Authorization": f"Basic {token}"}, 401),
+                              ({"Authorization": f"Bearer {token}x"}, 401),
+                              ({"Authorization": f"Bearer {other}"}, 403)):  # fmt: skip
+            response = httpx.post(out, headers=headers)
+            assert response.status_code == code, response.text
+            assert response.json()["error"]["type"] in ("authentication_error", "permission_error")
+            assert status() == "active"  # nothing changed
+        public = httpx.post(
+            f"{url}/v1/experts/public/opt-out", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert public.status_code == 400
+        owner = {"Authorization": f"Bearer {token}"}
+        assert httpx.post(out, headers=owner, json={"reason": "audit"}).status_code == 200
+        assert status() == "opted-out"
+        client = _client(url)
+        for _ in range(2):  # every response that starts after the answer: exactly zero mass
+            answer = client.completions.create(model=NAME, prompt="THE UNION", max_tokens=6,
+                                               extra_body={"min_tokens": 6})  # fmt: skip
+            assert _attribution(answer)["upper"] == 0.0 and _attribution(answer)["again"] > 0
+        listed = subprocess.run([sys.executable, "-m", "flexmoe", "experts", "list",
+                                 str(model_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert "upper" in listed.stdout and " out " in listed.stdout
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert httpx.post(f"{url}/v1/experts/upper/opt-in", headers=admin).status_code == 200
+        assert status() == "active"
+        revoked = subprocess.run([sys.executable, "-m", "flexmoe", "owners", "revoke",
+                                  str(model_dir), "upper"], capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
+        assert httpx.post(out, headers=owner).status_code == 401
+        assert status() == "active"
+
+
+def test_requests_in_flight_together_are_batched_with_their_own_selections(
+    model_dir: Path,
+) -> None:
+    with live(model_dir, name=NAME) as url:
+        client = _client(url)
+        choices = [{"exclude": ["upper"]}, {"exclude": ["again"]}, {}, {"include": ["upper"]}] * 3
+
+        def ask(choice: dict[str, list[str]]) -> dict[str, float]:
+            answer = client.completions.create(
+                model=NAME,
+                prompt="the union",
+                max_tokens=24,
+                extra_body={"experts": choice, "min_tokens": 24},
+            )
+            return _attribution(answer)
+
+        with ThreadPoolExecutor(len(choices)) as pool:
+            results = list(pool.map(ask, choices))
+        for choice, shares in zip(choices, results, strict=True):
+            assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
+            for name in choice.get("exclude", []):
+                assert shares[name] == 0.0
+            if choice.get("include"):
+                assert shares["again"] == 0.0
+        health = httpx.get(f"{url}/health").json()
+        assert health["largest_batch"] > 1 and health["batches"] < len(choices)
+
+
+def _ledger_count(model_dir: Path) -> int:
+    book = Ledger(model_dir, create=False)
+    try:
+        return sum(row.responses for row in book.summary("day"))
+    finally:
+        book.close()
+
+
+def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "FLEXMOE_ADMIN_TOKEN": ADMIN}
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flexmoe", "serve", str(model_dir), "--port", str(port),
+             "--name", NAME],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+
+    url = f"http://127.0.0.1:{port}"
+    proc = start()
+    try:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert httpx.post(f"{url}/v1/experts/again/opt-out", headers=admin).status_code == 200
+        for i in range(3):
+            answer = httpx.post(f"{url}/v1/completions",
+                                json={"prompt": "the union", "max_tokens": 4, "seed": i,
+                                      "min_tokens": 4},
+                                timeout=60).json()  # fmt: skip
+            assert answer["attribution"]["again"] == 0.0 and answer["attribution"]["upper"] > 0
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no clean shutdown
+        proc.wait(timeout=30)
+    assert _ledger_count(model_dir) == 3  # every answered response is there
+    proc = start()
+    try:
+        experts = httpx.get(f"{url}/v1/experts").json()["data"]
+        assert next(e["status"] for e in experts if e["name"] == "again") == "opted-out"
+        answer = httpx.post(f"{url}/v1/completions",
+                            json={"prompt": "x", "max_tokens": 2, "min_tokens": 2},
+                            timeout=60).json()  # fmt: skip
+        assert answer["attribution"]["again"] == 0.0 and answer["attribution"]["upper"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert _ledger_count(model_dir) == 4
+    summary = subprocess.run([sys.executable, "-m", "flexmoe", "ledger", str(model_dir), "--by",
+                              "expert"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert summary.returncode == 0
+    rows = {line.split()[0]: line.split() for line in summary.stdout.splitlines()[1:]}
+    assert set(rows) == {"public", "upper"} and rows["public"][1] == "4"
+    by_day = subprocess.run([sys.executable, "-m", "flexmoe", "ledger", str(model_dir), "--by",
+                             "week"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert by_day.returncode == 2 and "--by" in by_day.stderr
