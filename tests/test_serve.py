@@ -353,3 +353,36 @@ def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) ->
     by_day = subprocess.run([sys.executable, "-m", "flexmoe", "ledger", str(model_dir), "--by",
                              "week"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert by_day.returncode == 2 and "--by" in by_day.stderr
+
+
+def test_admin_token_comes_from_a_private_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.serve.auth import ADMIN_ENV, is_admin, read_admin_token
+
+    path = tmp_path / "admin"
+    path.write_text(ADMIN + "\n")
+    path.chmod(0o644)
+    with pytest.raises(FlexMoEError, match="readable by others; chmod 600"):
+        read_admin_token(path)
+    path.chmod(0o600)
+    assert read_admin_token(path) == ADMIN
+    path.write_text("short")
+    with pytest.raises(FlexMoEError, match="at least 16"):
+        read_admin_token(path)
+    with pytest.raises(FlexMoEError, match="not found"):
+        read_admin_token(tmp_path / "none")
+    monkeypatch.delenv(ADMIN_ENV, raising=False)
+    assert read_admin_token(None) is None
+    monkeypatch.setenv(ADMIN_ENV, ADMIN)
+    assert read_admin_token(None) == ADMIN
+    assert is_admin(ADMIN, ADMIN) and not is_admin(ADMIN + "x", ADMIN)
+    assert not is_admin(ADMIN, None)  # no admin configured: nobody is admin
+
+
+def test_serve_refuses_a_model_that_is_not_merged(anchor_dir: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "flexmoe", "serve", str(anchor_dir)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "not a merged model" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
