@@ -169,9 +169,9 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
 
 
 def test_proxy_sample_is_small_seeded_and_keeps_ids(tmp_path: Path) -> None:
-    from flexmoe.data.documents import DataSpec, Document
+    from flexmoe.data.documents import DataSpec, Document, write_jsonl
     from flexmoe.data.split import load_splits
-    from flexmoe.merge.tune import proxy_sample, write_jsonl
+    from flexmoe.merge.tune import proxy_sample
 
     words = [f"w{i}" for i in range(1500)]
     docs = [Document("code", f"d{i}", f"doc {i} " + " ".join(words[i:])) for i in range(10)]
@@ -181,7 +181,8 @@ def test_proxy_sample_is_small_seeded_and_keeps_ids(tmp_path: Path) -> None:
     assert all(d.text in src.text for d, src in zip(picked, docs, strict=False))
     assert picked[0].text != docs[0].text[:1000]  # a window at a random offset, not the start
     assert proxy_sample(docs, max_bytes=2500, window=1000) == picked
-    path = write_jsonl(picked, tmp_path / "proxy" / "code.jsonl")
+    path = tmp_path / "proxy" / "code.jsonl"
+    write_jsonl(path, ((d.doc_id, d.text) for d in picked))
     back = load_splits([DataSpec("code", (str(path),), id_field="id")])
     all_back = [*back.train, *back.validation, *back.test]
     assert sorted(d.doc_id for d in all_back) == ["d0", "d1", "d2"]

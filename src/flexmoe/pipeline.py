@@ -20,7 +20,7 @@ import torch
 
 from flexmoe.anchor import load_anchor, train_anchor
 from flexmoe.data.demo import DOMAINS, fetch_demo_corpora
-from flexmoe.data.documents import DataSpec
+from flexmoe.data.documents import DataSpec, write_jsonl
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
@@ -39,7 +39,7 @@ from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.plan import plan_merge
 from flexmoe.merge.slots import read_slots
 from flexmoe.merge.standing import StandingStore, standing_exclusions
-from flexmoe.merge.tune import proxy_sample, tune_router, write_jsonl
+from flexmoe.merge.tune import proxy_sample, tune_router
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import TrainConfig
@@ -145,19 +145,16 @@ def run_demo(
     )  # fmt: skip
     stage("anchor")
     anchor = load_anchor(anchor_dir)
-    package_dirs = [out / "experts" / domain for domain in OWNERS]
+    package_dirs = _train_experts(
+        out / "experts", "[2/8]", anchor_dir, corpora, settings, device, tokens, log
+    )
     experts: dict[str, dict[str, Any]] = {}
-    for i, (domain, package_dir) in enumerate(zip(OWNERS, package_dirs, strict=True), 1):
-        log(f"[2/8] expert {i}/{len(OWNERS)}: {domain}, in its own process -> {package_dir}")
-        _train_expert_process(
-            domain, corpora[domain], corpora["public"], anchor_dir, package_dir,
-            settings.expert, tokens, device,
-        )  # fmt: skip
-        package = load_package(package_dir, anchor)
+    for domain, package_dir in zip(OWNERS, package_dirs, strict=True):
+        owner_manifest = load_package(package_dir, anchor).manifest
         experts[domain] = {
-            "owner": package.manifest.owner,
-            "license": package.manifest.license,
-            "training": package.manifest.training.model_dump(),
+            "owner": owner_manifest.owner,
+            "license": owner_manifest.license,
+            "training": owner_manifest.training.model_dump(),
         }
     stage("experts")
     merged_dir = out / "merged"
@@ -236,6 +233,27 @@ def run_demo(
     return results
 
 
+def _train_experts(
+    root: Path, label: str, anchor_dir: Path, corpora: dict[str, Path], settings: DemoSettings,
+    device: torch.device, tokens: Path, log: Callable[[str], None],
+    router_init: RouterInitMethod = ANCHOR_HIDDEN,
+) -> list[Path]:  # fmt: skip
+    """Every owner's expert, one process each, into ``root/<domain>``. Random router rows are
+    seeded by the owner's position so that no two owners start from the same row."""
+    packages = []
+    for i, domain in enumerate(OWNERS, 1):
+        package = root / domain
+        log(f"{label} expert {i}/{len(OWNERS)}: {domain} ({router_init.value} router row), "
+            f"in its own process -> {package}")  # fmt: skip
+        seed = i if router_init is RouterInitMethod.RANDOM else 0
+        _train_expert_process(
+            domain, corpora[domain], corpora["public"], anchor_dir, package, settings.expert,
+            tokens, device, router_init=router_init, seed=seed,
+        )  # fmt: skip
+        packages.append(package)
+    return packages
+
+
 def _random_init_stage(
     root: Path, anchor_dir: Path, corpora: dict[str, Path], settings: DemoSettings,
     device: torch.device, tokens: Path, log: Callable[[str], None],
@@ -243,13 +261,10 @@ def _random_init_stage(
     """The router-init ablation: every owner's expert trained again from a random router row
     (seeded by the owner's position, which also seeds its data order), merged like the main
     model; the public row stays the anchor's."""
-    packages = [root / "experts" / domain for domain in OWNERS]
-    for i, (domain, package) in enumerate(zip(OWNERS, packages, strict=True), 1):
-        log(f"[ablation] expert {i}/{len(OWNERS)}: {domain}, random router row -> {package}")
-        _train_expert_process(
-            domain, corpora[domain], corpora["public"], anchor_dir, package, settings.expert,
-            tokens, device, router_init=RouterInitMethod.RANDOM, seed=i,
-        )  # fmt: skip
+    packages = _train_experts(
+        root / "experts", "[ablation]", anchor_dir, corpora, settings, device, tokens, log,
+        router_init=RouterInitMethod.RANDOM,
+    )  # fmt: skip
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
     return merged
@@ -265,7 +280,8 @@ def _tune_stage(
     for domain, spec in specs.items():
         docs = load_splits([spec]).get(Split.TRAIN)
         sample = proxy_sample(docs, max_bytes=settings.proxy_bytes)
-        path = write_jsonl(sample, out / "proxy" / f"{domain}.jsonl")
+        path = out / "proxy" / f"{domain}.jsonl"
+        write_jsonl(path, ((d.doc_id, d.text) for d in sample))
         proxy.append(DataSpec(domain=domain, paths=(str(path),), id_field="id"))
     result = tune_router(
         merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,

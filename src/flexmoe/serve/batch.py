@@ -56,6 +56,7 @@ class _Row:
         self.text = ""
         self.sent = 0  # characters of text already streamed
         self.done: str | None = None
+        self.final: RowResult | None = None  # set once, when the row finishes
         self.mass = torch.zeros(num_experts, dtype=torch.float64)
         seed = req.seed if req.seed is not None else int(torch.seed() % (2**63))
         self.generator = torch.Generator().manual_seed(seed)
@@ -75,6 +76,10 @@ class _Row:
             elif len(self.tokens) >= self.req.max_tokens:
                 self.done = "length"
         self._stream()
+        if self.done is not None:
+            self.final = self.result()
+            if self.req.on_finish is not None:
+                self.req.on_finish(self.final)
 
     def _stream(self) -> None:
         """Send the text that can no longer change: all of it once done, else all but what
@@ -155,8 +160,6 @@ def generate_batch(
                     token = _sample(logits[i], row, eos)
                     row.add(token, eos, routing[i])
                     chosen.append(token)
-                    if row.done is not None and row.req.on_finish is not None:
-                        row.req.on_finish(row.result())
                 if all(row.done is not None for row in rows):
                     break
                 step_input = torch.tensor(chosen, device=device)[:, None]
@@ -165,10 +168,5 @@ def generate_batch(
                 record.calls.clear()  # only the newest call is read; keep memory flat
     finally:
         set_expert_mask(model, None)
-    for row in rows:
-        if row.done is None:
-            row.done = "length"
-            row._stream()
-            if row.req.on_finish is not None:
-                row.req.on_finish(row.result())
-    return [row.result() for row in rows]
+    # each row is done by its own max_tokens at the latest, and the loop runs the longest one
+    return [row.final for row in rows if row.final is not None]
