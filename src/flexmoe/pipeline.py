@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flexmoe.anchor import load_anchor, train_anchor
-from flexmoe.data.demo import DOMAINS, fetch_demo_corpora
+from flexmoe.data.demo import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.data.documents import DataSpec, write_jsonl
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
@@ -45,14 +45,6 @@ from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import TrainConfig
 
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
-
-# Who owns each demo domain, and under which license its text is shared.
-OWNERS = {
-    "code": ("Python Software Foundation", "Python-2.0"),
-    "legal": ("SPDX workgroup", "CC-BY-3.0"),
-    "dialogue": ("chitchat-dataset authors", "MIT"),
-    "literature": ("Project Gutenberg", "LicenseRef-Public-Domain"),
-}
 
 
 @dataclass(frozen=True)
@@ -94,16 +86,15 @@ QUICK = DemoSettings(
 
 
 def _train_expert_process(
-    domain: str, corpus: Path, public: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
+    domain: DemoDomain, corpus: Path, public: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
     cache_dir: Path, device: torch.device, router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
 ) -> None:  # fmt: skip
     """One owner, one process: it is handed only its own files (and the public corpus)."""
-    owner, license_id = OWNERS[domain]
     command = [
         sys.executable, "-m", "flexmoe", "expert", "train", "--anchor", str(anchor_dir),
-        "--data", str(corpus), "--id-field", "id", "--name", domain, "--owner", owner,
-        "--license", license_id, "--public-data", str(public), "--out", str(out), "--force",
+        "--data", str(corpus), "--id-field", "id", "--name", domain.name, "--owner", domain.owner,
+        "--license", domain.license, "--public-data", str(public), "--out", str(out), "--force",
         "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
         "--seq-len", str(cfg.seq_len), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps),
         "--eval-every", str(cfg.eval_every), "--checkpoint-every", str(cfg.checkpoint_every),
@@ -111,12 +102,12 @@ def _train_expert_process(
         "--router-init", router_init.value, "--seed", str(seed),
     ]  # fmt: skip
     if subprocess.run(command, check=False).returncode != 0:
-        raise FlexMoEError(out, f"training the {domain} expert failed (see its output above)")
+        raise FlexMoEError(out, f"training the {domain.name} expert failed (see its output above)")
 
 
 def run_demo(
     out: Path, *, cache_dir: Path, device: torch.device, quick: bool = False,
-    ablations: bool = False, log: Callable[[str], None] = print,
+    ablations: bool = False, corpora_set: CorpusSet = DEMO, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
     """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
 
@@ -130,10 +121,11 @@ def run_demo(
     def stage(name: str) -> None:
         stage_seconds[name] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
 
-    corpora = fetch_demo_corpora(cache_dir / "demo-corpora", log=log)
+    corpora = fetch_corpora(corpora_set, corpora_dir(cache_dir, corpora_set), log=log)
+    owners = corpora_set.owners
     specs = {
         d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
-        for d in DOMAINS
+        for d in corpora_set.domains
     }
     tokens = cache_dir / "tokens"
     anchor_dir = out / "anchor"
@@ -146,12 +138,12 @@ def run_demo(
     stage("anchor")
     anchor = load_anchor(anchor_dir)
     package_dirs = _train_experts(
-        out / "experts", "[2/8]", anchor_dir, corpora, settings, device, tokens, log
+        out / "experts", "[2/8]", owners, anchor_dir, corpora, settings, device, tokens, log
     )
     experts: dict[str, dict[str, Any]] = {}
-    for domain, package_dir in zip(OWNERS, package_dirs, strict=True):
+    for domain, package_dir in zip(owners, package_dirs, strict=True):
         owner_manifest = load_package(package_dir, anchor).manifest
-        experts[domain] = {
+        experts[domain.name] = {
             "owner": owner_manifest.owner,
             "license": owner_manifest.license,
             "training": owner_manifest.training.model_dump(),
@@ -159,7 +151,7 @@ def run_demo(
     stage("experts")
     merged_dir = out / "merged"
     log(
-        f"[3/8] merging the anchor and {len(OWNERS)} experts (top-{settings.top_k}) -> {merged_dir}"
+        f"[3/8] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
     )
     build_merged(
         plan_merge(anchor_dir, package_dirs, top_k=settings.top_k), merged_dir, overwrite=True
@@ -168,7 +160,14 @@ def run_demo(
     extra: dict[str, Path] = {}
     if ablations:
         extra[RANDOM_INIT] = _random_init_stage(
-            out / "ablation-random-init", anchor_dir, corpora, settings, device, tokens, log
+            out / "ablation-random-init",
+            owners,
+            anchor_dir,
+            corpora,
+            settings,
+            device,
+            tokens,
+            log,
         )
         stage("ablation")
     tuned_dir = out / "merged-tuned"
@@ -179,12 +178,12 @@ def run_demo(
     tuning = _tune_stage(out, merged_dir, tuned_dir, specs, settings, device, tokens)
     stage("router-tuning")
     unrestricted_dir = out / "unrestricted"
-    joint = replace(settings.expert, steps=settings.expert.steps * len(OWNERS),
+    joint = replace(settings.expert, steps=settings.expert.steps * len(owners),
                     eval_every=0, checkpoint_every=0)  # fmt: skip
     log(f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
         f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}")  # fmt: skip
     train_unrestricted(
-        anchor_dir=anchor_dir, data=[specs[d] for d in OWNERS], public_data=[specs["public"]],
+        anchor_dir=anchor_dir, data=[specs[d.name] for d in owners], public_data=[specs["public"]],
         out=unrestricted_dir, cfg=joint, top_k=settings.top_k, device=device, cache_dir=tokens,
         overwrite=True,
     )  # fmt: skip
@@ -197,16 +196,21 @@ def run_demo(
         max_bytes=settings.eval_bytes, log=log,
     )  # fmt: skip
     stage("evaluation")
-    log(f"[7/8] the {OPT_OUT} owner opts out, and back in")
-    opt_out = _opt_out_stage(out, merged_dir, specs, settings, device, tokens, log)
+    log(f"[7/8] the {corpora_set.opt_out} owner opts out, and back in")
+    opt_out = _opt_out_stage(
+        out, merged_dir, specs, settings, device, tokens, log, opt_out=corpora_set.opt_out,
+        prompt=corpora_set.opt_out_prompt,
+    )  # fmt: skip
     stage("opt-out")
-    log("[8/8] extraction audit on the code owner's training documents")
-    audit = _audit_stage(anchor_dir, package_dirs, merged_dir, specs, settings, device, "code")
+    audited = owners[0].name
+    log(f"[8/8] extraction audit on the {audited} owner's training documents")
+    audit = _audit_stage(anchor_dir, package_dirs, merged_dir, specs, settings, device, audited)
     stage("audit")
     elapsed = time.perf_counter() - started
     results = {
         "settings": {
-            "quick": quick, "ablations": ablations, "vocab_size": settings.vocab_size,
+            "corpora": corpora_set.name, "quick": quick, "ablations": ablations,
+            "vocab_size": settings.vocab_size,
             "top_k": settings.top_k,
             "eval_bytes_per_domain": settings.eval_bytes, "audit": settings.audit.__dict__,
             "anchor": settings.anchor.to_dict(), "expert": settings.expert.to_dict(),
@@ -222,6 +226,7 @@ def run_demo(
         "seconds": round(elapsed, 1),
         "stage_seconds": stage_seconds,
         "device": str(device),
+        "corpora_description": corpora_set.description,
     }  # fmt: skip
     write_json(out / "results.json", results)
     for name, data in plot_files(evaluation).items():
@@ -234,20 +239,20 @@ def run_demo(
 
 
 def _train_experts(
-    root: Path, label: str, anchor_dir: Path, corpora: dict[str, Path], settings: DemoSettings,
-    device: torch.device, tokens: Path, log: Callable[[str], None],
-    router_init: RouterInitMethod = ANCHOR_HIDDEN,
+    root: Path, label: str, owners: tuple[DemoDomain, ...], anchor_dir: Path,
+    corpora: dict[str, Path], settings: DemoSettings, device: torch.device, tokens: Path,
+    log: Callable[[str], None], router_init: RouterInitMethod = ANCHOR_HIDDEN,
 ) -> list[Path]:  # fmt: skip
     """Every owner's expert, one process each, into ``root/<domain>``. Random router rows are
     seeded by the owner's position so that no two owners start from the same row."""
     packages = []
-    for i, domain in enumerate(OWNERS, 1):
-        package = root / domain
-        log(f"{label} expert {i}/{len(OWNERS)}: {domain} ({router_init.value} router row), "
+    for i, domain in enumerate(owners, 1):
+        package = root / domain.name
+        log(f"{label} expert {i}/{len(owners)}: {domain.name} ({router_init.value} router row), "
             f"in its own process -> {package}")  # fmt: skip
         seed = i if router_init is RouterInitMethod.RANDOM else 0
         _train_expert_process(
-            domain, corpora[domain], corpora["public"], anchor_dir, package, settings.expert,
+            domain, corpora[domain.name], corpora["public"], anchor_dir, package, settings.expert,
             tokens, device, router_init=router_init, seed=seed,
         )  # fmt: skip
         packages.append(package)
@@ -255,15 +260,15 @@ def _train_experts(
 
 
 def _random_init_stage(
-    root: Path, anchor_dir: Path, corpora: dict[str, Path], settings: DemoSettings,
-    device: torch.device, tokens: Path, log: Callable[[str], None],
+    root: Path, owners: tuple[DemoDomain, ...], anchor_dir: Path, corpora: dict[str, Path],
+    settings: DemoSettings, device: torch.device, tokens: Path, log: Callable[[str], None],
 ) -> Path:  # fmt: skip
     """The router-init ablation: every owner's expert trained again from a random router row
     (seeded by the owner's position, which also seeds its data order), merged like the main
     model; the public row stays the anchor's."""
     packages = _train_experts(
-        root / "experts", "[ablation]", anchor_dir, corpora, settings, device, tokens, log,
-        router_init=RouterInitMethod.RANDOM,
+        root / "experts", "[ablation]", owners, anchor_dir, corpora, settings, device, tokens,
+        log, router_init=RouterInitMethod.RANDOM,
     )  # fmt: skip
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
@@ -290,14 +295,10 @@ def _tune_stage(
     return result.record
 
 
-OPT_OUT = "legal"  # the owner who opts out in the demo
-OPT_OUT_PROMPT = "Permission is hereby granted, free of charge, to any person"
-
-
 def _opt_out_stage(
     out: Path, merged_dir: Path, specs: dict[str, DataSpec], settings: DemoSettings,
-    device: torch.device, tokens: Path, log: Callable[[str], None], opt_out: str = OPT_OUT,
-    prompt: str = OPT_OUT_PROMPT,
+    device: torch.device, tokens: Path, log: Callable[[str], None], opt_out: str = DEMO.opt_out,
+    prompt: str = DEMO.opt_out_prompt,
 ) -> dict[str, Any]:  # fmt: skip
     """The owner opts out through the model's store: the loaded model's next generation and
     score no longer use the expert, exactly as a model merged without it; then back in."""
@@ -417,11 +418,13 @@ def _report(results: dict[str, Any], history: list[dict[str, float]]) -> str:
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
     return f"""# flexmoe demo report
 
-The anchor is a tiny OLMo-2 decoder trained only on the public domain (State of the Union
-addresses). Each owner then trained one expert alone, in its own process that was handed only
-its own domain's files and the public corpus, against the frozen anchor ({expert_cfg["steps"]}
-steps of {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them
-public text), and shipped only the expert. The coordinator merged the anchor and the four
+Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
+
+The anchor is a tiny OLMo-2 decoder trained only on the public domain. Each owner then
+trained one expert alone, in its own process that was handed only its own domain's files and
+the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
+{expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
+text), and shipped only the expert. The coordinator merged the anchor and the four
 experts into one FlexOlmo model, top-{evaluation["top_k"]} of {len(results["experts"]) + 1}
 experts per token, router not tuned after merging; the owners' learned biases are
 {"on" if evaluation["default_bias"] else "off"} by default.

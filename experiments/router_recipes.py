@@ -1,0 +1,197 @@
+"""Router recipes measured at merge time on a finished demo run: one JSON line per recipe.
+
+Keeps the merged model's experts and swaps only its router, so that recipes are compared on the
+same experts and the same held-out text (bits per byte, as the report scores them):
+
+- ``trained``: the owners' trained rows, as merged (the default today);
+- ``lda``: a shared-covariance Gaussian router. Per layer, each domain d (public and every owner)
+  has the mean feed-forward input mu_d of its training documents in the anchor, and Sigma is the
+  covariance of the public documents' inputs (shrunk toward a multiple of the identity). Then
+  ``logit_d = (Sigma^-1 mu_d) . h - mu_d' Sigma^-1 mu_d / 2``, divided by a temperature: each
+  owner's score is its log-likelihood under one shared model, so scores made apart compare.
+  (Here the means are computed in one process for the measurement; in a recipe each owner would
+  compute its own mean at home and the anchor would publish mu_0 and Sigma.)
+- ``lda-specialist``: the same, with each owner's mean taken in its own specialist model.
+
+Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
+
+    python experiments/router_recipes.py RUN --corpora demo --recipes trained,lda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from flexmoe.anchor import load_anchor
+from flexmoe.data.demo import corpora_dir, corpus_set
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.split import load_splits
+from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.routing import routing_matrix
+from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.merge.build import load_merged
+from flexmoe.model.checkpoint import moe_layers
+
+
+class AffineRouter(nn.Module):
+    """A fixed router: ``logits = x W' + c`` (no learned parts, no negative-only clamp)."""
+
+    def __init__(self, *, weight: torch.Tensor, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # (N, H)
+        self.register_buffer("offset", offset)  # (N,)
+
+    def forward(self, x: torch.Tensor, *, use_bias: bool) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) + self.offset.to(x.dtype)  # (T, N)
+
+
+@torch.no_grad()
+def token_inputs(
+    model: PreTrainedModel, tokenizer, texts: list[str], *, max_tokens: int = 128,
+    max_total: int = 20_000,
+) -> torch.Tensor:  # fmt: skip
+    """``(tokens, layers, hidden)``: the feed-forward input of every real token."""
+    layers = list(model.model.layers)  # type: ignore[union-attr]
+    captured: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+
+    def hook_for(i: int):  # type: ignore[no-untyped-def]
+        return lambda module, args: captured.__setitem__(i, args[0])
+
+    handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    found, total = [], 0
+    model.eval()
+    try:
+        for start in range(0, len(texts), 8):
+            enc = tokenizer(
+                texts[start : start + 8], add_special_tokens=False, truncation=True,
+                max_length=max_tokens, padding=True, return_tensors="pt",
+            )  # fmt: skip
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            real = enc["attention_mask"].bool()  # (B, T)
+            found.append(torch.stack([h[real] for h in captured], 1).float())  # (t, L, H)
+            total += int(real.sum())
+            if total >= max_total:
+                break
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(found)[:max_total]
+
+
+def shrunk_covariance(x: torch.Tensor, shrink: float) -> torch.Tensor:
+    """``(layers, hidden, hidden)`` covariance of ``x (tokens, layers, hidden)``, shrunk toward
+    ``trace / hidden * I`` by ``shrink``."""
+    x = x.double() - x.double().mean(0)
+    cov = torch.einsum("tlh,tlg->lhg", x, x) / (len(x) - 1)
+    scale = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)  # (L,)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+    return (1 - shrink) * cov + shrink * scale[:, None, None] * eye
+
+
+def gaussian_router(
+    means: torch.Tensor, covariance: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(L, N, H)`` and offsets ``(L, N)`` of the shared-covariance Gaussian router for
+    domain means ``(L, N, H)``."""
+    means = means.double()
+    rows = torch.linalg.solve(covariance, means.transpose(1, 2)).transpose(1, 2)  # (L, N, H)
+    offsets = -0.5 * torch.einsum("lnh,lnh->ln", rows, means)  # (L, N)
+    return (rows / temperature).float(), (offsets / temperature).float()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rows: torch.Tensor  # (L, N, H)
+    offsets: torch.Tensor  # (L, N)
+
+
+def recipes(args: argparse.Namespace) -> Iterator[Recipe]:
+    corpora = corpus_set(args.corpora)
+    folder = corpora_dir(args.cache_dir, corpora)
+    domains = [d.name for d in corpora.domains]
+    specs = {
+        d: DataSpec(domain=d, paths=(str(folder / f"{d}.jsonl"),), id_field="id") for d in domains
+    }
+    anchor = load_anchor(args.run / "anchor")
+    merged = load_merged(args.run / "merged")
+    wanted = args.recipes.split(",")
+    if "trained" in wanted:
+        rows = torch.stack([m.router.weight.detach() for m in moe_layers(merged)])
+        yield Recipe("trained", rows, torch.zeros(rows.shape[:2]))
+    gaussian = [w for w in wanted if w.startswith("lda")]
+    if not gaussian:
+        return
+    train_texts = {d: [doc.text for doc in load_splits([specs[d]]).train] for d in domains}
+    inputs = {d: token_inputs(anchor.model, anchor.tokenizer, train_texts[d]) for d in domains}
+    covariance = shrunk_covariance(inputs[domains[0]], args.shrink)
+    means = {"lda": torch.stack([inputs[d].double().mean(0) for d in domains], 1)}
+    if "lda-specialist" in gaussian:
+        own = [inputs[domains[0]].double().mean(0)]
+        for d in domains[1:]:
+            specialist = build_specialist(anchor, load_package(args.run / "experts" / d, anchor))
+            own.append(token_inputs(specialist, anchor.tokenizer, train_texts[d]).double().mean(0))
+        means["lda-specialist"] = torch.stack(own, 1)
+    for name in gaussian:
+        for temperature in args.temperatures:
+            rows, offsets = gaussian_router(means[name], covariance, temperature)
+            yield Recipe(f"{name} shrink={args.shrink} T={temperature}", rows, offsets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished demo output directory")
+    parser.add_argument("--corpora", default="demo")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmoe")
+    parser.add_argument("--recipes", default="trained,lda")
+    parser.add_argument("--shrink", type=float, default=0.01)
+    parser.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")],
+                        default=[1.0, 4.0])  # fmt: skip
+    parser.add_argument("--eval-bytes", type=int, default=24_000)
+    parser.add_argument("--top-k", type=int, default=3)
+    args = parser.parse_args()
+    corpora = corpus_set(args.corpora)
+    folder = corpora_dir(args.cache_dir, corpora)
+    specs = [
+        DataSpec(domain=d.name, paths=(str(folder / f"{d.name}.jsonl"),), id_field="id")
+        for d in corpora.domains
+    ]
+    domains = [s.domain for s in specs]
+    tokens = args.cache_dir / "tokens"
+    merged = load_merged(args.run / "merged")
+    tokenizer = load_anchor(args.run / "anchor").tokenizer
+    layers = moe_layers(merged)
+    for recipe in recipes(args):
+        started = time.perf_counter()
+        for layer, moe in enumerate(layers):
+            moe.router = AffineRouter(weight=recipe.rows[layer], offset=recipe.offsets[layer])
+            moe.top_k = args.top_k
+        scores = evaluate_loaded(
+            merged, tokenizer, specs, device=torch.device("cpu"), cache_dir=tokens,
+            max_bytes=args.eval_bytes,
+        )  # fmt: skip
+        bpb = {s.domain: round(s.bits_per_byte, 4) for s in scores}
+        shares = routing_matrix(
+            merged, tokenizer, specs, domains, device=torch.device("cpu"), cache_dir=tokens,
+            max_bytes=args.eval_bytes,
+        )  # fmt: skip
+        print(json.dumps({
+            "recipe": recipe.name, "top_k": args.top_k,
+            "average_bpb": round(sum(bpb.values()) / len(bpb), 4), "bpb": bpb,
+            "own_share": {d: round(shares[d][d], 3) for d in domains},
+            "seconds": round(time.perf_counter() - started, 1),
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
