@@ -11,7 +11,9 @@ same experts and the same held-out text (bits per byte, as the report scores the
   owner's score is its log-likelihood under one shared model, so scores made apart compare.
   (Here the means are computed in one process for the measurement; in a recipe each owner would
   compute its own mean at home and the anchor would publish mu_0 and Sigma.)
-- ``lda-specialist``: the same, with each owner's mean taken in its own specialist model.
+- ``lda-specialist``: the same, with each owner's mean taken in its own specialist model;
+- ``lda+trained``: the Gaussian router's logits plus the trained rows' logits (the trained rows
+  keep each owner's own public-vs-expert split; the Gaussian part says whose text it is).
 
 Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
 
@@ -33,11 +35,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from flexmoe.anchor import load_anchor
-from flexmoe.data.demo import corpora_dir, corpus_set
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import load_splits
 from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
+from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.merge.build import load_merged
 from flexmoe.model.checkpoint import moe_layers
@@ -126,9 +128,9 @@ def recipes(args: argparse.Namespace) -> Iterator[Recipe]:
     anchor = load_anchor(args.run / "anchor")
     merged = load_merged(args.run / "merged")
     wanted = args.recipes.split(",")
+    trained = torch.stack([m.router.weight.detach() for m in moe_layers(merged)])  # (L, N, H)
     if "trained" in wanted:
-        rows = torch.stack([m.router.weight.detach() for m in moe_layers(merged)])
-        yield Recipe("trained", rows, torch.zeros(rows.shape[:2]))
+        yield Recipe("trained", trained, torch.zeros(trained.shape[:2]))
     gaussian = [w for w in wanted if w.startswith("lda")]
     if not gaussian:
         return
@@ -144,7 +146,10 @@ def recipes(args: argparse.Namespace) -> Iterator[Recipe]:
         means["lda-specialist"] = torch.stack(own, 1)
     for name in gaussian:
         for temperature in args.temperatures:
-            rows, offsets = gaussian_router(means[name], covariance, temperature)
+            rows, offsets = gaussian_router(means[name.removesuffix("+trained")], covariance,
+                                            temperature)  # fmt: skip
+            if name.endswith("+trained"):
+                rows = rows + trained
             yield Recipe(f"{name} shrink={args.shrink} T={temperature}", rows, offsets)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flexmoe.data import debian, demo
 from flexmoe.errors import FlexMoEError
+from flexmoe.experiment import corpora as demo
+from flexmoe.experiment import debian
 
 
 def _deb(files: dict[str, bytes]) -> bytes:

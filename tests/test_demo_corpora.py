@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flexmoe.data import demo
 from flexmoe.errors import FlexMoEError
+from flexmoe.experiment import corpora as demo
 
 
 def _zip(files: dict[str, str]) -> bytes:

@@ -556,8 +556,8 @@ def test_demo_merge_stage_opts_out_exactly(
     from helpers import WORDS, make_texts, write_jsonl
 
     from flexmoe.evaluate.extraction import AuditSettings
+    from flexmoe.experiment.pipeline import QUICK, _audit_stage, _opt_out_stage
     from flexmoe.merge.standing import StandingStore
-    from flexmoe.pipeline import QUICK, _audit_stage, _opt_out_stage
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -590,7 +590,7 @@ def test_demo_merge_stage_opts_out_exactly(
     assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
     assert all(r["documents"] == 2 for r in audit["results"])
     # the router-tuning variant: a small proxy window sample per domain, only the router trains
-    from flexmoe.pipeline import _tune_stage
+    from flexmoe.experiment.pipeline import _tune_stage
     from flexmoe.training.config import TrainConfig
 
     tune_cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1,

@@ -127,7 +127,7 @@ def data_demo(
     ] = "demo",
 ) -> None:
     """Fetch a demo corpus set (a public domain and four owners' domains) as jsonl files."""
-    from flexmoe.data.demo import corpora_dir, corpus_set, fetch_corpora
+    from flexmoe.experiment.corpora import corpora_dir, corpus_set, fetch_corpora
 
     chosen = corpus_set(corpora)
     fetch_corpora(chosen, out or corpora_dir(_cache_dir(), chosen), log=typer.echo)
@@ -797,9 +797,9 @@ def demo(
     device: DeviceOpt = "auto",
 ) -> None:
     """Run the demo pipeline end to end and write its report."""
-    from flexmoe.data.demo import corpus_set
     from flexmoe.device import pick_device
-    from flexmoe.pipeline import run_demo
+    from flexmoe.experiment.corpora import corpus_set
+    from flexmoe.experiment.pipeline import run_demo
 
     run_demo(
         out, cache_dir=_cache_dir(), device=pick_device(device), quick=quick, ablations=ablations,

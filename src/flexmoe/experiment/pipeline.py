@@ -12,24 +12,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flexmoe.anchor import load_anchor, train_anchor
-from flexmoe.data.demo import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.data.documents import DataSpec, write_jsonl
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
-from flexmoe.evaluate.extraction import AuditSettings, audit_extraction, sample_passages
+from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.evaluate.report import RANDOM_INIT, TUNED, checks, markdown, model_order, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.evaluate.unrestricted import train_unrestricted
+from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
+from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
@@ -47,42 +48,8 @@ from flexmoe.training.config import TrainConfig
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    vocab_size: int
-    anchor: TrainConfig
-    expert: TrainConfig
-    eval_bytes: int | None  # held-out text scored per domain; None scores the whole test split
-    audit: AuditSettings
-    tune: TrainConfig  # router tuning after merging (a variant; the default stays untuned)
-    proxy_bytes: int  # the sample of its text each owner hands over for router tuning
-    top_k: int = 3  # experts active per token in the merged model (of 5)
-
-
-FULL = DemoSettings(
-    vocab_size=4096,
-    anchor=TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30,
-                       eval_every=100, checkpoint_every=100),
-    expert=TrainConfig(steps=60, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=6,
-                       weight_decay=0.0, eval_every=30, checkpoint_every=30, z_loss=1e-3),
-    eval_bytes=24_000,
-    audit=AuditSettings(documents=32, samples=4),
-    tune=TrainConfig(steps=100, batch_size=16, seq_len=128, lr=1e-2, warmup_steps=10,
-                     weight_decay=0.0, eval_every=0, checkpoint_every=0, z_loss=1e-3),
-    proxy_bytes=20_000,
-)  # fmt: skip
-QUICK = DemoSettings(
-    vocab_size=2048,
-    anchor=TrainConfig(steps=120, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=12,
-                       eval_every=40, checkpoint_every=40),
-    expert=TrainConfig(steps=24, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=3,
-                       weight_decay=0.0, eval_every=12, checkpoint_every=12, z_loss=1e-3),
-    eval_bytes=6_000,
-    audit=AuditSettings(documents=8, samples=2),
-    tune=TrainConfig(steps=30, batch_size=8, seq_len=128, lr=1e-2, warmup_steps=3,
-                     weight_decay=0.0, eval_every=0, checkpoint_every=0, z_loss=1e-3),
-    proxy_bytes=6_000,
-)  # fmt: skip
+FULL = load_settings("full")
+QUICK = load_settings("quick")
 
 
 def _train_expert_process(

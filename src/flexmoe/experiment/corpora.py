@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexmoe.data import debian
 from flexmoe.data.documents import write_jsonl
 from flexmoe.errors import FlexMoEError
+from flexmoe.experiment import debian
 from flexmoe.io import write_json
 
 DEMO_FORMAT = 1

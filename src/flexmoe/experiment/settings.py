@@ -1,0 +1,55 @@
+"""The demo's settings, kept as data in ``settings.json`` (``full`` and ``quick``) and read into
+a typed, validated :class:`DemoSettings`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.evaluate.extraction import AuditSettings
+from flexmoe.training.config import TrainConfig
+
+SETTINGS_FILE = Path(__file__).with_name("settings.json")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    vocab_size: int
+    anchor: TrainConfig
+    expert: TrainConfig
+    eval_bytes: int | None  # held-out text scored per domain; None scores the whole test split
+    audit: AuditSettings
+    tune: TrainConfig  # router tuning after merging (a variant; the default stays untuned)
+    proxy_bytes: int  # the sample of its text each owner hands over for router tuning
+    top_k: int = 3  # experts active per token in the merged model (of 5)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> DemoSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FlexMoEError(where, f"unknown fields: {', '.join(unknown)}")
+        try:
+            return cls(**{
+                **data,
+                "anchor": TrainConfig.from_dict(data["anchor"]),
+                "expert": TrainConfig.from_dict(data["expert"]),
+                "tune": TrainConfig.from_dict(data["tune"]),
+                "audit": AuditSettings(**data["audit"]),
+            })  # fmt: skip
+        except (KeyError, TypeError) as e:
+            raise FlexMoEError(where, f"incomplete or malformed settings ({e})") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_settings(name: str, path: Path = SETTINGS_FILE) -> DemoSettings:
+    """The named settings (``full`` or ``quick``) from ``path``."""
+    table = json.loads(path.read_text())
+    if name not in table:
+        raise FlexMoEError(path, f"no settings named {name!r} (have {', '.join(table)})")
+    return DemoSettings.from_dict(table[name], f"{path}:{name}")
