@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 
 from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
+from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
@@ -59,10 +60,12 @@ class AffineRouter(nn.Module):
 
 @torch.no_grad()
 def token_inputs(
-    model: PreTrainedModel, tokenizer, texts: list[str], *, max_tokens: int = 128,
-    max_total: int = 20_000,
+    model: PreTrainedModel, stream: TokenStream, *, seq_len: int = 128, max_total: int = 20_000,
+    seed: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """``(tokens, layers, hidden)``: the feed-forward input of every real token."""
+    """``(tokens, layers, hidden)``: the feed-forward inputs of ``max_total`` tokens in blocks
+    drawn at random from the packed training stream (not document starts: a Gutenberg text
+    starts with its licence)."""
     layers = list(model.model.layers)  # type: ignore[union-attr]
     captured: list[torch.Tensor] = [torch.empty(0)] * len(layers)
 
@@ -70,24 +73,20 @@ def token_inputs(
         return lambda module, args: captured.__setitem__(i, args[0])
 
     handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    found, total = [], 0
+    blocks = stream.num_blocks(seq_len)
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = order[: max(1, max_total // seq_len)]
+    found = []
     model.eval()
     try:
-        for start in range(0, len(texts), 8):
-            enc = tokenizer(
-                texts[start : start + 8], add_special_tokens=False, truncation=True,
-                max_length=max_tokens, padding=True, return_tensors="pt",
-            )  # fmt: skip
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            real = enc["attention_mask"].bool()  # (B, T)
-            found.append(torch.stack([h[real] for h in captured], 1).float())  # (t, L, H)
-            total += int(real.sum())
-            if total >= max_total:
-                break
+        for start in range(0, len(chosen), 8):
+            batch = stream.batch(chosen[start : start + 8], seq_len)[:, :-1]  # (B, T)
+            model(input_ids=batch)
+            found.append(torch.stack([h.flatten(0, 1) for h in captured], 1).float())  # (BT,L,H)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.cat(found)[:max_total]
+    return torch.cat(found)
 
 
 def shrunk_covariance(x: torch.Tensor, shrink: float) -> torch.Tensor:
@@ -134,15 +133,19 @@ def recipes(args: argparse.Namespace) -> Iterator[Recipe]:
     gaussian = [w for w in wanted if w.startswith("lda")]
     if not gaussian:
         return
-    train_texts = {d: [doc.text for doc in load_splits([specs[d]]).train] for d in domains}
-    inputs = {d: token_inputs(anchor.model, anchor.tokenizer, train_texts[d]) for d in domains}
+    tokens = args.cache_dir / "tokens"
+    streams = {
+        d: pack_documents(load_splits([specs[d]]).train, anchor.tokenizer, cache_dir=tokens)
+        for d in domains
+    }
+    inputs = {d: token_inputs(anchor.model, streams[d]) for d in domains}
     covariance = shrunk_covariance(inputs[domains[0]], args.shrink)
     means = {"lda": torch.stack([inputs[d].double().mean(0) for d in domains], 1)}
     if "lda-specialist" in gaussian:
         own = [inputs[domains[0]].double().mean(0)]
         for d in domains[1:]:
             specialist = build_specialist(anchor, load_package(args.run / "experts" / d, anchor))
-            own.append(token_inputs(specialist, anchor.tokenizer, train_texts[d]).double().mean(0))
+            own.append(token_inputs(specialist, streams[d]).double().mean(0))
         means["lda-specialist"] = torch.stack(own, 1)
     for name in gaussian:
         for temperature in args.temperatures:
