@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--corpora", default="demo")
     parser.add_argument("--steps", default="30,60,120", help="expert lengths, comma-separated")
     parser.add_argument("--settings", default="full", help="the demo settings to start from")
+    parser.add_argument("--public-fraction", type=float, default=0.25,
+                        help="public share of each expert's training text")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="where experts and merges go")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmoe")
     args = parser.parse_args()
@@ -50,15 +52,15 @@ def main() -> None:
         started = time.perf_counter()
         cfg = replace(settings.expert, steps=steps, warmup_steps=max(1, steps // 10),
                       eval_every=0, checkpoint_every=0)  # fmt: skip
-        root = args.out / f"steps-{steps}"
+        root = args.out / f"steps-{steps}-public-{args.public_fraction}"
         packages = []
         for owner in corpora.owners:
             package = root / "experts" / owner.name
             train_expert(
                 anchor_dir=anchor_dir, data=[specs[owner.name]], out=package, cfg=cfg,
                 identity=ExpertIdentity(owner.name, owner.owner, owner.license), device=device,
-                cache_dir=tokens, public_data=[specs[corpora.public.name]], overwrite=True,
-                progress=False,
+                cache_dir=tokens, public_data=[specs[corpora.public.name]],
+                public_fraction=args.public_fraction, overwrite=True, progress=False,
             )  # fmt: skip
             packages.append(package)
         merged = root / "merged"
@@ -75,6 +77,7 @@ def main() -> None:
         }
         print(json.dumps({
             "corpora": corpora.name, "expert_steps": steps,
+            "public_fraction": args.public_fraction,
             "expert_tokens": steps * cfg.batch_size * cfg.seq_len,
             "average_bpb": {k: round(v, 4) for k, v in average.items()},
             "flexmoe_vs_btm": round(average["flexmoe"] / average["btm"] - 1, 4),

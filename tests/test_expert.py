@@ -387,3 +387,27 @@ def test_torchrun_expert_matches_one_process(
     a, b = load_file(tmp_path / "one" / TENSORS_FILE), load_file(tmp_path / "two" / TENSORS_FILE)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_owner_proxies_rank_public_documents_like_its_own(anchor_dir: Path) -> None:
+    """The owner's classifier puts the public documents that resemble its data first; the
+    coordinator resolves only hashes of public documents and refuses any other."""
+    from helpers import WORDS, make_texts
+
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.documents import Document
+    from flexmoe.expert.proxies import choose_proxies, resolve_proxies
+
+    anchor = load_anchor(anchor_dir)
+    upper = [w.upper() for w in WORDS]
+    own = [Document("own", str(i), t) for i, t in enumerate(make_texts(30, 3, upper))]
+    plain = make_texts(20, 4)
+    alike = make_texts(4, 5, upper)
+    public = [Document("public", str(i), t) for i, t in enumerate(plain + alike)]
+    choice = choose_proxies(anchor, "own", own, public, count=4, device=torch.device("cpu"))
+    chosen = resolve_proxies(choice, public, "proxies.json")
+    assert {d.text for d in chosen} == set(alike)
+    assert {d.domain for d in chosen} == {"own"}
+    forged = choice.model_copy(update={"public_sha256": [own[0].text_sha256]})
+    with pytest.raises(FlexMoEError, match=r"proxies\.json: 1 hashes are not public documents"):
+        resolve_proxies(forged, public, "proxies.json")

@@ -589,20 +589,69 @@ def test_demo_merge_stage_opts_out_exactly(
     audit = _audit_stage(anchor_dir, copies, out / "merged", specs, quick_audit, CPU, "upper")
     assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
     assert all(r["documents"] == 2 for r in audit["results"])
-    # the router-tuning variant: a small proxy window sample per domain, only the router trains
-    from flexmoe.experiment.pipeline import _tune_stage
+    # the router-tuning variant the paper's way: owners send hashes of public documents
+    from flexmoe.experiment.pipeline import _owner_text_tune_stage, _tune_stage
     from flexmoe.training.config import TrainConfig
 
     tune_cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1,
                            weight_decay=0.0, eval_every=0, checkpoint_every=0)  # fmt: skip
     record = _tune_stage(
-        out, out / "merged", out / "merged-tuned", specs,
+        out, anchor_dir, out / "merged", out / "merged-tuned", specs, "public",
+        replace(settings, tune=tune_cfg, proxy_documents=5), CPU, tmp_path / "cache",
+    )  # fmt: skip
+
+    def texts(path: Path) -> list[str]:
+        return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+    public_texts = set(texts(corpus_dir / "public.jsonl"))
+    owner_texts = set(texts(upper))
+    sent = (out / "proxy" / "upper.json").read_text()
+    assert len(json.loads(sent)["public_sha256"]) == 5
+    assert not [t for t in owner_texts if t[:40] in sent]  # the owner sends hashes only
+    for domain in ("upper", "public"):  # nothing owner-written reaches the tuning inputs
+        tuning = texts(out / "proxy" / f"{domain}.jsonl")
+        assert tuning and set(tuning) <= public_texts and not set(tuning) & owner_texts
+    assert set(record["data"]) == set(specs) and record["steps"] == 2
+    ablation = _owner_text_tune_stage(
+        out / "owner-text", out / "merged", out / "owner-text" / "merged-tuned", specs,
         replace(settings, tune=tune_cfg, proxy_bytes=1500), CPU, tmp_path / "cache",
     )  # fmt: skip
     for domain in specs:
-        proxy = (out / "proxy" / f"{domain}.jsonl").read_bytes()
-        texts = [json.loads(line)["text"] for line in proxy.splitlines()]
-        assert 0 < sum(len(t.encode()) for t in texts) <= 1500
-    assert set(record["data"]) == set(specs) and record["steps"] == 2
+        proxy = texts(out / "owner-text" / "proxy" / f"{domain}.jsonl")
+        assert 0 < sum(len(t.encode()) for t in proxy) <= 1500
+    assert ablation["steps"] == 2
     table = json.loads((out / "merged-tuned" / SLOTS_FILE).read_text())
     assert table["router_tuning"]["documents_sha256"] == record["documents_sha256"]
+
+
+def test_router_tune_from_owners_proxies_on_the_command_line(
+    merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """An owner writes proxies.json (hashes only); the coordinator tunes on the public
+    documents they name; a hash of a non-public document is refused in one line, exit 2."""
+    sent = tmp_path / "proxies.json"
+    public = str(corpus_dir / "public.jsonl")
+    done = _run("expert", "proxies", "--anchor", str(anchor_dir), "--data",
+                str(corpus_dir / "other.jsonl"), "--public-data", public, "--name", "other",
+                "--count", "6", "--out", str(sent), "--device", "cpu")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "6 public documents chosen" in done.stdout
+    assert set(json.loads(sent.read_text())) >= {"expert", "public_sha256", "classifier"}
+    tuned = tmp_path / "tuned"
+    done = _run("router", "tune", str(merged), "--proxies", str(sent), "--public-data", public,
+                "--out", str(tuned), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                "--device", "cpu", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tuned / SLOTS_FILE).read_text())["router_tuning"]
+    assert set(record["data"]) == {"other"} and record["steps"] == 2
+    assert not list(tmp_path.glob("*.jsonl"))  # the resolved proxies were temporary
+    forged = json.loads(sent.read_text())
+    forged["public_sha256"] = ["0" * 64]
+    sent.write_text(json.dumps(forged))
+    done = _run("router", "tune", str(merged), "--proxies", str(sent), "--public-data", public,
+                "--out", str(tmp_path / "refused"), "--device", "cpu")  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"flexmoe: error: {sent}: 1 hashes are not public documents (first 0000000000000000)"
+    ]
+    assert not (tmp_path / "refused").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -100,6 +101,11 @@ def _specs(data: list[str], text_field: str, id_field: str | None) -> list[DataS
     from flexmoe.data.documents import parse_data_spec
 
     return [parse_data_spec(s, text_field=text_field, id_field=id_field) for s in data]
+
+
+def _paths(items: list[str]) -> tuple[str, ...]:
+    """Comma-separated and repeated ``--data`` values, flattened."""
+    return tuple(p for item in items for p in item.split(",") if p)
 
 
 def _print_version(value: bool) -> None:
@@ -284,7 +290,7 @@ def expert_train(
     from flexmoe.training.config import TrainConfig
 
     identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
-    paths = tuple(p for item in data for p in item.split(",") if p)
+    paths = _paths(data)
     if tokens is not None:
         steps = max(1, -(-tokens // (batch_size * seq_len)))  # ceil
     public = [DataSpec("public", tuple(public_data), text_field, id_field)] if public_data else None
@@ -319,6 +325,36 @@ def expert_verify(
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
     typer.echo("package is sound")
+
+
+@expert_app.command("proxies")
+def expert_proxies(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: Annotated[list[str], typer.Option("--data", help="owner's files, dirs or globs")],
+    public_data: Annotated[list[str], typer.Option(help="the public corpus (files, dirs, globs)")],
+    name: Annotated[str, typer.Option(help="the expert's name")],
+    out: Annotated[Path, typer.Option(help="proxies.json to write (hashes only)")],
+    count: Annotated[int, typer.Option(help="public documents to pick")] = 24,
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Owner side of router tuning: pick the public documents most like your data; write only
+    their sha256 to send to the coordinator (no text of yours leaves)."""
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.split import load_splits
+    from flexmoe.device import pick_device
+    from flexmoe.expert.proxies import choose_proxies, write_proxies
+
+    own = load_splits([DataSpec(name, _paths(data), text_field, id_field)]).train
+    public = load_splits([DataSpec("public", _paths(public_data), text_field, id_field)]).train
+    choice = choose_proxies(
+        load_anchor(anchor), name, own, public, count=count, device=pick_device(device)
+    )
+    write_proxies(out, choice)
+    accuracy = choice.classifier["train_accuracy"]
+    typer.echo(f"{len(choice.public_sha256)} public documents chosen (classifier accuracy "
+               f"{accuracy:.1%}) -> {out}")  # fmt: skip
 
 
 @expert_app.command("eval")
@@ -414,8 +450,17 @@ def merge_remove(
 @router_app.command("tune")
 def router_tune(
     model: Annotated[Path, typer.Argument(help="merged model directory")],
-    data: DataOpt,
     out: Annotated[Path, typer.Option(help="tuned model directory to write")],
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="NAME=FILES of proxy text (repeatable)")
+    ] = None,
+    proxies: Annotated[
+        list[Path] | None,
+        typer.Option("--proxies", help="an owner's proxies.json (repeatable); needs --public-data"),
+    ] = None,
+    public_data: Annotated[
+        list[str] | None, typer.Option(help="the public corpus the proxies' hashes refer to")
+    ] = None,
     steps: int = 100,
     batch_size: int = 16,
     seq_len: int = 128,
@@ -437,17 +482,22 @@ def router_tune(
     says so.
     """
     from flexmoe.device import pick_device
-    from flexmoe.merge.tune import tune_router
+    from flexmoe.merge.tune import proxy_specs, tune_router
     from flexmoe.training.config import TrainConfig
 
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
         weight_decay=0.0, eval_every=eval_every, checkpoint_every=0, seed=seed, z_loss=z_loss,
     )  # fmt: skip
-    result = tune_router(
-        model, _specs(data, text_field, id_field), out=out, cfg=cfg, device=pick_device(device),
-        cache_dir=cache_dir or _cache_dir() / "tokens", use_bias=_bias(bias), overwrite=force,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        specs = _specs(data or [], text_field, id_field)
+        if proxies:
+            public = _paths(public_data or [])
+            specs += proxy_specs(proxies, public, Path(work), text_field, id_field)
+        result = tune_router(
+            model, specs, out=out, cfg=cfg, device=pick_device(device),
+            cache_dir=cache_dir or _cache_dir() / "tokens", use_bias=_bias(bias), overwrite=force,
+        )  # fmt: skip
     val = result.train.final_val_loss
     typer.echo(
         f"router tuned: {result.train.steps} steps, {result.train.tokens:,} tokens, final train "
@@ -925,6 +975,7 @@ COMMANDS = {
     "anchor import": anchor_import,
     "expert train": expert_train,
     "expert verify": expert_verify,
+    "expert proxies": expert_proxies,
     "expert eval": expert_eval,
     "merge": merge,
     "merge add": merge_add,

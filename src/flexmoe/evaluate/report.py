@@ -17,6 +17,7 @@ from flexmoe.io import atomic_write_bytes, write_json
 MAIN_MODELS = ("anchor", "soup", "btm", "seq-route", "unrestricted", "flexmoe", "flexmoe:tuned")
 TUNED = "flexmoe:tuned"
 RANDOM_INIT = "flexmoe:random-init"  # every owner's router row started from a random vector
+OWNER_TEXT_TUNED = "flexmoe:tuned-owner-text"  # router tuned on owners' own text (an ablation)
 # Where each merged model's routing-share matrix is kept in the results.
 ROUTING_KEYS = {"flexmoe": "routing", TUNED: "routing_tuned"}
 PLOTS = {

@@ -19,19 +19,28 @@ from typing import Any
 import torch
 
 from flexmoe.anchor import load_anchor, train_anchor
-from flexmoe.data.documents import DataSpec, write_jsonl
+from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.perplexity import evaluate_loaded
-from flexmoe.evaluate.report import RANDOM_INIT, TUNED, checks, markdown, model_order, plot_files
+from flexmoe.evaluate.report import (
+    OWNER_TEXT_TUNED,
+    RANDOM_INIT,
+    TUNED,
+    checks,
+    markdown,
+    model_order,
+    plot_files,
+)
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.evaluate.unrestricted import train_unrestricted
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
+from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, write_json
@@ -127,22 +136,27 @@ def run_demo(
     extra: dict[str, Path] = {}
     if ablations:
         extra[RANDOM_INIT] = _random_init_stage(
-            out / "ablation-random-init",
-            owners,
-            anchor_dir,
-            corpora,
-            settings,
-            device,
-            tokens,
+            out / "ablation-random-init", owners, anchor_dir, corpora, settings, device, tokens,
             log,
+        )  # fmt: skip
+        owner_text = out / "ablation-owner-text"
+        log(f"[ablation] router tuning on {settings.proxy_bytes:,} bytes of each owner's own "
+            f"text (hands owner text over) -> {owner_text / 'merged-tuned'}")  # fmt: skip
+        _owner_text_tune_stage(
+            owner_text, merged_dir, owner_text / "merged-tuned", specs, settings, device, tokens
         )
+        extra[OWNER_TEXT_TUNED] = owner_text / "merged-tuned"
         stage("ablation")
     tuned_dir = out / "merged-tuned"
     log(
-        f"[4/8] a variant: each owner hands over {settings.proxy_bytes:,} bytes of its text and "
-        f"the router alone is tuned on it ({settings.tune.steps} steps) -> {tuned_dir}"
+        f"[4/8] a variant: each owner picks the {settings.proxy_documents} public documents most "
+        f"like its data and sends their hashes; the router alone is tuned on them "
+        f"({settings.tune.steps} steps) -> {tuned_dir}"
     )
-    tuning = _tune_stage(out, merged_dir, tuned_dir, specs, settings, device, tokens)
+    tuning = _tune_stage(
+        out, anchor_dir, merged_dir, tuned_dir, specs, corpora_set.public.name, settings, device,
+        tokens,
+    )  # fmt: skip
     stage("router-tuning")
     unrestricted_dir = out / "unrestricted"
     joint = replace(settings.expert, steps=settings.expert.steps * len(owners),
@@ -183,6 +197,7 @@ def run_demo(
             "anchor": settings.anchor.to_dict(), "expert": settings.expert.to_dict(),
             "unrestricted": joint.to_dict(), "router_tuning": settings.tune.to_dict(),
             "proxy_bytes_per_domain": settings.proxy_bytes,
+            "proxy_documents_per_owner": settings.proxy_documents,
         },
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
@@ -243,18 +258,54 @@ def _random_init_stage(
 
 
 def _tune_stage(
+    out: Path, anchor_dir: Path, merged_dir: Path, tuned_dir: Path, specs: dict[str, DataSpec],
+    public: str, settings: DemoSettings, device: torch.device, tokens: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Router tuning the paper's way: each owner, at home, ranks the public corpus's training
+    documents with its own classifier and sends only the hashes of the ``proxy_documents`` most
+    like its data (``out/proxy/NAME.json``); the coordinator resolves them against its own
+    public corpus and tunes only the router on them, plus as many other public documents."""
+    anchor = load_anchor(anchor_dir)
+    public_docs = load_splits([specs[public]]).get(Split.TRAIN)
+    proxy: list[DataSpec] = []
+    chosen: set[str] = set()
+    for owner, spec in specs.items():
+        if owner == public:
+            continue
+        own = load_splits([spec]).get(Split.TRAIN)  # owner side: these never leave it
+        choice = choose_proxies(
+            anchor, owner, own, public_docs, count=settings.proxy_documents, device=device
+        )
+        sent = out / "proxy" / f"{owner}.json"
+        write_proxies(sent, choice)
+        docs = resolve_proxies(read_proxies(sent), public_docs, sent)  # coordinator side
+        chosen.update(d.text_sha256 for d in docs)
+        proxy.append(_jsonl_spec(out / "proxy" / f"{owner}.jsonl", owner, docs))
+    rest = [d for d in public_docs if d.text_sha256 not in chosen][: settings.proxy_documents]
+    proxy.append(_jsonl_spec(out / "proxy" / f"{public}.jsonl", public, rest))
+    result = tune_router(
+        merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
+        overwrite=True,
+    )  # fmt: skip
+    return result.record
+
+
+def _jsonl_spec(path: Path, domain: str, docs: list[Document]) -> DataSpec:
+    write_jsonl(path, ((d.doc_id, d.text) for d in docs))
+    return DataSpec(domain=domain, paths=(str(path),), id_field="id")
+
+
+def _owner_text_tune_stage(
     out: Path, merged_dir: Path, tuned_dir: Path, specs: dict[str, DataSpec],
     settings: DemoSettings, device: torch.device, tokens: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    """Router tuning on proxy data: a window of each of a few training documents per domain
-    (never held-out text), written to ``out/proxy``; only the router rows train."""
+    """An ablation that hands over owner text: a window of each of a few training documents per
+    domain (never held-out text), written to ``out/proxy``; only the router rows train."""
     proxy = []
     for domain, spec in specs.items():
         docs = load_splits([spec]).get(Split.TRAIN)
         sample = proxy_sample(docs, max_bytes=settings.proxy_bytes)
-        path = out / "proxy" / f"{domain}.jsonl"
-        write_jsonl(path, ((d.doc_id, d.text) for d in sample))
-        proxy.append(DataSpec(domain=domain, paths=(str(path),), id_field="id"))
+        proxy.append(_jsonl_spec(out / "proxy" / f"{domain}.jsonl", domain, sample))
     result = tune_router(
         merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
         overwrite=True,
@@ -396,12 +447,16 @@ experts into one FlexOlmo model, top-{evaluation["top_k"]} of {len(results["expe
 experts per token, router not tuned after merging; the owners' learned biases are
 {"on" if evaluation["default_bias"] else "off"} by default.
 
-As a variant (`flexmoe:tuned`), each owner also handed the coordinator a small sample of its
-training text ({results["settings"]["proxy_bytes_per_domain"]:,} bytes per domain, one window per
-document, in `proxy/`) and only the router rows were trained on it with every expert frozen
-({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens; recorded
-in the tuned model's slot table). That breaks the premise that no text leaves its owner and makes
-opt-out less strict, so it is not the default.
+As a variant (`flexmoe:tuned`, the paper's router tuning), each owner ranked the public corpus's
+training documents at home with a small classifier (its own documents vs public ones) and sent
+the coordinator only the sha256 of the {results["settings"]["proxy_documents_per_owner"]} public
+documents most like its data (`proxy/NAME.json`); the coordinator tuned only the router rows, every
+expert frozen, on those public documents and as many other public ones
+({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens;
+recorded in the tuned model's slot table). No owner text is used, but jointly tuned rows make
+opt-out less strict, so it is not the default. With `--ablations`, `{OWNER_TEXT_TUNED}` is tuned
+instead on {results["settings"]["proxy_bytes_per_domain"]:,} bytes of each owner's own training
+text (one window per document): that hands owner text over, and is shown only for comparison.
 
 - device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss

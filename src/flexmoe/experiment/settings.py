@@ -23,7 +23,8 @@ class DemoSettings:
     eval_bytes: int | None  # held-out text scored per domain; None scores the whole test split
     audit: AuditSettings
     tune: TrainConfig  # router tuning after merging (a variant; the default stays untuned)
-    proxy_bytes: int  # the sample of its text each owner hands over for router tuning
+    proxy_documents: int  # public documents each owner picks as its router-tuning proxies
+    proxy_bytes: int  # the ablation that hands over owner text: bytes of it per domain
     top_k: int = 3  # experts active per token in the merged model (of 5)
 
     @classmethod

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from flexmoe.data.documents import DataSpec, Document
+from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
+from flexmoe.expert.proxies import read_proxies, resolve_proxies
 from flexmoe.expert.train import project_biases, router_z_loss
 from flexmoe.merge.build import APPLY_BIAS, TensorSource, load_merged
 from flexmoe.merge.edit import open_sources, write_edited
@@ -63,6 +64,26 @@ def proxy_sample(
             picked.append(Document(doc.domain, doc.doc_id, text))
             total += len(text.encode())
     return picked
+
+
+def proxy_specs(
+    proxies: list[Path], public_paths: tuple[str, ...], workdir: Path, text_field: str = "text",
+    id_field: str | None = None,
+) -> list[DataSpec]:  # fmt: skip
+    """The coordinator's side of the owners' ``proxies.json`` files: each resolved against the
+    training split of the public corpus at ``public_paths`` into a jsonl of public documents in
+    ``workdir`` (named after the expert), one data spec each."""
+    if not public_paths:
+        raise FlexMoEError("--public-data", "--proxies needs the public corpus they refer to")
+    public = load_splits([DataSpec("public", public_paths, text_field, id_field)]).train
+    specs = []
+    for path in proxies:
+        choice = read_proxies(path)
+        docs = resolve_proxies(choice, public, path)
+        target = Path(workdir) / f"{choice.expert}.jsonl"
+        write_jsonl(target, ((d.doc_id, d.text) for d in docs))
+        specs.append(DataSpec(choice.expert, (str(target),), id_field="id"))
+    return specs
 
 
 def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
