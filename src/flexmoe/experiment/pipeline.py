@@ -283,6 +283,14 @@ def _tune_stage(
         proxy.append(_jsonl_spec(out / "proxy" / f"{owner}.jsonl", owner, docs))
     rest = [d for d in public_docs if d.text_sha256 not in chosen][: settings.proxy_documents]
     proxy.append(_jsonl_spec(out / "proxy" / f"{public}.jsonl", public, rest))
+    return _tune_on(merged_dir, proxy, tuned_dir, settings, device, tokens)
+
+
+def _tune_on(
+    merged_dir: Path, proxy: list[DataSpec], tuned_dir: Path, settings: DemoSettings,
+    device: torch.device, tokens: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Tune only the router of ``merged_dir`` on ``proxy`` into ``tuned_dir``; its record."""
     result = tune_router(
         merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
         overwrite=True,
@@ -306,11 +314,7 @@ def _owner_text_tune_stage(
         docs = load_splits([spec]).get(Split.TRAIN)
         sample = proxy_sample(docs, max_bytes=settings.proxy_bytes)
         proxy.append(_jsonl_spec(out / "proxy" / f"{domain}.jsonl", domain, sample))
-    result = tune_router(
-        merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
-        overwrite=True,
-    )  # fmt: skip
-    return result.record
+    return _tune_on(merged_dir, proxy, tuned_dir, settings, device, tokens)
 
 
 def _opt_out_stage(
