@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from flexmoe.anchor import load_anchor
+from flexmoe.anchor import Anchor, load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
@@ -117,17 +117,12 @@ class Recipe:
     offsets: torch.Tensor  # (L, N)
 
 
-def recipes(args: argparse.Namespace) -> Iterator[Recipe]:
-    corpora = corpus_set(args.corpora)
-    folder = corpora_dir(args.cache_dir, corpora)
-    domains = [d.name for d in corpora.domains]
-    specs = {
-        d: DataSpec(domain=d, paths=(str(folder / f"{d}.jsonl"),), id_field="id") for d in domains
-    }
-    anchor = load_anchor(args.run / "anchor")
-    merged = load_merged(args.run / "merged")
+def recipes(
+    args: argparse.Namespace, specs: dict[str, DataSpec], anchor: Anchor, trained: torch.Tensor
+) -> Iterator[Recipe]:
+    """Every recipe asked for; ``trained`` are the merged model's own rows ``(L, N, H)``."""
+    domains = list(specs)
     wanted = args.recipes.split(",")
-    trained = torch.stack([m.router.weight.detach() for m in moe_layers(merged)])  # (L, N, H)
     if "trained" in wanted:
         yield Recipe("trained", trained, torch.zeros(trained.shape[:2]))
     gaussian = [w for w in wanted if w.startswith("lda")]
@@ -170,16 +165,18 @@ def main() -> None:
     args = parser.parse_args()
     corpora = corpus_set(args.corpora)
     folder = corpora_dir(args.cache_dir, corpora)
-    specs = [
-        DataSpec(domain=d.name, paths=(str(folder / f"{d.name}.jsonl"),), id_field="id")
+    by_name = {
+        d.name: DataSpec(domain=d.name, paths=(str(folder / f"{d.name}.jsonl"),), id_field="id")
         for d in corpora.domains
-    ]
-    domains = [s.domain for s in specs]
+    }
+    specs, domains = list(by_name.values()), list(by_name)
     tokens = args.cache_dir / "tokens"
     merged = load_merged(args.run / "merged")
-    tokenizer = load_anchor(args.run / "anchor").tokenizer
+    anchor = load_anchor(args.run / "anchor")
+    tokenizer = anchor.tokenizer
     layers = moe_layers(merged)
-    for recipe in recipes(args):
+    trained = torch.stack([m.router.weight.detach().clone() for m in layers])  # (L, N, H)
+    for recipe in recipes(args, by_name, anchor, trained):
         started = time.perf_counter()
         for layer, moe in enumerate(layers):
             moe.router = AffineRouter(weight=recipe.rows[layer], offset=recipe.offsets[layer])

@@ -204,7 +204,6 @@ DEBIAN = CorpusSet(
     opt_out_prompt="   <programming> A compiler for",
 )  # fmt: skip
 CORPUS_SETS = {s.name: s for s in (DEMO, DEBIAN)}
-DOMAINS = DEMO.domains
 
 
 def corpus_set(name: str) -> CorpusSet:
