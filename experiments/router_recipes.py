@@ -13,7 +13,17 @@ same experts and the same held-out text (bits per byte, as the report scores the
   compute its own mean at home and the anchor would publish mu_0 and Sigma.)
 - ``lda-specialist``: the same, with each owner's mean taken in its own specialist model;
 - ``lda+trained``: the Gaussian router's logits plus the trained rows' logits (the trained rows
-  keep each owner's own public-vs-expert split; the Gaussian part says whose text it is).
+  keep each owner's own public-vs-expert split; the Gaussian part says whose text it is);
+- ``calibrated``: the coordinator's lever, public text and packages only. Per layer, expert k's
+  margin over the public expert, ``m_k = (r_k - r_0) . h``, is measured on public training text
+  in the anchor (mean mu_k, spread sigma_k). Its row becomes ``r_0 + (r_k - r_0) s / sigma_k``
+  (s: the median spread), so that one unit of margin means as much for every expert, and with
+  ``--thresholds t`` its offset ``-s (mu_k / sigma_k + t)`` (kept <= 0, as the owners' negative
+  bias can hold it): expert k competes once its margin is t spreads above its public average;
+- ``ceiling``: NOT a recipe. The rows and offsets fitted by gradient descent on the language
+  modelling loss of the very held-out text that is scored, every expert frozen. No router of
+  this shape, private or not, should do better with these experts: it bounds every lever that
+  changes only the router.
 
 Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
 
@@ -38,9 +48,10 @@ from flexmoe.anchor import Anchor, load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
-from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
+from flexmoe.experiment.levers import calibrated_rows, ffn_inputs
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.merge.build import load_merged
 from flexmoe.model.checkpoint import moe_layers
@@ -56,37 +67,6 @@ class AffineRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, *, use_bias: bool) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype)) + self.offset.to(x.dtype)  # (T, N)
-
-
-@torch.no_grad()
-def token_inputs(
-    model: PreTrainedModel, stream: TokenStream, *, seq_len: int = 128, max_total: int = 20_000,
-    seed: int = 0,
-) -> torch.Tensor:  # fmt: skip
-    """``(tokens, layers, hidden)``: the feed-forward inputs of ``max_total`` tokens in blocks
-    drawn at random from the packed training stream (not document starts: a Gutenberg text
-    starts with its licence)."""
-    layers = list(model.model.layers)  # type: ignore[union-attr]
-    captured: list[torch.Tensor] = [torch.empty(0)] * len(layers)
-
-    def hook_for(i: int):  # type: ignore[no-untyped-def]
-        return lambda module, args: captured.__setitem__(i, args[0])
-
-    handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    blocks = stream.num_blocks(seq_len)
-    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = order[: max(1, max_total // seq_len)]
-    found = []
-    model.eval()
-    try:
-        for start in range(0, len(chosen), 8):
-            batch = stream.batch(chosen[start : start + 8], seq_len)[:, :-1]  # (B, T)
-            model(input_ids=batch)
-            found.append(torch.stack([h.flatten(0, 1) for h in captured], 1).float())  # (BT,L,H)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.cat(found)
 
 
 def shrunk_covariance(x: torch.Tensor, shrink: float) -> torch.Tensor:
@@ -110,6 +90,61 @@ def gaussian_router(
     return (rows / temperature).float(), (offsets / temperature).float()
 
 
+def calibrated_router(
+    trained: torch.Tensor, public: torch.Tensor, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibrated rows (:func:`flexmoe.experiment.levers.calibrated_rows`) and, with a
+    ``threshold``, offsets so that each owner starts competing ``threshold`` spreads above its
+    mean margin on public tokens (kept <= 0, as the owners' negative bias can hold them)."""
+    rows = calibrated_rows(trained, public)
+    offsets = torch.zeros(trained.shape[:2])
+    if threshold is not None:
+        margins = torch.einsum("tlh,lnh->tln", public, rows[:, 1:] - rows[:, :1])  # (T, L, N-1)
+        shift = -(margins.mean(0) + threshold * margins.std(0))
+        offsets[:, 1:] = shift.clamp(max=0)
+    return rows, offsets
+
+
+def fit_ceiling(
+    model: PreTrainedModel, streams: list[TokenStream], trained: torch.Tensor, *, steps: int,
+    seq_len: int = 128, batch: int = 8, lr: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Rows and offsets fitted on the language-modelling loss of ``streams`` with everything
+    else frozen (the measurement's upper bound, see the module's docstring)."""
+    layers = moe_layers(model)
+    rows = nn.Parameter(trained.clone())
+    offsets = nn.Parameter(torch.zeros(trained.shape[:2]))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer, moe in enumerate(layers):
+        moe.router = _Slice(rows, offsets, layer)
+    blocks = [(i, b) for i, s in enumerate(streams) for b in range(s.num_blocks(seq_len))]
+    rng = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam([rows, offsets], lr=lr)
+    model.train()
+    for _ in range(steps):
+        picked = [blocks[int(j)] for j in torch.randint(len(blocks), (batch,), generator=rng)]
+        ids = torch.cat([streams[i].batch([b], seq_len) for i, b in picked])
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return rows.detach().clone(), offsets.detach().clone()
+
+
+class _Slice(nn.Module):
+    """Layer ``layer``'s view of shared trainable rows and offsets."""
+
+    def __init__(self, rows: nn.Parameter, offsets: nn.Parameter, layer: int) -> None:
+        super().__init__()
+        self.rows, self.offsets, self.layer = rows, offsets, layer
+
+    def forward(self, x: torch.Tensor, *, use_bias: bool) -> torch.Tensor:
+        return F.linear(x, self.rows[self.layer]) + self.offsets[self.layer]
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -125,22 +160,30 @@ def recipes(
     wanted = args.recipes.split(",")
     if "trained" in wanted:
         yield Recipe("trained", trained, torch.zeros(trained.shape[:2]))
+    tokens = args.cache_dir / "tokens"
+    if "calibrated" in wanted:
+        public_stream = pack_documents(
+            load_splits([specs[domains[0]]]).train, anchor.tokenizer, cache_dir=tokens
+        )
+        public = ffn_inputs(anchor.model, public_stream)
+        for threshold in [None, *args.thresholds]:
+            rows, offsets = calibrated_router(trained, public, threshold)
+            yield Recipe(f"calibrated threshold={threshold}", rows, offsets)
     gaussian = [w for w in wanted if w.startswith("lda")]
     if not gaussian:
         return
-    tokens = args.cache_dir / "tokens"
     streams = {
         d: pack_documents(load_splits([specs[d]]).train, anchor.tokenizer, cache_dir=tokens)
         for d in domains
     }
-    inputs = {d: token_inputs(anchor.model, streams[d]) for d in domains}
+    inputs = {d: ffn_inputs(anchor.model, streams[d]) for d in domains}
     covariance = shrunk_covariance(inputs[domains[0]], args.shrink)
     means = {"lda": torch.stack([inputs[d].double().mean(0) for d in domains], 1)}
     if "lda-specialist" in gaussian:
         own = [inputs[domains[0]].double().mean(0)]
         for d in domains[1:]:
             specialist = build_specialist(anchor, load_package(args.run / "experts" / d, anchor))
-            own.append(token_inputs(specialist, streams[d]).double().mean(0))
+            own.append(ffn_inputs(specialist, streams[d]).double().mean(0))
         means["lda-specialist"] = torch.stack(own, 1)
     for name in gaussian:
         for temperature in args.temperatures:
@@ -160,6 +203,9 @@ def main() -> None:
     parser.add_argument("--shrink", type=float, default=0.01)
     parser.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")],
                         default=[1.0, 4.0])  # fmt: skip
+    parser.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",")],
+                        default=[0.0, 1.0, 2.0])  # fmt: skip
+    parser.add_argument("--ceiling-steps", type=int, default=300)
     parser.add_argument("--eval-bytes", type=int, default=24_000)
     parser.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args()
@@ -176,7 +222,19 @@ def main() -> None:
     tokenizer = anchor.tokenizer
     layers = moe_layers(merged)
     trained = torch.stack([m.router.weight.detach().clone() for m in layers])  # (L, N, H)
-    for recipe in recipes(args, by_name, anchor, trained):
+    chosen = list(recipes(args, by_name, anchor, trained))
+    if "ceiling" in args.recipes.split(","):
+        held_out = [
+            pack_documents(
+                eval_documents(spec, max_bytes=args.eval_bytes), tokenizer, cache_dir=tokens
+            )
+            for spec in specs
+        ]
+        for layer in layers:
+            layer.top_k = args.top_k
+        rows, offsets = fit_ceiling(merged, held_out, trained, steps=args.ceiling_steps)
+        chosen.append(Recipe(f"ceiling steps={args.ceiling_steps}", rows, offsets))
+    for recipe in chosen:
         started = time.perf_counter()
         for layer, moe in enumerate(layers):
             moe.router = AffineRouter(weight=recipe.rows[layer], offset=recipe.offsets[layer])

@@ -624,6 +624,61 @@ def test_demo_merge_stage_opts_out_exactly(
     assert table["router_tuning"]["documents_sha256"] == record["documents_sha256"]
 
 
+def test_router_levers_change_only_the_rows(
+    merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """The calibration lever rescales each owner's margin to one spread on public text and
+    writes a checkpoint transformers loads; the ceiling trains only the rows, on exactly the
+    held-out text that is scored."""
+    from flexmoe.data.packing import pack_documents
+    from flexmoe.data.split import load_splits
+    from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
+    from flexmoe.experiment.levers import calibrated_rows, ffn_inputs
+    from flexmoe.experiment.pipeline import QUICK, _calibrated_stage, _ceiling_stage
+    from flexmoe.training.config import TrainConfig
+
+    public = DataSpec("public", (str(corpus_dir / "public.jsonl"),))
+    out = _calibrated_stage(anchor_dir, merged, tmp_path / "calibrated", public, CPU, None)
+    before, after = _state(merged), _state(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+    for key in changed:
+        assert torch.equal(before[key][0], after[key][0])  # the public row is the anchor's
+    table = json.loads((out / SLOTS_FILE).read_text())
+    assert table["router_calibration"]["public_tokens"] > 0 and table["router_tuning"] is None
+    assert theirs_loads(out)
+    anchor = load_anchor(anchor_dir)
+    stream = pack_documents(load_splits([public]).train, anchor.tokenizer, cache_dir=None)
+    inputs = ffn_inputs(anchor.model, stream)  # the very tokens the stage measured
+    rows = torch.stack([after[f"model.layers.{i}.mlp.gate.weight"] for i in range(len(changed))])
+    margins = torch.einsum("tlh,lnh->tln", inputs, rows[:, 1:] - rows[:, :1])
+    spread = margins.std(0)
+    assert torch.allclose(spread, spread[:, :1].expand_as(spread), rtol=1e-3)
+    assert torch.allclose(calibrated_rows(rows, inputs), rows, atol=1e-5)  # a fixed point
+
+    from helpers import WORDS, make_texts, write_jsonl
+
+    texts = make_texts(200, 7, [w.upper() for w in WORDS])
+    upper = DataSpec("upper", (str(write_jsonl(tmp_path / "upper.jsonl", texts)),))
+    specs = {"public": public, "upper": upper}
+    tune = TrainConfig(steps=1, batch_size=4, seq_len=32, lr=3e-2, warmup_steps=1,
+                       weight_decay=0.0, eval_every=0, checkpoint_every=0)  # fmt: skip
+    settings = replace(QUICK, tune=tune, ceiling_steps=12, eval_bytes=3000)
+    ceiling = _ceiling_stage(merged, tmp_path / "ceiling", specs, settings, CPU, None)
+    record = json.loads((ceiling / SLOTS_FILE).read_text())["router_tuning"]
+    scored = {d: len(eval_documents(s, max_bytes=3000)) for d, s in specs.items()}
+    assert record["data"] == scored and record["steps"] == 12
+    changed = {k for k, v in _state(ceiling).items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed)
+
+    def score(model_dir: Path) -> list[float]:
+        scores = evaluate_loaded(load_merged(model_dir), anchor.tokenizer, list(specs.values()),
+                                 device=CPU, cache_dir=None, seq_len=32, max_bytes=3000)  # fmt: skip
+        return [s.bits_per_byte for s in scores]
+
+    assert sum(score(ceiling)) < sum(score(merged))  # fitted on the scored text
+
+
 def test_router_tune_from_owners_proxies_on_the_command_line(
     merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:

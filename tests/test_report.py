@@ -114,7 +114,7 @@ def test_settings_are_read_from_the_variants() -> None:
     assert "the default is 2 (1.6317" in text and "the best measured is 1 (1.6000)" in text
     assert "turning them on changes the average by +4.19%" in text
     assert "router init: only the owners' method was scored" in text
-    from flexmoe.evaluate.report import RANDOM_INIT
+    from flexmoe.evaluate.registry import RANDOM_INIT
 
     results["models"][RANDOM_INIT] = {
         d: {"bits_per_byte": v} for d, v in {"public": 1.0, "code": 2.3, "legal": 1.9}.items()
@@ -124,7 +124,8 @@ def test_settings_are_read_from_the_variants() -> None:
 
 
 def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
-    from flexmoe.evaluate.report import TUNED, markdown
+    from flexmoe.evaluate.registry import TUNED
+    from flexmoe.evaluate.report import markdown
 
     results = _results(
         {"public": 1.005, "code": 2.30, "legal": 1.84},
@@ -168,6 +169,26 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
     assert "the public expert to take nearly all the routing mass there; it takes 80%." in text
 
 
+def test_router_levers_are_reported_from_their_rows() -> None:
+    from flexmoe.evaluate.registry import CALIBRATED, ROUTER_CEILING
+    from flexmoe.evaluate.report import investigation, settings_measured
+
+    merged = {"public": 1.005, "code": 2.30, "legal": 2.10}
+    below = {"public": 1.00, "code": 2.00, "legal": 1.90}  # the ceiling beats btm and seq-route
+    above = {"public": 1.00, "code": 2.25, "legal": 2.05}  # it does not
+    text = investigation(_results(merged, **{ROUTER_CEILING: above}))
+    assert "The router ceiling (flexmoe:router-ceiling" in text and "averages 1.7667" in text
+    assert "No lever that changes only the router can reach btm or seq-route" in text
+    text = investigation(_results(merged, **{ROUTER_CEILING: below}))
+    assert "A router alone could close the gap" in text and "No lever" not in text
+    assert "router ceiling" not in investigation(_results(merged))
+    lines = settings_measured(_results(merged, **{CALIBRATED: below}))
+    assert "rescaled by the coordinator on public text (flexmoe:calibrated): -9.34%" in lines
+    assert "though it wins here" in lines
+    lines = settings_measured(_results(merged, **{CALIBRATED: {**merged, "code": 2.4}}))
+    assert "+1.85% on average" in lines and "off by default." in lines
+
+
 def test_proxy_sample_is_small_seeded_and_keeps_ids(tmp_path: Path) -> None:
     from flexmoe.data.documents import DataSpec, Document, write_jsonl
     from flexmoe.data.split import load_splits
@@ -186,3 +207,24 @@ def test_proxy_sample_is_small_seeded_and_keeps_ids(tmp_path: Path) -> None:
     back = load_splits([DataSpec("code", (str(path),), id_field="id")])
     all_back = [*back.train, *back.validation, *back.test]
     assert sorted(d.doc_id for d in all_back) == ["d0", "d1", "d2"]
+
+
+def test_registry_names_and_typed_results(tmp_path: Path) -> None:
+    import pytest
+
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.evaluate.registry import Evaluation, describe
+
+    results = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
+    text = describe(list(results["models"]))
+    assert "`btm` Branch-Train-Merge" in text and "`specialist:X` owner X's" in text
+    assert "`flexmoe:without-X` owner X opted out" in text and "router-ceiling" not in text
+    found = Evaluation.read(results, "scores.json")
+    assert found.models["btm"]["code"].bits_per_byte == 2.20 and found.experts == ["code", "legal"]
+    results["models"]["soup"]["code"]["bits_per_byte"] = -1.0
+    with pytest.raises(
+        FlexMoEError, match=r"field models\.soup\.code\.bits_per_byte: Input should"
+    ):
+        Evaluation.read(results, "scores.json")
+    with pytest.raises(FlexMoEError, match="field domains: Field required"):
+        Evaluation.read({"experts": [], "models": {}}, "scores.json")

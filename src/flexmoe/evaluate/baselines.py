@@ -31,6 +31,15 @@ from transformers.modeling_outputs import CausalLMOutput
 from flexmoe.anchor import Anchor
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.perplexity import DocumentRouted, Scoreable
+from flexmoe.evaluate.registry import (
+    ANCHOR,
+    BTM,
+    FLEXMOE,
+    SEQ_ROUTE,
+    SOUP,
+    UNRESTRICTED,
+    specialist,
+)
 from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
 from flexmoe.inference.selection import Selection, load_selected
 from flexmoe.merge.build import APPLY_BIAS
@@ -150,13 +159,13 @@ def merged_variant(merged_dir: Path, options: list[str]) -> nn.Module:
 def baseline_names(packages: list[ExpertPackage], *, unrestricted: bool = False) -> list[str]:
     """Every registry name buildable from these packages (and a merged model), in report order."""
     return [
-        "anchor",
-        *(f"specialist:{p.manifest.name}" for p in packages),
-        "soup",
-        "btm",
-        "seq-route",
-        *(["unrestricted"] if unrestricted else []),
-        "flexmoe",
+        ANCHOR,
+        *(specialist(p.manifest.name) for p in packages),
+        SOUP,
+        BTM,
+        SEQ_ROUTE,
+        *([UNRESTRICTED] if unrestricted else []),
+        FLEXMOE,
     ]
 
 
@@ -173,13 +182,13 @@ def build_baseline(
     directory, ``unrestricted`` the jointly trained model's."""
     by_name = {p.manifest.name: p for p in packages}
     builders: dict[str, Callable[[], Scoreable]] = {
-        "anchor": lambda: anchor.model,
-        "soup": lambda: soup(anchor, packages),
-        "btm": lambda: PosteriorEnsemble([build_specialist(anchor, p) for p in packages]),
-        "seq-route": lambda: seq_route(anchor, packages, device),
+        ANCHOR: lambda: anchor.model,
+        SOUP: lambda: soup(anchor, packages),
+        BTM: lambda: PosteriorEnsemble([build_specialist(anchor, p) for p in packages]),
+        SEQ_ROUTE: lambda: seq_route(anchor, packages, device),
     }
     if unrestricted_dir is not None:
-        builders["unrestricted"] = lambda: load_model(unrestricted_dir)
+        builders[UNRESTRICTED] = lambda: load_model(unrestricted_dir)
     if name.startswith("specialist:"):
         package = by_name.get(name.removeprefix("specialist:"))
         if package is None:

@@ -11,13 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexmoe.errors import FlexMoEError
+from flexmoe.evaluate.registry import (
+    BIAS,
+    CALIBRATED,
+    MAIN_MODELS,
+    NO_BIAS,
+    RANDOM_INIT,
+    ROUTER_CEILING,
+    TOP_K_PREFIX,
+    TUNED,
+    Evaluation,
+    specialist,
+    without,
+)
 from flexmoe.io import atomic_write_bytes, write_json
 
-MAIN_MODELS = ("anchor", "soup", "btm", "seq-route", "unrestricted", "flexmoe", "flexmoe:tuned")
-TUNED = "flexmoe:tuned"
-RANDOM_INIT = "flexmoe:random-init"  # every owner's router row started from a random vector
-OWNER_TEXT_TUNED = "flexmoe:tuned-owner-text"  # router tuned on owners' own text (an ablation)
 # Where each merged model's routing-share matrix is kept in the results.
 ROUTING_KEYS = {"flexmoe": "routing", TUNED: "routing_tuned"}
 PLOTS = {
@@ -43,19 +51,8 @@ def model_order(results: dict[str, Any]) -> list[str]:
 
 def check_results(results: Any, where: Path | str) -> dict[str, Any]:
     """The scores a report needs, or a one-line error naming the first missing field."""
-    if not isinstance(results, dict):
-        raise FlexMoEError(where, "expected a JSON object written by flexmoe eval baselines")
-    for key in ("domains", "experts", "models"):
-        if key not in results:
-            raise FlexMoEError(where, f"field {key!r} is missing")
-    if not results["models"]:
-        raise FlexMoEError(where, "no scored models to report")
-    for model, row in results["models"].items():
-        for domain in results["domains"]:
-            value = row.get(domain, {}).get("bits_per_byte") if isinstance(row, dict) else None
-            if not isinstance(value, int | float):
-                raise FlexMoEError(where, f"field models.{model}.{domain}.bits_per_byte is missing")
-    return results
+    Evaluation.read(results, where)
+    return dict(results)
 
 
 def bpb(results: dict[str, Any], model: str, domain: str) -> float:
@@ -95,7 +92,7 @@ def checks(
     models = results["models"]
     found: list[Check] = []
     for expert, domain in owners.items():
-        key = f"specialist:{expert}"
+        key = specialist(expert)
         if key in models and model in models:
             m, s = bpb(results, model, domain), bpb(results, key, domain)
             claim = f"on {domain}, merged within 3% of the {expert} specialist"
@@ -196,11 +193,11 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
         files[PLOTS["improvement"]] = _png(fig)
         plt.close(fig)
 
-    left_out = [e for e in owners if f"flexmoe:without-{e}" in results["models"]]
+    left_out = [e for e in owners if without(e) in results["models"]]
     if left_out and "flexmoe" in results["models"]:
         fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 3, 0.5 * len(left_out) + 1.5))
         change = [
-            [100 * (bpb(results, f"flexmoe:without-{e}", d) / bpb(results, "flexmoe", d) - 1)
+            [100 * (bpb(results, without(e), d) / bpb(results, "flexmoe", d) - 1)
              for d in domains]
             for e in left_out
         ]  # fmt: skip
@@ -230,7 +227,7 @@ def settings_measured(results: dict[str, Any]) -> str:
     """What the top-k and bias variants say about the merged model's defaults."""
     models, lines = results["models"], []
     top_k = results.get("top_k")
-    tops = {int(m.removeprefix("flexmoe:top-")): m for m in models if m.startswith("flexmoe:top-")}
+    tops = {int(m.removeprefix(TOP_K_PREFIX)): m for m in models if m.startswith(TOP_K_PREFIX)}
     if tops and "flexmoe" in models and top_k is not None:
         tops[int(top_k)] = "flexmoe"
         ranked = sorted(tops, key=lambda k: average(results, tops[k]))
@@ -241,7 +238,7 @@ def settings_measured(results: dict[str, Any]) -> str:
             + ", ".join(f"top-{k} {average(results, tops[k]):.4f}" for k in sorted(tops))
             + "."
         )
-    other = "flexmoe:no-bias" if results.get("default_bias") else "flexmoe:bias"
+    other = NO_BIAS if results.get("default_bias") else BIAS
     if other in models and "flexmoe" in models:
         state = "on" if results.get("default_bias") else "off"
         change = average(results, other) / average(results, "flexmoe") - 1
@@ -263,6 +260,13 @@ def settings_measured(results: dict[str, Any]) -> str:
                 "- router init: only the owners' method was scored (no random-init ablation; "
                 "`flexmoe demo --ablations` trains one)."
             )
+    if CALIBRATED in models and "flexmoe" in models:
+        change = average(results, CALIBRATED) / average(results, "flexmoe") - 1
+        lines.append(
+            f"- the owners' rows rescaled by the coordinator on public text ({CALIBRATED}): "
+            f"{change:+.2%} on average ({average(results, CALIBRATED):.4f}); off by default"
+            + (", though it wins here." if change < 0 else ".")
+        )
     if TUNED in models and "flexmoe" in models:
         change = average(results, TUNED) / average(results, "flexmoe") - 1
         lines.append(
@@ -281,7 +285,7 @@ def _pct(new: float, old: float) -> str:
 def _public_note(results: dict[str, Any], owners: dict[str, str]) -> str | None:
     """Why public text misses its bar when every specialist is already worse there."""
     models, public = results["models"], public_domain(results, owners)
-    specialists = [k for k in (f"specialist:{e}" for e in owners) if k in models]
+    specialists = [k for k in (specialist(e) for e in owners) if k in models]
     if not (public and specialists and {"anchor", "flexmoe"} <= models.keys()):
         return None
     anchor = bpb(results, "anchor", public)
@@ -295,6 +299,30 @@ def _public_note(results: dict[str, Any], owners: dict[str, str]) -> str | None:
         "needs the public expert to take nearly all the routing mass there"
         + (f"; it takes {share:.0%}." if share is not None else ".")
     )
+
+
+def _ceiling_note(results: dict[str, Any]) -> str | None:
+    """What the router ceiling says about the gap to the document-level baselines."""
+    models = results["models"]
+    if not {ROUTER_CEILING, "flexmoe"} <= models.keys():
+        return None
+    ceiling = average(results, ROUTER_CEILING)
+    rivals = {o: average(results, o) for o in ("btm", "seq-route") if o in models}
+    missed = [o for o, v in rivals.items() if ceiling > v]
+    against = ", ".join(f"{o} {v:.4f}" for o, v in rivals.items())
+    head = (
+        f"- The router ceiling ({ROUTER_CEILING}: only the rows trained, on the very text scored "
+        f"here) averages {ceiling:.4f}, against flexmoe {average(results, 'flexmoe'):.4f}"
+        + (f" and {against}" if against else "")
+        + ". "
+    )
+    if missed:
+        return head + (
+            f"No lever that changes only the router can reach {' or '.join(missed)} with these "
+            "experts: the rest of the gap is in what the experts and the anchor's hidden states "
+            "let a per-token router tell apart at this size."
+        )
+    return head + "A router alone could close the gap; the default recipe does not find it."
 
 
 def investigation(results: dict[str, Any], owners: dict[str, str] | None = None) -> str:
@@ -320,7 +348,7 @@ def investigation(results: dict[str, Any], owners: dict[str, str] | None = None)
     if "flexmoe" in models:
         helped = []
         for expert, domain in owners.items():
-            key = f"flexmoe:without-{expert}"
+            key = without(expert)
             if key not in models:
                 continue
             others = [d for d in results["domains"] if d != domain]
@@ -347,6 +375,9 @@ def investigation(results: dict[str, Any], owners: dict[str, str] | None = None)
             f"domains whose own expert leads the routing: {passed['flexmoe']} untuned, "
             f"{passed[TUNED]} tuned."
         )
+    note = _ceiling_note(results)
+    if note:
+        lines.append(note)
     if {"unrestricted", "flexmoe"} <= models.keys():
         gap = _pct(average(results, "flexmoe"), average(results, "unrestricted"))
         lines.append(

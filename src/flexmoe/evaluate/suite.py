@@ -17,6 +17,7 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.evaluate.baselines import baseline_names, build_baseline
 from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.registry import BIAS, NO_BIAS, TUNED, top_k, without
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
 from flexmoe.inference.selection import load_selected
@@ -30,12 +31,8 @@ Log = Callable[[str], None]
 def variant_names(experts: list[str], *, default_top_k: int) -> list[str]:
     """The merged model's variants: every top-k, the owners' biases, each expert left out."""
     total = len(experts) + 1
-    tops = [f"flexmoe:top-{k}" for k in range(1, total + 1) if k != default_top_k]
-    return [
-        *tops,
-        "flexmoe:no-bias" if APPLY_BIAS else "flexmoe:bias",
-        *(f"flexmoe:without-{name}" for name in experts),
-    ]
+    tops = [top_k(k) for k in range(1, total + 1) if k != default_top_k]
+    return [*tops, NO_BIAS if APPLY_BIAS else BIAS, *(without(name) for name in experts)]
 
 
 def run_suite(
@@ -60,7 +57,7 @@ def run_suite(
     ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
     merged model directories (ablations), each loaded with the owners' choice applied.
     """
-    extra = {**({"flexmoe:tuned": tuned_dir} if tuned_dir else {}), **(extra_models or {})}
+    extra = {**({TUNED: tuned_dir} if tuned_dir else {}), **(extra_models or {})}
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]
     experts = [p.manifest.name for p in packages]

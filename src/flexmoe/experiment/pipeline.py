@@ -20,24 +20,26 @@ import torch
 
 from flexmoe.anchor import load_anchor, train_anchor
 from flexmoe.data.documents import DataSpec, Document, write_jsonl
+from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
-from flexmoe.evaluate.perplexity import evaluate_loaded
-from flexmoe.evaluate.report import (
+from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
+from flexmoe.evaluate.registry import (
+    CALIBRATED,
     OWNER_TEXT_TUNED,
     RANDOM_INIT,
+    ROUTER_CEILING,
     TUNED,
-    checks,
-    markdown,
-    model_order,
-    plot_files,
+    describe,
 )
+from flexmoe.evaluate.report import checks, markdown, model_order, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.evaluate.unrestricted import train_unrestricted
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
+from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
@@ -49,7 +51,8 @@ from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.plan import plan_merge
 from flexmoe.merge.slots import read_slots
 from flexmoe.merge.standing import StandingStore, standing_exclusions
-from flexmoe.merge.tune import proxy_sample, tune_router
+from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
+from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import TrainConfig
@@ -146,6 +149,16 @@ def run_demo(
             owner_text, merged_dir, owner_text / "merged-tuned", specs, settings, device, tokens
         )
         extra[OWNER_TEXT_TUNED] = owner_text / "merged-tuned"
+        calibrated = out / "ablation-calibrated"
+        log(f"[ablation] the owners' rows rescaled on public text (coordinator side) -> "
+            f"{calibrated}")  # fmt: skip
+        _calibrated_stage(anchor_dir, merged_dir, calibrated, specs[corpora_set.public.name],
+                          device, tokens)  # fmt: skip
+        extra[CALIBRATED] = calibrated
+        ceiling = out / "ablation-router-ceiling"
+        log(f"[ablation] the router ceiling: rows fitted on the scored text itself -> {ceiling}")
+        _ceiling_stage(merged_dir, ceiling, specs, settings, device, tokens)
+        extra[ROUTER_CEILING] = ceiling
         stage("ablation")
     tuned_dir = out / "merged-tuned"
     log(
@@ -198,6 +211,7 @@ def run_demo(
             "unrestricted": joint.to_dict(), "router_tuning": settings.tune.to_dict(),
             "proxy_bytes_per_domain": settings.proxy_bytes,
             "proxy_documents_per_owner": settings.proxy_documents,
+            "ceiling_steps": settings.ceiling_steps,
         },
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
@@ -315,6 +329,37 @@ def _owner_text_tune_stage(
         sample = proxy_sample(docs, max_bytes=settings.proxy_bytes)
         proxy.append(_jsonl_spec(out / "proxy" / f"{domain}.jsonl", domain, sample))
     return _tune_on(merged_dir, proxy, tuned_dir, settings, device, tokens)
+
+
+def _calibrated_stage(
+    anchor_dir: Path, merged_dir: Path, out: Path, public: DataSpec, device: torch.device,
+    tokens: Path,
+) -> Path:  # fmt: skip
+    """The coordinator's calibration lever (:mod:`flexmoe.experiment.levers`): only the public
+    corpus's training split and the merged model's own rows are used."""
+    anchor = load_anchor(anchor_dir)
+    docs = load_splits([public]).get(Split.TRAIN)
+    stream = pack_documents(docs, anchor.tokenizer, cache_dir=tokens)
+    anchor.model.to(device)  # type: ignore[arg-type]
+    inputs = ffn_inputs(anchor.model, stream)
+    rows = torch.stack([m.router.weight.detach() for m in moe_layers(load_merged(merged_dir))])
+    record = {"method": "margin spread on public text", "public_tokens": len(inputs)}
+    return write_rows(merged_dir, out, calibrated_rows(rows, inputs), record)
+
+
+def _ceiling_stage(
+    merged_dir: Path, out: Path, specs: dict[str, DataSpec], settings: DemoSettings,
+    device: torch.device, tokens: Path,
+) -> Path:  # fmt: skip
+    """The router ceiling (:mod:`flexmoe.experiment.levers`): only the rows trained, on exactly
+    the held-out text every model is scored on."""
+    scored = [d for s in specs.values() for d in eval_documents(s, max_bytes=settings.eval_bytes)]
+    cfg = replace(settings.tune, steps=settings.ceiling_steps)
+    result = tune_router_on(
+        merged_dir, scored, [], out=out, cfg=cfg, device=device, cache_dir=tokens, overwrite=True,
+        where="held-out text",
+    )  # fmt: skip
+    return result.out
 
 
 def _opt_out_stage(
@@ -461,6 +506,11 @@ recorded in the tuned model's slot table). No owner text is used, but jointly tu
 opt-out less strict, so it is not the default. With `--ablations`, `{OWNER_TEXT_TUNED}` is tuned
 instead on {results["settings"]["proxy_bytes_per_domain"]:,} bytes of each owner's own training
 text (one window per document): that hands owner text over, and is shown only for comparison.
+Two more router levers come with `--ablations`: `{CALIBRATED}`, the owners' rows rescaled by the
+coordinator so that each one's margin over the public row has the same spread on public text
+(public text and packages only; opt-out stays exact), and `{ROUTER_CEILING}`, the rows fitted on
+the very held-out text scored below ({results["settings"]["ceiling_steps"]} steps): not a recipe,
+but a bound on every lever that changes only the router.
 
 - device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
@@ -469,12 +519,7 @@ text (one window per document): that hands owner text over, and is shown only fo
 - unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
   (every parameter trained), as many tokens as the four experts together
 
-Model names: `anchor` the public model; `specialist:X` owner X's 2-expert model; `soup` the
-anchor with the average of all FFNs; `btm` Branch-Train-Merge (the specialists' next-token
-distributions mixed by their posterior given the context, top 2); `seq-route` each document sent
-whole to the specialist with the nearest router rows; `unrestricted` the same shape trained on
-all the data in one place; `flexmoe` the merged model, and its variants (`top-K`, `bias`,
-`without-X` for owner X opted out, `tuned` the router tuned on proxy data).
+Model names: {describe(list(evaluation["models"]))}
 
 {markdown(evaluation)}
 ## One owner opts out, live

@@ -25,6 +25,7 @@ class DemoSettings:
     tune: TrainConfig  # router tuning after merging (a variant; the default stays untuned)
     proxy_documents: int  # public documents each owner picks as its router-tuning proxies
     proxy_bytes: int  # the ablation that hands over owner text: bytes of it per domain
+    ceiling_steps: int  # the router-ceiling ablation: router steps on the scored text itself
     top_k: int = 3  # experts active per token in the merged model (of 5)
 
     @classmethod

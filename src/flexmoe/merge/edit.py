@@ -80,6 +80,19 @@ def _gate(
     )
 
 
+def with_router_rows(sources: list[TensorSource], rows: list[torch.Tensor]) -> list[TensorSource]:
+    """``sources`` with each layer's router replaced by ``rows[layer] (N, H)`` (float32)."""
+    gates = {names.ROUTER_ON_DISK.format(layer=i): r.detach().float() for i, r in enumerate(rows)}
+
+    def constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: tensor
+
+    return [
+        TensorSource(s.name, s.shape, s.nbytes, constant(gates[s.name])) if s.name in gates else s
+        for s in sources
+    ]
+
+
 def edit_target(model_dir: Path, out: Path | None, overwrite: bool) -> Path:
     """Where an edit of ``model_dir`` goes: ``out``, or the model itself when not given. Another
     directory that exists already is refused unless ``overwrite``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,9 +25,8 @@ from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.proxies import read_proxies, resolve_proxies
 from flexmoe.expert.train import project_biases, router_z_loss
-from flexmoe.merge.build import APPLY_BIAS, TensorSource, load_merged
-from flexmoe.merge.edit import open_sources, write_edited
-from flexmoe.model import names
+from flexmoe.merge.build import APPLY_BIAS, load_merged
+from flexmoe.merge.edit import open_sources, with_router_rows, write_edited
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, train
@@ -86,35 +84,45 @@ def proxy_specs(
     return specs
 
 
-def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: tensor
-
-
 def tune_router(
     model_dir: Path, data: list[DataSpec], *, out: Path, cfg: TrainConfig, device: torch.device,
     cache_dir: Path | None, use_bias: bool = APPLY_BIAS, overwrite: bool = False,
     progress: bool = True,
 ) -> TuneResult:  # fmt: skip
-    """Tune the router of the merged model at ``model_dir`` on ``data``; write it to ``out``."""
+    """Tune the router of the merged model at ``model_dir`` on the training split of ``data``
+    (its validation split scores it); write it to ``out``."""
+    if not data:
+        raise FlexMoEError("--data", "give at least one NAME=FILES of proxy data")
+    splits = load_splits(data)
+    return tune_router_on(
+        model_dir, splits.train, splits.validation, out=out, cfg=cfg, device=device,
+        cache_dir=cache_dir, use_bias=use_bias, overwrite=overwrite, progress=progress,
+        where=",".join(p for s in data for p in s.paths),
+    )  # fmt: skip
+
+
+def tune_router_on(
+    model_dir: Path, train_docs: list[Document], val_docs: list[Document], *, out: Path,
+    cfg: TrainConfig, device: torch.device, cache_dir: Path | None, use_bias: bool = APPLY_BIAS,
+    overwrite: bool = False, progress: bool = True, where: str = "proxy data",
+) -> TuneResult:  # fmt: skip
+    """Tune the router of the merged model at ``model_dir`` on ``train_docs`` as they are (no
+    split); ``where`` names them in errors."""
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise FlexMoEError(out, "write the tuned model to a new directory, not over the original")
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    if not data:
-        raise FlexMoEError("--data", "give at least one NAME=FILES of proxy data")
-    config, table, sources = open_sources(model_dir)
-    splits = load_splits(data)
-    where = ",".join(p for s in data for p in s.paths)
-    if not splits.train:
+    if not train_docs:
         raise FlexMoEError(where, "no training documents")
+    config, table, sources = open_sources(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    train_stream = pack_documents(splits.train, tokenizer, cache_dir=cache_dir)
+    train_stream = pack_documents(train_docs, tokenizer, cache_dir=cache_dir)
     if train_stream.num_blocks(cfg.seq_len) == 0:
         raise FlexMoEError(where, f"proxy data is shorter than one block of {cfg.seq_len} tokens")
     val_stream = None
-    if splits.validation:
-        val_stream = pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
+    if val_docs:
+        val_stream = pack_documents(val_docs, tokenizer, cache_dir=cache_dir)
         val_stream = val_stream if val_stream.num_blocks(cfg.seq_len) else None
 
     model = load_merged(model_dir, use_bias=use_bias)
@@ -130,20 +138,16 @@ def tune_router(
     )  # fmt: skip
     model.cpu()
     layers = moe_layers(model)
-    gates = {
-        names.ROUTER_ON_DISK.format(layer=i): moe.router.weight.detach().float().clone()
-        for i, moe in enumerate(layers)
-    }
-    tuned_sources = [
-        TensorSource(s.name, s.shape, s.nbytes, _constant(gates[s.name])) if s.name in gates else s
-        for s in sources
-    ]
+    tuned_sources = with_router_rows(sources, [moe.router.weight.clone() for moe in layers])
     digest = hashlib.sha256()
-    for doc in splits.train:
+    for doc in train_docs:
         digest.update(doc.text_sha256.encode())
+    counts: dict[str, int] = {}
+    for doc in train_docs:
+        counts[doc.domain] = counts.get(doc.domain, 0) + 1
     record = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {spec.domain: sum(d.domain == spec.domain for d in splits.train) for spec in data},
+        "data": counts,
         "documents_sha256": digest.hexdigest(),
         "steps": result.steps,
         "tokens": result.tokens,

@@ -1,0 +1,81 @@
+"""Router levers measured as ablation rows: a coordinator-side calibration of the owners' rows,
+and the ceiling of every router-only lever.
+
+- **calibrated** (private by construction: public text and the packages only). Per layer, expert
+  k's margin over the public expert, ``m_k = (r_k - r_0) . h``, is measured on public training
+  text in the anchor; its row becomes ``r_0 + (r_k - r_0) s / sigma_k`` with ``sigma_k`` the
+  margin's spread and ``s`` the median spread, so that one unit of margin means as much for every
+  expert although the rows were trained apart. Each row still depends on its own package only,
+  so opt-out stays exact. Writes a plain FlexOlmo checkpoint (no bias needed).
+- **router ceiling** (a measurement, never a recipe): the router rows fitted on the language
+  modelling loss of the very held-out text that is scored, every expert frozen. No lever that
+  changes only the router, private or not, should beat it with these experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from flexmoe.data.packing import TokenStream
+from flexmoe.merge.edit import open_sources, with_router_rows, write_edited
+
+
+@torch.no_grad()
+def ffn_inputs(
+    model: PreTrainedModel, stream: TokenStream, *, seq_len: int = 128, max_tokens: int = 20_000,
+    seed: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """``(tokens, layers, hidden)``: the feed-forward inputs of ``max_tokens`` tokens in blocks
+    drawn at random from a packed stream (not document starts: a Gutenberg text starts with its
+    licence)."""
+    layers = list(model.model.layers)  # type: ignore[union-attr]
+    captured: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+
+    def hook_for(i: int) -> Callable[..., None]:
+        return lambda module, args: captured.__setitem__(i, args[0])
+
+    handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    blocks = stream.num_blocks(seq_len)
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = order[: max(1, max_tokens // seq_len)]
+    found = []
+    model.eval()
+    try:
+        for start in range(0, len(chosen), 8):
+            batch = stream.batch(chosen[start : start + 8], seq_len)[:, :-1]  # (B, T)
+            model(input_ids=batch.to(device))
+            found.append(torch.stack([h.flatten(0, 1) for h in captured], 1).float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(found)  # (tokens, L, H)
+
+
+def calibrated_rows(rows: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
+    """Router rows ``(L, N, H)`` with every owner's margin over the public row (row 0) rescaled
+    to the same spread on the public tokens' feed-forward inputs ``public (tokens, L, H)``."""
+    diff = rows[:, 1:] - rows[:, :1]  # (L, N-1, H)
+    margins = torch.einsum("tlh,lnh->tln", public.to(rows.dtype), diff)  # (T, L, N-1)
+    spread = margins.std(0).clamp(min=1e-6)  # (L, N-1)
+    scale = spread.median(-1, keepdim=True).values / spread  # (L, N-1)
+    return torch.cat([rows[:, :1], rows[:, :1] + diff * scale[..., None]], 1)
+
+
+def write_rows(
+    merged_dir: Path, out: Path, rows: torch.Tensor, record: dict[str, Any], *,
+    progress: bool = False,
+) -> Path:  # fmt: skip
+    """A copy of the merged model at ``merged_dir`` with router rows ``rows (L, N, H)``, its slot
+    table noting ``record`` under ``router_calibration``; written atomically to ``out``."""
+    config, table, sources = open_sources(merged_dir)
+    edited = with_router_rows(sources, list(rows))
+    stamped = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record}
+    return write_edited(merged_dir, out, edited, config, dict(table, router_calibration=stamped),
+                        progress)  # fmt: skip
