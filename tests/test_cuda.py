@@ -52,3 +52,27 @@ def test_moe_parity_on_cuda(flex_cfg: FlexOlmoConfig, tmp_path: Path) -> None:
     ids = torch.randint(2, flex_cfg.vocab_size, (3, 20), device="cuda")
     with torch.no_grad():
         assert (reference(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_probe_and_soup_run_where_they_are_asked(
+    anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A CPU model probed on CUDA is back on the CPU afterwards; the soup of an anchor on CUDA
+    and packages loaded on the CPU builds (both crashed `expert train` / `eval baselines`)."""
+    from helpers import train_packages
+
+    from flexmoe.evaluate.baselines import soup
+    from flexmoe.expert.package import load_package
+    from flexmoe.model.probe import document_ffn_inputs
+
+    anchor = load_anchor(anchor_dir)
+    cpu = document_ffn_inputs(anchor.model, anchor.tokenizer, ["the union is strong"] * 3)
+    gpu = document_ffn_inputs(
+        anchor.model, anchor.tokenizer, ["the union is strong"] * 3, device=torch.device("cuda")
+    )
+    assert next(anchor.model.parameters()).device.type == "cpu"
+    assert torch.allclose(cpu, gpu, atol=5e-2)  # bf16 autocast on CUDA
+    packages = [load_package(p, anchor) for p in train_packages(tmp_path, anchor_dir, corpus_dir)]
+    anchor.model.to("cuda")
+    mixed = soup(anchor, packages)
+    assert all(torch.isfinite(p).all() for p in mixed.parameters())

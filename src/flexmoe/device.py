@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,3 +29,23 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@contextlib.contextmanager
+def on_device(model: torch.nn.Module, device: torch.device | None) -> Iterator[torch.device]:
+    """Run a block with ``model`` on ``device`` (default: where it is) and put it back after,
+    so that a caller's model stays where the caller put it; yields the device."""
+    home = model_device(model)
+    target = device or home
+    if target != home:
+        model.to(target)
+    try:
+        yield target
+    finally:
+        if target != home:
+            model.to(home)

@@ -56,10 +56,10 @@ def soup(anchor: Anchor, packages: list[ExpertPackage]) -> PreTrainedModel:
     for layer in range(anchor.model.config.num_hidden_layers):
         for proj in names.PROJECTIONS:
             key = names.DENSE_MLP.format(layer=layer, proj=proj)
-            members = [state[key]] + [
-                p.tensors[PKG_PROJ.format(layer=layer, proj=proj)] for p in packages
+            members = [state[key]] + [  # packages load on the CPU; the anchor may not
+                p.tensors[PKG_PROJ.format(layer=layer, proj=proj)].to(state[key]) for p in packages
             ]
-            state[key] = torch.stack(members).mean(0)
+            state[key] = torch.stack(members).float().mean(0).to(state[key].dtype)
     return build_dense(anchor.model.config, state, where=Path("<soup>"))
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flexmoe.device import autocast
+from flexmoe.device import autocast, on_device
 from flexmoe.errors import FlexMoEError
 
 
@@ -43,10 +43,10 @@ def document_ffn_inputs(
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """``(documents, layers, hidden)``: each document's mean feed-forward input per layer, over
-    its first ``max_tokens`` tokens."""
+    its first ``max_tokens`` tokens, computed on ``device`` (the model is moved there for the
+    call and back after; default: where the model is)."""
     if not texts:
         raise FlexMoEError(None, "no documents to compute router vectors from")
-    device = device or next(model.parameters()).device
     layers = list(model.model.layers)  # type: ignore[union-attr, arg-type]
     captured: list[torch.Tensor | None] = [None] * len(layers)
     found: list[torch.Tensor] = []
@@ -60,28 +60,29 @@ def document_ffn_inputs(
     handles = [layer.mlp.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
-    try:
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            enc = tokenizer(
-                chunk, add_special_tokens=False, truncation=True, max_length=max_tokens,
-                padding=True, return_tensors="pt",
-            )  # fmt: skip
-            ids = enc["input_ids"].to(device)  # (B, T)
-            mask = enc["attention_mask"].to(device)  # (B, T)
-            with autocast(device):
-                model(input_ids=ids, attention_mask=mask)
-            weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # (B, T)
-            per_layer = [
-                torch.einsum("bt,bth->bh", weights, h.float())  # (B, H)
-                for h in captured
-                if h is not None
-            ]
-            found.append(torch.stack(per_layer, dim=1).cpu())  # (B, layers, H)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with on_device(model, device) as where:
+        try:
+            for start in range(0, len(texts), batch_size):
+                chunk = list(texts[start : start + batch_size])
+                enc = tokenizer(
+                    chunk, add_special_tokens=False, truncation=True, max_length=max_tokens,
+                    padding=True, return_tensors="pt",
+                )  # fmt: skip
+                ids = enc["input_ids"].to(where)  # (B, T)
+                mask = enc["attention_mask"].to(where)  # (B, T)
+                with autocast(where):
+                    model(input_ids=ids, attention_mask=mask)
+                weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # (B, T)
+                per_layer = [
+                    torch.einsum("bt,bth->bh", weights, h.float())  # (B, H)
+                    for h in captured
+                    if h is not None
+                ]
+                found.append(torch.stack(per_layer, dim=1).cpu())  # (B, layers, H)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
     return torch.cat(found)
 
 
