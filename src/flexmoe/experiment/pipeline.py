@@ -23,6 +23,7 @@ from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.device import on_device
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
@@ -340,8 +341,8 @@ def _calibrated_stage(
     anchor = load_anchor(anchor_dir)
     docs = load_splits([public]).get(Split.TRAIN)
     stream = pack_documents(docs, anchor.tokenizer, cache_dir=tokens)
-    anchor.model.to(device)  # type: ignore[arg-type]
-    inputs = ffn_inputs(anchor.model, stream)
+    with on_device(anchor.model, device):
+        inputs = ffn_inputs(anchor.model, stream)
     rows = torch.stack([m.router.weight.detach() for m in moe_layers(load_merged(merged_dir))])
     record = {"method": "margin spread on public text", "public_tokens": len(inputs)}
     return write_rows(merged_dir, out, calibrated_rows(rows, inputs), record)
