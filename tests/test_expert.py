@@ -185,7 +185,7 @@ def _rehash(pkg: Path) -> None:
     [
         ("nan", "holds NaN or Inf values"),
         ("shape", "has shape (3,), expected (32,)"),
-        ("dtype", "has dtype torch.float16, expected float32"),
+        ("dtype", "has dtype float16, expected float32"),
         ("missing", "missing tensors: layers.0.router"),
         ("pickle", "not a readable safetensors file"),
         ("extra-file", "unexpected files in the package: notes.txt"),
@@ -355,10 +355,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", [[], ["--fsdp", "--checkpoint-every", "2"]])
 def test_torchrun_expert_matches_one_process(
-    anchor_dir: Path, owner_dir: Path, tmp_path: Path
+    anchor_dir: Path, owner_dir: Path, tmp_path: Path, sharding: list[str]
 ) -> None:
-    """Two DDP processes write one package, equal to the one-process package; --tokens sets steps."""
+    """Two DDP or FSDP2 processes write one package, equal to the one-process package (FSDP also
+    gathers its shards for checkpoints on the way); --tokens sets steps."""
     args = ["expert", "train", "--anchor", str(anchor_dir), "--data", str(owner_dir), "--name", "secret",
             "--owner", "o", "--license", "MIT", "--tokens", "640", "--batch-size", "4", "--seq-len", "32",
             "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0", "--checkpoint-every", "0",
@@ -374,7 +376,7 @@ def test_torchrun_expert_matches_one_process(
     assert one.returncode == 0, one.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "flexmoe", *args, "--out", str(tmp_path / "two")],
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "flexmoe", *args, *sharding, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]

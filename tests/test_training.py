@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_DIMS
+from safetensors.torch import load_file
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from flexmoe.data.documents import read_documents
@@ -146,10 +147,12 @@ def test_too_little_data(streams) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", [[], ["--fsdp", "--activation-checkpointing"]])
 def test_torchrun_two_processes_match_one(
-    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, sharding: list[str]
 ) -> None:
-    """DDP over two gloo processes gives the loss curve of one process at the same global batch."""
+    """DDP, or FSDP2 with activation checkpointing, over two gloo processes gives the loss curve
+    of one process at the same global batch."""
     args = [
         "anchor", "train", "--data", f"public={corpus_dir / 'public.jsonl'}", "--tokenizer", str(tokenizer_dir),
         "--hidden-size", "32", "--num-layers", "2", "--num-heads", "4", "--intermediate-size", "64",
@@ -167,7 +170,7 @@ def test_torchrun_two_processes_match_one(
     assert single.returncode == 0, single.stderr
     torchrun = Path(sys.executable).with_name("torchrun")
     multi = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "flexmoe", *args, "--out", str(tmp_path / "two")],
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "flexmoe", *args, *sharding, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-3000:]
@@ -178,3 +181,7 @@ def test_torchrun_two_processes_match_one(
     curve_one = json.loads((tmp_path / "one" / "training_history.json").read_text())
     curve_two = json.loads((tmp_path / "two" / "training_history.json").read_text())
     assert [h["loss"] for h in curve_two] == pytest.approx([h["loss"] for h in curve_one], abs=1e-4)
+    if sharding:  # the anchor written from the gathered shards is the one-process anchor
+        a = load_file(tmp_path / "one" / "model.safetensors")
+        b = load_file(tmp_path / "two" / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -1,45 +1,69 @@
 """The public anchor: train or import it, fingerprint it, and its public router vectors.
 
-An anchor directory is a transformers OLMo-2 checkpoint (config.json, model.safetensors,
-tokenizer files) plus ``public_router.safetensors`` (``(layers, hidden)``: r_0 in every layer)
-and ``flexmoe_anchor.json``, the manifest below.
+An anchor directory is a transformers OLMo-2 checkpoint (config.json, model.safetensors or
+shards with an index, tokenizer files) plus ``public_router.safetensors`` (``(layers, hidden)``:
+r_0 in every layer) and ``flexmoe_anchor.json``, the manifest below. Every tensor is stored in the
+anchor's dtype (the manifest's ``dtype``), and the fingerprint is taken over them as stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import FlexOlmoConfig, Olmo2Config, Olmo2ForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    FlexOlmoConfig,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from flexmoe import __version__
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import SplitDocuments, load_splits
 from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from flexmoe.device import DTYPES, compute_dtype, dtype_name
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
     build_dense,
+    checkpoint_sources,
     read_config,
-    read_state_dict,
     save_model,
+    stored_dtype,
     tensors_sha256,
+    weight_files,
 )
 from flexmoe.model.config import ModelDims, dense_config, olmo2_config
+from flexmoe.model.stream import (
+    TensorSource,
+    fill_model,
+    hash_tensor,
+    sha256_sources,
+    shard_sources,
+    write_safetensors,
+)
 from flexmoe.router_init import RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
+from flexmoe.training.loop import TrainResult, barrier, full_state, init_distributed, train
 
 MANIFEST_FILE = "flexmoe_anchor.json"
+DtypeName = Literal["float32", "bfloat16", "float16"]
+MAX_SHARD_BYTES = 2 << 30  # an imported anchor's shards; a smaller one is one model.safetensors
 ROUTER_FILE = "public_router.safetensors"
 ROUTER_KEY = "public_router"
 HISTORY_FILE = "training_history.json"
@@ -69,17 +93,37 @@ class AnchorManifest(BaseModel):
     flexmoe_version: str
     seq_len: int
     training: dict[str, float | int | str | None] | None = None
+    dtype: DtypeName = "float32"  # the dtype every tensor of the anchor is stored in
 
 
 @dataclass
-class Anchor:
-    """A loaded, verified anchor."""
+class AnchorInfo:
+    """An anchor's manifest, config, tokenizer and public router, without its weights."""
 
     path: Path
-    model: Olmo2ForCausalLM
+    config: Olmo2Config
     tokenizer: PreTrainedTokenizerBase
-    public_router: torch.Tensor  # (layers, hidden)
+    public_router: torch.Tensor  # (layers, hidden), float32 (exact from the stored dtype)
     manifest: AnchorManifest
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype: of the anchor's files, and of every package and merged model."""
+        return DTYPES[self.manifest.dtype]
+
+    def sources(self) -> list[TensorSource]:
+        """A lazy source for each weight of the anchor, as stored, in name order."""
+        return checkpoint_sources(self.path)
+
+    def weight_bytes(self) -> int:
+        return sum(p.stat().st_size for p in set(weight_files(self.path).values()))
+
+
+@dataclass
+class Anchor(AnchorInfo):
+    """A loaded, verified anchor with its model (weights in the compute dtype asked for)."""
+
+    model: Olmo2ForCausalLM
 
 
 def fingerprint(state: dict[str, torch.Tensor], public_router: torch.Tensor) -> str:
@@ -101,12 +145,15 @@ def _write_anchor(
     seq_len: int,
     training: dict[str, float | int | str | None] | None,
     overwrite: bool,
+    dtype: torch.dtype = torch.float32,
     history: list[dict[str, float]] | None = None,
 ) -> AnchorManifest:
-    model.float().cpu()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """Write a model held in memory as an anchor whose tensors are stored in ``dtype``."""
+    model.cpu()
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    router = public_router.detach().to(dtype).cpu().contiguous()
     manifest = AnchorManifest(
-        fingerprint=fingerprint(state, public_router),
+        fingerprint=fingerprint(state, router),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         router_init=router_init,
         origin=origin,
@@ -114,11 +161,12 @@ def _write_anchor(
         flexmoe_version=__version__,
         seq_len=seq_len,
         training=training,
+        dtype=dtype_name(dtype),  # type: ignore[arg-type]
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_model(model, tmp)
+        save_model(model, tmp, dtype=dtype)
         tokenizer.save_pretrained(tmp)
-        save_file({ROUTER_KEY: public_router.contiguous()}, str(tmp / ROUTER_FILE))
+        save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
         if history is not None:
             write_json(tmp / HISTORY_FILE, history)
@@ -164,8 +212,10 @@ def train_anchor(
     progress: bool = True,
     router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
     embedder: Path | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[AnchorManifest, TrainResult]:
-    """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor."""
+    """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor, its
+    tensors stored in ``dtype`` (training itself keeps float32 master weights)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
@@ -203,9 +253,13 @@ def train_anchor(
         model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
         checkpoint_dir=work / "checkpoint", resume=resume, progress=progress, desc="anchor",
     )  # fmt: skip
+    state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:
         barrier(info)
         return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE)), result
+    if cfg.fsdp and info.world_size > 1:  # one whole copy, to compute r_0 and be written
+        model = build_dense(config, state, where=out).to(device)  # type: ignore[arg-type]
+    del state
     public_router, router_record = compute_public_router(
         model, tokenizer, [d.text for d in splits.train], device=device, method=router_init,
         embedder=embedder, projection_seed=cfg.seed,
@@ -221,7 +275,7 @@ def train_anchor(
     manifest = _write_anchor(
         out, model=model, tokenizer=tokenizer, public_router=public_router,
         router_init=router_record, origin="trained", seq_len=cfg.seq_len, training=summary,
-        overwrite=overwrite, history=result.history,
+        overwrite=overwrite, dtype=dtype, history=result.history,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     barrier(info)
@@ -237,22 +291,85 @@ def _pack_splits(
     return train_stream, pack_documents(splits.validation, tokenizer, cache_dir=cache_dir)
 
 
-def _dense_from_single_expert(
-    config: FlexOlmoConfig, state: dict[str, torch.Tensor], where: Path
-) -> tuple[Olmo2Config, dict[str, torch.Tensor]]:
-    """A one-expert FlexOlmo checkpoint is an OLMo-2 model with its MLP under another name."""
-    if config.num_experts != 1:
-        raise FlexMoEError(
-            where, f"has {config.num_experts} experts; only a one-expert FlexOlmo is an anchor"
-        )
-    dense = dict(state)
-    for layer in range(config.num_hidden_layers):
-        dense.pop(names.ROUTER_ON_DISK.format(layer=layer), None)
-        for proj in names.PROJECTIONS:
-            key = names.EXPERT.format(layer=layer, expert=0, proj=proj)
-            if key in dense:
-                dense[names.DENSE_MLP.format(layer=layer, proj=proj)] = dense.pop(key)
-    return dense_config(config), dense
+def _dense_sources(
+    config: PretrainedConfig, sources: list[TensorSource], where: Path
+) -> tuple[Olmo2Config, list[TensorSource]]:
+    """The OLMo-2 config and tensor names of a source checkpoint: a one-expert FlexOlmo is an
+    OLMo-2 model with its MLP under another name; tied embeddings become an explicit head."""
+    if isinstance(config, FlexOlmoConfig):
+        if config.num_experts != 1:
+            raise FlexMoEError(
+                where, f"has {config.num_experts} experts; only a one-expert FlexOlmo is an anchor"
+            )
+        renames: dict[str, str | None] = {}
+        for layer in range(config.num_hidden_layers):
+            renames[names.ROUTER_ON_DISK.format(layer=layer)] = None
+            for proj in names.PROJECTIONS:
+                key = names.EXPERT.format(layer=layer, expert=0, proj=proj)
+                renames[key] = names.DENSE_MLP.format(layer=layer, proj=proj)
+        kept = [s for s in sources if s.name not in renames or renames[s.name] is not None]
+        sources = [s.renamed(renames.get(s.name) or s.name) for s in kept]
+        config = dense_config(config)
+    if not isinstance(config, Olmo2Config):
+        raise FlexMoEError(where / "config.json", "not an OLMo-2 or one-expert FlexOlmo config")
+    by_name = {s.name: s for s in sources}
+    if config.tie_word_embeddings and "lm_head.weight" not in by_name:
+        embed = by_name.get("model.embed_tokens.weight")
+        if embed is not None:
+            sources.append(embed.renamed("lm_head.weight"))
+    config.tie_word_embeddings = False
+    return config, sorted(sources, key=lambda s: s.name)
+
+
+def source_dtype(sources: list[TensorSource], config: Olmo2Config) -> torch.dtype:
+    """The dtype a checkpoint is stored in: its tensors' one floating dtype, else its config's."""
+    found = {s.dtype for s in sources if s.dtype.is_floating_point}
+    if len(found) == 1:
+        (dtype,) = found
+        if dtype in DTYPES.values():
+            return dtype
+    return stored_dtype(config)
+
+
+def build_on(
+    config: Olmo2Config, sources: list[TensorSource], *, device: torch.device | None,
+    dtype: torch.dtype, where: Path, on_load: Callable[[str, torch.Tensor], None] | None = None,
+) -> Olmo2ForCausalLM:  # fmt: skip
+    """An OLMo-2 model filled tensor by tensor from ``sources`` on ``device`` in ``dtype``;
+    host memory holds one tensor at a time. ``on_load`` sees each tensor as stored, in order."""
+    with torch.device("meta"):
+        model = Olmo2ForCausalLM(config)
+    if on_load is not None:
+        sources = [_watched(s, on_load) for s in sources]
+    fill_model(model, sources, device=device or torch.device("cpu"), dtype=dtype, where=where)
+    inner: Any = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
+    return model.eval()
+
+
+def _watched(source: TensorSource, seen: Callable[[str, torch.Tensor], None]) -> TensorSource:
+    def load() -> torch.Tensor:
+        tensor = source.load()
+        seen(source.name, tensor)
+        return tensor
+
+    return TensorSource(source.name, source.shape, source.dtype, load)
+
+
+def write_weights(tmp: Path, sources: list[TensorSource], *, max_shard_bytes: int) -> None:
+    """Stream ``sources`` into ``tmp`` as ``model.safetensors`` or, when larger than one shard,
+    as shards with an index (transformers' layout); one tensor in memory at a time."""
+    shards = shard_sources(sources, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(tmp / SINGLE_FILE, sources, on_tensor=None)
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(tmp / filename, shard, on_tensor=None)
+        weight_map.update(dict.fromkeys((s.name for s in shard), filename))
+    total = sum(s.nbytes for s in sources)
+    write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def import_anchor(
@@ -261,14 +378,18 @@ def import_anchor(
     out: Path,
     data: list[DataSpec],
     device: torch.device,
+    dtype: torch.dtype | None = None,
     max_documents: int = 1000,
     overwrite: bool = False,
     router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
     embedder: Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> AnchorManifest:
     """Adopt a transformers OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor.
 
-    The public router vectors are computed from ``data`` (public documents).
+    The anchor keeps the source's dtype unless ``dtype`` is given. The public router vectors are
+    computed from ``data`` (public documents) with the model on ``device``. Tensors move one at a
+    time: onto the device to compute the router, then from the source files into the anchor's.
     """
     hf_dir = Path(hf_dir)
     if out.exists() and not overwrite:
@@ -277,32 +398,45 @@ def import_anchor(
         raise FlexMoEError(
             "--data", "public documents are needed to compute the public router vectors"
         )
-    config = read_config(hf_dir)
-    state = {k: v.float() for k, v in read_state_dict(hf_dir).items()}
-    if isinstance(config, FlexOlmoConfig):
-        config, state = _dense_from_single_expert(config, state, hf_dir)
-    assert isinstance(config, Olmo2Config)
-    if config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        config.tie_word_embeddings = False
-    model = build_dense(config, state, where=hf_dir)
+    config, sources = _dense_sources(read_config(hf_dir), checkpoint_sources(hf_dir), hf_dir)
+    dtype = dtype or source_dtype(sources, config)
+    sources = [s.cast(dtype) for s in sources]
     tokenizer = load_tokenizer(hf_dir)
     splits = load_splits(data)
     texts = [d.text for d in splits.train] or [d.text for d in splits.validation]
-    model.to(device)  # type: ignore[arg-type]
+    model = build_on(
+        config, sources, device=device, dtype=compute_dtype(device, dtype), where=hf_dir
+    )
     public_router, router_record = compute_public_router(
         model, tokenizer, texts, max_documents=max_documents, device=device, method=router_init,
         embedder=embedder,
     )  # fmt: skip
-    return _write_anchor(
-        out, model=model, tokenizer=tokenizer, public_router=public_router,
-        router_init=router_record, origin="imported", seq_len=config.max_position_embeddings,
-        training=None, overwrite=overwrite,
-    )  # fmt: skip
+    del model
+    router = public_router.detach().to(dtype).cpu().contiguous()
+    router_source = TensorSource(ROUTER_KEY, tuple(router.shape), dtype, lambda: router)
+    manifest = AnchorManifest(
+        fingerprint=sha256_sources([*sources, router_source]),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        router_init=router_record,
+        origin="imported",
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        flexmoe_version=__version__,
+        seq_len=config.max_position_embeddings,
+        dtype=dtype_name(dtype),  # type: ignore[arg-type]
+    )
+    config.dtype = dtype
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_weights(tmp, sources, max_shard_bytes=max_shard_bytes)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
+        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+    return manifest
 
 
-def load_anchor(path: Path, *, verify: bool = True) -> Anchor:
-    """Load an anchor directory; with ``verify``, recompute and check both fingerprints."""
+def open_anchor(path: Path, *, verify: bool = True) -> AnchorInfo:
+    """An anchor's manifest, config, tokenizer and public router, without building its model;
+    with ``verify``, both fingerprints are recomputed (tensors streamed one at a time)."""
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
@@ -313,27 +447,68 @@ def load_anchor(path: Path, *, verify: bool = True) -> Anchor:
     config = read_config(path)
     if not isinstance(config, Olmo2Config):
         raise FlexMoEError(path / "config.json", "an anchor must be an OLMo-2 checkpoint")
-    state = read_state_dict(path)
-    model = build_dense(config, state, where=path)
     try:
-        public_router = load_file(path / ROUTER_FILE)[ROUTER_KEY]
+        stored_router = load_file(path / ROUTER_FILE)[ROUTER_KEY]
     except (OSError, SafetensorError, KeyError) as e:
         raise FlexMoEError(path / ROUTER_FILE, f"missing or unreadable public router ({e})") from e
     expected_shape = (config.num_hidden_layers, config.hidden_size)
-    if tuple(public_router.shape) != expected_shape:
+    if tuple(stored_router.shape) != expected_shape:
         raise FlexMoEError(
-            path / ROUTER_FILE, f"shape {tuple(public_router.shape)}, expected {expected_shape}"
+            path / ROUTER_FILE, f"shape {tuple(stored_router.shape)}, expected {expected_shape}"
         )
     tokenizer = load_tokenizer(path)
+    info = AnchorInfo(
+        path=path, config=config, tokenizer=tokenizer, public_router=stored_router.float(),
+        manifest=manifest,
+    )  # fmt: skip
     if verify:
-        if fingerprint(state, public_router) != manifest.fingerprint:
-            raise FlexMoEError(
-                path, "tensors do not match the manifest's fingerprint (modified or corrupt)"
-            )
-        if tokenizer_fingerprint(tokenizer) != manifest.tokenizer_fingerprint:
-            raise FlexMoEError(
-                path, "tokenizer does not match the manifest's tokenizer fingerprint"
-            )
+        router = TensorSource(
+            ROUTER_KEY, expected_shape, stored_router.dtype, lambda: stored_router
+        )
+        _check_fingerprints(info, sha256_sources([*info.sources(), router]))
+    return info
+
+
+def _check_fingerprints(info: AnchorInfo, digest: str) -> None:
+    if digest != info.manifest.fingerprint:
+        raise FlexMoEError(
+            info.path, "tensors do not match the manifest's fingerprint (modified or corrupt)"
+        )
+    if tokenizer_fingerprint(info.tokenizer) != info.manifest.tokenizer_fingerprint:
+        raise FlexMoEError(
+            info.path, "tokenizer does not match the manifest's tokenizer fingerprint"
+        )
+
+
+def load_anchor(
+    path: Path, *, verify: bool = True, device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Anchor:  # fmt: skip
+    """Load an anchor directory with its model on ``device`` (CPU by default) in ``dtype``
+    (default: :func:`flexmoe.device.compute_dtype` there); with ``verify``, check both
+    fingerprints while the tensors stream in, one at a time."""
+    info = open_anchor(path, verify=False)
+    device = device or torch.device("cpu")
+    dtype = dtype or compute_dtype(device, info.dtype)
+    sources = info.sources()
+    h = hashlib.sha256()
+    router_done = [False]
+
+    def seen(name: str, tensor: torch.Tensor) -> None:  # the fingerprint's sorted order
+        if not router_done[0] and name > ROUTER_KEY:
+            hash_tensor(h, ROUTER_KEY, info.public_router.to(info.dtype))
+            router_done[0] = True
+        hash_tensor(h, name, tensor)
+
+    model = build_on(
+        info.config, sources, device=device, dtype=dtype, where=info.path,
+        on_load=seen if verify else None,
+    )  # fmt: skip
+    if verify:
+        if not router_done[0]:
+            hash_tensor(h, ROUTER_KEY, info.public_router.to(info.dtype))
+        _check_fingerprints(info, h.hexdigest())
     return Anchor(
-        path=path, model=model, tokenizer=tokenizer, public_router=public_router, manifest=manifest
-    )
+        path=info.path, config=info.config, tokenizer=info.tokenizer,
+        public_router=info.public_router, manifest=info.manifest, model=model,
+    )  # fmt: skip

@@ -64,6 +64,29 @@ DataOpt = Annotated[
 TextFieldOpt = Annotated[str, typer.Option(help="jsonl/parquet field holding the text")]
 IdFieldOpt = Annotated[str | None, typer.Option(help="jsonl/parquet field holding a document id")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")]
+CheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--activation-checkpointing",
+        help="recompute each layer's activations in backward: less GPU memory, ~30% slower",
+    ),
+]
+FsdpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fsdp",
+        help="under torchrun: shard weights, gradients and optimiser state over the processes "
+        "(FSDP2) instead of copying the model to each (DDP)",
+    ),
+]
+StoredDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="dtype the anchor is stored in, and with it every package and merged model: "
+        "float32, bfloat16 or float16 [default: import: the source's; train: float32]",
+    ),
+]
 CacheOpt = Annotated[Path | None, typer.Option(help="token cache (default $FLEXMOE_CACHE)")]
 RouterInitOpt = Annotated[
     str, typer.Option(help="router rows from: anchor-hidden, embedder or random (ablation)")
@@ -189,12 +212,15 @@ def anchor_train(
     id_field: IdFieldOpt = None,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
+    dtype: StoredDtypeOpt = None,
+    activation_checkpointing: CheckpointingOpt = False,
+    fsdp: FsdpOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Pretrain a dense OLMo-2 anchor from scratch on public documents."""
     from flexmoe.anchor import train_anchor
-    from flexmoe.device import pick_device
+    from flexmoe.device import parse_dtype, pick_device
     from flexmoe.model.config import PRESETS, Preset
     from flexmoe.router_init import parse_method
     from flexmoe.training.config import TrainConfig
@@ -209,12 +235,14 @@ def anchor_train(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
+        activation_checkpointing=activation_checkpointing, fsdp=fsdp,
     )  # fmt: skip
     manifest, result = train_anchor(
         data=_specs(data, text_field, id_field), out=out, dims=dims, cfg=cfg,
         device=pick_device(device), cache_dir=cache_dir or _cache_dir() / "tokens",
         tokenizer_dir=tokenizer, vocab_size=vocab_size, resume=resume, overwrite=force,
         router_init=parse_method(router_init), embedder=embedder,
+        dtype=parse_dtype(dtype or "float32"),
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(
@@ -233,18 +261,20 @@ def anchor_import(
     id_field: IdFieldOpt = None,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
+    dtype: StoredDtypeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Adopt an existing OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor."""
     from flexmoe.anchor import import_anchor
-    from flexmoe.device import pick_device
+    from flexmoe.device import parse_dtype, pick_device
     from flexmoe.router_init import parse_method
 
     manifest = import_anchor(
         hf_dir, out=out, data=_specs(data, text_field, id_field), device=pick_device(device),
-        overwrite=force, router_init=parse_method(router_init), embedder=embedder,
+        dtype=parse_dtype(dtype) if dtype else None, overwrite=force,
+        router_init=parse_method(router_init), embedder=embedder,
     )  # fmt: skip
-    typer.echo(f"anchor -> {out}: fingerprint {manifest.fingerprint[:16]}")
+    typer.echo(f"anchor -> {out}: {manifest.dtype}, fingerprint {manifest.fingerprint[:16]}")
 
 
 @expert_app.command("train")
@@ -280,6 +310,8 @@ def expert_train(
     cache_dir: CacheOpt = None,
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = None,
+    activation_checkpointing: CheckpointingOpt = False,
+    fsdp: FsdpOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
     force: ForceOpt = False,
 ) -> None:
@@ -298,6 +330,7 @@ def expert_train(
         steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
         checkpoint_every=checkpoint_every, seed=seed, z_loss=z_loss,
+        activation_checkpointing=activation_checkpointing, fsdp=fsdp,
     )  # fmt: skip
     manifest, result = train_expert(
         anchor_dir=anchor, data=[DataSpec(name, paths, text_field, id_field)], identity=identity,
@@ -534,7 +567,7 @@ def generate(
     from flexmoe.merge.standing import standing_exclusions
 
     slots = read_slots(model)
-    net = load_merged(model, use_bias=_bias(bias)).to(pick_device(device))  # type: ignore[arg-type]
+    net = load_merged(model, use_bias=_bias(bias), device=pick_device(device))
     selection = Selection(
         include=frozenset(include or ()), exclude=frozenset(exclude or ()),
         licenses=frozenset(license or ()), opted_out=standing_exclusions(model),

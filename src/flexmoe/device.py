@@ -1,4 +1,12 @@
-"""Device choice and mixed precision: CUDA with bf16 autocast when present, else CPU in fp32."""
+"""Where tensors live and in which dtype: the one place that decides.
+
+Devices: CUDA with bf16 autocast when present, else the CPU in fp32. Dtypes: every file a model
+is written to (anchor, package, merged model) holds its tensors in the anchor's *stored* dtype
+(``--dtype``; a bf16 source stays bf16). In memory, weights are held in the *compute* dtype: the
+stored one on CUDA (bf16 weights under bf16 autocast), float32 on the CPU, whose bf16 matmuls are
+slow. Trained tensors are always float32 (the optimiser's master copy) and are rounded to the
+stored dtype when written. bf16 -> float32 -> bf16 is exact, so fingerprints stay exact.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +30,35 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlexMoEError("--device", "CUDA was asked for but is not available")
     return device
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str, *, field: str = "--dtype") -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` (``fp32``, ``bf16``, ``fp16`` too)."""
+    short = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    key = short.get(name, name)
+    if key not in DTYPES:
+        raise FlexMoEError(field, f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name :func:`parse_dtype` reads back (``torch.bfloat16`` -> ``bfloat16``)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise FlexMoEError("dtype", f"{dtype} is not a model dtype ({', '.join(DTYPES)})")
+
+
+def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype weights are held in for compute: ``stored`` on CUDA, float32 on the CPU."""
+    return stored if device.type == "cuda" else torch.float32
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

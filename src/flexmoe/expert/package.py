@@ -2,11 +2,13 @@
 
 Per layer ``l`` the tensors are ``layers.{l}.{gate,up,down}_proj.weight`` (the new expert),
 ``layers.{l}.router`` (its router row r_1) and ``layers.{l}.bias`` (its bias, already ``<= 0``).
-Nothing else: no text, no optimizer state, no path of the owner's machine.
+Nothing else: no text, no optimizer state, no path of the owner's machine. Every tensor is stored
+in the anchor's dtype (``shapes.dtype``), so a bf16 anchor's packages are half the size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import FlexOlmoForCausalLM, PretrainedConfig
 
-from flexmoe.anchor import Anchor
+from flexmoe.anchor import Anchor, AnchorInfo, DtypeName
+from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import check_label
 from flexmoe.io import read_manifest_model, sha256_file
@@ -55,7 +58,7 @@ class ExpertShapes(BaseModel):
     num_layers: int
     hidden_size: int
     intermediate_size: int
-    dtype: Literal["float32"] = "float32"
+    dtype: DtypeName = "float32"
 
 
 class ExpertManifest(BaseModel):
@@ -96,19 +99,29 @@ def expected_tensor_shapes(shapes: ExpertShapes) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def expert_tensors(model: FlexOlmoForCausalLM, slot: int = 1) -> dict[str, torch.Tensor]:
-    """The package tensors of expert ``slot`` of an MoE model (bias stored as ``min(b, 0)``)."""
+def expert_tensors(
+    state: Mapping[str, torch.Tensor],
+    *,
+    num_layers: int,
+    slot: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The package tensors of expert ``slot`` from an MoE's runtime state dict, rounded to
+    ``dtype`` (the anchor's stored dtype; bias stored as ``min(b, 0)``)."""
+
+    def stored(key: str) -> torch.Tensor:
+        return state[key].detach().to(dtype).cpu().contiguous().clone()
+
     out: dict[str, torch.Tensor] = {}
-    for layer, moe in enumerate(moe_layers(model)):
-        expert = moe.experts[slot]
+    for layer in range(num_layers):
         for proj in names.PROJECTIONS:
-            weight = getattr(expert, proj).weight
-            out[PKG_PROJ.format(layer=layer, proj=proj)] = (
-                weight.detach().float().cpu().contiguous()
-            )
-        out[PKG_ROUTER.format(layer=layer)] = moe.router.rows[slot].detach().float().cpu().clone()
-        bias = moe.router.biases[slot - 1].detach().float().cpu().clamp(max=0)
-        out[PKG_BIAS.format(layer=layer)] = bias.clone()
+            key = names.EXPERT.format(layer=layer, expert=slot, proj=proj)
+            out[PKG_PROJ.format(layer=layer, proj=proj)] = stored(key)
+        out[PKG_ROUTER.format(layer=layer)] = stored(
+            names.ROUTER_ROW.format(layer=layer, expert=slot)
+        )
+        bias = stored(names.ROUTER_BIAS.format(layer=layer, index=slot - 1))
+        out[PKG_BIAS.format(layer=layer)] = bias.clamp(max=0)
     return out
 
 
@@ -126,7 +139,7 @@ def read_manifest(path: Path) -> ExpertManifest:
     return read_manifest_model(manifest_path, ExpertManifest)
 
 
-def load_package(path: Path, anchor: Anchor | None = None) -> ExpertPackage:
+def load_package(path: Path, anchor: AnchorInfo | None = None) -> ExpertPackage:
     """Read and check a package: schema, file list and hashes, tensors; against ``anchor`` too.
 
     Every failure is a :class:`FlexMoEError` naming the file and the fault.
@@ -168,8 +181,10 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
             raise FlexMoEError(
                 where, f"tensor {key} has shape {tuple(tensor.shape)}, expected {expected[key]}"
             )
-        if tensor.dtype != torch.float32:
-            raise FlexMoEError(where, f"tensor {key} has dtype {tensor.dtype}, expected float32")
+        if tensor.dtype != DTYPES[shapes.dtype]:
+            raise FlexMoEError(
+                where, f"tensor {key} has dtype {dtype_name_of(tensor)}, expected {shapes.dtype}"
+            )
         if not torch.isfinite(tensor).all():
             raise FlexMoEError(where, f"tensor {key} holds NaN or Inf values")
     for layer in range(shapes.num_layers):
@@ -179,20 +194,27 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
             )
 
 
-def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: Anchor) -> None:
+def dtype_name_of(tensor: torch.Tensor) -> str:
+    """A tensor's dtype as a manifest names it (``float32``), or torch's name for any other."""
+    return next((n for n, d in DTYPES.items() if d == tensor.dtype), str(tensor.dtype))
+
+
+def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: AnchorInfo) -> None:
     """The package was trained on this very anchor and tokenizer, with matching shapes."""
     check_compatible(
         path, manifest, anchor_fingerprint=anchor.manifest.fingerprint,
-        tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint, config=anchor.model.config,
+        tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint, config=anchor.config,
+        dtype=anchor.dtype,
     )  # fmt: skip
 
 
 def check_compatible(
     path: Path, manifest: ExpertManifest, *, anchor_fingerprint: str, tokenizer_fingerprint: str,
-    config: PretrainedConfig,
+    config: PretrainedConfig, dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """The package was trained on the anchor and tokenizer with these fingerprints, and its
-    shapes fit ``config`` (the anchor's, or a merged model's that was built on that anchor)."""
+    shapes and dtype fit ``config`` and ``dtype`` (the anchor's, or a merged model's that was
+    built on that anchor)."""
     if manifest.anchor_fingerprint != anchor_fingerprint:
         theirs, ours = manifest.anchor_fingerprint[:12], anchor_fingerprint[:12]
         raise FlexMoEError(
@@ -204,6 +226,7 @@ def check_compatible(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
+        dtype=dtype_name(dtype),  # type: ignore[arg-type]
     )
     if manifest.shapes != want:
         raise FlexMoEError(

@@ -11,6 +11,7 @@ construction, so after training it is bit-identical to the anchor (checked befor
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +42,7 @@ from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, barrier, init_distributed, train
+from flexmoe.training.loop import TrainResult, barrier, full_state, init_distributed, train
 
 EXPERT_DEFAULTS = TrainConfig(
     steps=200, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20, weight_decay=0.0,
@@ -65,7 +66,11 @@ class ExpertIdentity:
 def build_trainable_moe(
     dense: Olmo2ForCausalLM, public_router: torch.Tensor, router_rows: torch.Tensor
 ) -> FlexOlmoForCausalLM:
-    """The 2-expert model upcycled from ``dense`` with only expert 1, r_1 and b_1 trainable."""
+    """The 2-expert model upcycled from ``dense`` with only expert 1, r_1 and b_1 trainable.
+
+    Frozen tensors keep ``dense``'s dtype (bf16 on a GPU for a bf16 anchor); the trained ones
+    are float32, the optimiser's master weights.
+    """
     model = upcycle(dense, num_experts=2, top_k=2)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -73,11 +78,11 @@ def build_trainable_moe(
         for layer, moe in enumerate(moe_layers(model)):
             moe.use_bias = True
             moe.router.rows[0].copy_(public_router[layer])
-            moe.router.rows[1].copy_(router_rows[layer])
-            moe.router.biases[0].zero_()
-            moe.router.rows[1].requires_grad_(True)
-            moe.router.biases[0].requires_grad_(True)
-            moe.experts[1].requires_grad_(True)
+            moe.experts[1].float().requires_grad_(True)
+            for trained, value in ((moe.router.rows[1], router_rows[layer]),
+                                   (moe.router.biases[0], torch.zeros(()))):  # fmt: skip
+                trained.data = value.to(device=trained.device, dtype=torch.float32).clone()
+                trained.requires_grad_(True)
     return model
 
 
@@ -104,10 +109,13 @@ def project_biases(model: torch.nn.Module) -> None:
                 bias.clamp_(max=0.0)
 
 
-def frozen_fingerprint(model: FlexOlmoForCausalLM, public_router: torch.Tensor) -> str:
-    """The anchor fingerprint recomputed from the MoE's frozen tensors (expert 0 as the MLP)."""
-    state = dict(model.state_dict())
-    layers = model.config.num_hidden_layers
+def frozen_fingerprint(
+    state: Mapping[str, torch.Tensor], layers: int, public_router: torch.Tensor,
+    dtype: torch.dtype,
+) -> str:  # fmt: skip
+    """The anchor fingerprint recomputed from an MoE's frozen tensors (expert 0 as the MLP),
+    as stored in the anchor's ``dtype`` (exact: frozen tensors are only ever widened)."""
+    state = {k: v.to(dtype) for k, v in state.items()}
     dense: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".mlp." not in key:
@@ -118,9 +126,9 @@ def frozen_fingerprint(model: FlexOlmoForCausalLM, public_router: torch.Tensor) 
                 names.EXPERT.format(layer=layer, expert=0, proj=proj)
             ]
         row = state[names.ROUTER_ROW.format(layer=layer, expert=0)]
-        if not torch.equal(row, public_router[layer].to(row.device)):
+        if not torch.equal(row, public_router[layer].to(row.device, dtype)):
             raise FlexMoEError(None, f"public router row of layer {layer} changed during training")
-    return fingerprint(dense, public_router)
+    return fingerprint(dense, public_router.to(dtype))
 
 
 def owner_router_rows(
@@ -186,16 +194,19 @@ def write_package(
     out: Path,
     *,
     model: FlexOlmoForCausalLM,
+    state: Mapping[str, torch.Tensor],
     anchor: Anchor,
     identity: ExpertIdentity,
     summary: TrainingSummary,
     router_init: RouterInitRecord,
     overwrite: bool,
 ) -> ExpertManifest:
-    """Write expert 1 of ``model`` and its manifest to ``out`` (temp dir, then rename)."""
+    """Write expert 1 of ``model`` (whose whole state is ``state``) and its manifest to ``out``
+    (temp dir, then rename)."""
     config = model.config
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(expert_tensors(model), str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        tensors = expert_tensors(state, num_layers=config.num_hidden_layers, dtype=anchor.dtype)
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
         manifest = ExpertManifest(
             name=identity.name, owner=identity.owner, license=identity.license,
             description=identity.description,
@@ -205,7 +216,7 @@ def write_package(
             router_init=router_init, training=summary,
             shapes=ExpertShapes(
                 num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
+                intermediate_size=config.intermediate_size, dtype=anchor.manifest.dtype,
             ),
             files={TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)},
             flexmoe_version=__version__,
@@ -240,7 +251,7 @@ def train_expert(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    anchor = load_anchor(anchor_dir)
+    anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
     train_stream, val_stream, texts = _owner_streams(
         anchor, data, public_data, public_fraction, seq_len=cfg.seq_len, cache_dir=cache_dir
@@ -260,11 +271,13 @@ def train_expert(
         desc=f"expert {identity.name}",
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
     )  # fmt: skip
+    state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:  # one process writes the package; the others wait for it
         barrier(info)
         return read_manifest(out), result
-    model.cpu()
-    if frozen_fingerprint(model, anchor.public_router) != anchor.manifest.fingerprint:
+    layers = model.config.num_hidden_layers
+    found = frozen_fingerprint(state, layers, anchor.public_router, anchor.dtype)
+    if found != anchor.manifest.fingerprint:
         raise FlexMoEError(
             anchor_dir, "a frozen tensor changed during training; refusing to package"
         )
@@ -274,7 +287,7 @@ def train_expert(
         hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
     )  # fmt: skip
     manifest = write_package(
-        out, model=model, anchor=anchor, identity=identity, summary=summary,
+        out, model=model, state=state, anchor=anchor, identity=identity, summary=summary,
         router_init=RouterInitRecord(method=router_init.value, params=init_params),
         overwrite=overwrite,
     )  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.anchor import load_anchor
+from flexmoe.anchor import load_anchor, open_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split
 from flexmoe.evaluate.perplexity import DomainScore, evaluate_loaded
@@ -19,7 +19,7 @@ def verify_package(package_dir: Path, anchor_dir: Path) -> list[tuple[str, str]]
 
     Raises :class:`~flexmoe.errors.FlexMoEError` at the first failed check.
     """
-    anchor = load_anchor(anchor_dir)
+    anchor = open_anchor(anchor_dir)  # fingerprints checked; no model needed
     package = load_package(package_dir, anchor)
     m = package.manifest
     params = sum(t.numel() for t in package.tensors.values())
@@ -32,7 +32,10 @@ def verify_package(package_dir: Path, anchor_dir: Path) -> list[tuple[str, str]]
         ("file hashes", f"{len(m.files)} file(s): ok"),
         ("anchor fingerprint", f"{m.anchor_fingerprint[:16]}...: matches"),
         ("tokenizer fingerprint", f"{m.tokenizer_fingerprint[:16]}...: matches"),
-        ("tensors", f"{len(package.tensors)} tensors, {params:,} parameters, float32, finite"),
+        (
+            "tensors",
+            f"{len(package.tensors)} tensors, {params:,} parameters, {m.shapes.dtype}, finite",
+        ),
         ("router init", m.router_init.method),
         ("training", f"{m.training.steps} steps, {m.training.tokens:,} tokens"),
         (

@@ -29,18 +29,12 @@ from flexmoe.expert.package import (
     load_package,
 )
 from flexmoe.io import read_json, sha256_file
-from flexmoe.merge.build import (
-    SLOTS_FILE,
-    TensorSource,
-    read_header,
-    slot_entry,
-    tensor_reader,
-    write_checkpoint,
-)
+from flexmoe.merge.build import SLOTS_FILE, slot_entry, write_checkpoint
 from flexmoe.merge.plan import Slot
 from flexmoe.merge.standing import standing_frozen
 from flexmoe.model import names
-from flexmoe.model.checkpoint import read_config, weight_files
+from flexmoe.model.checkpoint import checkpoint_sources, read_config, stored_dtype
+from flexmoe.model.stream import TensorSource, tensor_reader
 
 _EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
 _GATE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
@@ -60,35 +54,30 @@ def open_sources(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, Any], list[
             model_dir / SLOTS_FILE,
             f"{len(table.get('slots', []))} slots but {config.num_experts} experts",
         )
-    files = weight_files(model_dir)
-    sources = []
-    for path in sorted(set(files.values())):
-        if not path.is_file():
-            raise FlexMoEError(path, "shard named in the index is missing")
-        for key, (shape, nbytes) in read_header(path).items():
-            sources.append(TensorSource(key, shape, nbytes, tensor_reader(path, key)))
-    return config, table, sources
+    return config, table, checkpoint_sources(model_dir)
 
 
 def _gate(
     source: TensorSource, rows: int, change: Callable[[torch.Tensor], torch.Tensor]
 ) -> TensorSource:
-    """The router of one layer, ``(rows, H)`` after ``change`` is applied to the stored one."""
-    shape = (rows, source.shape[1])
-    return TensorSource(
-        source.name, shape, 4 * shape[0] * shape[1], lambda: change(source.load().float())
-    )
+    """The router of one layer, ``(rows, H)`` after ``change`` is applied to the stored one
+    (in float32; the result is stored in the router's dtype)."""
+    shape, dtype = (rows, source.shape[1]), source.dtype
+    return TensorSource(source.name, shape, dtype, lambda: change(source.load().float()).to(dtype))
 
 
 def with_router_rows(sources: list[TensorSource], rows: list[torch.Tensor]) -> list[TensorSource]:
-    """``sources`` with each layer's router replaced by ``rows[layer] (N, H)`` (float32)."""
-    gates = {names.ROUTER_ON_DISK.format(layer=i): r.detach().float() for i, r in enumerate(rows)}
+    """``sources`` with each layer's router replaced by ``rows[layer] (N, H)``, rounded to the
+    stored router's dtype."""
+    gates = {names.ROUTER_ON_DISK.format(layer=i): r.detach() for i, r in enumerate(rows)}
 
     def constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: tensor
 
     return [
-        TensorSource(s.name, s.shape, s.nbytes, constant(gates[s.name])) if s.name in gates else s
+        TensorSource(s.name, s.shape, s.dtype, constant(gates[s.name].to(s.dtype)))
+        if s.name in gates
+        else s
         for s in sources
     ]
 
@@ -130,6 +119,7 @@ def add_expert(
     check_compatible(
         package_dir, m, anchor_fingerprint=table["anchor_fingerprint"],
         tokenizer_fingerprint=table["tokenizer_fingerprint"], config=config,
+        dtype=stored_dtype(config),
     )  # fmt: skip
     if any(s["name"] == m.name for s in table["slots"]):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
@@ -156,7 +146,7 @@ def add_expert(
             out_sources.append(
                 TensorSource(
                     names.EXPERT.format(layer=layer, expert=index, proj=proj), ref.shape,
-                    ref.nbytes, tensor_reader(tensor_file, pkg_key),
+                    ref.dtype, tensor_reader(tensor_file, pkg_key),
                 )
             )  # fmt: skip
     slot = Slot(
@@ -193,7 +183,7 @@ def remove_expert(
                 continue
             if e > index:
                 renamed = names.EXPERT.format(layer=layer, expert=e - 1, proj=proj)
-                source = TensorSource(renamed, source.shape, source.nbytes, source.load)
+                source = source.renamed(renamed)
         elif gate is not None:
 
             def drop_row(g: torch.Tensor) -> torch.Tensor:

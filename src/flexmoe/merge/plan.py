@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexmoe.anchor import Anchor, load_anchor
+from flexmoe.anchor import AnchorInfo, open_anchor
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, ExpertManifest, load_package
 from flexmoe.io import sha256_file
@@ -31,7 +31,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class MergePlan:
-    anchor: Anchor
+    anchor: AnchorInfo
     slots: list[Slot]
     top_k: int
 
@@ -44,8 +44,8 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
     """Validate the anchor and every package; assign slots; check names and top-k."""
     if not package_dirs:
         raise FlexMoEError("--expert", "give at least one expert package")
-    anchor = load_anchor(anchor_dir)
-    anchor_bytes = (Path(anchor_dir) / "model.safetensors").stat().st_size
+    anchor = open_anchor(anchor_dir)  # fingerprints checked, tensors streamed, no model built
+    anchor_bytes = anchor.weight_bytes()
     slots = [
         Slot(
             index=0, name="public", owner="coordinator", license="public", source=anchor.path,

@@ -20,9 +20,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from flexmoe.device import parse_dtype
 from flexmoe.errors import FlexMoEError
 from flexmoe.model import names
 from flexmoe.model.moe import ExpertMLP, MoEFeedForward, Router
+from flexmoe.model.stream import TensorSource, check_keys, file_sources, hash_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,10 +34,18 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over tensors in sorted-name order; each adds its name, dtype, shape, raw bytes."""
     h = hashlib.sha256()
     for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_tensor(h, name, tensor)
     return h.hexdigest()
+
+
+def stored_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights are stored in (float32 if it says none)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return parse_dtype(value, field="config.json dtype")
+    return torch.float32
 
 
 def read_config(model_dir: Path) -> PretrainedConfig:
@@ -83,6 +93,16 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         raise FlexMoEError(single, f"not a readable safetensors file ({e})") from e
 
 
+def checkpoint_sources(model_dir: Path) -> list[TensorSource]:
+    """A lazy source for every tensor of a checkpoint (one file or shards), in name order."""
+    sources: list[TensorSource] = []
+    for path in sorted(set(weight_files(model_dir).values())):
+        if not path.is_file():
+            raise FlexMoEError(path, "shard named in the index is missing")
+        sources.extend(file_sources(path))
+    return sorted(sources, key=lambda s: s.name)
+
+
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: one safetensors file or an index of shards."""
     state: dict[str, torch.Tensor] = {}
@@ -96,20 +116,10 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_keys(where: Path, expected: set[str], found: set[str]) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FlexMoEError(where, f"missing tensors: {', '.join(missing[:3])}{more}")
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise FlexMoEError(where, f"unexpected tensors: {', '.join(unexpected[:3])}{more}")
-
-
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load ``state`` into a model built on the meta device; shapes and names are checked."""
     expected = dict(model.state_dict())
-    _check_keys(where, set(expected), set(state))
+    check_keys(where, set(expected), set(state))
     for key, tensor in state.items():
         got, want = tuple(tensor.shape), tuple(expected[key].shape)
         if got != want:
@@ -180,12 +190,15 @@ def moe_layers(model: torch.nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def load_model(model_dir: Path, *, use_bias: bool = False) -> PreTrainedModel:
-    """Load an OLMo-2 or FlexOlmo checkpoint directory as a flexmoe runtime model (fp32, eval)."""
+def load_model(
+    model_dir: Path, *, use_bias: bool = False, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """Load an OLMo-2 or FlexOlmo checkpoint directory as a flexmoe runtime model (eval), its
+    weights in ``dtype`` (see :func:`flexmoe.device.compute_dtype`)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     state = read_state_dict(model_dir)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if isinstance(config, FlexOlmoConfig):
         runtime = names.runtime_from_disk(state, num_layers=config.num_hidden_layers)
         return build_moe(config, runtime, where=model_dir, use_bias=use_bias)
@@ -213,11 +226,14 @@ def upcycle(dense: Olmo2ForCausalLM, *, num_experts: int, top_k: int) -> FlexOlm
     return build_moe(config, state, where=Path("<upcycled>"))
 
 
-def save_model(model: PreTrainedModel, out_dir: Path) -> None:
-    """Write ``model`` in transformers' format (config.json, model.safetensors) to ``out_dir``."""
+def save_model(model: PreTrainedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` in transformers' format (config.json, model.safetensors) to ``out_dir``,
+    its tensors in ``dtype`` (default: as they are), which the config records."""
     out_dir = Path(out_dir)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    dtype = dtype or next(model.parameters()).dtype
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.config
+    config.dtype = dtype
     if isinstance(config, FlexOlmoConfig):
         state = names.disk_from_runtime(
             state, num_layers=config.num_hidden_layers, num_experts=config.num_experts

@@ -161,8 +161,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = load_merged(model_dir, use_bias=use_bias)
-        model.to(device).eval()  # type: ignore[arg-type]
+        model = load_merged(model_dir, use_bias=use_bias, device=device).eval()
         slots = read_slots(model_dir)
         tokenizer = load_tokenizer(model_dir)
         table = read_json(model_dir / SLOTS_FILE)

@@ -37,17 +37,23 @@ def save_checkpoint(
     params: Mapping[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
+    write: bool = True,
 ) -> None:
-    """Replace ``directory`` with a complete checkpoint (written aside, then renamed)."""
+    """Replace ``directory`` with a complete checkpoint (written aside, then renamed).
+
+    Sharded (FSDP) tensors are gathered whole first, so every process must call this; only the
+    one with ``write`` writes.
+    """
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for index, slots in opt["state"].items():
         for name, value in slots.items():
-            tensors[f"state.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"state.{index}.{name}"] = _whole(torch.as_tensor(value))
+    whole = {k: _whole(v) for k, v in params.items()}
+    if not write:
+        return
     with atomic_directory(directory, overwrite=True) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / PARAMS_FILE)
-        )
+        save_file(whole, str(tmp / PARAMS_FILE))
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         payload = {
             "step": state.step,
@@ -58,6 +64,24 @@ def save_checkpoint(
             "param_groups": opt["param_groups"],
         }
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on the CPU; a sharded one is gathered from every process."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous()
+
+
+def _like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``whole`` placed as ``param`` is: on its device, and sharded the same way if it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+    return whole.to(param.device)
 
 
 def load_checkpoint(
@@ -74,11 +98,14 @@ def load_checkpoint(
         raise FlexMoEError(directory / PARAMS_FILE, "checkpoint tensors do not match the model")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(saved[name])
+            param.copy_(_like(saved[name], param))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in opt_tensors.items():
         _, index, name = key.split(".", 2)
-        opt_state.setdefault(int(index), {})[name] = value
+        param = ordered[int(index)]
+        shaped = value.shape == param.shape and value.dim() > 0  # a moment, not the step count
+        opt_state.setdefault(int(index), {})[name] = _like(value, param) if shaped else value
     optimizer.load_state_dict({"state": opt_state, "param_groups": payload["param_groups"]})
     return TrainerState(
         step=payload["step"],

@@ -7,6 +7,8 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 
+MEMORY_FIELDS = frozenset({"activation_checkpointing", "fsdp"})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -28,6 +30,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     z_loss: float = 0.0
+    # How to fit in memory; neither changes what is computed, so a run may resume with either.
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimiser state (FSDP2)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
@@ -54,6 +59,10 @@ class TrainConfig:
                 f"{self.batch_size} does not split over {world_size} processes x "
                 f"{self.grad_accum} accumulation steps",
             )
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that decide what a run computes (every field but the memory settings)."""
+        return {k: v for k, v in asdict(self).items() if k not in MEMORY_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

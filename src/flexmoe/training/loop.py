@@ -1,4 +1,10 @@
-"""The training loop: one process or many under torchrun (DDP; gloo on CPU, NCCL on CUDA)."""
+"""The training loop: one process or many under torchrun (gloo on CPU, NCCL on CUDA).
+
+Many processes either copy the model (DDP, the default) or shard it (``fsdp``: FSDP2's
+``fully_shard`` per decoder layer, so that weights, gradients and optimiser state are split over
+the processes). Either way each process sees its share of every batch, and the loss curve is the
+one process's (tested with two processes on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -129,6 +135,61 @@ def _mean(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item()) / info.world_size
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Keep only each decoder layer's input in forward and recompute the rest in backward
+    (transformers' layer checkpointing, non-reentrant, so frozen inputs are fine)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise FlexMoEError("--activation-checkpointing", "this model does not support it")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def shard_model(model: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """FSDP2 in place: each decoder layer its own unit, then the rest. On CUDA the weights are
+    gathered in bf16 (frozen bf16 and trained float32 tensors alike) and gradients reduced in
+    float32; on the CPU everything stays float32.
+
+    FSDP2 cannot shard scalars (the owners' router biases): they stay whole on every process,
+    and the trained ones are returned, for :func:`average_gradients` to reduce.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise FlexMoEError("--fsdp", "the model has no decoder layers to shard")
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy, ignored_params=scalars)
+    fully_shard(model, mp_policy=policy, ignored_params=scalars)
+    return [p for p in scalars if p.requires_grad]
+
+
+def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients of parameters no wrapper reduces, over every process."""
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= info.world_size
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state on the CPU: gathered from every process when sharded (every
+    process must call it then), else its own state dict."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return dict(model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        out[name] = full.detach().cpu()
+    return out
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on vectors (norms, router rows, biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -169,6 +230,11 @@ def train(
     if num_blocks == 0:
         raise FlexMoEError("training data", f"shorter than one block of {cfg.seq_len} tokens")
     model.to(device).train()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    unsharded: list[nn.Parameter] = []
+    if cfg.fsdp and info.world_size > 1:
+        unsharded = shard_model(model, device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise FlexMoEError(None, "the model has no trainable parameters")
@@ -180,7 +246,7 @@ def train(
         state = load_checkpoint(checkpoint_dir, params=params, optimizer=optimizer)
         _check_resumable(checkpoint_dir, state, cfg, len(train_stream.tokens))
     wrapped: nn.Module = model
-    if info.world_size > 1:
+    if info.world_size > 1 and not cfg.fsdp:
         wrapped = nn.parallel.DistributedDataParallel(model)
     micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -193,8 +259,11 @@ def train(
     val_loss: float | None = None
 
     def checkpoint() -> None:
-        if checkpoint_dir is not None and info.is_main:
-            save_checkpoint(checkpoint_dir, params=params, optimizer=optimizer, state=state)
+        if checkpoint_dir is not None:  # every process joins in gathering sharded tensors
+            save_checkpoint(
+                checkpoint_dir, params=params, optimizer=optimizer, state=state,
+                write=info.is_main,
+            )  # fmt: skip
         if info.world_size > 1:
             dist.barrier()
 
@@ -214,6 +283,7 @@ def train(
                     if aux_loss is not None:
                         loss = loss + aux_loss(model)
                     (loss / cfg.grad_accum).backward()
+            average_gradients(unsharded, info)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             optimizer.step()
@@ -258,11 +328,9 @@ def _last_loss(state: TrainerState) -> float:
 
 
 def _check_resumable(where: Path, state: TrainerState, cfg: TrainConfig, data_tokens: int) -> None:
-    saved = TrainConfig.from_dict(state.config)
-    for name, value in cfg.to_dict().items():
-        if saved.to_dict()[name] != value:
-            raise FlexMoEError(
-                where, f"checkpoint was made with {name}={saved.to_dict()[name]}, now {value}"
-            )
+    saved = TrainConfig.from_dict(state.config).result_fields()
+    for name, value in cfg.result_fields().items():
+        if saved[name] != value:
+            raise FlexMoEError(where, f"checkpoint was made with {name}={saved[name]}, now {value}")
     if state.data_tokens != data_tokens:
         raise FlexMoEError(where, "checkpoint was made on different training data")
