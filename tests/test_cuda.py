@@ -76,3 +76,97 @@ def test_probe_and_soup_run_where_they_are_asked(
     anchor.model.to("cuda")
     mixed = soup(anchor, packages)
     assert all(torch.isfinite(p).all() for p in mixed.parameters())
+
+
+def cli_chain(root: Path, corpus_dir: Path, device: str) -> dict[str, Path]:
+    """The whole CLI chain on ``device``: tokenizer, anchor (trained, then imported from a bf16
+    copy), two experts (one with activation checkpointing), merge, generate, eval baselines,
+    report, serve. Each step is its own process, as a user runs it; returns the outputs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from transformers import AutoModelForCausalLM
+
+    public, owner = corpus_dir / "public.jsonl", corpus_dir / "other.jsonl"
+    env = {**os.environ, "FLEXMOE_CACHE": str(root / "cache")}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "flexmoe", *args], capture_output=True, text=True, env=env,
+            timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{args[:2]}: {done.stderr[-3000:]}"
+        return done.stdout
+
+    small = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
+             "--checkpoint-every", "0", "--device", device]  # fmt: skip
+    cli("tokenizer", "train", "--data", f"public={public}", "--out", str(root / "tok"),
+        "--vocab-size", "400")  # fmt: skip
+    cli("anchor", "train", "--data", f"public={public}", "--tokenizer", str(root / "tok"),
+        "--hidden-size", "32", "--num-layers", "2", "--num-heads", "4", "--intermediate-size",
+        "64", *small, "--out", str(root / "anchor32"))  # fmt: skip
+    AutoModelForCausalLM.from_pretrained(root / "anchor32", dtype=torch.bfloat16).save_pretrained(
+        root / "hf"
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "hf" / name).write_bytes((root / "anchor32" / name).read_bytes())
+    cli("anchor", "import", str(root / "hf"), "--data", f"public={public}", "--device", device,
+        "--out", str(root / "anchor"))  # fmt: skip
+    packages = []
+    for name, data, extra in (("upper", owner, ["--activation-checkpointing"]),
+                              ("again", public, [])):  # fmt: skip
+        cli("expert", "train", "--anchor", str(root / "anchor"), "--data", str(data), "--name",
+            name, "--owner", f"{name} org", "--license", "MIT", *small, *extra,
+            "--out", str(root / name))  # fmt: skip
+        packages += ["--expert", str(root / name)]
+    cli("merge", "--anchor", str(root / "anchor"), *packages, "--out", str(root / "merged"))
+    said = cli("generate", str(root / "merged"), "the union", "--max-new-tokens", "8",
+               "--attribution", "--device", device)  # fmt: skip
+    assert "public" in said
+    cli("eval", "baselines", "--anchor", str(root / "anchor"), *packages, "--merged",
+        str(root / "merged"), "--data", f"public={public}",
+        "--max-documents", "8", "--seq-len", "32", "--device", device,
+        "--out", str(root / "scores.json"))  # fmt: skip
+    cli("report", str(root / "scores.json"), "--out", str(root / "report"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flexmoe", "serve", str(root / "merged"), "--port", str(port),
+         "--device", device],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                            json={"prompt": "the union", "max_tokens": 4}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"anchor": root / "anchor", "merged": root / "merged", "report": root / "report"}
+
+
+def test_the_whole_cli_chain_runs_on_cuda(tmp_path: Path, corpus_dir: Path) -> None:
+    """Issue 13's first deliverable: every step on the GPU, the bf16 source kept in bf16."""
+    import json
+
+    from flexmoe.model.checkpoint import checkpoint_sources
+
+    out = cli_chain(tmp_path, corpus_dir, "cuda")
+    assert json.loads((out["anchor"] / "flexmoe_anchor.json").read_text())["dtype"] == "bfloat16"
+    assert {s.dtype for s in checkpoint_sources(out["merged"])} == {torch.bfloat16}
+    assert (out["report"] / "report.md").is_file()
