@@ -175,6 +175,15 @@ def test_openai_client_completion_chat_stream_and_experts(model_dir: Path) -> No
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
+def _assert_errors(cases: list[tuple[httpx.Response, int, str]]) -> None:
+    """Each response has its status and an OpenAI-style body naming ``words`` (or the param)."""
+    for response, status, words in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert words in error["message"] or words == error["param"], error
+        assert error["type"]
+
+
 def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(model_dir: Path) -> None:
     with live(model_dir, name=NAME) as url:
         post = f"{url}/v1/completions"
@@ -200,14 +209,63 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(model_dir: Path) -> N
             (httpx.post(post, json={"max_tokens": 2}), 400, "prompt"),
             (httpx.post(f"{url}/v1/chat/completions", json={"messages": []}), 400, "messages"),
         ]  # fmt: skip
-        for response, status, words in cases:
-            assert response.status_code == status, response.text
-            error = response.json()["error"]
-            assert words in error["message"] or words == error["param"], error
-            assert error["type"]
+        _assert_errors(cases)
         ok = httpx.post(post, json={"prompt": "the union", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
         assert httpx.get(f"{url}/v1/experts/nobody/usage").status_code == 404
+
+
+def test_hostile_requests_are_refused_up_front_with_openai_bodies(model_dir: Path) -> None:
+    """Issue 14's findings: values a float32 or the generator cannot hold, empty allow-lists,
+    lone surrogates, oversized bodies, unknown routes and methods are 4xx OpenAI-style errors
+    before any work; a 10 MB prompt is refused in under a second while /health stays fast."""
+    with live(model_dir, name=NAME, max_body_bytes=64_000) as url:
+        post = f"{url}/v1/completions"
+        raw = {"content-type": "application/json"}
+        cases = [
+            (httpx.post(post, json={"prompt": "a", "seed": 2**70}), 400, "seed"),
+            (httpx.post(post, json={"prompt": "a", "seed": -1}), 400, "seed"),
+            (httpx.post(post, json={"prompt": "a", "top_p": 1e-300}), 400, "top_p"),
+            (httpx.post(post, json={"prompt": "a", "temperature": 1e-30}), 400, "temperature"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"include": []}}), 400,
+             "empty allow-list"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"licenses": []}}), 400,
+             "empty allow-list"),
+            (httpx.post(post, content=b'{"prompt": "\\ud800"}', headers=raw), 400,
+             "lone surrogate"),
+            (httpx.post(f"{url}/v1/chat/completions", content=b'{"messages": [{"role": "user", '
+                        b'"content": "\\udfff"}]}', headers=raw), 400, "lone surrogate"),
+            (httpx.post(post, content=b'{"prompt": "a", "stop": ["\\ud800"]}', headers=raw), 400,
+             "lone surrogate"),
+            (httpx.post(post, content=b'{"prompt": "\xff\xfe"}', headers=raw), 400,
+             "not valid JSON"),
+            (httpx.get(f"{url}/no/such/route"), 404, "Not Found"),
+            (httpx.get(post), 405, "Method Not Allowed"),
+        ]  # fmt: skip
+        _assert_errors(cases)
+
+        big = b'{"prompt": "' + b"word " * 2_000_000 + b'"}'  # 10 MB
+        health: list[float] = []
+
+        def poll() -> None:
+            for _ in range(5):
+                start = time.perf_counter()
+                assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+                health.append(time.perf_counter() - start)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        start = time.perf_counter()
+        refused = httpx.post(post, content=big, headers=raw, timeout=30)
+        took = time.perf_counter() - start
+        poller.join()
+        assert refused.status_code == 413 and "larger than 64,000 bytes" in refused.text
+        assert took < 1.0 and max(health) < 1.0, (took, health)
+        chunks = (b"word " * 20_000 for _ in range(100))  # no declared length: counted as read
+        streamed = httpx.post(post, content=chunks, headers=raw, timeout=30)
+        assert streamed.status_code == 413, streamed.text
+        ok = httpx.post(post, json={"prompt": "the union", "max_tokens": 3, "seed": 2**63 - 1})
+        assert ok.status_code == 200, ok.text
 
 
 def test_owners_tokens_opt_out_and_opt_in(model_dir: Path) -> None:

@@ -905,10 +905,27 @@ def serve(
     ] = None,
     bias: BiasOpt = None,
     device: DeviceOpt = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for generation [default: the usable cores less one]"),
+    ] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="larger request bodies are refused with 413")
+    ] = 1 << 20,
 ) -> None:
     """Serve the merged model over an OpenAI-compatible HTTP API (needs the serve extra)."""
+    import torch
+
     from flexmoe.device import pick_device
     from flexmoe.serve.auth import read_admin_token
+
+    if threads is not None and threads < 1:
+        raise FlexMoEError("--threads", "must be at least 1")
+    if max_body_bytes < 1024:
+        raise FlexMoEError("--max-body-bytes", "must be at least 1024")
+    # One core stays with the event loop and the tokenizer: on a busy 2-core machine the
+    # default (every core for the matmuls) starved both (issue 14).
+    torch.set_num_threads(threads or max(1, _cores() - 1))
 
     try:
         import uvicorn
@@ -922,9 +939,17 @@ def serve(
         raise FlexMoEError("--max-batch", "must be at least 1")
     app_ = create_app(
         model, device=pick_device(device), admin_token=read_admin_token(admin_token_file),
-        max_batch=max_batch, name=name, use_bias=_bias(bias),
+        max_batch=max_batch, name=name, use_bias=_bias(bias), max_body_bytes=max_body_bytes,
     )  # fmt: skip
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    # No access log: uvicorn's prints query strings, where a client may have put a token.
+    uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @owners_app.command("add")

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
@@ -39,6 +40,10 @@ from flexmoe.serve.scheduler import Job, Scheduler
 
 MAX_STOP = 4
 CHAT_STOP = ("\nUser:", "\nSystem:")
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before parsing
+MAX_SEED = 2**63 - 1  # what torch's generator takes
+MIN_TEMPERATURE = 1e-6  # below it (and above 0) logits / temperature overflow float32
+MIN_TOP_P = float(torch.finfo(torch.float32).tiny)  # the least top_p float32 holds above 0
 
 
 class ApiError(Exception):
@@ -66,6 +71,13 @@ class ExpertChoice(BaseModel):
     exclude: list[str] | None = None
     licenses: list[str] | None = None
 
+    @field_validator("include", "licenses")
+    @classmethod
+    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:  # an empty allow-list selects nothing, never all
+            raise ValueError("an empty allow-list selects no expert; leave it out for all")
+        return value
+
     def selection(self) -> Selection:
         return Selection(
             include=frozenset(self.include or ()), exclude=frozenset(self.exclude or ()),
@@ -81,7 +93,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     experts: ExpertChoice | None = None
@@ -92,7 +104,32 @@ class _Sampling(BaseModel):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
+        for stop in stops:
+            _unicode(stop)
         return stops
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, value: float) -> float:
+        if value < MIN_TOP_P:
+            raise ValueError(f"must be at least {MIN_TOP_P:.3g} (float32's least positive)")
+        return value
+
+
+def _unicode(text: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates), else a ValueError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (a lone surrogate)") from None
+    return text
 
 
 class CompletionRequest(_Sampling):
@@ -104,14 +141,19 @@ class CompletionRequest(_Sampling):
         if isinstance(value, list):
             if len(value) != 1:
                 raise ValueError("give one prompt (a string or a list of one string)")
-            return value[0]
-        return value
+            value = value[0]
+        return _unicode(value)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str) -> str:
+        return _unicode(value)
 
 
 class ChatRequest(_Sampling):
@@ -127,6 +169,51 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 class OptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(default="", max_length=500)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before anything parses
+    it, whether its length is declared or it arrives in chunks (reading stops at the limit, and
+    whatever the app answers to the cut body is replaced by the 413)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        seen, over = 0, False
+
+        async def counted() -> Any:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def answered(message: Any) -> None:
+            if not over:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._refuse(send)
+
+        await self.app(scope, counted, answered)
+
+    async def _refuse(self, send: Any) -> None:
+        response = _error(413, f"the request body is larger than {self.limit:,} bytes")
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": response.raw_headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": response.body})
 
 
 @dataclass
@@ -152,6 +239,7 @@ def _bearer(request: Request) -> str:
 def create_app(
     model_dir: Path, *, device: torch.device, admin_token: str | None = None,
     max_batch: int = 8, name: str | None = None, use_bias: bool = APPLY_BIAS,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:  # fmt: skip
     """The app for the merged model at ``model_dir``; the model loads when the app starts."""
     model_dir = Path(model_dir)
@@ -179,6 +267,15 @@ def create_app(
             scheduler.close()
 
     app = FastAPI(title="flexmoe", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:  # e.g. invalid UTF-8
+            message = "the request body is not valid JSON in UTF-8"
+        return _error(exc.status_code, message, None, kind)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -216,7 +313,7 @@ def create_app(
             {"id": s.name, "object": "model", "created": int(time.time()), "owned_by": "flexmoe"}
         ]}  # fmt: skip
 
-    def _job(body: _Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
+    async def _job(body: _Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
         s = server()
         if body.model is not None and body.model != s.name:
             raise ApiError(404, f"model {body.model!r} is not served here (serving {s.name!r})",
@@ -226,7 +323,9 @@ def create_app(
             selection.mask(s.slots)
         except FlexMoEError as e:
             raise ApiError(400, e.fault, param="experts") from None
-        encoded = s.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        encoded = await asyncio.to_thread(  # off the event loop: /health stays fast
+            lambda: s.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
         ids = [s.tokenizer.eos_token_id, *encoded]
         if len(ids) + body.max_tokens > s.context:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens "
@@ -320,12 +419,13 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         stop = tuple(body.stop or ())  # type: ignore[arg-type]
-        return await _respond(_job(body, str(body.prompt), "completions", stop), chat=False)
+        job = await _job(body, str(body.prompt), "completions", stop)
+        return await _respond(job, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         stop = (*(body.stop or ()), *CHAT_STOP)  # type: ignore[misc]
-        job = _job(body, chat_prompt(body.messages), "chat.completions", tuple(stop))
+        job = await _job(body, chat_prompt(body.messages), "chat.completions", tuple(stop))
         return await _respond(job, chat=True)
 
     @app.get("/v1/experts")
