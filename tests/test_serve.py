@@ -123,6 +123,28 @@ def test_a_batch_equals_each_request_alone(model_dir: Path) -> None:
     assert "".join(pieces) == cut.text
 
 
+def test_a_failing_row_fails_alone(model_dir: Path) -> None:
+    """Rows whose own sampling cannot run (a top_p float32 rounds to 0, a seed the generator
+    refuses) fail through on_error; the rows batched with them give what they give alone."""
+    model, tokenizer = load_merged(model_dir), load_tokenizer(model_dir)
+    mask = Selection().mask(read_slots(model_dir))
+    errors: list[str] = []
+
+    def request(prompt: str, **kw: object) -> RowRequest:
+        ids = [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return RowRequest(prompt_ids=ids, mask=mask, max_tokens=5, min_tokens=5,
+                          on_error=errors.append, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    good = [request("the union", temperature=0.0), request("we the people", seed=3)]
+    poisoned = [request("a", top_p=1e-300), request("b", seed=2**70)]
+    together = generate_batch(model, tokenizer, [good[0], *poisoned, good[1]])
+    assert len(together) == 2 and len(errors) == 2
+    assert all(e.startswith("generation failed") for e in errors)
+    for result, req in zip(together, good, strict=True):
+        [alone] = generate_batch(model, tokenizer, [req])
+        assert result.token_ids == alone.token_ids and len(result.token_ids) == 5
+
+
 def test_openai_client_completion_chat_stream_and_experts(model_dir: Path) -> None:
     with live(model_dir, name=NAME) as url:
         client = _client(url)

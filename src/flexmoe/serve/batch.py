@@ -3,7 +3,9 @@
 Prompts are left-padded into one batch; each row carries its own expert mask (``(B, N)``), its
 own sampling settings and random generator, its own stop strings and token limit. A row that has
 finished stops counting (its later tokens are discarded) and is reported at once through
-``on_finish``, so a short answer does not wait for the longest one in its batch.
+``on_finish``, so a short answer does not wait for the longest one in its batch. A row whose own
+work fails (its generator, its sampling, its callbacks) fails alone through ``on_error``; the
+others go on.
 
 Attribution per row: the routing mass (averaged over layers) at each position that produced a
 generated token, i.e. the last prompt position and every generated token fed back but the last.
@@ -12,7 +14,7 @@ generated token, i.e. the last prompt position and every generated token fed bac
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +37,7 @@ class RowRequest:
     stop: tuple[str, ...] = ()
     on_text: Callable[[str], None] | None = None  # streamed text as it becomes final
     on_finish: Callable[[RowResult], None] | None = None
+    on_error: Callable[[str], None] | None = None  # this row failed; the batch goes on
 
 
 @dataclass
@@ -94,6 +97,12 @@ class _Row:
             self.req.on_text(self.text[self.sent : final])
             self.sent = final
 
+    def fail(self, error: Exception) -> None:
+        """End this row with ``error``, told through ``on_error``; no result."""
+        self.done, self.final = "error", None
+        if self.req.on_error is not None:
+            self.req.on_error(f"generation failed: {error}")
+
     def result(self) -> RowResult:
         total = float(self.mass.sum())
         shares = [float(m) / total if total > 0 else 0.0 for m in self.mass]
@@ -119,6 +128,17 @@ def _sample(logits: torch.Tensor, row: _Row, eos: int | None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
 
 
+def _new_row(req: RowRequest, tokenizer: PreTrainedTokenizerBase, num_experts: int) -> _Row:
+    """A row's running state; one that cannot start (say, a seed its generator refuses) is
+    failed at once and takes no further part."""
+    try:
+        return _Row(req, tokenizer, num_experts)
+    except Exception as e:
+        row = _Row(replace(req, seed=0), tokenizer, num_experts)
+        row.fail(e)
+        return row
+
+
 @torch.no_grad()
 def generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[RowRequest]
@@ -136,7 +156,7 @@ def generate_batch(
         ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
         attention[i, width - len(r.prompt_ids) :] = 1
     num_experts = int(requests[0].mask.numel())
-    rows = [_Row(r, tokenizer, num_experts) for r in requests]
+    rows = [_new_row(r, tokenizer, num_experts) for r in requests]
     ids, attention = ids.to(device), attention.to(device)
     set_expert_mask(model, torch.stack([r.mask for r in requests]).to(device))
     past = None
@@ -157,8 +177,12 @@ def generate_batch(
                     if row.done is not None:
                         chosen.append(pad)
                         continue
-                    token = _sample(logits[i], row, eos)
-                    row.add(token, eos, routing[i])
+                    try:
+                        token = _sample(logits[i], row, eos)
+                        row.add(token, eos, routing[i])
+                    except Exception as e:  # this row's own fault: it alone fails
+                        row.fail(e)
+                        token = pad
                     chosen.append(token)
                 if all(row.done is not None for row in rows):
                     break

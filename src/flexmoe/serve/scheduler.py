@@ -139,5 +139,5 @@ class Scheduler:
             min_tokens=job.min_tokens,
             temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
             on_text=(lambda text: job.emit("text", text)) if job.stream else None,
-            on_finish=finish,
+            on_finish=finish, on_error=lambda message: job.emit("error", message),
         )  # fmt: skip
