@@ -145,6 +145,50 @@ def test_a_failing_row_fails_alone(model_dir: Path) -> None:
         assert result.token_ids == alone.token_ids and len(result.token_ids) == 5
 
 
+def test_a_cancelled_row_stops_where_it_is(model_dir: Path) -> None:
+    model, tokenizer = load_merged(model_dir), load_tokenizer(model_dir)
+    mask = Selection().mask(read_slots(model_dir))
+    asked = [0]
+
+    def gone() -> bool:  # the client leaves after three tokens
+        asked[0] += 1
+        return asked[0] > 3
+
+    ids = [tokenizer.eos_token_id, *tokenizer("the union", add_special_tokens=False)["input_ids"]]
+    leaving = RowRequest(prompt_ids=ids, mask=mask, max_tokens=20, min_tokens=20, cancelled=gone)
+    staying = RowRequest(prompt_ids=ids, mask=mask, max_tokens=20, min_tokens=20, seed=1)
+    left, stayed = generate_batch(model, tokenizer, [leaving, staying])
+    assert (left.finish_reason, len(left.token_ids)) == ("cancelled", 3)
+    assert stayed.finish_reason == "length" and len(stayed.token_ids) == 20
+
+
+def test_a_stream_whose_client_leaves_is_cancelled_and_not_billed(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flexmoe.serve.batch as batch
+
+    sample = batch._sample
+
+    def slow(*args: object) -> int:  # slow enough that the client leaves mid-answer
+        time.sleep(0.05)
+        return sample(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch, "_sample", slow)
+    with live(model_dir, name=NAME) as url:
+        before = _ledger_count(model_dir)
+        body = {"prompt": "the union", "max_tokens": 25, "min_tokens": 25, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the first chunk, then the client hangs up
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").json()["cancelled"] < 1:
+            assert time.monotonic() < deadline, "the row was not cancelled"
+            time.sleep(0.05)
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "we", "max_tokens": 2})
+        assert ok.status_code == 200
+    assert _ledger_count(model_dir) == before + 1  # the answered request only
+
+
 def test_openai_client_completion_chat_stream_and_experts(model_dir: Path) -> None:
     with live(model_dir, name=NAME) as url:
         client = _client(url)
@@ -385,11 +429,11 @@ def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) ->
         proc = subprocess.Popen(
             [sys.executable, "-m", "flexmoe", "serve", str(model_dir), "--port", str(port),
              "--name", NAME],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # both logs
         )  # fmt: skip
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     return proc
@@ -421,9 +465,13 @@ def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) ->
                             json={"prompt": "x", "max_tokens": 2, "min_tokens": 2},
                             timeout=60).json()  # fmt: skip
         assert answer["attribution"]["again"] == 0.0 and answer["attribution"]["upper"] > 0
+        leaky = httpx.get(f"{url}/v1/models?api_key=sk-leaky-secret", headers=admin)
+        assert leaky.status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    logged = proc.stdout.read().decode() if proc.stdout else ""
+    assert "Uvicorn running" in logged and "leaky-secret" not in logged and ADMIN not in logged
     assert _ledger_count(model_dir) == 4
     summary = subprocess.run([sys.executable, "-m", "flexmoe", "ledger", str(model_dir), "--by",
                               "expert"], capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -40,6 +40,7 @@ from flexmoe.serve.scheduler import Job, Scheduler
 
 MAX_STOP = 4
 CHAT_STOP = ("\nUser:", "\nSystem:")
+DISCONNECT_POLL_S = 0.25  # how often a waiting response checks that its client is still there
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before parsing
 MAX_SEED = 2**63 - 1  # what torch's generator takes
 MIN_TEMPERATURE = 1e-6  # below it (and above 0) logits / temperature overflow float32
@@ -303,7 +304,7 @@ def create_app(
     async def health() -> dict[str, Any]:
         s = server()
         return {"status": "ok", "model": s.name, "experts": len(s.slots),
-                "batches": len(s.scheduler.batches),
+                "batches": len(s.scheduler.batches), "cancelled": len(s.scheduler.cancelled),
                 "largest_batch": max(s.scheduler.batches, default=0)}  # fmt: skip
 
     @app.get("/v1/models")
@@ -348,9 +349,22 @@ def create_app(
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": done,
                 "total_tokens": result.prompt_tokens + done}  # fmt: skip
 
-    async def _finish(job: Job) -> RowResult:
+    async def _event(job: Job, request: Request) -> tuple[str, Any]:
+        """The job's next event; a client that has gone meanwhile cancels the job (its row
+        stops at the next token and is not billed) and ends the response."""
+        getter = asyncio.ensure_future(job.events.get())
         while True:
-            kind, value = await job.events.get()
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()  # type: ignore[no-any-return]
+            if await request.is_disconnected():
+                getter.cancel()
+                job.cancelled.set()
+                raise asyncio.CancelledError
+
+    async def _finish(job: Job, request: Request) -> RowResult:
+        while True:
+            kind, value = await _event(job, request)
             if kind == "done":
                 return value  # type: ignore[no-any-return]
             if kind == "error":
@@ -381,27 +395,33 @@ def create_app(
             body["usage"] = _usage(result)
         return f"data: {json.dumps(body)}\n\n"
 
-    async def _stream(job: Job, chat: bool) -> AsyncIterator[str]:
-        if chat:
-            yield _chunk(job, chat, None, None, first=True)
-        while True:
-            kind, value = await job.events.get()
-            if kind == "text":
-                yield _chunk(job, chat, value, None)
-            elif kind == "done":
-                yield _chunk(job, chat, None, value)
-                break
-            else:
-                error = {"error": {"message": str(value), "type": "server_error"}}
-                yield f"data: {json.dumps(error)}\n\n"
-                break
-        yield "data: [DONE]\n\n"
+    async def _stream(job: Job, chat: bool, request: Request) -> AsyncIterator[str]:
+        finished = False
+        try:
+            if chat:
+                yield _chunk(job, chat, None, None, first=True)
+            while True:
+                kind, value = await _event(job, request)
+                if kind == "text":
+                    yield _chunk(job, chat, value, None)
+                elif kind == "done":
+                    yield _chunk(job, chat, None, value)
+                    break
+                else:
+                    error = {"error": {"message": str(value), "type": "server_error"}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:  # the client went away mid-stream: its row stops at the next token
+            if not finished:
+                job.cancelled.set()
 
-    async def _respond(job: Job, chat: bool) -> Any:
+    async def _respond(job: Job, chat: bool, request: Request) -> Any:
         server().scheduler.submit(job)
         if job.stream:
-            return StreamingResponse(_stream(job, chat), media_type="text/event-stream")
-        result = await _finish(job)
+            return StreamingResponse(_stream(job, chat, request), media_type="text/event-stream")
+        result = await _finish(job, request)
         if chat:
             choice: dict[str, Any] = {
                 "index": 0, "message": {"role": "assistant", "content": result.text},
@@ -417,16 +437,16 @@ def create_app(
         }  # fmt: skip
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         stop = tuple(body.stop or ())  # type: ignore[arg-type]
         job = await _job(body, str(body.prompt), "completions", stop)
-        return await _respond(job, chat=False)
+        return await _respond(job, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         stop = (*(body.stop or ()), *CHAT_STOP)  # type: ignore[misc]
         job = await _job(body, chat_prompt(body.messages), "chat.completions", tuple(stop))
-        return await _respond(job, chat=True)
+        return await _respond(job, chat=True, request=request)
 
     @app.get("/v1/experts")
     async def experts() -> dict[str, Any]:

@@ -38,6 +38,7 @@ class RowRequest:
     on_text: Callable[[str], None] | None = None  # streamed text as it becomes final
     on_finish: Callable[[RowResult], None] | None = None
     on_error: Callable[[str], None] | None = None  # this row failed; the batch goes on
+    cancelled: Callable[[], bool] | None = None  # asked before each token: stop the row now
 
 
 @dataclass
@@ -45,7 +46,7 @@ class RowResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (end of text or a stop string) or "length"
+    finish_reason: str  # "stop" (end of text or a stop string), "length" or "cancelled"
     expert_mass: list[float]  # per slot: routing mass summed over the generated tokens
     shares: list[float] = field(default_factory=list)  # per slot: share of that mass
 
@@ -96,6 +97,13 @@ class _Row:
         if final > self.sent:
             self.req.on_text(self.text[self.sent : final])
             self.sent = final
+
+    def cancel(self) -> None:
+        """Stop this row where it is (its client left); ``on_finish`` hears it as cancelled."""
+        self.done = "cancelled"
+        self.final = self.result()
+        if self.req.on_finish is not None:
+            self.req.on_finish(self.final)
 
     def fail(self, error: Exception) -> None:
         """End this row with ``error``, told through ``on_error``; no result."""
@@ -174,6 +182,8 @@ def generate_batch(
                 logits = out.logits[:, -1, :]
                 chosen = []
                 for i, row in enumerate(rows):
+                    if row.done is None and row.req.cancelled and row.req.cancelled():
+                        row.cancel()
                     if row.done is not None:
                         chosen.append(pad)
                         continue

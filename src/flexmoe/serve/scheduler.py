@@ -47,6 +47,7 @@ class Job:
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client left
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -65,6 +66,7 @@ class Scheduler:
         self.device = device
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches: list[int] = []  # size of each batch run, for tests and the benchmark
+        self.cancelled: list[int] = []  # tokens each cancelled row had made when it stopped
         self.thread = threading.Thread(target=self._run, name="flexmoe-generate", daemon=True)
         self.thread.start()
 
@@ -127,6 +129,9 @@ class Scheduler:
         names = [s.name for s in self.slots]
 
         def finish(result: RowResult) -> None:
+            if result.finish_reason == "cancelled":  # never delivered: not in the ledger
+                self.cancelled.append(len(result.token_ids))
+                return
             shares = dict(zip(names, result.shares, strict=True))
             ledger.record(
                 job.request_id, endpoint=job.endpoint, prompt_tokens=result.prompt_tokens,
@@ -140,4 +145,5 @@ class Scheduler:
             temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
             on_text=(lambda text: job.emit("text", text)) if job.stream else None,
             on_finish=finish, on_error=lambda message: job.emit("error", message),
+            cancelled=job.cancelled.is_set,
         )  # fmt: skip
