@@ -334,6 +334,29 @@ def test_hostile_requests_are_refused_up_front_with_openai_bodies(model_dir: Pat
         assert ok.status_code == 200, ok.text
 
 
+def test_guessed_tokens_are_rate_limited_and_checked_off_the_event_loop(model_dir: Path) -> None:
+    """Issue 14: 80 guesses from 8 clients pushed /health from 0.1 s to 2 s. Now each client
+    address gets 10 failures a minute, then 429; the scrypt checks run off the event loop."""
+    OwnerTokens(model_dir).add("upper")  # a stored token: each guess costs a real scrypt check
+    with live(model_dir, name=NAME) as url:
+        guess = f"{url}/v1/experts/upper/opt-out"
+
+        def attempt(i: int) -> int:
+            headers = {"Authorization": f"Bearer guess-{i}"}
+            return httpx.post(guess, headers=headers, timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(attempt, range(40)))
+            start = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            assert time.perf_counter() - start < 1.0
+        assert codes.count(401) == 10 and codes.count(429) == 30
+        refused = httpx.post(guess, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert refused.status_code == 429  # this address waits, even with a right token
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert "retry in" in refused.json()["error"]["message"]
+
+
 def test_owners_tokens_opt_out_and_opt_in(model_dir: Path) -> None:
     made = subprocess.run([sys.executable, "-m", "flexmoe", "owners", "add", str(model_dir),
                            "upper"], capture_output=True, text=True, timeout=120)  # fmt: skip

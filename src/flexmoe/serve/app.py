@@ -10,6 +10,7 @@ keeps serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
@@ -215,6 +216,39 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": response.raw_headers})  # fmt: skip
         await send({"type": "http.response.body", "body": response.body})
+
+
+class FailureLimiter:
+    """Failed token attempts per client address: at most ``limit`` in any ``window_s`` seconds;
+    past that the client gets 429 until the oldest failure ages out. Memory stays bounded: at
+    most ``max_clients`` addresses are tracked (the stalest dropped first)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 10_000):
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self.failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, client: str, now: float) -> collections.deque[float]:
+        times = self.failures.get(client, collections.deque())
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return times
+
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if len(times) >= self.limit:
+            wait = int(self.window_s - (now - times[0])) + 1
+            raise ApiError(429, f"too many failed token attempts; retry in {wait} s",
+                           kind="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        times = self._recent(client, now)
+        times.append(now)
+        self.failures.pop(client, None)
+        self.failures[client] = times  # the most recent failures last
+        while len(self.failures) > self.max_clients:
+            self.failures.pop(next(iter(self.failures)))
 
 
 @dataclass
@@ -474,17 +508,26 @@ def create_app(
         if changeable and expert == names[0]:
             raise ApiError(400, "the public expert is always active", param="name")
 
-    def _authorise(request: Request, expert: str) -> str:
+    limiter = FailureLimiter()
+
+    async def _authorise(request: Request, expert: str) -> str:
+        client = request.client.host if request.client else "unknown"
+        limiter.check(client)
         token = _bearer(request)
         s = server()
         if is_admin(token, s.admin_token):
             return "admin"
-        tokens = OwnerTokens(s.model_dir)
-        try:
-            owner = tokens.owner_of(token)
-        finally:
-            tokens.close()
+
+        def owner_of() -> str | None:  # ~10 ms of scrypt per stored token: off the event loop
+            tokens = OwnerTokens(s.model_dir)
+            try:
+                return tokens.owner_of(token)
+            finally:
+                tokens.close()
+
+        owner = await asyncio.to_thread(owner_of)
         if owner is None:
+            limiter.failed(client)
             raise ApiError(401, "the token is not valid", kind="authentication_error")
         if owner != expert:
             raise ApiError(403, f"this token belongs to the {owner} expert's owner, not {expert}'s",
@@ -493,7 +536,7 @@ def create_app(
 
     async def _set(request: Request, expert: str, opted_out: bool) -> dict[str, Any]:
         _known(expert)
-        actor = _authorise(request, expert)
+        actor = await _authorise(request, expert)
         raw = await request.body()
         try:
             body = OptRequest.model_validate_json(raw) if raw.strip() else OptRequest()
