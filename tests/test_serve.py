@@ -285,7 +285,7 @@ def test_hostile_requests_are_refused_up_front_with_openai_bodies(model_dir: Pat
     """Issue 14's findings: values a float32 or the generator cannot hold, empty allow-lists,
     lone surrogates, oversized bodies, unknown routes and methods are 4xx OpenAI-style errors
     before any work; a 10 MB prompt is refused in under a second while /health stays fast."""
-    with live(model_dir, name=NAME, max_body_bytes=64_000) as url:
+    with live(model_dir, name=NAME, max_body_bytes=64_000, read_timeout_s=0.5) as url:
         post = f"{url}/v1/completions"
         raw = {"content-type": "application/json"}
         cases = [
@@ -330,6 +330,18 @@ def test_hostile_requests_are_refused_up_front_with_openai_bodies(model_dir: Pat
         chunks = (b"word " * 20_000 for _ in range(100))  # no declared length: counted as read
         streamed = httpx.post(post, content=chunks, headers=raw, timeout=30)
         assert streamed.status_code == 413, streamed.text
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as drip:
+            drip.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")  # fmt: skip
+            start = time.perf_counter()
+            answer = b""
+            while b"stalled" not in answer:  # the rest of the body never comes
+                part = drip.recv(4096)
+                assert part, answer
+                answer += part
+            assert time.perf_counter() - start < 5
+        assert answer.startswith(b"HTTP/1.1 408"), answer
         ok = httpx.post(post, json={"prompt": "the union", "max_tokens": 3, "seed": 2**63 - 1})
         assert ok.status_code == 200, ok.text
 

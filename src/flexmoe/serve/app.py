@@ -175,11 +175,12 @@ class OptRequest(BaseModel):
 
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets a 413 before anything parses
-    it, whether its length is declared or it arrives in chunks (reading stops at the limit, and
-    whatever the app answers to the cut body is replaced by the 413)."""
+    it, whether its length is declared or it arrives in chunks; a body whose next chunk takes
+    longer than ``read_timeout_s`` gets a 408 (a slow-drip client is cut off). Reading stops
+    there, and whatever the app answers to the cut body is replaced by the refusal."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, read_timeout_s: float = 10.0) -> None:
+        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -187,33 +188,46 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+            await self._refuse(send, 413)
             return
-        seen, over = 0, False
+        seen, refusal, complete = 0, 0, False
+        cut = {"type": "http.request", "body": b"", "more_body": False}
 
         async def counted() -> Any:
-            nonlocal seen, over
-            if over:
-                return {"type": "http.request", "body": b"", "more_body": False}
-            message = await receive()
+            nonlocal seen, refusal, complete
+            if refusal:
+                return cut
+            if complete:  # after the body: only a disconnect can come, wait as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                refusal = 408
+                return cut
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
-                    over = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    refusal = 413
+                    return cut
             return message
 
         async def answered(message: Any) -> None:
-            if not over:
+            if not refusal:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await self._refuse(send)
+                await self._refuse(send, refusal)
 
         await self.app(scope, counted, answered)
 
-    async def _refuse(self, send: Any) -> None:
-        response = _error(413, f"the request body is larger than {self.limit:,} bytes")
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send: Any, status: int) -> None:
+        message = (
+            f"the request body is larger than {self.limit:,} bytes"
+            if status == 413
+            else f"the request body stalled for over {self.read_timeout_s:g} s"
+        )
+        response = _error(status, message)
+        await send({"type": "http.response.start", "status": status,
                     "headers": response.raw_headers})  # fmt: skip
         await send({"type": "http.response.body", "body": response.body})
 
@@ -274,7 +288,7 @@ def _bearer(request: Request) -> str:
 def create_app(
     model_dir: Path, *, device: torch.device, admin_token: str | None = None,
     max_batch: int = 8, name: str | None = None, use_bias: bool = APPLY_BIAS,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = 10.0,
 ) -> FastAPI:  # fmt: skip
     """The app for the merged model at ``model_dir``; the model loads when the app starts."""
     model_dir = Path(model_dir)
@@ -302,7 +316,7 @@ def create_app(
             scheduler.close()
 
     app = FastAPI(title="flexmoe", lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, read_timeout_s=read_timeout_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
