@@ -55,7 +55,7 @@ def _texts(n: int) -> list[str]:
 
     words = "the of and to in a is that for it as was with be by on not this are or from".split()
     rng = random.Random(0)
-    return [" ".join(rng.choice(words) for _ in range(400)) for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(200)) for _ in range(n)]
 
 
 def stage_make(work: Path, shape: dict[str, int]) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def stage_make(work: Path, shape: dict[str, int]) -> dict[str, Any]:
     from flexmoe.model.config import ModelDims, olmo2_config
     from flexmoe.model.stream import TensorSource
 
-    texts = _texts(64)
+    texts = _texts(16)
     for name in ("public", "owner"):
         rows = (json.dumps({"text": t}) for t in texts)
         (work / f"{name}.jsonl").write_text("\n".join(rows) + "\n")

@@ -5,12 +5,16 @@ additions: the request field ``experts`` (``{"include": [...]}``, ``{"exclude": 
 ``{"licenses": [...]}``) and the response field ``attribution`` (expert -> share of the routing
 mass over the generated tokens). Errors are OpenAI-style bodies with a 4xx status; the server
 keeps serving.
+
+Layers: ``protocol`` (request and error shapes, validated up front), ``limits`` (body size and
+stalls, failed token attempts), this module (the routes), ``scheduler`` and ``batch`` (the
+engine: batching, sampling, attribution), ``ledger`` and ``auth`` (what is recorded, who may
+change what).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import time
 import uuid
@@ -18,13 +22,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexmoe.data.tokenizer import load_tokenizer
@@ -37,232 +40,20 @@ from flexmoe.merge.standing import StandingStore
 from flexmoe.serve.auth import OwnerTokens, is_admin
 from flexmoe.serve.batch import RowResult
 from flexmoe.serve.ledger import Ledger
+from flexmoe.serve.limits import MAX_BODY_BYTES, BodyLimit, FailureLimiter
+from flexmoe.serve.protocol import (
+    CHAT_STOP,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    OptRequest,
+    Sampling,
+    chat_prompt,
+    error_response,
+)
 from flexmoe.serve.scheduler import Job, Scheduler
 
-MAX_STOP = 4
-CHAT_STOP = ("\nUser:", "\nSystem:")
 DISCONNECT_POLL_S = 0.25  # how often a waiting response checks that its client is still there
-MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before parsing
-MAX_SEED = 2**63 - 1  # what torch's generator takes
-MIN_TEMPERATURE = 1e-6  # below it (and above 0) logits / temperature overflow float32
-MIN_TOP_P = float(torch.finfo(torch.float32).tiny)  # the least top_p float32 holds above 0
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = (
-            status, message, param, kind, code
-        )  # fmt: skip
-
-
-def _error(
-    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-    code: str | None = None,
-) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-class ExpertChoice(BaseModel):
-    """The extra request field: which experts may answer this request."""
-
-    model_config = ConfigDict(extra="forbid")
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    licenses: list[str] | None = None
-
-    @field_validator("include", "licenses")
-    @classmethod
-    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not value:  # an empty allow-list selects nothing, never all
-            raise ValueError("an empty allow-list selects no expert; leave it out for all")
-        return value
-
-    def selection(self) -> Selection:
-        return Selection(
-            include=frozenset(self.include or ()), exclude=frozenset(self.exclude or ()),
-            licenses=frozenset(self.licenses or ()),
-        )  # fmt: skip
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # other OpenAI fields are accepted and ignored
-    model: str | None = None
-    max_tokens: int = Field(default=16, ge=1)
-    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-text before this
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-    experts: ExpertChoice | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
-        for stop in stops:
-            _unicode(stop)
-        return stops
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value: float) -> float:
-        if value < MIN_TOP_P:
-            raise ValueError(f"must be at least {MIN_TOP_P:.3g} (float32's least positive)")
-        return value
-
-
-def _unicode(text: str) -> str:
-    """``text`` if it is valid Unicode (no lone surrogates), else a ValueError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("is not valid Unicode (a lone surrogate)") from None
-    return text
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("give one prompt (a string or a list of one string)")
-            value = value[0]
-        return _unicode(value)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, value: str) -> str:
-        return _unicode(value)
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain template for base models: ``Role: content`` lines, then ``Assistant:``."""
-    lines = [f"{m.role.capitalize()}: {m.content.strip()}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
-class OptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    reason: str = Field(default="", max_length=500)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before anything parses
-    it, whether its length is declared or it arrives in chunks; a body whose next chunk takes
-    longer than ``read_timeout_s`` gets a 408 (a slow-drip client is cut off). Reading stops
-    there, and whatever the app answers to the cut body is replaced by the refusal."""
-
-    def __init__(self, app: Any, limit: int, read_timeout_s: float = 10.0) -> None:
-        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send, 413)
-            return
-        seen, refusal, complete = 0, 0, False
-        cut = {"type": "http.request", "body": b"", "more_body": False}
-
-        async def counted() -> Any:
-            nonlocal seen, refusal, complete
-            if refusal:
-                return cut
-            if complete:  # after the body: only a disconnect can come, wait as long as it takes
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
-            except TimeoutError:
-                refusal = 408
-                return cut
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-                if seen > self.limit:
-                    refusal = 413
-                    return cut
-            return message
-
-        async def answered(message: Any) -> None:
-            if not refusal:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                await self._refuse(send, refusal)
-
-        await self.app(scope, counted, answered)
-
-    async def _refuse(self, send: Any, status: int) -> None:
-        message = (
-            f"the request body is larger than {self.limit:,} bytes"
-            if status == 413
-            else f"the request body stalled for over {self.read_timeout_s:g} s"
-        )
-        response = _error(status, message)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": response.raw_headers})  # fmt: skip
-        await send({"type": "http.response.body", "body": response.body})
-
-
-class FailureLimiter:
-    """Failed token attempts per client address: at most ``limit`` in any ``window_s`` seconds;
-    past that the client gets 429 until the oldest failure ages out. Memory stays bounded: at
-    most ``max_clients`` addresses are tracked (the stalest dropped first)."""
-
-    def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 10_000):
-        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
-        self.failures: dict[str, collections.deque[float]] = {}
-
-    def _recent(self, client: str, now: float) -> collections.deque[float]:
-        times = self.failures.get(client, collections.deque())
-        while times and now - times[0] > self.window_s:
-            times.popleft()
-        return times
-
-    def check(self, client: str) -> None:
-        now = time.monotonic()
-        times = self._recent(client, now)
-        if len(times) >= self.limit:
-            wait = int(self.window_s - (now - times[0])) + 1
-            raise ApiError(429, f"too many failed token attempts; retry in {wait} s",
-                           kind="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
-
-    def failed(self, client: str) -> None:
-        now = time.monotonic()
-        times = self._recent(client, now)
-        times.append(now)
-        self.failures.pop(client, None)
-        self.failures[client] = times  # the most recent failures last
-        while len(self.failures) > self.max_clients:
-            self.failures.pop(next(iter(self.failures)))
 
 
 @dataclass
@@ -319,31 +110,31 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body_bytes, read_timeout_s=read_timeout_s)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:  # e.g. invalid UTF-8
             message = "the request body is not valid JSON in UTF-8"
-        return _error(exc.status_code, message, None, kind)
+        return error_response(exc.status_code, message, None, kind)
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.param, exc.kind, exc.code)
+    async def _apierror_response(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
-            return _error(400, "the request body is not valid JSON", None)
+            return error_response(400, "the request body is not valid JSON", None)
         if tuple(first.get("loc", ())) == ("body",):
-            return _error(400, "the request body must be a JSON object", None)
+            return error_response(400, "the request body must be a JSON object", None)
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return _error(400, f"{where}: {message}" if where else message, where or None)
+        return error_response(400, f"{where}: {message}" if where else message, where or None)
 
     @app.exception_handler(FlexMoEError)
-    async def _flexmoe_error(request: Request, exc: FlexMoEError) -> JSONResponse:
-        return _error(400, exc.fault, exc.where)
+    async def _flexmoeerror_response(request: Request, exc: FlexMoEError) -> JSONResponse:
+        return error_response(400, exc.fault, exc.where)
 
     def server() -> ServerState:
         return state["s"]
@@ -362,7 +153,7 @@ def create_app(
             {"id": s.name, "object": "model", "created": int(time.time()), "owned_by": "flexmoe"}
         ]}  # fmt: skip
 
-    async def _job(body: _Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
+    async def _job(body: Sampling, prompt: str, endpoint: str, stop: tuple[str, ...]) -> Job:
         s = server()
         if body.model is not None and body.model != s.name:
             raise ApiError(404, f"model {body.model!r} is not served here (serving {s.name!r})",

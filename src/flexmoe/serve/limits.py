@@ -1,0 +1,105 @@
+"""Limits that keep one client from hurting the others: request body size and stalls (ASGI
+middleware), and failed token attempts per client address."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+from flexmoe.serve.protocol import ApiError, error_response
+
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before parsing
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before anything parses
+    it, whether its length is declared or it arrives in chunks; a body whose next chunk takes
+    longer than ``read_timeout_s`` gets a 408 (a slow-drip client is cut off). Reading stops
+    there, and whatever the app answers to the cut body is replaced by the refusal."""
+
+    def __init__(self, app: Any, limit: int, read_timeout_s: float = 10.0) -> None:
+        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send, 413)
+            return
+        seen, refusal, complete = 0, 0, False
+        cut = {"type": "http.request", "body": b"", "more_body": False}
+
+        async def counted() -> Any:
+            nonlocal seen, refusal, complete
+            if refusal:
+                return cut
+            if complete:  # after the body: only a disconnect can come, wait as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                refusal = 408
+                return cut
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if seen > self.limit:
+                    refusal = 413
+                    return cut
+            return message
+
+        async def answered(message: Any) -> None:
+            if not refusal:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._refuse(send, refusal)
+
+        await self.app(scope, counted, answered)
+
+    async def _refuse(self, send: Any, status: int) -> None:
+        message = (
+            f"the request body is larger than {self.limit:,} bytes"
+            if status == 413
+            else f"the request body stalled for over {self.read_timeout_s:g} s"
+        )
+        response = error_response(status, message)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": response.raw_headers})  # fmt: skip
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class FailureLimiter:
+    """Failed token attempts per client address: at most ``limit`` in any ``window_s`` seconds;
+    past that the client gets 429 until the oldest failure ages out. Memory stays bounded: at
+    most ``max_clients`` addresses are tracked (the stalest dropped first)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 10_000):
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self.failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, client: str, now: float) -> collections.deque[float]:
+        times = self.failures.get(client, collections.deque())
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return times
+
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        times = self._recent(client, now)
+        if len(times) >= self.limit:
+            wait = int(self.window_s - (now - times[0])) + 1
+            raise ApiError(429, f"too many failed token attempts; retry in {wait} s",
+                           kind="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        times = self._recent(client, now)
+        times.append(now)
+        self.failures.pop(client, None)
+        self.failures[client] = times  # the most recent failures last
+        while len(self.failures) > self.max_clients:
+            self.failures.pop(next(iter(self.failures)))
