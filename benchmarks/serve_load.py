@@ -1,14 +1,16 @@
-"""Load on the server: 1 client, then 8 concurrent clients, on loopback, for a bounded time each.
+"""Load on the server: 1, 8 and 32 concurrent clients, on loopback, for a bounded time each.
 
 Starts ``flexmoe serve``'s app in this process on 127.0.0.1 (a free port) over a copy of a
 merged model (default: the demo's, ``demo-output/merged``; run ``make demo`` first) and drives
 ``/v1/completions`` from client threads, each request with its own expert selection (cycling
 through: every expert, each owner's expert excluded in turn). Every request asks for the same
 number of new tokens with ``stop`` unset, so rows that hit end-of-text early are the only
-difference. Reports requests/s, generated tokens/s and p50/p99 latency per setting, and the
-8-client / 1-client throughput ratio (target: >= 2). Prints JSON.
+difference. Reports requests/s, generated tokens/s and p50/p99 latency per setting, and each
+setting's throughput over one client's (target at 8 clients: >= 2). Runs on CUDA when present
+(``--device``); generation threads as ``flexmoe serve`` sets them (``--threads``). Prints JSON.
 
-Usage: ``python benchmarks/serve_load.py [MODEL] [--seconds 20] [--max-tokens 32]``
+Usage: ``python benchmarks/serve_load.py [MODEL] [--clients 1,8,32] [--seconds 20]
+[--max-tokens 32] [--threads N]``
 """
 
 from __future__ import annotations
@@ -91,15 +93,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--threads", type=int, default=None, help="as flexmoe serve --threads")
     args = parser.parse_args()
+    from flexmoe.cli import _cores
+    from flexmoe.device import pick_device
+
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads or max(1, _cores() - 1))  # flexmoe serve's default
+    counts = [int(c) for c in args.clients.split(",")]
     if not (args.model / "flexmoe_slots.json").is_file():
         sys.exit(f"{args.model}: not a merged model; run `make demo` first or pass MODEL")
     names = [s.name for s in read_slots(args.model)[1:]]
     choices = [{}, *({"exclude": [n]} for n in names)]
     scratch = tempfile.TemporaryDirectory()  # a copy, so the model's own ledger stays clean
     model = Path(shutil.copytree(args.model, Path(scratch.name) / args.model.name))
-    app = create_app(model, device=torch.device(args.device), max_batch=args.max_batch)
+    app = create_app(model, device=device, max_batch=args.max_batch)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -111,7 +121,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         _drive(url, 1, 2.0, args.max_tokens, choices)  # warm-up
-        runs = [_drive(url, n, args.seconds, args.max_tokens, choices) for n in (1, 8)]
+        runs = [_drive(url, n, args.seconds, args.max_tokens, choices) for n in counts]
         health = httpx.get(f"{url}/health").json()
     finally:
         server.should_exit = True
@@ -122,13 +132,16 @@ def main() -> None:
         "flexmoe_version": __version__,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(args.model),
-        "device": args.device,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
         "runs": runs,
         "largest_batch": health["largest_batch"],
-        "throughput_ratio_8_over_1": round(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"], 2),
+        "throughput_over_first": {
+            str(r["clients"]): round(r["tokens_per_s"] / runs[0]["tokens_per_s"], 2) for r in runs
+        },
     }
     print(json.dumps(result, indent=2))
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -121,6 +122,45 @@ def test_a_batch_equals_each_request_alone(model_dir: Path) -> None:
                                                       on_text=pieces.append)])  # fmt: skip
     assert cut.finish_reason == "stop" and cut.text == probe.text[: probe.text.find(stop)]
     assert "".join(pieces) == cut.text
+
+
+def test_rows_joining_a_running_batch_equal_each_alone(model_dir: Path) -> None:
+    """Continuous batching: rows join between decode steps and leave when done; greedy rows
+    give, token for token, what each gives alone."""
+    from flexmoe.serve.batch import RunningBatch
+
+    model, tokenizer = load_merged(model_dir), load_tokenizer(model_dir)
+    slots = read_slots(model_dir)
+    finished: list[str] = []
+
+    def request(name: str, prompt: str, selection: Selection, tokens: int) -> RowRequest:
+        ids = [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return RowRequest(prompt_ids=ids, mask=selection.mask(slots), max_tokens=tokens,
+                          min_tokens=tokens, temperature=0.0,
+                          on_finish=lambda _, name=name: finished.append(name))  # fmt: skip
+
+    first = request("first", "the union", Selection(), 12)
+    joining = [request("short", "THE UNION IS STRONG", Selection(
+                   exclude=frozenset({"upper"})), 3),
+               request("late", "we", Selection(include=frozenset({"upper"})), 8)]  # fmt: skip
+    batch = RunningBatch(model, tokenizer)
+    batch.add([first])
+    for _ in range(4):
+        batch.step()
+    batch.add(joining[:1])
+    batch.step()
+    batch.add(joining[1:])
+    results = {}
+    for row in [*batch.rows]:
+        results[id(row.req)] = row
+    while len(batch):
+        batch.step()
+    assert finished == ["short", "first", "late"]  # each left when it was done
+    for req in [first, *joining]:
+        [alone] = generate_batch(model, tokenizer, [replace(req, on_finish=None)])
+        together = results[id(req)].final
+        assert together is not None and together.token_ids == alone.token_ids
+        assert len(together.token_ids) == req.max_tokens
 
 
 def test_a_failing_row_fails_alone(model_dir: Path) -> None:

@@ -317,11 +317,8 @@ def create_app(
 
     async def _authorise(request: Request, expert: str) -> str:
         client = request.client.host if request.client else "unknown"
-        limiter.check(client)
         token = _bearer(request)
         s = server()
-        if is_admin(token, s.admin_token):
-            return "admin"
 
         def owner_of() -> str | None:  # ~10 ms of scrypt per stored token: off the event loop
             tokens = OwnerTokens(s.model_dir)
@@ -330,9 +327,17 @@ def create_app(
             finally:
                 tokens.close()
 
-        owner = await asyncio.to_thread(owner_of)
+        limiter.begin(client)
+        owner: str | None = None
+        admin = is_admin(token, s.admin_token)
+        try:
+            if not admin:
+                owner = await asyncio.to_thread(owner_of)
+        finally:
+            limiter.end(client, failed=not admin and owner is None)
+        if admin:
+            return "admin"
         if owner is None:
-            limiter.failed(client)
             raise ApiError(401, "the token is not valid", kind="authentication_error")
         if owner != expert:
             raise ApiError(403, f"this token belongs to the {owner} expert's owner, not {expert}'s",

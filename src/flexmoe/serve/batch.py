@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from flexmoe.inference.attribution import record_routing
 from flexmoe.inference.selection import set_expert_mask
@@ -147,60 +148,171 @@ def _new_row(req: RowRequest, tokenizer: PreTrainedTokenizerBase, num_experts: i
         return row
 
 
-@torch.no_grad()
+class RunningBatch:
+    """Iteration-level (continuous) batching: rows join and leave between decode steps.
+
+    The batch holds one KV cache, left-padded, with an attention mask over its columns and each
+    row's expert mask. :meth:`add` prefills new rows together and merges their cache into the
+    running one (the shorter side is padded on the left; rotary positions come from the mask,
+    so padding moves nothing); :meth:`step` decodes one token for every row; rows that finish,
+    fail or are cancelled leave at once, and columns no row uses any more are dropped. Greedy
+    rows give exactly what they give alone (tested).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos = tokenizer.eos_token_id
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.masks = torch.zeros(0, 0, dtype=torch.bool)  # (B, N) on the device
+        self.attention = torch.zeros(0, 0, dtype=torch.long)  # (B, T) on the device
+        self.next_ids = torch.zeros(0, 1, dtype=torch.long)  # (B, 1): each row's last token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def clear(self) -> None:
+        """Drop every row and the cache."""
+        self.rows, self.cache = [], None
+        self.masks = torch.zeros(0, 0, dtype=torch.bool)
+        self.attention = torch.zeros(0, 0, dtype=torch.long)
+        self.next_ids = torch.zeros(0, 1, dtype=torch.long)
+
+    @torch.no_grad()
+    def add(self, requests: list[RowRequest]) -> None:
+        """Prefill ``requests`` together, sample each one's first token, join the batch."""
+        num_experts = int(requests[0].mask.numel())
+        rows = [_new_row(r, self.tokenizer, num_experts) for r in requests]
+        rows = [r for r in rows if r.done is None]
+        if not rows:
+            return
+        width = max(len(r.req.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.req.prompt_ids
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention[i, width - len(prompt) :] = 1
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        masks = torch.stack([r.req.mask for r in rows]).to(self.device)
+        cache = DynamicCache()
+        logits, routing = self._forward(ids, attention, masks, cache)
+        chosen = self._next(rows, logits, routing)
+        self._join(rows, masks, cache, attention, chosen)
+        self._leave()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step for every row in the batch."""
+        if not self.rows:
+            return
+        live = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)
+        self.attention = torch.cat([self.attention, live], dim=1)
+        logits, routing = self._forward(self.next_ids, self.attention, self.masks, self.cache)
+        self.next_ids = self._next(self.rows, logits, routing)
+        self._leave()
+
+    def _forward(
+        self, ids: torch.Tensor, attention: torch.Tensor, masks: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        set_expert_mask(self.model, masks)
+        try:
+            with record_routing(self.model) as record:
+                out = self.model(
+                    input_ids=ids, attention_mask=attention, position_ids=positions,
+                    past_key_values=cache, use_cache=True,
+                )  # fmt: skip
+        finally:
+            set_expert_mask(self.model, None)
+        return out.logits[:, -1, :], record.calls[-1][:, -1, :].double()  # (B, V), (B, N)
+
+    def _next(self, rows: list[_Row], logits: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (a row whose own work fails, fails alone), as ``(B, 1)``."""
+        chosen = []
+        for i, row in enumerate(rows):
+            token = self.pad
+            if row.done is None and row.req.cancelled and row.req.cancelled():
+                row.cancel()  # its client left: no more tokens
+            if row.done is None:
+                try:
+                    token = _sample(logits[i], row, self.eos)
+                    row.add(token, self.eos, routing[i])
+                except Exception as e:  # this row's own fault: it alone fails
+                    row.fail(e)
+                    token = self.pad
+            chosen.append(token)
+        return torch.tensor(chosen, device=self.device)[:, None]
+
+    def _join(
+        self, rows: list[_Row], masks: torch.Tensor, cache: Any, attention: torch.Tensor,
+        next_ids: torch.Tensor,
+    ) -> None:  # fmt: skip
+        if not self.rows:
+            self.rows, self.masks, self.cache = rows, masks, cache
+            self.attention, self.next_ids = attention, next_ids
+            return
+        width = max(self.attention.shape[1], attention.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+        self.attention = torch.cat([_left_pad(self.attention, width), _left_pad(attention, width)])
+        self.rows = self.rows + rows
+        self.masks = torch.cat([self.masks, masks])
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+
+    def _leave(self) -> None:
+        """Drop finished rows, then the leading columns no remaining row attends to."""
+        keep = [i for i, row in enumerate(self.rows) if row.done is None]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.masks, self.next_ids = self.masks[index], self.next_ids[index]
+        self.attention = self.attention[index]
+        first = int(self.attention.any(0).long().argmax())  # the first column still used
+        self.attention = self.attention[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros on the left of the sequence axis (dim 1 of a mask, dim 2 of keys/values)."""
+    axis = 1 if tensor.dim() == 2 else 2
+    missing = width - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
 def generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[RowRequest]
 ) -> list[RowResult]:
-    """Generate every request in one batch (KV cache, left padding, per-row expert masks)."""
+    """Generate every request together, to the end of the longest (KV cache, left padding,
+    per-row expert masks); the results of the rows that finished, in request order."""
     if not requests:
         return []
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = tokenizer.eos_token_id
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.full((len(requests), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(requests), width), dtype=torch.long)
-    for i, r in enumerate(requests):
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        attention[i, width - len(r.prompt_ids) :] = 1
-    num_experts = int(requests[0].mask.numel())
-    rows = [_new_row(r, tokenizer, num_experts) for r in requests]
-    ids, attention = ids.to(device), attention.to(device)
-    set_expert_mask(model, torch.stack([r.mask for r in requests]).to(device))
-    past = None
-    step_input = ids
-    try:
-        with record_routing(model) as record:
-            for _ in range(max(r.max_tokens for r in requests)):
-                positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
-                out = model(
-                    input_ids=step_input, attention_mask=attention, position_ids=positions,
-                    past_key_values=past, use_cache=True,
-                )  # fmt: skip
-                past = out.past_key_values
-                routing = record.calls[-1][:, -1, :].double()  # (B, N) at the producing position
-                logits = out.logits[:, -1, :]
-                chosen = []
-                for i, row in enumerate(rows):
-                    if row.done is None and row.req.cancelled and row.req.cancelled():
-                        row.cancel()
-                    if row.done is not None:
-                        chosen.append(pad)
-                        continue
-                    try:
-                        token = _sample(logits[i], row, eos)
-                        row.add(token, eos, routing[i])
-                    except Exception as e:  # this row's own fault: it alone fails
-                        row.fail(e)
-                        token = pad
-                    chosen.append(token)
-                if all(row.done is not None for row in rows):
-                    break
-                step_input = torch.tensor(chosen, device=device)[:, None]
-                live = torch.tensor([row.done is None for row in rows], device=device)
-                attention = torch.cat([attention, live.long()[:, None]], dim=1)
-                record.calls.clear()  # only the newest call is read; keep memory flat
-    finally:
-        set_expert_mask(model, None)
-    # each row is done by its own max_tokens at the latest, and the loop runs the longest one
-    return [row.final for row in rows if row.final is not None]
+    batch = RunningBatch(model, tokenizer)
+    finals: dict[int, RowResult] = {}
+    wrapped = []
+    for i, req in enumerate(requests):
+        done = req.on_finish
+
+        def finish(result: RowResult, i: int = i, done: Any = done) -> None:
+            finals[i] = result
+            if done is not None:
+                done(result)
+
+        wrapped.append(replace(req, on_finish=finish))
+    batch.add(wrapped)
+    while len(batch):
+        batch.step()
+    return [finals[i] for i in sorted(finals)]

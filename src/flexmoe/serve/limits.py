@@ -73,13 +73,15 @@ class BodyLimit:
 
 
 class FailureLimiter:
-    """Failed token attempts per client address: at most ``limit`` in any ``window_s`` seconds;
-    past that the client gets 429 until the oldest failure ages out. Memory stays bounded: at
-    most ``max_clients`` addresses are tracked (the stalest dropped first)."""
+    """Failed token attempts per client address: at most ``limit`` in any ``window_s`` seconds,
+    counting the attempts still being checked (so concurrent guesses cannot slip past); beyond
+    that the client gets 429 until the oldest failure ages out. Memory stays bounded: at most
+    ``max_clients`` addresses are tracked (the stalest dropped first)."""
 
     def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 10_000):
         self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
         self.failures: dict[str, collections.deque[float]] = {}
+        self.checking: collections.Counter[str] = collections.Counter()
 
     def _recent(self, client: str, now: float) -> collections.deque[float]:
         times = self.failures.get(client, collections.deque())
@@ -87,15 +89,23 @@ class FailureLimiter:
             times.popleft()
         return times
 
-    def check(self, client: str) -> None:
+    def begin(self, client: str) -> None:
+        """Start checking one token from ``client``; 429 if it may not try now."""
         now = time.monotonic()
         times = self._recent(client, now)
-        if len(times) >= self.limit:
-            wait = int(self.window_s - (now - times[0])) + 1
+        if len(times) + self.checking[client] >= self.limit:
+            wait = int(self.window_s - (now - times[0])) + 1 if times else 1
             raise ApiError(429, f"too many failed token attempts; retry in {wait} s",
                            kind="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
+        self.checking[client] += 1
 
-    def failed(self, client: str) -> None:
+    def end(self, client: str, *, failed: bool) -> None:
+        """The check :meth:`begin` started is over; a failure counts for the window."""
+        self.checking[client] -= 1
+        if self.checking[client] <= 0:
+            del self.checking[client]
+        if not failed:
+            return
         now = time.monotonic()
         times = self._recent(client, now)
         times.append(now)

@@ -1,9 +1,10 @@
-"""One worker thread owns the model: it takes the requests that arrived together and generates
-them as one batch, each row with its own expert selection.
+"""One worker thread owns the model and batches continuously: between two decode steps, queued
+requests join the running batch and finished ones leave it, each row with its own expert
+selection, so a request that arrives while others generate starts at the next step.
 
-At the start of every batch the worker reads the owners' standing choice from the model's store,
-so an opt-out that has been answered applies to every request whose batch starts afterwards.
-Each finished row is appended to the usage ledger before its answer is released.
+When requests join, the worker reads the owners' standing choice from the model's store, so an
+opt-out that has been answered applies to every request admitted afterwards. Each finished row
+is appended to the usage ledger before its answer is released; a cancelled one is not.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.inference.selection import Selection
 from flexmoe.merge.slots import SlotInfo
 from flexmoe.merge.standing import standing_exclusions
-from flexmoe.serve.batch import RowRequest, RowResult, generate_batch
+from flexmoe.serve.batch import RowRequest, RowResult, RunningBatch
 from flexmoe.serve.ledger import Ledger
 
 
@@ -77,36 +78,49 @@ class Scheduler:
         self.queue.put(None)
         self.thread.join(timeout=30)
 
-    def _collect(self, first: Job) -> list[Job]:
-        """``first`` and whatever else arrives within the window, up to ``max_batch``."""
-        jobs, deadline = [first], time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
+    def _admit(self, running: int) -> list[Job] | None:
+        """New jobs to join a batch of ``running`` rows, up to ``max_batch`` in all: wait for
+        one (and whatever else comes within the window) when nothing runs, else take only what
+        is already queued. None once :meth:`close` was called."""
+        jobs: list[Job] = []
+        if running == 0:
+            first = self.queue.get()
+            if first is None:
+                return None
+            jobs.append(first)
+        deadline = time.monotonic() + (self.window_s if running == 0 else 0.0)
+        while running + len(jobs) < self.max_batch:
             try:
                 job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if job is None:
-                self.queue.put(None)  # stop after this batch
-                break
+                return None
             jobs.append(job)
         return jobs
 
     def _run(self) -> None:
+        """Continuous batching: between decode steps, queued jobs join and finished ones
+        leave, so a request that arrives while others generate starts at the next step."""
         ledger = Ledger(self.model_dir)
+        running = RunningBatch(self.model, self.tokenizer)
         try:
-            while (first := self.queue.get()) is not None:
-                self._batch(self._collect(first), ledger)
+            while (jobs := self._admit(len(running))) is not None:
+                if jobs:
+                    self._join(running, jobs, ledger)
+                if len(running):
+                    self._step(running)
         finally:
             ledger.close()
 
-    def _batch(self, jobs: list[Job], ledger: Ledger) -> None:
+    def _join(self, running: RunningBatch, jobs: list[Job], ledger: Ledger) -> None:
         try:
-            opted_out = standing_exclusions(self.model_dir, self.slots)  # read now, every batch
+            opted_out = standing_exclusions(self.model_dir, self.slots)  # read at each admission
         except FlexMoEError as e:
             for job in jobs:
                 job.emit("error", str(e))
             return
-        rows, running = [], []
+        rows = []
         for job in jobs:
             try:
                 mask = replace(job.selection, opted_out=opted_out).mask(self.slots)
@@ -114,16 +128,24 @@ class Scheduler:
                 job.emit("error", str(e))
                 continue
             rows.append(self._row(job, mask, ledger))
-            running.append(job)
         if not rows:
             return
-        self.batches.append(len(rows))
         try:
             with autocast(self.device):
-                generate_batch(self.model, self.tokenizer, rows)
-        except Exception as e:  # the server must keep serving; the client hears what failed
-            for job in running:
+                running.add(rows)
+        except Exception as e:  # the prefill failed: these rows fail, the running ones go on
+            for job in jobs:
                 job.emit("error", f"generation failed: {e}")
+        self.batches.append(len(running))
+
+    def _step(self, running: RunningBatch) -> None:
+        try:
+            with autocast(self.device):
+                running.step()
+        except Exception as e:  # the server must keep serving; the clients hear what failed
+            for row in running.rows:
+                row.fail(e)
+            running.clear()
 
     def _row(self, job: Job, mask: torch.Tensor, ledger: Ledger) -> RowRequest:
         names = [s.name for s in self.slots]
