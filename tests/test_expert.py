@@ -242,9 +242,16 @@ def test_bad_identity(field: str, value: str, message: str) -> None:
         ExpertIdentity(**kwargs)
 
 
-def test_unknown_license_warns() -> None:
-    with pytest.warns(UserWarning, match="not a known SPDX identifier"):
-        ExpertIdentity(name="ok", owner="ok", license="My-Own-License")
+def test_licenses_are_spdx_expressions() -> None:
+    """Checked by the license-expression library: expressions and LicenseRef-... pass (in their
+    normalised spelling); anything else is refused."""
+    for given, kept in (("MIT OR Apache-2.0", "MIT OR Apache-2.0"), ("mit", "MIT"),
+                        ("GPL-2.0-or-later", "GPL-2.0-or-later"),
+                        ("LicenseRef-acme-terms", "LicenseRef-acme-terms")):  # fmt: skip
+        assert ExpertIdentity(name="ok", owner="ok", license=given).license == kept
+    for bad in ("My-Own-License", "MIT AND (", "Proprietary"):
+        with pytest.raises(FlexMoEError, match="not an SPDX license expression"):
+            ExpertIdentity(name="ok", owner="ok", license=bad)
 
 
 def test_bad_inputs(anchor_dir: Path, tmp_path: Path, owner_dir: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +105,7 @@ class AnchorInfo:
     tokenizer: PreTrainedTokenizerBase
     public_router: torch.Tensor  # (layers, hidden), float32 (exact from the stored dtype)
     manifest: AnchorManifest
+    _summary: Any = field(default=None, init=False, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,6 +118,37 @@ class AnchorInfo:
 
     def weight_bytes(self) -> int:
         return sum(p.stat().st_size for p in set(weight_files(self.path).values()))
+
+    def ffn_scales(self) -> dict[tuple[int, str], float]:
+        """The largest magnitude of each feed-forward projection, per (layer, projection)."""
+        return self._ffn()[0]
+
+    def ffn_sample(self) -> dict[tuple[int, str], torch.Tensor]:
+        """A fixed sample of each feed-forward projection (:func:`weight_sample`'s positions)."""
+        return self._ffn()[1]
+
+    def _ffn(self) -> tuple[dict[tuple[int, str], float], dict[tuple[int, str], torch.Tensor]]:
+        """Read once, one tensor at a time, then kept."""
+        if self._summary is None:
+            wanted = {
+                names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
+                for layer in range(self.config.num_hidden_layers)
+                for proj in names.PROJECTIONS
+            }
+            scales, samples = {}, {}
+            for source in self.sources():
+                if source.name in wanted:
+                    tensor = source.load().float()
+                    scales[wanted[source.name]] = float(tensor.abs().max())
+                    samples[wanted[source.name]] = weight_sample(tensor)
+            self._summary = (scales, samples)
+        return self._summary
+
+
+def weight_sample(tensor: torch.Tensor, count: int = 4096) -> torch.Tensor:
+    """``count`` evenly spaced entries of a tensor (the same positions for the same shape)."""
+    flat = tensor.reshape(-1).float()
+    return flat[:: max(1, flat.numel() // count)][:count].clone()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import typer
 
 from flexmoe import __version__
 from flexmoe.data.documents import DataSpec
-from flexmoe.errors import FlexMoEError
+from flexmoe.errors import FlexMoEError, printable
 
 app = typer.Typer(
     name="flexmoe",
@@ -356,7 +356,7 @@ def expert_verify(
     rows = verify_package(package, anchor)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        typer.echo(f"{key:<{width}}  {value}")
+        typer.echo(f"{key:<{width}}  {printable(value, 200)}")  # no field drives the terminal
     typer.echo("package is sound")
 
 
@@ -598,9 +598,10 @@ def experts_list(model: Annotated[Path, typer.Argument(help="merged model direct
     for s in store.statuses():
         status = "out" if s.opted_out else "in"
         slot = s.slot
+        owner, license_id = printable(slot.owner, 64), printable(slot.license, 64)
         typer.echo(
-            f"{slot.index:<5} {slot.name:<14} {slot.owner:<28} {slot.license:<22} "
-            f"{status:<8} {s.reason}"
+            f"{slot.index:<5} {printable(slot.name, 64):<14} {owner:<28} {license_id:<22} "
+            f"{status:<8} {printable(s.reason, 200)}"
         )
     if tuned:
         on = ", ".join(f"{name} ({docs} documents)" for name, docs in tuned["data"].items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -76,15 +77,59 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON file, turning a missing or malformed file into a one-line error."""
+MAX_JSON_BYTES = 16 << 20  # larger JSON files are refused before they are read
+MAX_JSON_DEPTH = 32
+MAX_INT_DIGITS = 30
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text):,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file, turning a missing, oversized or malformed file into a one-line error.
+
+    Limits hold before anything large is built: the file size (checked before reading), the
+    nesting depth, the digits of an integer; a key given twice in one object is refused.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FlexMoEError(path, "file not found")
+    if path.is_symlink() or not path.is_file():
+        raise FlexMoEError(path, "file not found" if not path.exists() else "not a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FlexMoEError(path, f"is {size:,} bytes; at most {max_bytes:,} are read")
+    raw = path.read_bytes()
+    if _nesting(raw) > MAX_JSON_DEPTH:
+        raise FlexMoEError(path, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_int)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FlexMoEError(path, f"not valid JSON ({e})") from e
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting(raw: bytes) -> int:
+    """How deep the brackets of JSON text nest outside its strings: found before the (recursive)
+    parser sees a hostile depth."""
+    depth = deepest = 0
+    for byte in _STRING.sub(b'""', raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def read_manifest_model(path: Path, model: type[ModelT]) -> ModelT:
@@ -94,7 +139,8 @@ def read_manifest_model(path: Path, model: type[ModelT]) -> ModelT:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise FlexMoEError(path, f"field {field!r}: {err['msg']}") from e
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise FlexMoEError(path, f"field {field!r}: {message}") from e
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
-import warnings
 from functools import cache
-from importlib import resources
+from typing import Any
 
 from flexmoe.errors import FlexMoEError
 
@@ -25,20 +25,46 @@ def check_label(field: str, value: str) -> str:
     return value
 
 
-@cache
-def known_licenses() -> frozenset[str]:
-    text = resources.files("flexmoe.expert").joinpath("spdx_ids.txt").read_text(encoding="utf-8")
-    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def check_license(value: str) -> str:
-    """An SPDX identifier; an unknown one is kept with a warning (custom terms exist)."""
-    check_label("--license", value)
-    if value not in known_licenses() and not value.startswith("LicenseRef-"):
-        warnings.warn(
-            f"--license {value!r} is not a known SPDX identifier "
-            "(use LicenseRef-... for custom terms)",
-            UserWarning,
-            stacklevel=2,
-        )
+def check_name(field: str, value: str) -> str:
+    """An expert's name, which is also its domain and how users select it: ASCII letters,
+    digits, ``.``, ``_`` and ``-``, starting with a letter or digit, at most 64 characters.
+    So no look-alike of another name (a Cyrillic ``а`` for a Latin ``a``), no invisible or
+    no-break space, nothing a terminal would act on."""
+    check_label(field, value)
+    if not NAME_PATTERN.fullmatch(value):
+        raise FlexMoEError(
+            field, f"{value!r}: use ASCII letters, digits, '.', '_' and '-' (start with a "
+            "letter or digit)",
+        )  # fmt: skip
     return value
+
+
+def name_key(name: str) -> str:
+    """What two names must not share to be told apart: their case-folded form."""
+    return name.casefold()
+
+
+@cache
+def _licensing() -> Any:
+    from license_expression import get_spdx_licensing
+
+    return get_spdx_licensing()
+
+
+def check_license(value: str, field: str = "--license") -> str:
+    """An SPDX license expression (``MIT``, ``MIT OR Apache-2.0``, ``GPL-2.0-or-later``), checked
+    against the SPDX license list through the ``license-expression`` library; custom terms are
+    ``LicenseRef-...``. Returns the expression in its normalised spelling."""
+    check_label(field, value)
+    info = _licensing().validate(value)
+    unknown = [s for s in info.invalid_symbols if not s.startswith("LicenseRef-")]
+    if unknown or (info.errors and not info.invalid_symbols):
+        why = f"unknown license {unknown[0]!r}" if unknown else "not a valid expression"
+        raise FlexMoEError(
+            field, f"{value!r} is not an SPDX license expression ({why}); use SPDX ids such "
+            "as MIT or Apache-2.0, or LicenseRef-... for custom terms",
+        )  # fmt: skip
+    return str(info.normalized_expression or value)

@@ -8,10 +8,12 @@ in the anchor's dtype (``shapes.dtype``), so a bf16 anchor's packages are half t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,10 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import FlexOlmoForCausalLM, PretrainedConfig
 
-from flexmoe.anchor import Anchor, AnchorInfo, DtypeName
+from flexmoe.anchor import Anchor, AnchorInfo, DtypeName, weight_sample
 from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_label
+from flexmoe.expert.identity import check_label, check_license, check_name
 from flexmoe.io import read_manifest_model, sha256_file
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
@@ -41,23 +43,29 @@ class RouterInitRecord(BaseModel):
     params: dict[str, str | int | float] = Field(default_factory=dict)
 
 
+Count = Annotated[int, Field(ge=0, le=10**15)]
+Loss = Annotated[float, Field(ge=0, le=1e4, allow_inf_nan=False)]
+Dim = Annotated[int, Field(ge=1, le=1 << 20)]
+Short = Annotated[str, Field(max_length=200)]
+
+
 class TrainingSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    steps: int
-    tokens: int
-    final_train_loss: float
-    final_val_loss: float | None
-    seed: int
-    hyperparameters: dict[str, float | int | str | bool | None]
+    steps: Count
+    tokens: Count
+    final_train_loss: Loss
+    final_val_loss: Loss | None
+    seed: Count
+    hyperparameters: Annotated[dict[Short, float | int | Short | bool | None], Field(max_length=64)]
 
 
 class ExpertShapes(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
+    num_layers: Annotated[int, Field(ge=1, le=1024)]
+    hidden_size: Dim
+    intermediate_size: Dim
     dtype: DtypeName = "float32"
 
 
@@ -71,20 +79,50 @@ class ExpertManifest(BaseModel):
     name: str
     owner: str
     license: str
-    description: str = ""
-    created: str
-    anchor_fingerprint: str
-    tokenizer_fingerprint: str
+    description: Annotated[str, Field(max_length=2000)] = ""
+    created: Annotated[str, Field(max_length=40)]
+    anchor_fingerprint: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    tokenizer_fingerprint: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
     router_init: RouterInitRecord
     training: TrainingSummary
     shapes: ExpertShapes
-    files: dict[str, str]
-    flexmoe_version: str
+    files: Annotated[dict[Short, Annotated[str, Field(pattern="^[0-9a-f]{64}$")]],
+                     Field(max_length=4)]  # fmt: skip
+    flexmoe_version: Short
 
-    @field_validator("name", "owner", "license")
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        try:
+            return check_name("name", value)
+        except FlexMoEError as e:  # pydantic names the file and the field
+            raise ValueError(e.fault) from None
+
+    @field_validator("owner")
     @classmethod
     def _label(cls, value: str) -> str:
-        return check_label("label", value)
+        try:
+            return check_label("label", value)
+        except FlexMoEError as e:
+            raise ValueError(e.fault) from None
+
+    @field_validator("license")
+    @classmethod
+    def _license(cls, value: str) -> str:
+        try:
+            check_license(value, "license")
+        except FlexMoEError as e:
+            raise ValueError(e.fault) from None
+        return value
+
+    @field_validator("created")
+    @classmethod
+    def _created(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("not an ISO 8601 date and time") from None
+        return value
 
 
 def expected_tensor_shapes(shapes: ExpertShapes) -> dict[str, tuple[int, ...]]:
@@ -145,6 +183,12 @@ def load_package(path: Path, anchor: AnchorInfo | None = None) -> ExpertPackage:
     Every failure is a :class:`FlexMoEError` naming the file and the fault.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise FlexMoEError(path, "the package directory is a symbolic link")
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.is_symlink() or not entry.is_file():
+                raise FlexMoEError(entry, "not a regular file (links and special files refused)")
     manifest = read_manifest(path)
     present = {p.name for p in path.iterdir()}
     extra = present - {MANIFEST_FILE, *manifest.files}
@@ -152,21 +196,83 @@ def load_package(path: Path, anchor: AnchorInfo | None = None) -> ExpertPackage:
         raise FlexMoEError(path, f"unexpected files in the package: {', '.join(sorted(extra))}")
     if set(manifest.files) != {TENSORS_FILE}:
         raise FlexMoEError(path / MANIFEST_FILE, f"files must list exactly {TENSORS_FILE}")
-    for name, digest in manifest.files.items():
-        if not (path / name).is_file():
-            raise FlexMoEError(path / name, "file listed in the manifest is missing")
-        if sha256_file(path / name) != digest:
-            raise FlexMoEError(
-                path / name, "sha256 does not match the manifest (modified or corrupt)"
-            )
+    tensors_path = path / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise FlexMoEError(tensors_path, "file listed in the manifest is missing")
+    _check_size(tensors_path, manifest.shapes)  # before hashing a file of any size
+    if sha256_file(tensors_path) != manifest.files[TENSORS_FILE]:
+        raise FlexMoEError(tensors_path, "sha256 does not match the manifest (modified or corrupt)")
     try:
-        tensors = load_file(path / TENSORS_FILE)
+        tensors = load_file(tensors_path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise FlexMoEError(path / TENSORS_FILE, f"not a readable safetensors file ({e})") from e
-    _check_tensors(path / TENSORS_FILE, tensors, manifest.shapes)
+        raise FlexMoEError(tensors_path, f"not a readable safetensors file ({e})") from e
+    _check_tensors(tensors_path, tensors, manifest.shapes)
     if anchor is not None:
         check_against_anchor(path, manifest, anchor)
+        check_values(path, tensors, manifest.shapes, anchor)
     return ExpertPackage(path=path, manifest=manifest, tensors=tensors)
+
+
+def _check_size(path: Path, shapes: ExpertShapes) -> None:
+    """The file is no larger than the manifest's shapes say, and its header is of a sane size:
+    checked from the file's size and first 8 bytes alone, before anything is hashed or read (a
+    smaller file goes on, to be refused with the precise fault)."""
+    expected = sum(math.prod(s) for s in expected_tensor_shapes(shapes).values())
+    data = expected * DTYPES[shapes.dtype].itemsize
+    header_limit = 256 * (5 * shapes.num_layers) + 4096  # generous per tensor entry
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    if header > header_limit:
+        raise FlexMoEError(
+            path, f"not a readable safetensors file (a header of {header:,} bytes; at most "
+            f"{header_limit:,})",
+        )  # fmt: skip
+    if size - 8 - header > data:
+        raise FlexMoEError(
+            path, f"is {size:,} bytes; the manifest's shapes make {data + 8 + header:,}"
+        )
+
+
+ROUTER_NORM_LIMIT = 100.0  # times the public row's norm in the same layer
+WEIGHT_LIMIT = 100.0  # times the largest magnitude of the anchor's same projection
+
+
+def weight_delta(tensors: dict[str, torch.Tensor], anchor: AnchorInfo) -> torch.Tensor:
+    """A sample of how an expert's weights differ from the anchor's feed-forward it started
+    from: two owners' honest experts differ in different directions; a copy does not."""
+    base = anchor.ffn_sample()
+    parts = [
+        weight_sample(tensors[PKG_PROJ.format(layer=layer, proj=proj)]) - base[(layer, proj)]
+        for layer, proj in sorted(base)
+    ]
+    return torch.cat(parts)
+
+
+def check_values(
+    path: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes, anchor: AnchorInfo
+) -> None:
+    """Magnitudes a trained expert cannot reach by honest training: a router row far longer than
+    the public one (it would take every token) or weights far beyond the anchor's feed-forward
+    (they would swamp every other expert's output)."""
+    scales = anchor.ffn_scales()
+    for layer in range(shapes.num_layers):
+        key = PKG_ROUTER.format(layer=layer)
+        public = float(anchor.public_router[layer].norm())
+        norm = float(tensors[key].float().norm())
+        if norm > ROUTER_NORM_LIMIT * max(public, 1e-6):
+            raise FlexMoEError(
+                path, f"tensor {key} has norm {norm:.3g}, over {ROUTER_NORM_LIMIT:g} times the "
+                f"public row's ({public:.3g})",
+            )  # fmt: skip
+        for proj in names.PROJECTIONS:
+            key = PKG_PROJ.format(layer=layer, proj=proj)
+            peak, bound = float(tensors[key].float().abs().max()), scales[(layer, proj)]
+            if peak > WEIGHT_LIMIT * bound:
+                raise FlexMoEError(
+                    path, f"tensor {key} reaches {peak:.3g}, over {WEIGHT_LIMIT:g} times the "
+                    f"anchor's largest ({bound:.3g})",
+                )  # fmt: skip
 
 
 def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes) -> None:
@@ -204,13 +310,13 @@ def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: AnchorInf
     check_compatible(
         path, manifest, anchor_fingerprint=anchor.manifest.fingerprint,
         tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint, config=anchor.config,
-        dtype=anchor.dtype,
+        dtype=anchor.dtype, router_init=anchor.manifest.router_init.method,
     )  # fmt: skip
 
 
 def check_compatible(
     path: Path, manifest: ExpertManifest, *, anchor_fingerprint: str, tokenizer_fingerprint: str,
-    config: PretrainedConfig, dtype: torch.dtype,
+    config: PretrainedConfig, dtype: torch.dtype, router_init: str | None = None,
 ) -> None:  # fmt: skip
     """The package was trained on the anchor and tokenizer with these fingerprints, and its
     shapes and dtype fit ``config`` and ``dtype`` (the anchor's, or a merged model's that was
@@ -222,6 +328,9 @@ def check_compatible(
         )
     if manifest.tokenizer_fingerprint != tokenizer_fingerprint:
         raise FlexMoEError(path, "trained with another tokenizer than this anchor's")
+    method = manifest.router_init.method
+    if router_init is not None and method not in (router_init, "random"):
+        raise FlexMoEError(path, f"router rows made with {method}, the anchor's with {router_init}")
     want = ExpertShapes(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,

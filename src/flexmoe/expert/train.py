@@ -26,7 +26,7 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_label, check_license
+from flexmoe.expert.identity import check_label, check_license, check_name
 from flexmoe.expert.package import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -58,9 +58,9 @@ class ExpertIdentity:
     description: str = ""
 
     def __post_init__(self) -> None:
-        check_label("--name", self.name)
+        check_name("--name", self.name)
         check_label("--owner", self.owner)
-        check_license(self.license)
+        object.__setattr__(self, "license", check_license(self.license))  # normalised
 
 
 def build_trainable_moe(

@@ -20,6 +20,7 @@ from transformers import FlexOlmoConfig
 
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
+from flexmoe.expert.identity import name_key
 from flexmoe.expert.package import (
     MANIFEST_FILE,
     PKG_PROJ,
@@ -121,7 +122,7 @@ def add_expert(
         tokenizer_fingerprint=table["tokenizer_fingerprint"], config=config,
         dtype=stored_dtype(config),
     )  # fmt: skip
-    if any(s["name"] == m.name for s in table["slots"]):
+    if any(name_key(s["name"]) == name_key(m.name) for s in table["slots"]):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
     del package  # its tensors are read again one at a time while writing

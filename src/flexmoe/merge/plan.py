@@ -9,9 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flexmoe.anchor import AnchorInfo, open_anchor
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, ExpertManifest, load_package
+from flexmoe.expert.identity import name_key
+from flexmoe.expert.package import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    ExpertManifest,
+    load_package,
+    weight_delta,
+)
 from flexmoe.io import sha256_file
 
 
@@ -52,11 +61,22 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
             bytes=anchor_bytes, package_sha256=anchor.manifest.fingerprint, manifest=None,
         )
     ]  # fmt: skip
+    samples: list[tuple[str, torch.Tensor]] = []
     for index, path in enumerate(package_dirs, start=1):
         package = load_package(path, anchor)
         m = package.manifest
-        if any(slot.name == m.name for slot in slots):
-            raise FlexMoEError(path, f"expert name {m.name!r} is already taken by another slot")
+        taken = next((s.name for s in slots if name_key(s.name) == name_key(m.name)), None)
+        if taken is not None:
+            raise FlexMoEError(path, f"expert name {m.name!r} is already taken ({taken!r})")
+        sample = weight_delta(package.tensors, anchor)
+        for name, other in samples:
+            similarity = float(torch.nn.functional.cosine_similarity(sample, other, dim=0))
+            if similarity > NEAR_COPY:
+                raise FlexMoEError(
+                    path, f"its expert is a copy of {name!r}'s (cosine {similarity:.6f}); one "
+                    "owner's expert under another name would bypass that owner's opt-out",
+                )  # fmt: skip
+        samples.append((m.name, sample))
         slots.append(
             Slot(
                 index=index, name=m.name, owner=m.owner, license=m.license,
@@ -67,6 +87,9 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
     if not 1 <= top_k <= len(slots):
         raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
     return MergePlan(anchor=anchor, slots=slots, top_k=top_k)
+
+
+NEAR_COPY = 0.999  # cosine of two experts' changes from the anchor above which one copies
 
 
 def format_plan(plan: MergePlan) -> str:
