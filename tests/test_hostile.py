@@ -247,6 +247,13 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+def main_ok(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code in (0, None)
+    capsys.readouterr()  # progress and results, not checked here
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hostile_package_is_refused(
     variant: str, good: list[Path], anchor_dir: Path, tmp_path: Path,
@@ -277,6 +284,14 @@ def test_a_renamed_copy_of_another_owners_expert_is_refused(
     line = _refused(["merge", "--anchor", str(anchor_dir), "--expert", str(good[0]), "--expert",
                      str(copy), "--out", str(tmp_path / "m")], capsys)  # fmt: skip
     assert "copy of 'upper'" in line
+    merged = tmp_path / "merged"
+    main_ok(
+        ["merge", "--anchor", str(anchor_dir), "--expert", str(good[0]), "--out", str(merged)],
+        capsys,
+    )
+    line = _refused(["merge", "add", str(merged), str(copy)], capsys)
+    assert "copy of 'upper'" in line  # merge add refuses it too, from the model's own shards
+    main_ok(["merge", "add", str(merged), str(good[1])], capsys)  # an honest expert joins
     for name in ("UPPER", "Public"):  # a name another slot has, up to case
         clash = tmp_path / name
         shutil.copytree(good[1], clash)

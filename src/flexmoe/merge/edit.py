@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import FlexOlmoConfig
 
+from flexmoe.anchor import weight_sample
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import name_key
@@ -31,7 +32,7 @@ from flexmoe.expert.package import (
 )
 from flexmoe.io import read_json, sha256_file
 from flexmoe.merge.build import SLOTS_FILE, slot_entry, write_checkpoint
-from flexmoe.merge.plan import Slot
+from flexmoe.merge.plan import Slot, refuse_copy
 from flexmoe.merge.standing import standing_frozen
 from flexmoe.model import names
 from flexmoe.model.checkpoint import checkpoint_sources, read_config, stored_dtype
@@ -125,8 +126,9 @@ def add_expert(
     if any(name_key(s["name"]) == name_key(m.name) for s in table["slots"]):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
-    del package  # its tensors are read again one at a time while writing
     by_name = {s.name: s for s in sources}
+    _refuse_copies(package_dir, package.tensors, by_name, table, config.num_hidden_layers)
+    del package  # its tensors are read again one at a time while writing
     out_sources = []
     for source in sources:
         gate = _GATE_KEY.fullmatch(source.name)
@@ -158,6 +160,26 @@ def add_expert(
     new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
     new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
     return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
+
+
+def _refuse_copies(
+    package_dir: Path, tensors: dict[str, torch.Tensor], by_name: dict[str, TensorSource],
+    table: dict[str, Any], layers: int,
+) -> None:  # fmt: skip
+    """As ``merge`` does: refuse a package whose change from the public expert (slot 0, the
+    anchor's feed-forward) is a copy of another slot's, read one tensor at a time."""
+    keys = [(layer, proj) for layer in range(layers) for proj in names.PROJECTIONS]
+
+    def sample(slot: int) -> torch.Tensor:
+        return torch.cat([
+            weight_sample(by_name[names.EXPERT.format(layer=la, expert=slot, proj=pr)].load())
+            for la, pr in keys
+        ])  # fmt: skip
+
+    public = sample(0)
+    new = [weight_sample(tensors[PKG_PROJ.format(layer=la, proj=pr)]) for la, pr in keys]
+    others = ((e["name"], sample(e["slot"]) - public) for e in table["slots"][1:])
+    refuse_copy(package_dir, torch.cat(new) - public, others)
 
 
 def remove_expert(

@@ -6,6 +6,7 @@ given. Every package is checked against the anchor as ``flexmoe expert verify`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,7 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
         if taken is not None:
             raise FlexMoEError(path, f"expert name {m.name!r} is already taken ({taken!r})")
         sample = weight_delta(package.tensors, anchor)
-        for name, other in samples:
-            similarity = float(torch.nn.functional.cosine_similarity(sample, other, dim=0))
-            if similarity > NEAR_COPY:
-                raise FlexMoEError(
-                    path, f"its expert is a copy of {name!r}'s (cosine {similarity:.6f}); one "
-                    "owner's expert under another name would bypass that owner's opt-out",
-                )  # fmt: skip
+        refuse_copy(path, sample, samples)
         samples.append((m.name, sample))
         slots.append(
             Slot(
@@ -90,6 +85,20 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
 
 
 NEAR_COPY = 0.999  # cosine of two experts' changes from the anchor above which one copies
+
+
+def refuse_copy(
+    path: Path, delta: torch.Tensor, others: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Refuse a package whose change from the anchor (``delta``) is a copy of another slot's:
+    one owner's expert under another name would bypass that owner's opt-out."""
+    for name, other in others:
+        similarity = float(torch.nn.functional.cosine_similarity(delta, other, dim=0))
+        if similarity > NEAR_COPY:
+            raise FlexMoEError(
+                path, f"its expert is a copy of {name!r}'s (cosine {similarity:.6f}); one "
+                "owner's expert under another name would bypass that owner's opt-out",
+            )  # fmt: skip
 
 
 def format_plan(plan: MergePlan) -> str:
