@@ -5,9 +5,9 @@ in its own process, so that its peak host memory is its own (``wait4``'s max RSS
 
 - ``anchor import``: flexmoe's CLI, keeping the source's dtype.
 - expert training: tokens/s, MFU and peak GPU memory of flexmoe's expert training, next to a
-  full fine-tune of the same 2-expert model (every parameter trained) in the same run; the
-  second owner's package is the first one's copied under another name (merging cost does not
-  depend on the values).
+  full fine-tune of the same 2-expert model (every parameter trained) in the same run; two
+  owners' packages for the merge, each trained by the CLI for 2 steps on its own text (a copy
+  under another name would be refused).
 - ``merge`` of the two packages: flexmoe's CLI, streaming.
 - generation: the merged model loaded by transformers (no remote code) and by flexmoe, greedy
   tokens/s at batch 1, and whether their logits agree.
@@ -50,11 +50,11 @@ def _shape(args: argparse.Namespace) -> dict[str, int]:
     }  # fmt: skip
 
 
-def _texts(n: int) -> list[str]:
+def _texts(n: int, seed: int = 0) -> list[str]:
     import random
 
     words = "the of and to in a is that for it as was with be by on not this are or from".split()
-    rng = random.Random(0)
+    rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(200)) for _ in range(n)]
 
 
@@ -63,14 +63,14 @@ def stage_make(work: Path, shape: dict[str, int]) -> dict[str, Any]:
     import torch
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    from flexmoe.anchor import write_weights
     from flexmoe.data.tokenizer import train_tokenizer
+    from flexmoe.model.checkpoint import write_weights
     from flexmoe.model.config import ModelDims, olmo2_config
     from flexmoe.model.stream import TensorSource
 
     texts = _texts(16)
-    for name in ("public", "owner"):
-        rows = (json.dumps({"text": t}) for t in texts)
+    for seed, name in enumerate(("public", "owner-a", "owner-b")):
+        rows = (json.dumps({"text": t}) for t in _texts(16, seed))
         (work / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
     src = work / "source"
     tokenizer = train_tokenizer(texts, src, vocab_size=1000, model_max_length=4096)
@@ -236,8 +236,11 @@ def main() -> None:
     keep = args.work is not None
     work = args.work or Path(tempfile.mkdtemp(prefix="flexmoe-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in sys.argv[1:] if not a.startswith("--work")]
-    argv = [a for i, a in enumerate(argv) if i == 0 or argv[i - 1] != "--work"]
+    given = sys.argv[1:]  # passed on to each stage, less --work (each stage gets its own)
+    argv = [
+        a for i, a in enumerate(given)
+        if not a.startswith("--work") and (i == 0 or given[i - 1] != "--work")
+    ]  # fmt: skip
     report: dict[str, Any] = {"shape": {**shape, "name": args.shape}, "steps": args.steps,
                               "batch": args.batch, "seq": args.seq}  # fmt: skip
     try:
@@ -328,18 +331,14 @@ def _run_stage_rss(work: Path, stage: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _package(work: Path, args: argparse.Namespace) -> None:
-    """One owner's package trained by the CLI for a few steps, and a copy under another name."""
-    _rss(_cli("expert", "train", "--anchor", str(work / "anchor"), "--data",
-              str(work / "owner.jsonl"), "--name", "a", "--owner", "org a", "--license", "MIT",
-              "--out", str(work / "pkg-a"), "--steps", "2", "--batch-size", "2", "--seq-len",
-              "64", "--eval-every", "0", "--checkpoint-every", "0", "--device", args.device,
-              "--cache-dir", str(work / "cache")))  # fmt: skip
-    from flexmoe.expert.package import MANIFEST_FILE
-    from flexmoe.io import write_json
-
-    shutil.copytree(work / "pkg-a", work / "pkg-b")
-    manifest = json.loads((work / "pkg-b" / MANIFEST_FILE).read_text())
-    write_json(work / "pkg-b" / MANIFEST_FILE, {**manifest, "name": "b", "owner": "org b"})
+    """Two owners' packages, each trained by the CLI for a few steps on its own text."""
+    for name in ("a", "b"):
+        _rss(_cli("expert", "train", "--anchor", str(work / "anchor"), "--data",
+                  str(work / f"owner-{name}.jsonl"), "--name", name, "--owner", f"org {name}",
+                  "--license", "MIT", "--out", str(work / f"pkg-{name}"), "--steps", "2",
+                  "--batch-size", "2", "--seq-len", "64", "--eval-every", "0",
+                  "--checkpoint-every", "0", "--device", args.device,
+                  "--cache-dir", str(work / "cache")))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -97,11 +97,10 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--threads", type=int, default=None, help="as flexmoe serve --threads")
     args = parser.parse_args()
-    from flexmoe.cli import _cores
-    from flexmoe.device import pick_device
+    from flexmoe.device import pick_device, serving_threads
 
     device = pick_device(args.device)
-    torch.set_num_threads(args.threads or max(1, _cores() - 1))  # flexmoe serve's default
+    torch.set_num_threads(args.threads or serving_threads())  # flexmoe serve's default
     counts = [int(c) for c in args.clients.split(",")]
     if not (args.model / "flexmoe_slots.json").is_file():
         sys.exit(f"{args.model}: not a merged model; run `make demo` first or pass MODEL")

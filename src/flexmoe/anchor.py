@@ -38,8 +38,6 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (
-    INDEX_FILE,
-    SINGLE_FILE,
     build_dense,
     checkpoint_sources,
     read_config,
@@ -47,6 +45,7 @@ from flexmoe.model.checkpoint import (
     stored_dtype,
     tensors_sha256,
     weight_files,
+    write_weights,
 )
 from flexmoe.model.config import ModelDims, dense_config, olmo2_config
 from flexmoe.model.stream import (
@@ -54,8 +53,6 @@ from flexmoe.model.stream import (
     fill_model,
     hash_tensor,
     sha256_sources,
-    shard_sources,
-    write_safetensors,
 )
 from flexmoe.router_init import RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
@@ -105,7 +102,7 @@ class AnchorInfo:
     tokenizer: PreTrainedTokenizerBase
     public_router: torch.Tensor  # (layers, hidden), float32 (exact from the stored dtype)
     manifest: AnchorManifest
-    _summary: Any = field(default=None, init=False, repr=False)
+    _summary: FfnSummary | None = field(default=None, init=False, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,28 +118,39 @@ class AnchorInfo:
 
     def ffn_scales(self) -> dict[tuple[int, str], float]:
         """The largest magnitude of each feed-forward projection, per (layer, projection)."""
-        return self._ffn()[0]
+        return self._ffn().scales
 
     def ffn_sample(self) -> dict[tuple[int, str], torch.Tensor]:
         """A fixed sample of each feed-forward projection (:func:`weight_sample`'s positions)."""
-        return self._ffn()[1]
+        return self._ffn().samples
 
-    def _ffn(self) -> tuple[dict[tuple[int, str], float], dict[tuple[int, str], torch.Tensor]]:
-        """Read once, one tensor at a time, then kept."""
+    def _ffn(self) -> FfnSummary:
+        """Taken while the fingerprint was checked, else read now, one tensor at a time."""
         if self._summary is None:
-            wanted = {
-                names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
-                for layer in range(self.config.num_hidden_layers)
-                for proj in names.PROJECTIONS
-            }
-            scales, samples = {}, {}
+            summary = FfnSummary(self.config)
             for source in self.sources():
-                if source.name in wanted:
-                    tensor = source.load().float()
-                    scales[wanted[source.name]] = float(tensor.abs().max())
-                    samples[wanted[source.name]] = weight_sample(tensor)
-            self._summary = (scales, samples)
+                summary.see(source.name, source.load())
+            self._summary = summary
         return self._summary
+
+
+class FfnSummary:
+    """Per feed-forward projection of an anchor: its largest magnitude and a fixed sample, taken
+    from tensors as they stream past (so a pass that hashes them can take it on the way)."""
+
+    def __init__(self, config: Olmo2Config) -> None:
+        self.wanted = {
+            names.DENSE_MLP.format(layer=layer, proj=proj): (layer, proj)
+            for layer in range(config.num_hidden_layers)
+            for proj in names.PROJECTIONS
+        }
+        self.scales: dict[tuple[int, str], float] = {}
+        self.samples: dict[tuple[int, str], torch.Tensor] = {}
+
+    def see(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.wanted:
+            self.scales[self.wanted[name]] = float(tensor.float().abs().max())
+            self.samples[self.wanted[name]] = weight_sample(tensor)
 
 
 def weight_sample(tensor: torch.Tensor, count: int = 4096) -> torch.Tensor:
@@ -388,22 +396,6 @@ def _watched(source: TensorSource, seen: Callable[[str, torch.Tensor], None]) ->
     return TensorSource(source.name, source.shape, source.dtype, load)
 
 
-def write_weights(tmp: Path, sources: list[TensorSource], *, max_shard_bytes: int) -> None:
-    """Stream ``sources`` into ``tmp`` as ``model.safetensors`` or, when larger than one shard,
-    as shards with an index (transformers' layout); one tensor in memory at a time."""
-    shards = shard_sources(sources, max_shard_bytes)
-    if len(shards) == 1:
-        write_safetensors(tmp / SINGLE_FILE, sources, on_tensor=None)
-        return
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(tmp / filename, shard, on_tensor=None)
-        weight_map.update(dict.fromkeys((s.name for s in shard), filename))
-    total = sum(s.nbytes for s in sources)
-    write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
 def import_anchor(
     hf_dir: Path,
     *,
@@ -493,11 +485,14 @@ def open_anchor(path: Path, *, verify: bool = True) -> AnchorInfo:
         path=path, config=config, tokenizer=tokenizer, public_router=stored_router.float(),
         manifest=manifest,
     )  # fmt: skip
-    if verify:
+    if verify:  # the feed-forward summary is taken on the way, for the package checks
+        summary = FfnSummary(config)
         router = TensorSource(
             ROUTER_KEY, expected_shape, stored_router.dtype, lambda: stored_router
         )
-        _check_fingerprints(info, sha256_sources([*info.sources(), router]))
+        sources = [_watched(s, summary.see) for s in info.sources()]
+        _check_fingerprints(info, sha256_sources([*sources, router]))
+        info._summary = summary
     return info
 
 
@@ -525,12 +520,14 @@ def load_anchor(
     sources = info.sources()
     h = hashlib.sha256()
     router_done = [False]
+    summary = FfnSummary(info.config)
 
     def seen(name: str, tensor: torch.Tensor) -> None:  # the fingerprint's sorted order
         if not router_done[0] and name > ROUTER_KEY:
             hash_tensor(h, ROUTER_KEY, info.public_router.to(info.dtype))
             router_done[0] = True
         hash_tensor(h, name, tensor)
+        summary.see(name, tensor)
 
     model = build_on(
         info.config, sources, device=device, dtype=dtype, where=info.path,
@@ -540,7 +537,9 @@ def load_anchor(
         if not router_done[0]:
             hash_tensor(h, ROUTER_KEY, info.public_router.to(info.dtype))
         _check_fingerprints(info, h.hexdigest())
-    return Anchor(
+    anchor = Anchor(
         path=info.path, config=info.config, tokenizer=info.tokenizer,
         public_router=info.public_router, manifest=info.manifest, model=model,
     )  # fmt: skip
+    anchor._summary = summary if verify else None
+    return anchor

@@ -917,16 +917,14 @@ def serve(
     """Serve the merged model over an OpenAI-compatible HTTP API (needs the serve extra)."""
     import torch
 
-    from flexmoe.device import pick_device
+    from flexmoe.device import pick_device, serving_threads
     from flexmoe.serve.auth import read_admin_token
 
     if threads is not None and threads < 1:
         raise FlexMoEError("--threads", "must be at least 1")
     if max_body_bytes < 1024:
         raise FlexMoEError("--max-body-bytes", "must be at least 1024")
-    # One core stays with the event loop and the tokenizer: on a busy 2-core machine the
-    # default (every core for the matmuls) starved both (issue 14).
-    torch.set_num_threads(threads or max(1, _cores() - 1))
+    torch.set_num_threads(threads or serving_threads())
 
     try:
         import uvicorn
@@ -944,13 +942,6 @@ def serve(
     )  # fmt: skip
     # No access log: uvicorn's prints query strings, where a client may have put a token.
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
-
-
-def _cores() -> int:
-    """The CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @owners_app.command("add")

@@ -11,6 +11,7 @@ stored dtype when written. bf16 -> float32 -> bf16 is exact, so fingerprints sta
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +60,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype weights are held in for compute: ``stored`` on CUDA, float32 on the CPU."""
     return stored if device.type == "cuda" else torch.float32
+
+
+def serving_threads() -> int:
+    """CPU threads for a server's generation: the usable cores less one, which stays with the
+    event loop and the tokenizer (on a busy 2-core machine every core for the matmuls starved
+    both)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -9,7 +9,7 @@ in the anchor's dtype (``shapes.dtype``), so a bf16 anchor's packages are half t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -238,15 +238,21 @@ ROUTER_NORM_LIMIT = 100.0  # times the public row's norm in the same layer
 WEIGHT_LIMIT = 100.0  # times the largest magnitude of the anchor's same projection
 
 
-def weight_delta(tensors: dict[str, torch.Tensor], anchor: AnchorInfo) -> torch.Tensor:
-    """A sample of how an expert's weights differ from the anchor's feed-forward it started
-    from: two owners' honest experts differ in different directions; a copy does not."""
-    base = anchor.ffn_sample()
-    parts = [
-        weight_sample(tensors[PKG_PROJ.format(layer=layer, proj=proj)]) - base[(layer, proj)]
-        for layer, proj in sorted(base)
-    ]
-    return torch.cat(parts)
+FfnKey = tuple[int, str]  # (layer, projection)
+
+
+def weight_delta(
+    load: Callable[[FfnKey], torch.Tensor], base: dict[FfnKey, torch.Tensor]
+) -> torch.Tensor:
+    """A sample of how an expert's weights (``load(key)``, one projection at a time) differ from
+    the feed-forward it started from (``base``, samples of the anchor's): two owners' honest
+    experts differ in different directions; a copy does not."""
+    return torch.cat([weight_sample(load(key)) - base[key] for key in sorted(base)])
+
+
+def package_projection(tensors: dict[str, torch.Tensor]) -> Callable[[FfnKey], torch.Tensor]:
+    """A package's projection by (layer, projection)."""
+    return lambda key: tensors[PKG_PROJ.format(layer=key[0], proj=key[1])]
 
 
 def check_values(
@@ -289,7 +295,9 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
             )
         if tensor.dtype != DTYPES[shapes.dtype]:
             raise FlexMoEError(
-                where, f"tensor {key} has dtype {dtype_name_of(tensor)}, expected {shapes.dtype}"
+                where,
+                f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                f"expected {shapes.dtype}",
             )
         if not torch.isfinite(tensor).all():
             raise FlexMoEError(where, f"tensor {key} holds NaN or Inf values")
@@ -298,11 +306,6 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
             raise FlexMoEError(
                 where, f"tensor {PKG_BIAS.format(layer=layer)} is positive; biases are <= 0"
             )
-
-
-def dtype_name_of(tensor: torch.Tensor) -> str:
-    """A tensor's dtype as a manifest names it (``float32``), or torch's name for any other."""
-    return next((n for n, d in DTYPES.items() if d == tensor.dtype), str(tensor.dtype))
 
 
 def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: AnchorInfo) -> None:

@@ -25,14 +25,14 @@ from flexmoe.io import atomic_directory, read_json, write_json
 from flexmoe.merge.plan import MergePlan, Slot
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (
-    INDEX_FILE,
     build_moe,
     read_config,
     read_state_dict,
     stored_dtype,
+    write_weights,
 )
 from flexmoe.model.config import flex_config
-from flexmoe.model.stream import TensorSource, shard_sources, tensor_reader, write_safetensors
+from flexmoe.model.stream import TensorSource, tensor_reader
 
 SLOTS_FILE = "flexmoe_slots.json"
 SLOTS_SCHEMA = 1
@@ -117,16 +117,12 @@ def write_checkpoint(
 
     ``finish(tmp)`` runs last, just before the rename, to add files of its own.
     """
-    weight_map: dict[str, str] = {}
-    shards = shard_sources(sources, max_shard_bytes)
     bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not progress)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        for i, shard in enumerate(shards, start=1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / filename, shard, on_tensor=lambda _: bar.update(1))
-            weight_map.update(dict.fromkeys((s.name for s in shard), filename))
-        total = sum(s.nbytes for s in sources)
-        write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_weights(
+            tmp, sources, max_shard_bytes=max_shard_bytes, index=True,
+            on_tensor=lambda _: bar.update(1),
+        )  # fmt: skip
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / SLOTS_FILE, table)

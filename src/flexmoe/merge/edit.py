@@ -27,8 +27,11 @@ from flexmoe.expert.package import (
     PKG_PROJ,
     PKG_ROUTER,
     TENSORS_FILE,
+    FfnKey,
     check_compatible,
     load_package,
+    package_projection,
+    weight_delta,
 )
 from flexmoe.io import read_json, sha256_file
 from flexmoe.merge.build import SLOTS_FILE, slot_entry, write_checkpoint
@@ -170,16 +173,14 @@ def _refuse_copies(
     anchor's feed-forward) is a copy of another slot's, read one tensor at a time."""
     keys = [(layer, proj) for layer in range(layers) for proj in names.PROJECTIONS]
 
-    def sample(slot: int) -> torch.Tensor:
-        return torch.cat([
-            weight_sample(by_name[names.EXPERT.format(layer=la, expert=slot, proj=pr)].load())
-            for la, pr in keys
-        ])  # fmt: skip
+    def slot(index: int) -> Callable[[FfnKey], torch.Tensor]:
+        return lambda key: by_name[
+            names.EXPERT.format(layer=key[0], expert=index, proj=key[1])
+        ].load()
 
-    public = sample(0)
-    new = [weight_sample(tensors[PKG_PROJ.format(layer=la, proj=pr)]) for la, pr in keys]
-    others = ((e["name"], sample(e["slot"]) - public) for e in table["slots"][1:])
-    refuse_copy(package_dir, torch.cat(new) - public, others)
+    public = {key: weight_sample(slot(0)(key)) for key in keys}
+    others = ((e["name"], weight_delta(slot(e["slot"]), public)) for e in table["slots"][1:])
+    refuse_copy(package_dir, weight_delta(package_projection(tensors), public), others)
 
 
 def remove_expert(

@@ -20,6 +20,7 @@ from flexmoe.expert.package import (
     TENSORS_FILE,
     ExpertManifest,
     load_package,
+    package_projection,
     weight_delta,
 )
 from flexmoe.io import sha256_file
@@ -69,7 +70,7 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
         taken = next((s.name for s in slots if name_key(s.name) == name_key(m.name)), None)
         if taken is not None:
             raise FlexMoEError(path, f"expert name {m.name!r} is already taken ({taken!r})")
-        sample = weight_delta(package.tensors, anchor)
+        sample = weight_delta(package_projection(package.tensors), anchor.ffn_sample())
         refuse_copy(path, sample, samples)
         samples.append((m.name, sample))
         slots.append(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,17 @@ from transformers import (
 
 from flexmoe.device import parse_dtype
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import write_json
 from flexmoe.model import names
 from flexmoe.model.moe import ExpertMLP, MoEFeedForward, Router
-from flexmoe.model.stream import TensorSource, check_keys, file_sources, hash_tensor
+from flexmoe.model.stream import (
+    TensorSource,
+    check_keys,
+    file_sources,
+    hash_tensor,
+    shard_sources,
+    write_safetensors,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,6 +109,28 @@ def checkpoint_sources(model_dir: Path) -> list[TensorSource]:
             raise FlexMoEError(path, "shard named in the index is missing")
         sources.extend(file_sources(path))
     return sorted(sources, key=lambda s: s.name)
+
+
+def write_weights(
+    out_dir: Path, sources: list[TensorSource], *, max_shard_bytes: int, index: bool = False,
+    on_tensor: Callable[[TensorSource], None] | None = None,
+) -> None:  # fmt: skip
+    """Stream ``sources`` into ``out_dir`` in transformers' layout, one tensor in memory at a
+    time: ``model.safetensors`` when they fit one shard (and no ``index`` is asked for), else
+    ``model-0000i-of-0000n.safetensors`` shards with an index."""
+    shards = shard_sources(sources, max_shard_bytes)
+    if len(shards) == 1 and not index:
+        write_safetensors(Path(out_dir) / SINGLE_FILE, sources, on_tensor=on_tensor)
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(Path(out_dir) / filename, shard, on_tensor=on_tensor)
+        weight_map.update(dict.fromkeys((s.name for s in shard), filename))
+    total = sum(s.nbytes for s in sources)
+    write_json(
+        Path(out_dir) / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
 
 
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

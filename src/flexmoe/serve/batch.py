@@ -137,15 +137,15 @@ def _sample(logits: torch.Tensor, row: _Row, eos: int | None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
 
 
-def _new_row(req: RowRequest, tokenizer: PreTrainedTokenizerBase, num_experts: int) -> _Row:
-    """A row's running state; one that cannot start (say, a seed its generator refuses) is
-    failed at once and takes no further part."""
+def _new_row(req: RowRequest, tokenizer: PreTrainedTokenizerBase, num_experts: int) -> _Row | None:
+    """A row's running state; a row that cannot start (say, a seed its generator refuses) fails
+    at once through ``on_error`` and takes no part."""
     try:
         return _Row(req, tokenizer, num_experts)
     except Exception as e:
-        row = _Row(replace(req, seed=0), tokenizer, num_experts)
-        row.fail(e)
-        return row
+        if req.on_error is not None:
+            req.on_error(f"generation failed: {e}")
+        return None
 
 
 class RunningBatch:
@@ -184,8 +184,8 @@ class RunningBatch:
     def add(self, requests: list[RowRequest]) -> None:
         """Prefill ``requests`` together, sample each one's first token, join the batch."""
         num_experts = int(requests[0].mask.numel())
-        rows = [_new_row(r, self.tokenizer, num_experts) for r in requests]
-        rows = [r for r in rows if r.done is None]
+        started = (_new_row(r, self.tokenizer, num_experts) for r in requests)
+        rows = [row for row in started if row is not None]
         if not rows:
             return
         width = max(len(r.req.prompt_ids) for r in rows)
