@@ -167,6 +167,8 @@ VARIANTS: dict[str, tuple[Mutate, str]] = {
     "name-long": (_set("name", "a" * 65), "name"),
     "owner-control": (_set("owner", f"org{CONTROL}"), "owner"),
     "owner-2mb": (_set("owner", "o" * 2_000_000), "owner"),
+    "owner-mixed-scripts": (_set("owner", "uppеr org"), "mixes scripts"),  # Cyrillic е
+    "owner-greek-in-latin": (_set("owner", "Βank of Tests"), "mixes scripts"),  # Greek Β
     "license-control": (_set("license", "MIT\x1b]0;pwned\x07"), "license"),
     "license-not-spdx": (_set("license", "My-Own-License"), "not an SPDX license expression"),
     "license-broken-expression": (_set("license", "MIT AND ("), "not an SPDX license"),
@@ -319,3 +321,105 @@ def test_printed_fields_cannot_drive_the_terminal(
     _raw("{")(forged, good[1])
     line = _refused(["expert", "verify", str(forged), "--anchor", str(anchor_dir)], capsys)
     assert "\\n" in line and "\\x1b" in line
+
+
+@pytest.mark.parametrize("variant", ["router-x1e4", "router-x1e3", "down-x1e30", "up-x1e3"])
+def test_merge_add_bounds_values_by_the_models_public_expert(
+    variant: str, good: list[Path], anchor_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``merge add`` reads no anchor: the model's slot 0 (the anchor's feed-forward and r_0)
+    bounds the new package's router rows and weights instead."""
+    merged = tmp_path / "merged"
+    main_ok(["merge", "--anchor", str(anchor_dir), "--expert", str(good[1]), "--out",
+             str(merged)], capsys)  # fmt: skip
+    mutate, words = VARIANTS[variant]
+    bad = tmp_path / "pkg"
+    shutil.copytree(good[0], bad)
+    mutate(bad, good[1])
+    before = sorted(p.name for p in merged.iterdir())
+    line = _refused(["merge", "add", str(merged), str(bad)], capsys)
+    assert words in line and "pkg" in line, line
+    assert sorted(p.name for p in merged.iterdir()) == before
+
+
+@pytest.mark.parametrize("owner", ["upper\u00a0org", "ｕｐｐｅｒ org", "Upper  Org"])
+def test_an_owner_spelled_like_another_is_refused(
+    owner: str, good: list[Path], anchor_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """One owner, one spelling: a no-break space, full-width letters or other case would make
+    a second 'upper org' that reads the same in every table."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(good[1], pkg)
+    _set("owner", owner)(pkg, good[1])
+    line = _refused(["merge", "--anchor", str(anchor_dir), "--expert", str(good[0]), "--expert",
+                     str(pkg), "--out", str(tmp_path / "m")], capsys)  # fmt: skip
+    assert "looks like 'upper org'" in line, line
+    merged = tmp_path / "merged"
+    main_ok(["merge", "--anchor", str(anchor_dir), "--expert", str(good[0]), "--out",
+             str(merged)], capsys)  # fmt: skip
+    line = _refused(["merge", "add", str(merged), str(pkg)], capsys)
+    assert "looks like 'upper org'" in line, line
+
+
+def _sparse_4gb(pkg: Path, other: Path) -> None:
+    """A 4 GB tensors file (sparse: no disk used) whose manifest hash is left as it was."""
+    with open(pkg / TENSORS_FILE, "r+b") as f:
+        f.truncate(4 << 30)
+
+
+_PEAK = """
+import resource, sys, time
+from flexmoe.cli import main
+anchor, good, *bad = sys.argv[1:]
+def run(pkg):
+    start = time.perf_counter()
+    try:
+        main(["expert", "verify", pkg, "--anchor", anchor])
+    except SystemExit as e:
+        code = e.code
+    return code, time.perf_counter() - start
+run(good)  # everything imported and the anchor read once: the baseline
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for pkg in bad:
+    code, took = run(pkg)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    print(pkg, code, f"{took:.2f}", grown, flush=True)
+"""
+
+
+def test_heavy_variants_are_refused_in_bounded_memory_and_time(
+    good: list[Path], anchor_dir: Path, tmp_path: Path
+) -> None:
+    """The variants that once cost hundreds of MB or many seconds (a 17 MB manifest, a 2 MB
+    tensor name, 20,000 header entries, 100,000 levels of nesting or digits, a tensors file
+    of 4 GB) are each refused within 5 s and 64 MB over the process's peak reading a good
+    package, measured in a process of their own."""
+    import subprocess
+    import sys
+
+    cases = {
+        "huge-manifest": VARIANTS["huge-manifest"][0],
+        "tensor-name-2mb": VARIANTS["tensor-name-2mb"][0],
+        "header-20k-entries": VARIANTS["header-20k-entries"][0],
+        "nested-100k": VARIANTS["nested-100k"][0],
+        "int-100k-digits": VARIANTS["int-100k-digits"][0],
+        "tensors-4gb": _sparse_4gb,
+    }
+    paths = []
+    for name, mutate in cases.items():
+        shutil.copytree(good[0], tmp_path / name)
+        mutate(tmp_path / name, good[1])
+        paths.append(str(tmp_path / name))
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(anchor_dir), str(good[0]), *paths],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(rows) == len(cases), done.stdout
+    for pkg, code, took, grown_kb in rows:
+        assert code == "2", pkg
+        assert float(took) < 5, (pkg, took)
+        assert int(grown_kb) < 64 << 10, (pkg, int(grown_kb) >> 10, "MB")

@@ -228,3 +228,35 @@ def test_registry_names_and_typed_results(tmp_path: Path) -> None:
         Evaluation.read(results, "scores.json")
     with pytest.raises(FlexMoEError, match="field domains: Field required"):
         Evaluation.read({"experts": [], "models": {}}, "scores.json")
+
+
+def test_dp_tradeoff_is_reported_when_measured(tmp_path: Path) -> None:
+    """``experiments/dp_tradeoff.py`` leaves its rows in the run; the report shows each setting
+    with its bits per byte, extraction and speed relative to no DP."""
+    from flexmoe.evaluate.report import DP_RESULTS
+    from flexmoe.io import write_json
+
+    out = tmp_path / "r"
+    out.mkdir()
+    row = {"bpb": {"legal": 2.0, "public": 3.0}, "anchor_bpb": {"legal": 2.5, "public": 3.1},
+           "extraction_rate": 0.25, "mean_best_similarity": 0.5}  # fmt: skip
+    write_json(out / DP_RESULTS, {
+        "corpora": "demo", "domain": "legal", "delta": 1e-5, "max_grad_norm": 1.0,
+        "audit_documents": 32, "rows": [
+            {**row, "setting": "no DP", "epsilon": None, "noise_multiplier": None,
+             "tokens_per_s": 1000.0},
+            {**row, "setting": "epsilon 1", "epsilon": 0.99, "noise_multiplier": 2.5,
+             "tokens_per_s": 400.0, "bpb": {"legal": 2.4, "public": 3.05}},
+        ],
+    })  # fmt: skip
+    text = write_report(_results({"public": 1.005, "code": 2.05, "legal": 1.84}), out).read_text()
+    assert "## Differential privacy, measured" in text
+    assert "| epsilon 1 | 0.99 | 2.5 | 2.4000 | 3.0500 | 25.0% | 0.500 | 400 (0.40x) |" in text
+    assert "| anchor alone | | | 2.5000 | 3.1000 |" in text
+    (out / DP_RESULTS).unlink()
+    assert (
+        "Differential privacy"
+        not in write_report(
+            _results({"public": 1.005, "code": 2.05, "legal": 1.84}), out
+        ).read_text()
+    )

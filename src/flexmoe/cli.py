@@ -8,14 +8,19 @@ import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flexmoe import __version__
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError, printable
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
 
 app = typer.Typer(
     name="flexmoe",
@@ -37,7 +42,9 @@ baseline_app = typer.Typer(help="Baselines that need training.", no_args_is_help
 audit_app = typer.Typer(help="Audits of what a model gives away.", no_args_is_help=True)
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 owners_app = typer.Typer(
-    help="Owners' bearer tokens for the server's opt-out and opt-in.", no_args_is_help=True
+    help="Owners' signing keys and the coordinator's key registry; owners' bearer tokens for "
+    "the server's opt-out and opt-in.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -277,6 +284,19 @@ def anchor_import(
     typer.echo(f"anchor -> {out}: {manifest.dtype}, fingerprint {manifest.fingerprint[:16]}")
 
 
+SigningKeyOpt = Annotated[
+    Path | None,
+    typer.Option(help="sign the package with this private key (`flexmoe owners keygen`)"),
+]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="the coordinator's key registry: signatures checked against it, and required "
+        "unless its policy allows unsigned packages"
+    ),
+]
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: Annotated[Path, typer.Option(help="the anchor directory")],
@@ -313,15 +333,26 @@ def expert_train(
     activation_checkpointing: CheckpointingOpt = False,
     fsdp: FsdpOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
+    signing_key: SigningKeyOpt = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="train with DP-SGD (Opacus) to this epsilon per training block"),
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP-SGD's delta (with --dp-epsilon)")] = 1e-5,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="DP-SGD's per-sample gradient clip (with --dp-epsilon)")
+    ] = 1.0,
     force: ForceOpt = False,
 ) -> None:
     """Train one expert alone against the frozen anchor; write its package."""
     from flexmoe.device import pick_device
+    from flexmoe.expert.private import PrivacySettings
     from flexmoe.expert.train import ExpertIdentity, train_expert
     from flexmoe.router_init import parse_method
     from flexmoe.training.config import TrainConfig
 
     identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
+    privacy = None if dp_epsilon is None else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm)
     paths = _paths(data)
     if tokens is not None:
         steps = max(1, -(-tokens // (batch_size * seq_len)))  # ceil
@@ -338,10 +369,13 @@ def expert_train(
         cache_dir=cache_dir or _cache_dir() / "tokens", router_init=parse_method(router_init),
         embedder=embedder,
         public_data=public, public_fraction=public_fraction, resume=resume, overwrite=force,
+        signing_key=signing_key, privacy=privacy,
     )  # fmt: skip
+    spent = manifest.training.privacy
     typer.echo(
         f"expert {manifest.name} -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
         f"val loss {result.final_val_loss}"
+        + (f", DP epsilon {spent.epsilon:.3g} at delta {spent.delta:g}" if spent else "")
     )
 
 
@@ -349,15 +383,32 @@ def expert_train(
 def expert_verify(
     package: Annotated[Path, typer.Argument(help="expert package directory")],
     anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    registry: RegistryOpt = None,
 ) -> None:
-    """Check a package: schema, hashes, fingerprints, tensor names, shapes, dtypes, values."""
+    """Check a package: schema, hashes, signature, fingerprints, tensor names, shapes, dtypes,
+    values."""
     from flexmoe.expert.verify import verify_package
 
-    rows = verify_package(package, anchor)
+    rows = verify_package(package, anchor, registry)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {printable(value, 200)}")  # no field drives the terminal
     typer.echo("package is sound")
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    key: Annotated[Path, typer.Option(help="the owner's private key (`flexmoe owners keygen`)")],
+) -> None:
+    """Sign a package's manifest (which pins its tensors' sha256) with the owner's key."""
+    from flexmoe.expert.package import load_package
+    from flexmoe.expert.signing import read_private_key, sign_package
+
+    private = read_private_key(key)
+    load_package(package)  # sign only a package that reads back whole
+    signature = sign_package(package, private)
+    typer.echo(f"signed {package} with key {signature.fingerprint[:16]}...")
 
 
 @expert_app.command("proxies")
@@ -419,6 +470,18 @@ def expert_eval(
         typer.echo(format_specialist_table(package.name, scores))
 
 
+@contextmanager
+def _registry(path: Path | None) -> Iterator[KeyRegistry | None]:
+    """The key registry at ``path`` (which must exist), or None."""
+    if path is None:
+        yield None
+        return
+    from flexmoe.expert.registry import KeyRegistry
+
+    with KeyRegistry(path) as registry:
+        yield registry
+
+
 @merge_app.callback(invoke_without_command=True)
 def merge(
     ctx: typer.Context,
@@ -429,6 +492,7 @@ def merge(
     out: Annotated[Path | None, typer.Option(help="merged model directory to write")] = None,
     top_k: Annotated[int, typer.Option(help="experts active per token")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    registry: RegistryOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Merge the anchor and expert packages into one FlexOlmo MoE checkpoint.
@@ -444,7 +508,8 @@ def merge(
         raise FlexMoEError("--anchor/--out", "both are required to merge")
     if out.exists() and not force and not dry_run:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    plan = plan_merge(anchor, expert or [], top_k=top_k)
+    with _registry(registry) as keys:
+        plan = plan_merge(anchor, expert or [], top_k=top_k, registry=keys)
     typer.echo(format_plan(plan))
     if not dry_run:
         build_merged(plan, out, overwrite=force)
@@ -461,11 +526,14 @@ def merge_add(
     model: Annotated[Path, typer.Argument(help="merged model directory")],
     package: Annotated[Path, typer.Argument(help="expert package to add as a new slot")],
     out: EditOutOpt = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Add one expert to a merged model, without reading the other owners' packages."""
     from flexmoe.merge.edit import add_expert
 
-    typer.echo(f"model with the new expert -> {add_expert(model, package, out=out)}")
+    with _registry(registry) as keys:
+        written = add_expert(model, package, out=out, registry=keys)
+    typer.echo(f"model with the new expert -> {written}")
 
 
 @merge_app.command("remove")
@@ -594,14 +662,19 @@ def experts_list(model: Annotated[Path, typer.Argument(help="merged model direct
 
     store = StandingStore(model)
     tuned = read_json(model / SLOTS_FILE).get("router_tuning")
-    typer.echo(f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'status':<8} reason")
+    typer.echo(
+        f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'signed by':<18} "
+        f"{'DP eps':<8} {'status':<8} reason"
+    )
     for s in store.statuses():
         status = "out" if s.opted_out else "in"
         slot = s.slot
         owner, license_id = printable(slot.owner, 64), printable(slot.license, 64)
+        signer = printable(slot.signer[:16]) if slot.signer else "-"
+        epsilon = f"{slot.epsilon:.3g}" if slot.epsilon is not None else "-"
         typer.echo(
             f"{slot.index:<5} {printable(slot.name, 64):<14} {owner:<28} {license_id:<22} "
-            f"{status:<8} {printable(s.reason, 200)}"
+            f"{signer:<18} {epsilon:<8} {status:<8} {printable(s.reason, 200)}"
         )
     if tuned:
         on = ", ".join(f"{name} ({docs} documents)" for name, docs in tuned["data"].items())
@@ -942,6 +1015,82 @@ def serve(
     )  # fmt: skip
     # No access log: uvicorn's prints query strings, where a client may have put a token.
     uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
+
+
+@owners_app.command("keygen")
+def owners_keygen(
+    owner: Annotated[str, typer.Option(help="the owning organisation, as in its manifests")],
+    out: Annotated[
+        Path, typer.Option(help="private key file to write; the public key goes to *.pub.json")
+    ],
+    force: ForceOpt = False,
+) -> None:
+    """Make an owner's Ed25519 signing key pair. Keep the private key; send the .pub.json file
+    to the coordinator (encrypted when FLEXMOE_KEY_PASSPHRASE is set)."""
+    from flexmoe.expert.signing import generate_key, public_key_path
+
+    public = generate_key(out, owner, force=force)
+    typer.echo(f"private key -> {out} (keep it; readable by you only)")
+    typer.echo(f"public key  -> {public_key_path(out)} (send it to the coordinator)")
+    typer.echo(f"fingerprint {public.fingerprint}")
+
+
+RegistryArg = Annotated[Path, typer.Argument(help="the key registry (an SQLite file)")]
+
+
+@owners_app.command("register")
+def owners_register(
+    registry: RegistryArg,
+    public_key: Annotated[Path, typer.Argument(help="an owner's .pub.json file")],
+) -> None:
+    """Register an owner's public key (the registry is made if missing, requiring signatures)."""
+    from flexmoe.expert.registry import KeyRegistry
+    from flexmoe.expert.signing import read_public_key
+
+    key = read_public_key(public_key)
+    with KeyRegistry(registry, create=True) as keys:
+        info = keys.register(key)
+    typer.echo(f"registered key {info.fingerprint} for {printable(info.owner, 64)}")
+
+
+@owners_app.command("revoke-key")
+def owners_revoke_key(
+    registry: RegistryArg,
+    fingerprint: Annotated[str, typer.Argument(help="the key's fingerprint (8+ hex digits)")],
+) -> None:
+    """Revoke a signing key: every package it signed is refused from now on."""
+    from flexmoe.expert.registry import KeyRegistry
+
+    with KeyRegistry(registry) as keys:
+        info = keys.revoke(fingerprint)
+    typer.echo(f"revoked key {info.fingerprint} of {printable(info.owner, 64)}")
+
+
+@owners_app.command("keys")
+def owners_keys(
+    registry: RegistryArg,
+    require: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-signatures/--allow-unsigned",
+            help="change the policy: refuse unsigned packages, or take them",
+        ),
+    ] = None,
+) -> None:
+    """The registered keys (fingerprint, owner, added, revoked) and the signature policy."""
+    from flexmoe.expert.registry import KeyRegistry
+
+    with KeyRegistry(registry) as keys:
+        if require is not None:
+            keys.set_require_signatures(require)
+        rows, required = keys.list(), keys.require_signatures
+    typer.echo(f"{'fingerprint':<18} {'owner':<28} {'added':<26} revoked")
+    for k in rows:
+        typer.echo(
+            f"{k.fingerprint[:16]:<18} {printable(k.owner, 28):<28} {k.added:<26} "
+            f"{k.revoked or '-'}"
+        )
+    typer.echo(f"unsigned packages: {'refused' if required else 'taken'}")
 
 
 @owners_app.command("add")

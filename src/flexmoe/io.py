@@ -97,25 +97,32 @@ def _int(text: str) -> int:
     return int(text)
 
 
-def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Read a JSON file, turning a missing, oversized or malformed file into a one-line error.
-
-    Limits hold before anything large is built: the file size (checked before reading), the
-    nesting depth, the digits of an integer; a key given twice in one object is refused.
-    """
+def read_bounded(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of the regular file at ``path``, its size checked before it is read."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         raise FlexMoEError(path, "file not found" if not path.exists() else "not a regular file")
     size = path.stat().st_size
     if size > max_bytes:
         raise FlexMoEError(path, f"is {size:,} bytes; at most {max_bytes:,} are read")
-    raw = path.read_bytes()
+    return path.read_bytes()
+
+
+def parse_json(raw: bytes, path: Path) -> Any:
+    """JSON text read from ``path``, parsed within limits: the nesting depth (checked before the
+    parser sees it), the digits of an integer; a key given twice in one object is refused."""
     if _nesting(raw) > MAX_JSON_DEPTH:
         raise FlexMoEError(path, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_int)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FlexMoEError(path, f"not valid JSON ({e})") from e
+
+
+def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file, turning a missing, oversized or malformed file into a one-line error
+    (the limits of :func:`read_bounded` and :func:`parse_json`)."""
+    return parse_json(read_bounded(path, max_bytes=max_bytes), Path(path))
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -134,8 +141,14 @@ def _nesting(raw: bytes) -> int:
 
 def read_manifest_model(path: Path, model: type[ModelT]) -> ModelT:
     """Read a JSON file into a pydantic model; the first field at fault names the error."""
+    return validate_model(read_json(path), Path(path), model)
+
+
+def validate_model(data: Any, path: Path, model: type[ModelT]) -> ModelT:
+    """``data`` read from ``path`` as a pydantic model; the first field at fault names the
+    error."""
     try:
-        return model.model_validate(read_json(path))
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])

@@ -24,7 +24,7 @@ from flexmoe.evaluate.registry import (
     specialist,
     without,
 )
-from flexmoe.io import atomic_write_bytes, write_json
+from flexmoe.io import atomic_write_bytes, read_json, write_json
 
 # Where each merged model's routing-share matrix is kept in the results.
 ROUTING_KEYS = {"flexmoe": "routing", TUNED: "routing_tuned"}
@@ -460,6 +460,46 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
 """
 
 
+DP_RESULTS = "dp_tradeoff.json"  # written into a run by experiments/dp_tradeoff.py
+
+
+def privacy_section(path: Path) -> str:
+    """The cost of differential privacy measured on this run's anchor (one owner's expert
+    trained without DP and at each epsilon): held-out bits per byte, extraction, speed."""
+    found = read_json(path)
+    rows = found["rows"]
+    domains = list(rows[0]["bpb"])
+    base = rows[0]
+    head = (
+        "| setting | epsilon spent | noise | " + " | ".join(f"{d} bpb" for d in domains)
+        + " | extracted | best similarity | tokens/s |"
+    )  # fmt: skip
+    rule = "| --- |" + " ---: |" * (len(domains) + 5)
+    lines = [head, rule]
+    for r in rows:
+        spent = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "-"
+        noise = f"{r['noise_multiplier']:.3g}" if r["noise_multiplier"] is not None else "-"
+        cells = " | ".join(f"{r['bpb'][d]:.4f}" for d in domains)
+        speed = f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
+        lines.append(
+            f"| {r['setting']} | {spent} | {noise} | {cells} | {r['extraction_rate']:.1%} | "
+            f"{r['mean_best_similarity']:.3f} | {speed} |"
+        )
+    anchor = " | ".join(f"{base['anchor_bpb'][d]:.4f}" for d in domains)
+    lines.append(f"| anchor alone | | | {anchor} | | | |")
+    return f"""## Differential privacy, measured
+
+The `{found["domain"]}` owner's expert on the `{found["corpora"]}` corpora, trained again with
+this run's expert settings: without DP, then with DP-SGD (`--dp-epsilon`, delta
+{found["delta"]:g}, clip {found["max_grad_norm"]:g}). Bits per byte are the owner's 2-expert
+specialist on held-out text; extraction is the audit on {found["audit_documents"]} of its
+training documents; tokens/s is the training loop alone on this machine. Epsilon is per
+training block. Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
+
+{chr(10).join(lines)}
+"""
+
+
 def write_report(
     results: dict[str, Any], out: Path, *, owners: dict[str, str] | None = None,
     title: str = "flexmoe evaluation report",
@@ -472,5 +512,8 @@ def write_report(
         atomic_write_bytes(out / name, data)
     write_json(out / "evaluation.json", results)
     report = out / "report.md"
-    atomic_write_bytes(report, f"# {title}\n\n{markdown(results, owners)}".encode())
+    text = f"# {title}\n\n{markdown(results, owners)}"
+    if (out / DP_RESULTS).is_file():
+        text += "\n" + privacy_section(out / DP_RESULTS)
+    atomic_write_bytes(report, text.encode())
     return report

@@ -47,6 +47,49 @@ def name_key(name: str) -> str:
     return name.casefold()
 
 
+# Scripts whose letters mix in one word of an honest name; anything else mixed is a look-alike.
+_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "CJK": "CJK"}
+
+
+def _script(char: str) -> str | None:
+    """The script of a letter, from its Unicode name (``LATIN``, ``CYRILLIC``...); None for
+    digits, punctuation and marks."""
+    if not unicodedata.category(char).startswith("L"):
+        return None
+    script = unicodedata.name(char, "UNKNOWN").split()[0]
+    return _SCRIPT_GROUPS.get(script, script)
+
+
+def check_owner(field: str, value: str) -> str:
+    """An owner's name (any language, 1-64 characters) with no word that mixes scripts: "Вank"
+    with a Cyrillic В is how a look-alike of "Bank" is spelled, never an honest name."""
+    check_label(field, value)
+    for word in value.split():
+        scripts = {s for s in map(_script, word) if s is not None}
+        if len(scripts) > 1:
+            raise FlexMoEError(
+                field, f"{value!r}: the word {word!r} mixes scripts ({', '.join(sorted(scripts))})"
+                "; a look-alike of another name?",
+            )  # fmt: skip
+    return value
+
+
+def owner_key(owner: str) -> str:
+    """What two owners' names share when they look alike: compatibility-normalised (NFKC:
+    full-width and ligature forms, no-break spaces), case-folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", owner).casefold().split())
+
+
+def refuse_look_alike(where: object, owner: str, others: list[str]) -> None:
+    """Refuse ``owner`` when it looks like another owner already in the model but is not it."""
+    for other in others:
+        if other != owner and owner_key(other) == owner_key(owner):
+            raise FlexMoEError(
+                str(where), f"owner {owner!r} looks like {other!r} but is not the same; one "
+                "owner must be spelled one way",
+            )  # fmt: skip
+
+
 @cache
 def _licensing() -> Any:
     from license_expression import get_spdx_licensing

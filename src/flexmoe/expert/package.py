@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,10 +24,15 @@ from transformers import FlexOlmoForCausalLM, PretrainedConfig
 from flexmoe.anchor import Anchor, AnchorInfo, DtypeName, weight_sample
 from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_label, check_license, check_name
-from flexmoe.io import read_manifest_model, sha256_file
+from flexmoe.expert.identity import check_license, check_name, check_owner
+from flexmoe.expert.private import PrivacyRecord, check_record
+from flexmoe.expert.signing import SIGNATURE_FILE, Signer, read_signature
+from flexmoe.io import parse_json, read_bounded, read_manifest_model, sha256_file, validate_model
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
 
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "expert.safetensors"
@@ -58,6 +63,7 @@ class TrainingSummary(BaseModel):
     final_val_loss: Loss | None
     seed: Count
     hyperparameters: Annotated[dict[Short, float | int | Short | bool | None], Field(max_length=64)]
+    privacy: PrivacyRecord | None = None  # DP-SGD: the accountant's epsilon and its terms
 
 
 class ExpertShapes(BaseModel):
@@ -102,7 +108,7 @@ class ExpertManifest(BaseModel):
     @classmethod
     def _label(cls, value: str) -> str:
         try:
-            return check_label("label", value)
+            return check_owner("owner", value)
         except FlexMoEError as e:
             raise ValueError(e.fault) from None
 
@@ -168,6 +174,7 @@ class ExpertPackage:
     path: Path
     manifest: ExpertManifest
     tensors: dict[str, torch.Tensor]
+    signer: Signer | None = None  # verified; its owner known only when a registry was asked
 
 
 def read_manifest(path: Path) -> ExpertManifest:
@@ -177,25 +184,43 @@ def read_manifest(path: Path) -> ExpertManifest:
     return read_manifest_model(manifest_path, ExpertManifest)
 
 
-def load_package(path: Path, anchor: AnchorInfo | None = None) -> ExpertPackage:
-    """Read and check a package: schema, file list and hashes, tensors; against ``anchor`` too.
+def load_package(
+    path: Path, anchor: AnchorInfo | None = None, registry: KeyRegistry | None = None
+) -> ExpertPackage:
+    """Read and check a package: schema, file list and hashes, signature, tensors; against
+    ``anchor`` and the key ``registry`` too.
 
-    Every failure is a :class:`FlexMoEError` naming the file and the fault.
+    A signature present is always verified against the manifest's bytes (the same bytes that are
+    parsed); the registry then says whether its key is known, live and the manifest owner's, and
+    whether an unsigned package is taken. Every failure is a :class:`FlexMoEError` naming the
+    file and the fault.
     """
     path = Path(path)
     if path.is_symlink():
         raise FlexMoEError(path, "the package directory is a symbolic link")
-    if path.is_dir():
-        for entry in path.iterdir():
-            if entry.is_symlink() or not entry.is_file():
-                raise FlexMoEError(entry, "not a regular file (links and special files refused)")
-    manifest = read_manifest(path)
+    if not path.is_dir():
+        raise FlexMoEError(path, "expert package directory not found")
+    for entry in path.iterdir():
+        if entry.is_symlink() or not entry.is_file():
+            raise FlexMoEError(entry, "not a regular file (links and special files refused)")
+    manifest_path = path / MANIFEST_FILE
+    raw = read_bounded(manifest_path)
+    manifest = validate_model(parse_json(raw, manifest_path), manifest_path, ExpertManifest)
     present = {p.name for p in path.iterdir()}
-    extra = present - {MANIFEST_FILE, *manifest.files}
+    extra = present - {MANIFEST_FILE, SIGNATURE_FILE, *manifest.files}
     if extra:
         raise FlexMoEError(path, f"unexpected files in the package: {', '.join(sorted(extra))}")
     if set(manifest.files) != {TENSORS_FILE}:
         raise FlexMoEError(path / MANIFEST_FILE, f"files must list exactly {TENSORS_FILE}")
+    if manifest.training.privacy is not None:
+        check_record(manifest_path, manifest.training.privacy)
+    signature = read_signature(path)
+    signer = None
+    if signature is not None:
+        signature.verify(raw, path / SIGNATURE_FILE)
+        signer = Signer(signature.fingerprint, None)
+    if registry is not None:
+        signer = registry.check(path, manifest.owner, signature)
     tensors_path = path / TENSORS_FILE
     if not tensors_path.is_file():
         raise FlexMoEError(tensors_path, "file listed in the manifest is missing")
@@ -209,8 +234,8 @@ def load_package(path: Path, anchor: AnchorInfo | None = None) -> ExpertPackage:
     _check_tensors(tensors_path, tensors, manifest.shapes)
     if anchor is not None:
         check_against_anchor(path, manifest, anchor)
-        check_values(path, tensors, manifest.shapes, anchor)
-    return ExpertPackage(path=path, manifest=manifest, tensors=tensors)
+        check_values(path, tensors, manifest.shapes, anchor.public_router, anchor.ffn_scales())
+    return ExpertPackage(path=path, manifest=manifest, tensors=tensors, signer=signer)
 
 
 def _check_size(path: Path, shapes: ExpertShapes) -> None:
@@ -256,15 +281,16 @@ def package_projection(tensors: dict[str, torch.Tensor]) -> Callable[[FfnKey], t
 
 
 def check_values(
-    path: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes, anchor: AnchorInfo
-) -> None:
+    path: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes,
+    public_router: torch.Tensor, scales: dict[FfnKey, float],
+) -> None:  # fmt: skip
     """Magnitudes a trained expert cannot reach by honest training: a router row far longer than
-    the public one (it would take every token) or weights far beyond the anchor's feed-forward
-    (they would swamp every other expert's output)."""
-    scales = anchor.ffn_scales()
+    the public one (``public_router``, one row per layer; it would take every token) or weights
+    far beyond the anchor's feed-forward (``scales``, the largest magnitude per projection; they
+    would swamp every other expert's output)."""
     for layer in range(shapes.num_layers):
         key = PKG_ROUTER.format(layer=layer)
-        public = float(anchor.public_router[layer].norm())
+        public = float(public_router[layer].float().norm())
         norm = float(tensors[key].float().norm())
         if norm > ROUTER_NORM_LIMIT * max(public, 1e-6):
             raise FlexMoEError(

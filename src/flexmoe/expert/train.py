@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
@@ -26,7 +27,7 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_label, check_license, check_name
+from flexmoe.expert.identity import check_license, check_name, check_owner
 from flexmoe.expert.package import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -37,6 +38,8 @@ from flexmoe.expert.package import (
     expert_tensors,
     read_manifest,
 )
+from flexmoe.expert.private import PrivacySettings, train_private
+from flexmoe.expert.signing import read_private_key, sign_package
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
@@ -59,7 +62,7 @@ class ExpertIdentity:
 
     def __post_init__(self) -> None:
         check_name("--name", self.name)
-        check_label("--owner", self.owner)
+        check_owner("--owner", self.owner)
         object.__setattr__(self, "license", check_license(self.license))  # normalised
 
 
@@ -200,9 +203,10 @@ def write_package(
     summary: TrainingSummary,
     router_init: RouterInitRecord,
     overwrite: bool,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> ExpertManifest:
     """Write expert 1 of ``model`` (whose whole state is ``state``) and its manifest to ``out``
-    (temp dir, then rename)."""
+    (temp dir, then rename), signed with ``signing_key`` when given."""
     config = model.config
     with atomic_directory(out, overwrite=overwrite) as tmp:
         tensors = expert_tensors(state, num_layers=config.num_hidden_layers, dtype=anchor.dtype)
@@ -222,6 +226,8 @@ def write_package(
             flexmoe_version=__version__,
         )  # fmt: skip
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+        if signing_key is not None:
+            sign_package(tmp, signing_key)
     return manifest
 
 
@@ -241,16 +247,21 @@ def train_expert(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    signing_key: Path | None = None,
+    privacy: PrivacySettings | None = None,
 ) -> tuple[ExpertManifest, TrainResult]:
     """Train the owner's expert on ``data`` and write the package to ``out``.
 
     With ``public_data`` (public documents, e.g. the anchor's own corpus), that share of the
     training tokens is public text, so that the router also sees what belongs to the public
-    expert; the package records the fraction, never the files.
+    expert; the package records the fraction, never the files. With ``signing_key`` (the
+    owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
+    (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    key = read_private_key(signing_key) if signing_key is not None else None  # before training
     anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
     train_stream, val_stream, texts = _owner_streams(
@@ -265,12 +276,22 @@ def train_expert(
     if info.is_main and work.exists() and not resume:
         shutil.rmtree(work)
     barrier(info)
-    result = train(
-        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
-        checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
-        desc=f"expert {identity.name}",
-        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
-    )  # fmt: skip
+    aux = router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None
+    record = None
+    if privacy is not None:
+        if info.world_size > 1 or resume:
+            raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
+        result, record = train_private(
+            model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, privacy=privacy,
+            device=device, aux_loss=aux, after_step=project_biases, progress=progress,
+            desc=f"expert {identity.name} (DP)",
+        )  # fmt: skip
+    else:
+        result = train(
+            model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
+            checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
+            desc=f"expert {identity.name}", aux_loss=aux, after_step=project_biases,
+        )  # fmt: skip
     state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:  # one process writes the package; the others wait for it
         barrier(info)
@@ -284,12 +305,12 @@ def train_expert(
     summary = TrainingSummary(
         steps=result.steps, tokens=result.tokens, final_train_loss=result.final_train_loss,
         final_val_loss=result.final_val_loss, seed=cfg.seed,
-        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
+        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction}, privacy=record,
     )  # fmt: skip
     manifest = write_package(
         out, model=model, state=state, anchor=anchor, identity=identity, summary=summary,
         router_init=RouterInitRecord(method=router_init.value, params=init_params),
-        overwrite=overwrite,
+        overwrite=overwrite, signing_key=key,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     barrier(info)

@@ -92,6 +92,7 @@ def slot_entry(slot: Slot, layers: int) -> dict[str, Any]:
         "slot": slot.index, "name": slot.name, "owner": slot.owner, "license": slot.license,
         "package_sha256": slot.package_sha256, "bias": bias,
         "manifest": slot.manifest.model_dump() if slot.manifest else None,
+        "signer": slot.signer.record() if slot.signer else None,
     }  # fmt: skip
 
 
@@ -104,6 +105,7 @@ def slot_table(plan: MergePlan) -> dict[str, Any]:
         "tokenizer_fingerprint": plan.anchor.manifest.tokenizer_fingerprint,
         "top_k": plan.top_k,
         "router_tuning": None,
+        "signatures_required": plan.signatures_required,
         "slots": [slot_entry(slot, layers) for slot in plan.slots],
     }
 

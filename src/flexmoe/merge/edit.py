@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -21,14 +21,16 @@ from transformers import FlexOlmoConfig
 from flexmoe.anchor import weight_sample
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import name_key
+from flexmoe.expert.identity import name_key, refuse_look_alike
 from flexmoe.expert.package import (
     MANIFEST_FILE,
     PKG_PROJ,
     PKG_ROUTER,
     TENSORS_FILE,
+    ExpertShapes,
     FfnKey,
     check_compatible,
+    check_values,
     load_package,
     package_projection,
     weight_delta,
@@ -40,6 +42,9 @@ from flexmoe.merge.standing import standing_frozen
 from flexmoe.model import names
 from flexmoe.model.checkpoint import checkpoint_sources, read_config, stored_dtype
 from flexmoe.model.stream import TensorSource, tensor_reader
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
 
 _EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
 _GATE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
@@ -113,13 +118,20 @@ def write_edited(
 
 def add_expert(
     model_dir: Path, package_dir: Path, *, out: Path | None = None, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, registry: KeyRegistry | None = None,
 ) -> Path:  # fmt: skip
-    """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model)."""
+    """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model).
+
+    A model merged against a key registry takes a new package only against one too.
+    """
     model_dir, package_dir = Path(model_dir), Path(package_dir)
     target = edit_target(model_dir, out, overwrite)
     config, table, sources = open_sources(model_dir)
-    package = load_package(package_dir)  # hashes, shapes, finite values, biases <= 0
+    if table.get("signatures_required") is not None and registry is None:
+        raise FlexMoEError(
+            "--registry", "this model's packages were checked against a key registry; give it"
+        )
+    package = load_package(package_dir, registry=registry)  # hashes, signature, shapes, values
     m = package.manifest
     check_compatible(
         package_dir, m, anchor_fingerprint=table["anchor_fingerprint"],
@@ -128,9 +140,11 @@ def add_expert(
     )  # fmt: skip
     if any(name_key(s["name"]) == name_key(m.name) for s in table["slots"]):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
+    refuse_look_alike(package_dir, m.owner, [e["owner"] for e in table["slots"][1:]])
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
     by_name = {s.name: s for s in sources}
-    _refuse_copies(package_dir, package.tensors, by_name, table, config.num_hidden_layers)
+    _check_against_model(package_dir, package.tensors, m.shapes, by_name, table)
+    signer = package.signer
     del package  # its tensors are read again one at a time while writing
     out_sources = []
     for source in sources:
@@ -158,19 +172,24 @@ def add_expert(
     slot = Slot(
         index=index, name=m.name, owner=m.owner, license=m.license, source=tensor_file,
         bytes=tensor_file.stat().st_size, package_sha256=sha256_file(package_dir / MANIFEST_FILE),
-        manifest=m,
+        manifest=m, signer=signer,
     )  # fmt: skip
     new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
+    if registry is not None and table.get("signatures_required") is None:
+        new_table["signatures_required"] = registry.require_signatures
     new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
     return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
 
 
-def _refuse_copies(
-    package_dir: Path, tensors: dict[str, torch.Tensor], by_name: dict[str, TensorSource],
-    table: dict[str, Any], layers: int,
+def _check_against_model(
+    package_dir: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes,
+    by_name: dict[str, TensorSource], table: dict[str, Any],
 ) -> None:  # fmt: skip
-    """As ``merge`` does: refuse a package whose change from the public expert (slot 0, the
-    anchor's feed-forward) is a copy of another slot's, read one tensor at a time."""
+    """As ``merge`` does, with the model's public expert (slot 0: the anchor's feed-forward and
+    router row r_0) standing in for the anchor, read one tensor at a time: the package's router
+    rows and weights within bounds, and its change from the public expert no copy of another
+    slot's."""
+    layers = shapes.num_layers
     keys = [(layer, proj) for layer in range(layers) for proj in names.PROJECTIONS]
 
     def slot(index: int) -> Callable[[FfnKey], torch.Tensor]:
@@ -178,7 +197,14 @@ def _refuse_copies(
             names.EXPERT.format(layer=key[0], expert=index, proj=key[1])
         ].load()
 
-    public = {key: weight_sample(slot(0)(key)) for key in keys}
+    public, scales = {}, {}
+    for key in keys:
+        tensor = slot(0)(key)
+        public[key], scales[key] = weight_sample(tensor), float(tensor.float().abs().max())
+    rows = torch.stack(
+        [by_name[names.ROUTER_ON_DISK.format(layer=i)].load()[0].float() for i in range(layers)]
+    )
+    check_values(package_dir, tensors, shapes, rows, scales)
     others = ((e["name"], weight_delta(slot(e["slot"]), public)) for e in table["slots"][1:])
     refuse_copy(package_dir, weight_delta(package_projection(tensors), public), others)
 

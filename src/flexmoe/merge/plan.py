@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexmoe.anchor import AnchorInfo, open_anchor
-from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import name_key
+from flexmoe.errors import FlexMoEError, printable
+from flexmoe.expert.identity import name_key, refuse_look_alike
 from flexmoe.expert.package import (
     MANIFEST_FILE,
     TENSORS_FILE,
@@ -23,7 +24,11 @@ from flexmoe.expert.package import (
     package_projection,
     weight_delta,
 )
+from flexmoe.expert.signing import Signer
 from flexmoe.io import sha256_file
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Slot:
     bytes: int
     package_sha256: str  # of the package's manifest.json, which pins its tensors' sha256
     manifest: ExpertManifest | None  # None for the public slot
+    signer: Signer | None = None
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,18 @@ class MergePlan:
     anchor: AnchorInfo
     slots: list[Slot]
     top_k: int
+    signatures_required: bool | None = None  # None: no key registry was asked
 
     @property
     def num_experts(self) -> int:
         return len(self.slots)
 
 
-def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> MergePlan:
-    """Validate the anchor and every package; assign slots; check names and top-k."""
+def plan_merge(
+    anchor_dir: Path, package_dirs: list[Path], *, top_k: int, registry: KeyRegistry | None = None
+) -> MergePlan:
+    """Validate the anchor and every package (signatures against ``registry`` when given);
+    assign slots; check names and top-k."""
     if not package_dirs:
         raise FlexMoEError("--expert", "give at least one expert package")
     anchor = open_anchor(anchor_dir)  # fingerprints checked, tensors streamed, no model built
@@ -65,11 +75,12 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
     ]  # fmt: skip
     samples: list[tuple[str, torch.Tensor]] = []
     for index, path in enumerate(package_dirs, start=1):
-        package = load_package(path, anchor)
+        package = load_package(path, anchor, registry)
         m = package.manifest
         taken = next((s.name for s in slots if name_key(s.name) == name_key(m.name)), None)
         if taken is not None:
             raise FlexMoEError(path, f"expert name {m.name!r} is already taken ({taken!r})")
+        refuse_look_alike(path, m.owner, [s.owner for s in slots[1:]])
         sample = weight_delta(package_projection(package.tensors), anchor.ffn_sample())
         refuse_copy(path, sample, samples)
         samples.append((m.name, sample))
@@ -78,11 +89,13 @@ def plan_merge(anchor_dir: Path, package_dirs: list[Path], *, top_k: int) -> Mer
                 index=index, name=m.name, owner=m.owner, license=m.license,
                 source=Path(path) / TENSORS_FILE, bytes=(Path(path) / TENSORS_FILE).stat().st_size,
                 package_sha256=sha256_file(Path(path) / MANIFEST_FILE), manifest=m,
+                signer=package.signer,
             )
         )  # fmt: skip
     if not 1 <= top_k <= len(slots):
         raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
-    return MergePlan(anchor=anchor, slots=slots, top_k=top_k)
+    required = registry.require_signatures if registry is not None else None
+    return MergePlan(anchor=anchor, slots=slots, top_k=top_k, signatures_required=required)
 
 
 NEAR_COPY = 0.999  # cosine of two experts' changes from the anchor above which one copies
@@ -104,9 +117,13 @@ def refuse_copy(
 
 def format_plan(plan: MergePlan) -> str:
     """The plan as a table: slot, expert, owner, license, bytes, source file."""
-    rows = [("slot", "expert", "owner", "license", "bytes", "source")]
+    rows = [("slot", "expert", "owner", "license", "signed by", "bytes", "source")]
     for s in plan.slots:
-        rows.append((str(s.index), s.name, s.owner, s.license, f"{s.bytes:,}", str(s.source)))
+        signer = f"{s.signer.fingerprint[:16]}" if s.signer else "-"
+        rows.append(
+            (str(s.index), printable(s.name), printable(s.owner), s.license, signer,
+             f"{s.bytes:,}", printable(str(s.source)))
+        )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.append(f"{plan.num_experts} experts, top-{plan.top_k} routing")

@@ -58,7 +58,7 @@ class Router(nn.Module):
         return torch.cat([zero, torch.stack(list(self.biases)).clamp(max=0)])  # (N,)
 
     def forward(self, x: torch.Tensor, *, use_bias: bool) -> torch.Tensor:
-        logits = F.linear(x, self.weight)  # (T, N)
+        logits = F.linear(x, self.weight)  # (..., N)
         if use_bias:
             logits = logits + self.bias_vector().to(logits.dtype)
         return logits
@@ -89,7 +89,9 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)  # (B*T, H)
-        logits = self.router(x, use_bias=self.use_bias)  # (B*T, N)
+        # The router and dense experts see (B, T, H): the batch first, as per-sample gradients
+        # (DP-SGD) need it.
+        logits = self.router(hidden_states, use_bias=self.use_bias).reshape(-1, self.num_experts)
         if self.expert_mask is not None:
             mask = self.expert_mask.to(logits.device)
             if mask.dim() == 2:  # one row of the batch per mask row
@@ -107,7 +109,7 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             w = weights[:, e]  # (B*T,)
             if dense:  # no gather; a zero weight (an excluded expert) adds exactly zero
-                out = out + expert(x) * w[:, None]
+                out = out + expert(hidden_states).reshape(-1, hidden) * w[:, None]
                 continue
             rows = w.nonzero().squeeze(-1)
             if rows.numel() == 0:
