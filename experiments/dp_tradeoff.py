@@ -4,8 +4,9 @@ On a finished demo run (its anchor and its corpus set), one owner's expert is tr
 the demo's expert settings, once without DP and once per epsilon (DP-SGD, delta 1e-5, clip 1.0).
 For each: held-out bits per byte of the owner's 2-expert specialist on its own text and on public
 text, the extraction rate on its training documents (the demo's audit), and training tokens/s
-(the loop alone, no evaluation or checkpoints in it). Writes ``RUN/dp_tradeoff.json``, which
-``flexmoe report RUN`` then shows.
+(the loop alone, no evaluation or checkpoints in it; one run each, so see
+``benchmarks/dp_speed.py`` for the speed ratio). Writes ``RUN/dp_tradeoff.json`` and adds its table
+to ``RUN/report.md``.
 
 Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
 
@@ -27,6 +28,7 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split, load_splits
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.report import DP_RESULTS as RESULTS
+from flexmoe.evaluate.report import with_privacy_section
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.experiment.settings import load_settings
 from flexmoe.expert.package import build_specialist, load_package
@@ -96,6 +98,8 @@ def main() -> None:
         {"corpora": corpora.name, "domain": domain, "delta": args.delta,
          "max_grad_norm": args.max_grad_norm, "audit_documents": len(passages), "rows": rows},
     )  # fmt: skip
+    if (args.run / "report.md").is_file():
+        with_privacy_section(args.run / "report.md", args.run / RESULTS)
 
 
 if __name__ == "__main__":

@@ -493,11 +493,18 @@ The `{found["domain"]}` owner's expert on the `{found["corpora"]}` corpora, trai
 this run's expert settings: without DP, then with DP-SGD (`--dp-epsilon`, delta
 {found["delta"]:g}, clip {found["max_grad_norm"]:g}). Bits per byte are the owner's 2-expert
 specialist on held-out text; extraction is the audit on {found["audit_documents"]} of its
-training documents; tokens/s is the training loop alone on this machine. Epsilon is per
-training block. Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
+training documents; tokens/s is the training loop alone, one run each (noisy: for the speed
+ratio see `benchmarks/dp_speed.py`, which alternates runs). Epsilon is per training block. Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
 
 {chr(10).join(lines)}
 """
+
+
+def with_privacy_section(report: Path, results: Path) -> None:
+    """Put the DP table measured in ``results`` at the end of the run's ``report`` in place of
+    any earlier one (the file is rewritten atomically)."""
+    text = report.read_text().split("## Differential privacy, measured")[0].rstrip()
+    atomic_write_bytes(report, (text + "\n\n" + privacy_section(results)).encode())
 
 
 def write_report(

@@ -36,7 +36,7 @@ from flexmoe.evaluate.registry import (
     TUNED,
     describe,
 )
-from flexmoe.evaluate.report import checks, markdown, model_order, plot_files
+from flexmoe.evaluate.report import DP_RESULTS, checks, markdown, model_order, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.evaluate.unrestricted import train_unrestricted
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
@@ -96,6 +96,7 @@ def run_demo(
     """
     settings = QUICK if quick else FULL
     started = time.perf_counter()
+    (Path(out) / DP_RESULTS).unlink(missing_ok=True)  # measured on an earlier run's anchor
     stage_seconds: dict[str, float] = {}
 
     def stage(name: str) -> None:
