@@ -494,7 +494,8 @@ this run's expert settings: without DP, then with DP-SGD (`--dp-epsilon`, delta
 {found["delta"]:g}, clip {found["max_grad_norm"]:g}). Bits per byte are the owner's 2-expert
 specialist on held-out text; extraction is the audit on {found["audit_documents"]} of its
 training documents; tokens/s is the training loop alone, one run each (noisy: for the speed
-ratio see `benchmarks/dp_speed.py`, which alternates runs). Epsilon is per training block. Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
+ratio see `benchmarks/dp_speed.py`, which alternates runs). Epsilon is per training block.
+Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
 
 {chr(10).join(lines)}
 """
