@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
 
 MAX_LENGTH = 64
+
+
+def as_field(check: Callable[[str, str], str], field: str, value: str) -> str:
+    """``check(field, value)`` inside a pydantic validator: its one-line fault becomes the
+    ValueError that pydantic reports with the file and the field's path."""
+    try:
+        return check(field, value)
+    except FlexMoEError as e:
+        raise ValueError(e.fault) from None
 
 
 def check_label(field: str, value: str) -> str:

@@ -8,6 +8,7 @@ in the anchor's dtype (``shapes.dtype``), so a bf16 anchor's packages are half t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ from transformers import FlexOlmoForCausalLM, PretrainedConfig
 from flexmoe.anchor import Anchor, AnchorInfo, DtypeName, weight_sample
 from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_license, check_name, check_owner
+from flexmoe.expert.identity import as_field, check_license, check_name, check_owner
 from flexmoe.expert.private import PrivacyRecord, check_record
 from flexmoe.expert.signing import SIGNATURE_FILE, Signer, read_signature
-from flexmoe.io import parse_json, read_bounded, read_manifest_model, sha256_file, validate_model
+from flexmoe.io import parse_json, read_bounded, sha256_file, validate_model
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 
@@ -99,26 +100,17 @@ class ExpertManifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        try:
-            return check_name("name", value)
-        except FlexMoEError as e:  # pydantic names the file and the field
-            raise ValueError(e.fault) from None
+        return as_field(check_name, "name", value)
 
     @field_validator("owner")
     @classmethod
-    def _label(cls, value: str) -> str:
-        try:
-            return check_owner("owner", value)
-        except FlexMoEError as e:
-            raise ValueError(e.fault) from None
+    def _owner(cls, value: str) -> str:
+        return as_field(check_owner, "owner", value)
 
     @field_validator("license")
     @classmethod
     def _license(cls, value: str) -> str:
-        try:
-            check_license(value, "license")
-        except FlexMoEError as e:
-            raise ValueError(e.fault) from None
+        as_field(lambda field, v: check_license(v, field), "license", value)
         return value
 
     @field_validator("created")
@@ -174,14 +166,21 @@ class ExpertPackage:
     path: Path
     manifest: ExpertManifest
     tensors: dict[str, torch.Tensor]
+    manifest_sha256: str  # of the manifest's bytes as read, which pin its tensors' sha256
     signer: Signer | None = None  # verified; its owner known only when a registry was asked
 
 
-def read_manifest(path: Path) -> ExpertManifest:
-    manifest_path = Path(path) / MANIFEST_FILE
+def _read_manifest(path: Path) -> tuple[bytes, ExpertManifest]:
+    """The manifest's bytes, read once, and what they say."""
     if not Path(path).is_dir():
         raise FlexMoEError(path, "expert package directory not found")
-    return read_manifest_model(manifest_path, ExpertManifest)
+    manifest_path = Path(path) / MANIFEST_FILE
+    raw = read_bounded(manifest_path)
+    return raw, validate_model(parse_json(raw, manifest_path), manifest_path, ExpertManifest)
+
+
+def read_manifest(path: Path) -> ExpertManifest:
+    return _read_manifest(path)[1]
 
 
 def load_package(
@@ -200,14 +199,13 @@ def load_package(
         raise FlexMoEError(path, "the package directory is a symbolic link")
     if not path.is_dir():
         raise FlexMoEError(path, "expert package directory not found")
-    for entry in path.iterdir():
+    entries = list(path.iterdir())
+    for entry in entries:
         if entry.is_symlink() or not entry.is_file():
             raise FlexMoEError(entry, "not a regular file (links and special files refused)")
+    raw, manifest = _read_manifest(path)
     manifest_path = path / MANIFEST_FILE
-    raw = read_bounded(manifest_path)
-    manifest = validate_model(parse_json(raw, manifest_path), manifest_path, ExpertManifest)
-    present = {p.name for p in path.iterdir()}
-    extra = present - {MANIFEST_FILE, SIGNATURE_FILE, *manifest.files}
+    extra = {p.name for p in entries} - {MANIFEST_FILE, SIGNATURE_FILE, *manifest.files}
     if extra:
         raise FlexMoEError(path, f"unexpected files in the package: {', '.join(sorted(extra))}")
     if set(manifest.files) != {TENSORS_FILE}:
@@ -235,7 +233,10 @@ def load_package(
     if anchor is not None:
         check_against_anchor(path, manifest, anchor)
         check_values(path, tensors, manifest.shapes, anchor.public_router, anchor.ffn_scales())
-    return ExpertPackage(path=path, manifest=manifest, tensors=tensors, signer=signer)
+    return ExpertPackage(
+        path=path, manifest=manifest, tensors=tensors,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(), signer=signer,
+    )  # fmt: skip
 
 
 def _check_size(path: Path, shapes: ExpertShapes) -> None:

@@ -118,10 +118,6 @@ class KeyRegistry:
         )
         return [KeyInfo(*row) for row in rows]
 
-    def _public_key(self, fingerprint: str) -> bytes:
-        row = self.db.execute("SELECT public_key FROM keys WHERE fingerprint = ?", (fingerprint,))
-        return bytes(row.fetchone()[0])
-
     def check(self, package_dir: Path, owner: str, signature: Signature | None) -> Signer | None:
         """The package's signer as this registry knows it, its signature already verified
         against the manifest: refused when unsigned (if the policy requires signatures), signed
@@ -146,8 +142,6 @@ class KeyRegistry:
                 where, f"signed by key {key.fingerprint[:16]}... of {key.owner!r}, revoked on "
                 f"{key.revoked}",
             )  # fmt: skip
-        if self._public_key(key.fingerprint) != signature.raw:
-            raise FlexMoEError(where, "the signing key differs from the registered one")
         if key.owner != owner:
             raise FlexMoEError(
                 where, f"signed by {key.owner!r}'s key, but the manifest's owner is {owner!r}"

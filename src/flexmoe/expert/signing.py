@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_owner
+from flexmoe.expert.identity import as_field, check_owner
 from flexmoe.io import atomic_write_bytes, read_bounded, read_manifest_model, write_json
 
 SIGNATURE_FILE = "signature.json"
@@ -86,10 +86,7 @@ class PublicKeyFile(_Keyed):
     @field_validator("owner")
     @classmethod
     def _owner(cls, value: str) -> str:
-        try:
-            return check_owner("owner", value)
-        except FlexMoEError as e:
-            raise ValueError(e.fault) from None
+        return as_field(check_owner, "owner", value)
 
 
 class Signature(_Keyed):

@@ -23,7 +23,6 @@ from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import name_key, refuse_look_alike
 from flexmoe.expert.package import (
-    MANIFEST_FILE,
     PKG_PROJ,
     PKG_ROUTER,
     TENSORS_FILE,
@@ -35,7 +34,7 @@ from flexmoe.expert.package import (
     package_projection,
     weight_delta,
 )
-from flexmoe.io import read_json, sha256_file
+from flexmoe.io import read_json
 from flexmoe.merge.build import SLOTS_FILE, slot_entry, write_checkpoint
 from flexmoe.merge.plan import Slot, refuse_copy
 from flexmoe.merge.standing import standing_frozen
@@ -144,7 +143,7 @@ def add_expert(
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
     by_name = {s.name: s for s in sources}
     _check_against_model(package_dir, package.tensors, m.shapes, by_name, table)
-    signer = package.signer
+    signer, manifest_sha256 = package.signer, package.manifest_sha256
     del package  # its tensors are read again one at a time while writing
     out_sources = []
     for source in sources:
@@ -171,7 +170,7 @@ def add_expert(
             )  # fmt: skip
     slot = Slot(
         index=index, name=m.name, owner=m.owner, license=m.license, source=tensor_file,
-        bytes=tensor_file.stat().st_size, package_sha256=sha256_file(package_dir / MANIFEST_FILE),
+        bytes=tensor_file.stat().st_size, package_sha256=manifest_sha256,
         manifest=m, signer=signer,
     )  # fmt: skip
     new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])

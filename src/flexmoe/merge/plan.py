@@ -17,7 +17,6 @@ from flexmoe.anchor import AnchorInfo, open_anchor
 from flexmoe.errors import FlexMoEError, printable
 from flexmoe.expert.identity import name_key, refuse_look_alike
 from flexmoe.expert.package import (
-    MANIFEST_FILE,
     TENSORS_FILE,
     ExpertManifest,
     load_package,
@@ -25,7 +24,6 @@ from flexmoe.expert.package import (
     weight_delta,
 )
 from flexmoe.expert.signing import Signer
-from flexmoe.io import sha256_file
 
 if TYPE_CHECKING:
     from flexmoe.expert.registry import KeyRegistry
@@ -88,7 +86,7 @@ def plan_merge(
             Slot(
                 index=index, name=m.name, owner=m.owner, license=m.license,
                 source=Path(path) / TENSORS_FILE, bytes=(Path(path) / TENSORS_FILE).stat().st_size,
-                package_sha256=sha256_file(Path(path) / MANIFEST_FILE), manifest=m,
+                package_sha256=package.manifest_sha256, manifest=m,
                 signer=package.signer,
             )
         )  # fmt: skip
