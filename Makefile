@@ -27,12 +27,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# transformers 4.57 beside the venv's 5.x, for the test that loads our checkpoints with it
+# (tests/test_compat.py); used only through PYTHONPATH, so the venv itself is untouched.
+COMPAT := $(VENV)/compat/transformers-4.57
+$(COMPAT)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --target $(COMPAT) --no-deps --upgrade \
+	  "transformers==4.57.6" "huggingface-hub>=0.34,<1" "tokenizers>=0.22,<0.23"
+	touch $@
+
 check: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(VENV)/bin/mypy src
 
-test: check
+test: check $(COMPAT)/.installed
 	$(VENV)/bin/pytest
 
 demo: install

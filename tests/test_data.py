@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import make_texts, write_jsonl
 
-from flexmoe.data.documents import DataSpec, parse_data_spec, read_documents
+from flexmoe.data.documents import DataSpec, parse_data, read_documents
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import Split, SplitFractions, split_documents, split_of
 from flexmoe.data.tokenizer import load_tokenizer
@@ -40,11 +40,25 @@ def test_reads_txt_jsonl_parquet_dirs_and_globs(tmp_path: Path) -> None:
     assert sorted(d.text for d in globbed) == ["alpha document", "beta document"]
 
 
-def test_parse_data_spec() -> None:
-    spec = parse_data_spec("legal=a.jsonl, b/")
+def test_one_data_syntax() -> None:
+    """DOMAIN=FILES or FILES; comma lists and repeats add up; bare files take the default."""
+    (spec,) = parse_data(["legal=a.jsonl, b/"])
     assert spec.domain == "legal" and spec.paths == ("a.jsonl", "b/")
-    with pytest.raises(FlexMoEError, match="DOMAIN=FILES"):
-        parse_data_spec("no-equals-sign")
+    (spec,) = parse_data(["legal=a.jsonl", "legal=b.jsonl,a.jsonl"])
+    assert spec.paths == ("a.jsonl", "b.jsonl")
+    (spec,) = parse_data(["a.jsonl,b.jsonl", "c/"], default_domain="public")
+    assert spec.domain == "public" and spec.paths == ("a.jsonl", "b.jsonl", "c/")
+    specs = parse_data(["data/legal.jsonl", "med=m/*.txt"])
+    assert [(s.domain, s.paths) for s in specs] == [
+        ("legal", ("data/legal.jsonl",)),
+        ("med", ("m/*.txt",)),
+    ]
+    (spec,) = parse_data(["runs/a=b/x.jsonl"], default_domain="public")  # '=' inside a path
+    assert spec.domain == "public" and spec.paths == ("runs/a=b/x.jsonl",)
+    with pytest.raises(FlexMoEError, match="--public-data: no files"):
+        parse_data(["public=,"], option="--public-data")
+    with pytest.raises(FlexMoEError, match="DOMAIN=FILES or FILES"):
+        parse_data(["=a.jsonl"])
 
 
 @pytest.mark.parametrize(

@@ -29,10 +29,17 @@ from transformers import (
 )
 
 from flexmoe import __version__
+from flexmoe.card import anchor_card, write_card
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
+from flexmoe.data.public import PublicCorpus, record_public_corpus
 from flexmoe.data.split import SplitDocuments, load_splits
-from flexmoe.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from flexmoe.data.tokenizer import (
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
 from flexmoe.device import DTYPES, compute_dtype, dtype_name
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
@@ -41,6 +48,7 @@ from flexmoe.model.checkpoint import (
     build_dense,
     checkpoint_sources,
     read_config,
+    save_config,
     save_model,
     stored_dtype,
     tensors_sha256,
@@ -91,6 +99,7 @@ class AnchorManifest(BaseModel):
     seq_len: int
     training: dict[str, float | int | str | None] | None = None
     dtype: DtypeName = "float32"  # the dtype every tensor of the anchor is stored in
+    public_data: PublicCorpus | None = None  # what experts mix in by default
 
 
 @dataclass
@@ -187,6 +196,7 @@ def _write_anchor(
     overwrite: bool,
     dtype: torch.dtype = torch.float32,
     history: list[dict[str, float]] | None = None,
+    public_data: PublicCorpus | None = None,
 ) -> AnchorManifest:
     """Write a model held in memory as an anchor whose tensors are stored in ``dtype``."""
     model.cpu()
@@ -202,10 +212,12 @@ def _write_anchor(
         seq_len=seq_len,
         training=training,
         dtype=dtype_name(dtype),  # type: ignore[arg-type]
+        public_data=public_data,
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_model(model, tmp, dtype=dtype)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        write_card(tmp, anchor_card(manifest.model_dump(), None))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
         if history is not None:
@@ -253,6 +265,7 @@ def train_anchor(
     router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
     embedder: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    log_dir: Path | None = None,
 ) -> tuple[AnchorManifest, TrainResult]:
     """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor, its
     tensors stored in ``dtype`` (training itself keeps float32 master weights)."""
@@ -292,6 +305,7 @@ def train_anchor(
     result = train(
         model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
         checkpoint_dir=work / "checkpoint", resume=resume, progress=progress, desc="anchor",
+        log_dir=log_dir,
     )  # fmt: skip
     state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:
@@ -316,6 +330,7 @@ def train_anchor(
         out, model=model, tokenizer=tokenizer, public_router=public_router,
         router_init=router_record, origin="trained", seq_len=cfg.seq_len, training=summary,
         overwrite=overwrite, dtype=dtype, history=result.history,
+        public_data=record_public_corpus(data),
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     barrier(info)
@@ -447,12 +462,14 @@ def import_anchor(
         flexmoe_version=__version__,
         seq_len=config.max_position_embeddings,
         dtype=dtype_name(dtype),  # type: ignore[arg-type]
+        public_data=record_public_corpus(data),
     )
     config.dtype = dtype
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_weights(tmp, sources, max_shard_bytes=max_shard_bytes)
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_config(config, tmp)
+        save_tokenizer(tokenizer, tmp)
+        write_card(tmp, anchor_card(manifest.model_dump(), hf_dir.resolve().name))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
     return manifest

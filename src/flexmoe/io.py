@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -154,6 +155,31 @@ def validate_model(data: Any, path: Path, model: type[ModelT]) -> ModelT:
         field = ".".join(str(p) for p in err["loc"])
         message = str(err["msg"]).removeprefix("Value error, ")
         raise FlexMoEError(path, f"field {field!r}: {message}") from e
+
+
+def toml_text(values: dict[str, Any]) -> str:
+    """Flat ``key = value`` TOML (strings, numbers, booleans and lists of them), as
+    ``--config`` reads it. JSON's string escapes are TOML's."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float) and math.isfinite(v):
+            return repr(v)
+        if isinstance(v, str | Path):
+            return json.dumps(str(v))
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"no TOML for {v!r}")
+
+    return "".join(f"{k} = {value(v)}\n" for k, v in values.items() if v is not None)
+
+
+def show_progress(wanted: bool = True) -> bool:
+    """Whether to draw progress bars: ``wanted``, unless ``TQDM_DISABLE`` is set (tqdm's own
+    switch, honoured though flexmoe passes ``disable`` itself)."""
+    value = os.environ.get("TQDM_DISABLE", "").strip().lower()
+    return wanted and value in {"", "0", "false", "no", "off"}
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:

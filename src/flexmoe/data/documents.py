@@ -46,18 +46,38 @@ class DataSpec:
     id_field: str | None = None
 
 
-def parse_data_spec(
-    spec: str, *, text_field: str = "text", id_field: str | None = None
-) -> DataSpec:
-    """Parse ``DOMAIN=PATH[,PATH...]`` (paths may be files, directories or globs)."""
-    domain, sep, rest = spec.partition("=")
-    domain = domain.strip()
-    if not sep or not domain or not rest.strip():
-        raise FlexMoEError("--data", f"expected DOMAIN=FILES, got {spec!r}")
-    if not domain.replace("-", "").replace("_", "").isalnum():
-        raise FlexMoEError("--data", f"domain name {domain!r} must be letters, digits, - or _")
-    paths = tuple(p.strip() for p in rest.split(",") if p.strip())
-    return DataSpec(domain=domain, paths=paths, text_field=text_field, id_field=id_field)
+def _is_domain(name: str) -> bool:
+    return bool(name) and name.replace("-", "").replace("_", "").isalnum()
+
+
+def parse_data(
+    values: Iterable[str], *, default_domain: str | None = None, option: str = "--data",
+    text_field: str = "text", id_field: str | None = None,
+) -> list[DataSpec]:  # fmt: skip
+    """The one data syntax of every command: each value is ``DOMAIN=FILES`` or ``FILES``, FILES
+    a comma list of files, directories or globs; repeats of one domain add up.
+
+    Bare FILES belong to ``default_domain`` (``public`` for public data, the expert's name for
+    an owner's), or where a command has none, to a domain named after the first file's stem.
+    """
+    found: dict[str, list[str]] = {}
+    for value in values:
+        head, sep, rest = value.partition("=")
+        if sep and _is_domain(head.strip()):
+            domain, files = head.strip(), rest
+        elif sep and not head.strip():
+            raise FlexMoEError(option, f"expected DOMAIN=FILES or FILES, got {value!r}")
+        else:
+            domain, files = default_domain or "", value
+        paths = [p.strip() for p in files.split(",") if p.strip()]
+        if not paths:
+            raise FlexMoEError(option, f"no files in {value!r}")
+        domain = domain or Path(paths[0].rstrip("/")).stem.split(".")[0]
+        if not _is_domain(domain):
+            raise FlexMoEError(option, f"domain name {domain!r} must be letters, digits, - or _")
+        known = found.setdefault(domain, [])
+        known.extend(p for p in paths if p not in known)
+    return [DataSpec(d, tuple(p), text_field, id_field) for d, p in found.items()]
 
 
 def expand_paths(pattern: str) -> list[Path]:

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_directory
+from flexmoe.io import atomic_directory, atomic_write_bytes
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -53,8 +53,21 @@ def train_tokenizer(
         model_max_length=model_max_length,
     )
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        fast.save_pretrained(tmp)
+        save_tokenizer(fast, tmp)
     return load_tokenizer(out_dir)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """The tokenizer files as transformers writes them, with a ``tokenizer_config.json`` that
+    loads on transformers 4.x and 5.x alike: the class named ``PreTrainedTokenizerFast`` (5.x
+    writes ``TokenizersBackend``, unknown to 4.x) and no ``local_files_only`` (a loading
+    option of ours, not a property of the tokenizer)."""
+    tokenizer.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "tokenizer_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    data.pop("local_files_only", None)
+    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

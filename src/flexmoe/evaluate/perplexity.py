@@ -25,6 +25,7 @@ from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
 from flexmoe.inference.selection import Selection, load_selected
+from flexmoe.io import show_progress
 from flexmoe.merge.build import APPLY_BIAS
 
 
@@ -61,7 +62,9 @@ def stream_nll(
     total, count = 0.0, 0
     blocks = stream.num_blocks(seq_len)
     starts = range(0, blocks, batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
+    for start in tqdm(
+        starts, desc=desc, unit="batch", disable=desc is None or not show_progress(), leave=False
+    ):
         batch = stream.batch(list(range(start, min(blocks, start + batch_size))), seq_len)
         total_b, count_b = _nll(model, batch.to(device), device)
         total, count = total + total_b, count + count_b

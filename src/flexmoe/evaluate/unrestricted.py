@@ -22,6 +22,7 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
+from flexmoe.data.tokenizer import save_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.train import owner_router_rows, router_z_loss
 from flexmoe.io import atomic_directory, write_json
@@ -52,6 +53,7 @@ def train_unrestricted(
     embedder: Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    log_dir: Path | None = None,
 ) -> TrainResult:
     """Train the joint model on ``data`` (one spec per owner domain) and ``public_data``;
     ``cfg.steps`` is the total over all domains (the sum of the experts' steps)."""
@@ -103,7 +105,7 @@ def train_unrestricted(
     result = train(
         model, train_stream=train_stream, val_stream=val_stream,
         cfg=replace(cfg, checkpoint_every=0), device=device, checkpoint_dir=work,
-        progress=progress, desc="unrestricted",
+        progress=progress, desc="unrestricted", log_dir=log_dir,
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
     )  # fmt: skip
     model.cpu()
@@ -120,7 +122,7 @@ def train_unrestricted(
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_model(model, tmp)
-        anchor.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(anchor.tokenizer, tmp)
         write_json(tmp / RECORD_FILE, record)
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -46,7 +46,7 @@ from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-from flexmoe.io import atomic_write_bytes, write_json
+from flexmoe.io import atomic_write_bytes, toml_text, write_json
 from flexmoe.merge.build import build_merged, load_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.plan import plan_merge
@@ -56,7 +56,7 @@ from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.router_init import RouterInitMethod
-from flexmoe.training.config import TrainConfig
+from flexmoe.training.config import MEMORY_FIELDS, TrainConfig
 
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
@@ -66,23 +66,27 @@ QUICK = load_settings("quick")
 
 
 def _train_expert_process(
-    domain: DemoDomain, corpus: Path, public: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
+    domain: DemoDomain, corpus: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
     cache_dir: Path, device: torch.device, router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
 ) -> None:  # fmt: skip
-    """One owner, one process: it is handed only its own files (and the public corpus)."""
-    command = [
-        sys.executable, "-m", "flexmoe", "expert", "train", "--anchor", str(anchor_dir),
-        "--data", str(corpus), "--id-field", "id", "--name", domain.name, "--owner", domain.owner,
-        "--license", domain.license, "--public-data", str(public), "--out", str(out), "--force",
-        "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-        "--seq-len", str(cfg.seq_len), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.warmup_steps),
-        "--eval-every", str(cfg.eval_every), "--checkpoint-every", str(cfg.checkpoint_every),
-        "--z-loss", str(cfg.z_loss), "--device", str(device), "--cache-dir", str(cache_dir),
-        "--router-init", router_init.value, "--seed", str(seed),
-    ]  # fmt: skip
-    if subprocess.run(command, check=False).returncode != 0:
-        raise FlexMoEError(out, f"training the {domain.name} expert failed (see its output above)")
+    """One owner, one process: it is handed only its own files, as a config file of the
+    settings any owner would use (the public share is the anchor's own public corpus)."""
+    settings = {
+        "anchor": anchor_dir, "data": [f"{domain.name}={corpus}"], "id_field": "id",
+        "owner": domain.owner, "license": domain.license, "out": out, "force": True,
+        **{k: v for k, v in cfg.to_dict().items() if k not in MEMORY_FIELDS},
+        "device": str(device), "cache_dir": cache_dir, "router_init": router_init.value,
+        "seed": seed,
+    }  # fmt: skip
+    config = out.parent / f".{out.name}.toml"
+    atomic_write_bytes(config, toml_text(settings).encode("utf-8"))
+    command = [sys.executable, "-m", "flexmoe", "expert", "train", "--config", str(config)]
+    try:
+        if subprocess.run(command, check=False).returncode != 0:
+            raise FlexMoEError(out, f"training the {domain.name} expert failed (see above)")
+    finally:
+        config.unlink(missing_ok=True)
 
 
 def run_demo(
@@ -250,8 +254,8 @@ def _train_experts(
             f"in its own process -> {package}")  # fmt: skip
         seed = i if router_init is RouterInitMethod.RANDOM else 0
         _train_expert_process(
-            domain, corpora[domain.name], corpora["public"], anchor_dir, package, settings.expert,
-            tokens, device, router_init=router_init, seed=seed,
+            domain, corpora[domain.name], anchor_dir, package, settings.expert, tokens, device,
+            router_init=router_init, seed=seed,
         )  # fmt: skip
         packages.append(package)
     return packages

@@ -10,6 +10,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.extraction import AuditSettings
+from flexmoe.merge.plan import DEFAULT_TOP_K
 from flexmoe.training.config import TrainConfig
 
 SETTINGS_FILE = Path(__file__).with_name("settings.json")
@@ -26,7 +27,7 @@ class DemoSettings:
     proxy_documents: int  # public documents each owner picks as its router-tuning proxies
     proxy_bytes: int  # the ablation that hands over owner text: bytes of it per domain
     ceiling_steps: int  # the router-ceiling ablation: router steps on the scored text itself
-    top_k: int = 3  # experts active per token in the merged model (of 5)
+    top_k: int = DEFAULT_TOP_K  # experts active per token in the merged model (of 5)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> DemoSettings:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from flexmoe.data.packing import TokenStream
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
+from flexmoe.io import show_progress
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.moe import Router
 from flexmoe.training.config import TrainConfig
@@ -43,6 +44,7 @@ from flexmoe.training.loop import (
     next_token_loss,
     validation_loss,
 )
+from flexmoe.training.metrics import MetricsLog
 from flexmoe.training.schedule import lr_at
 
 ACCOUNTANT = "rdp"
@@ -160,7 +162,7 @@ def train_private(
     model: nn.Module, *, train_stream: TokenStream, val_stream: TokenStream | None,
     cfg: TrainConfig, privacy: PrivacySettings, device: torch.device,
     aux_loss: AuxLoss | None = None, after_step: Callable[[nn.Module], None] | None = None,
-    progress: bool = True, desc: str = "train (DP)",
+    progress: bool = True, desc: str = "train (DP)", log_dir: Path | None = None,
 ) -> tuple[TrainResult, PrivacyRecord]:  # fmt: skip
     """Train ``model``'s trainable tensors for ``cfg.steps`` DP-SGD steps (one process; no
     checkpoints: a resumed run would have to account for the steps before it)."""
@@ -205,8 +207,15 @@ def train_private(
             poisson_sampling=False,  # the loader samples already, from its own generator
         )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        desc=desc,
+        unit="step",
+        disable=not show_progress(progress),
+        dynamic_ncols=True,
+    )
     history: list[dict[str, float]] = []
+    metrics = MetricsLog(log_dir, desc.replace(" ", "-").replace("(", "").replace(")", ""))
     step = tokens = 0
 
     def batches() -> Iterator[list[int]]:
@@ -231,10 +240,12 @@ def train_private(
                 tokens += len(indices) * cfg.seq_len
                 if not math.isnan(value):
                     history.append({"step": step, "loss": value, "lr": lr_at(step - 1, cfg)})
+                    metrics.record(history[-1], tokens / (time.perf_counter() - start))
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.3f}")
     finally:
         bar.close()
+        metrics.close()
         wrapped._close()  # the hooks go; the model is plain again
         for moe, router, private in routers:
             private.restore(router)

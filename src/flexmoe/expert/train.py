@@ -44,13 +44,10 @@ from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
-from flexmoe.training.config import TrainConfig
+from flexmoe.training.config import EXPERT_TRAINING, TrainConfig
 from flexmoe.training.loop import TrainResult, barrier, full_state, init_distributed, train
 
-EXPERT_DEFAULTS = TrainConfig(
-    steps=200, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20, weight_decay=0.0,
-    eval_every=50, checkpoint_every=50, z_loss=1e-3,
-)  # fmt: skip
+EXPERT_DEFAULTS = EXPERT_TRAINING  # the command line's defaults too
 
 
 @dataclass(frozen=True)
@@ -249,6 +246,7 @@ def train_expert(
     progress: bool = True,
     signing_key: Path | None = None,
     privacy: PrivacySettings | None = None,
+    log_dir: Path | None = None,
 ) -> tuple[ExpertManifest, TrainResult]:
     """Train the owner's expert on ``data`` and write the package to ``out``.
 
@@ -284,13 +282,14 @@ def train_expert(
         result, record = train_private(
             model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, privacy=privacy,
             device=device, aux_loss=aux, after_step=project_biases, progress=progress,
-            desc=f"expert {identity.name} (DP)",
+            desc=f"expert {identity.name} (DP)", log_dir=log_dir,
         )  # fmt: skip
     else:
         result = train(
             model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
             checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
             desc=f"expert {identity.name}", aux_loss=aux, after_step=project_biases,
+            log_dir=log_dir,
         )  # fmt: skip
     state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:  # one process writes the package; the others wait for it

@@ -18,16 +18,19 @@ from tqdm import tqdm
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase
 
 from flexmoe.anchor import ROUTER_FILE, ROUTER_KEY
+from flexmoe.card import merged_card, write_card
+from flexmoe.data.tokenizer import save_tokenizer
 from flexmoe.device import compute_dtype
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER
-from flexmoe.io import atomic_directory, read_json, write_json
+from flexmoe.io import atomic_directory, read_json, show_progress, write_json
 from flexmoe.merge.plan import MergePlan, Slot
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (
     build_moe,
     read_config,
     read_state_dict,
+    save_config,
     stored_dtype,
     write_weights,
 )
@@ -102,6 +105,7 @@ def slot_table(plan: MergePlan) -> dict[str, Any]:
     return {
         "schema_version": SLOTS_SCHEMA,
         "anchor_fingerprint": plan.anchor.manifest.fingerprint,
+        "base_model": plan.anchor.path.name,  # the anchor, as the model card names it
         "tokenizer_fingerprint": plan.anchor.manifest.tokenizer_fingerprint,
         "top_k": plan.top_k,
         "router_tuning": None,
@@ -119,15 +123,16 @@ def write_checkpoint(
 
     ``finish(tmp)`` runs last, just before the rename, to add files of its own.
     """
-    bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not show_progress(progress))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_weights(
             tmp, sources, max_shard_bytes=max_shard_bytes, index=True,
             on_tensor=lambda _: bar.update(1),
         )  # fmt: skip
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_config(config, tmp)
+        save_tokenizer(tokenizer, tmp)
         write_json(tmp / SLOTS_FILE, table)
+        write_card(tmp, merged_card(table, table.get("base_model") or "anchor"))
         if finish is not None:
             finish(tmp)
     bar.close()

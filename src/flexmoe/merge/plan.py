@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from flexmoe.expert.registry import KeyRegistry
 
 
+DEFAULT_TOP_K = 3  # experts active per token: the demo's measured choice (of 5)
+
+
+def default_top_k(num_experts: int, top_k: int | None = None) -> int:
+    """``top_k`` as given, else :data:`DEFAULT_TOP_K` or every expert when there are fewer."""
+    return min(DEFAULT_TOP_K, num_experts) if top_k is None else top_k
+
+
 @dataclass(frozen=True)
 class Slot:
     """One expert slot of the merged model."""
@@ -57,7 +65,11 @@ class MergePlan:
 
 
 def plan_merge(
-    anchor_dir: Path, package_dirs: list[Path], *, top_k: int, registry: KeyRegistry | None = None
+    anchor_dir: Path,
+    package_dirs: list[Path],
+    *,
+    top_k: int | None = None,
+    registry: KeyRegistry | None = None,
 ) -> MergePlan:
     """Validate the anchor and every package (signatures against ``registry`` when given);
     assign slots; check names and top-k."""
@@ -90,6 +102,7 @@ def plan_merge(
                 signer=package.signer,
             )
         )  # fmt: skip
+    top_k = default_top_k(len(slots), top_k)
     if not 1 <= top_k <= len(slots):
         raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
     required = registry.require_signatures if registry is not None else None
@@ -126,3 +139,23 @@ def format_plan(plan: MergePlan) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.append(f"{plan.num_experts} experts, top-{plan.top_k} routing")
     return "\n".join(lines)
+
+
+def plan_dict(plan: MergePlan) -> dict[str, object]:
+    """The plan as JSON."""
+    return {
+        "experts": plan.num_experts,
+        "top_k": plan.top_k,
+        "slots": [
+            {
+                "slot": s.index,
+                "expert": s.name,
+                "owner": s.owner,
+                "license": s.license,
+                "signer": s.signer.fingerprint if s.signer else None,
+                "bytes": s.bytes,
+                "source": str(s.source),
+            }
+            for s in plan.slots
+        ],
+    }

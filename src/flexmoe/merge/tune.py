@@ -87,7 +87,7 @@ def proxy_specs(
 def tune_router(
     model_dir: Path, data: list[DataSpec], *, out: Path, cfg: TrainConfig, device: torch.device,
     cache_dir: Path | None, use_bias: bool = APPLY_BIAS, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, log_dir: Path | None = None,
 ) -> TuneResult:  # fmt: skip
     """Tune the router of the merged model at ``model_dir`` on the training split of ``data``
     (its validation split scores it); write it to ``out``."""
@@ -97,7 +97,7 @@ def tune_router(
     return tune_router_on(
         model_dir, splits.train, splits.validation, out=out, cfg=cfg, device=device,
         cache_dir=cache_dir, use_bias=use_bias, overwrite=overwrite, progress=progress,
-        where=",".join(p for s in data for p in s.paths),
+        where=",".join(p for s in data for p in s.paths), log_dir=log_dir,
     )  # fmt: skip
 
 
@@ -105,6 +105,7 @@ def tune_router_on(
     model_dir: Path, train_docs: list[Document], val_docs: list[Document], *, out: Path,
     cfg: TrainConfig, device: torch.device, cache_dir: Path | None, use_bias: bool = APPLY_BIAS,
     overwrite: bool = False, progress: bool = True, where: str = "proxy data",
+    log_dir: Path | None = None,
 ) -> TuneResult:  # fmt: skip
     """Tune the router of the merged model at ``model_dir`` on ``train_docs`` as they are (no
     split); ``where`` names them in errors."""
@@ -133,7 +134,7 @@ def tune_router_on(
         moe.router.biases.requires_grad_(use_bias)
     result = train(
         model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
-        progress=progress, desc="router tune",
+        progress=progress, desc="router tune", log_dir=log_dir,
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
     )  # fmt: skip
     model.cpu()

@@ -22,7 +22,7 @@ from transformers import (
 
 from flexmoe.device import parse_dtype
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import write_json
+from flexmoe.io import atomic_write_bytes, write_json
 from flexmoe.model import names
 from flexmoe.model.moe import ExpertMLP, MoEFeedForward, Router
 from flexmoe.model.stream import (
@@ -256,6 +256,19 @@ def upcycle(dense: Olmo2ForCausalLM, *, num_experts: int, top_k: int) -> FlexOlm
     return build_moe(config, state, where=Path("<upcycled>"))
 
 
+def save_config(config: PretrainedConfig, out_dir: Path) -> None:
+    """``config.json`` as transformers writes it, plus ``rope_theta`` at the top level: the
+    5.x format keeps it only inside ``rope_parameters``, so 4.x would fall back to 10,000 and
+    give wrong outputs without an error."""
+    config.save_pretrained(out_dir)
+    path = Path(out_dir) / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    theta = (data.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        data["rope_theta"] = theta
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def save_model(model: PreTrainedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` in transformers' format (config.json, model.safetensors) to ``out_dir``,
     its tensors in ``dtype`` (default: as they are), which the config records."""
@@ -268,5 +281,5 @@ def save_model(model: PreTrainedModel, out_dir: Path, *, dtype: torch.dtype | No
         state = names.disk_from_runtime(
             state, num_layers=config.num_hidden_layers, num_experts=config.num_experts
         )
-    config.save_pretrained(out_dir)
+    save_config(config, out_dir)
     save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})

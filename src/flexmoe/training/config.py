@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
@@ -10,29 +10,40 @@ from flexmoe.errors import FlexMoEError
 MEMORY_FIELDS = frozenset({"activation_checkpointing", "fsdp"})
 
 
+def _field(default: Any, help: str) -> Any:
+    """A config field with the help text its command-line option shows."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; ``batch_size`` counts sequences per optimizer step over all processes."""
 
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 128
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    seed: int = 0
-    z_loss: float = 0.0
+    steps: int = _field(300, "optimizer steps")
+    batch_size: int = _field(16, "sequences per step, over all processes")
+    grad_accum: int = _field(1, "micro-batches accumulated per step")
+    seq_len: int = _field(128, "tokens per training sequence")
+    lr: float = _field(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _field(0.1, "final learning rate as a share of the peak (cosine decay)")
+    warmup_steps: int = _field(30, "steps of linear warm-up")
+    weight_decay: float = _field(0.1, "AdamW weight decay of matrices")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_every: int = _field(100, "validation loss every N steps (0: only at the end)")
+    eval_batches: int = _field(8, "batches per validation")
+    checkpoint_every: int = _field(100, "checkpoint every N steps (0: never)")
+    seed: int = _field(0, "seed of initialisation and batch order")
+    z_loss: float = _field(0.0, "router z-loss weight")
     # How to fit in memory; neither changes what is computed, so a run may resume with either.
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimiser state (FSDP2)
+    activation_checkpointing: bool = _field(
+        False, "recompute each layer's activations in backward: less GPU memory, ~30% slower"
+    )
+    fsdp: bool = _field(
+        False,
+        "under torchrun: shard weights, gradients and optimiser state over the processes "
+        "(FSDP2) instead of copying the model to each (DDP)",
+    )
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches")
@@ -74,3 +85,20 @@ class TrainConfig:
         if unknown:
             raise FlexMoEError("train config", f"unknown fields: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+# Each command's defaults, defined here once: the command line shows them (--help) and the
+# Python API takes them.
+ANCHOR_TRAINING = TrainConfig()
+EXPERT_TRAINING = TrainConfig(
+    steps=200, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_every=50, checkpoint_every=50,
+    z_loss=1e-3,
+)  # fmt: skip
+ROUTER_TUNING = TrainConfig(
+    steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, eval_every=50, checkpoint_every=0,
+    z_loss=1e-3,
+)  # fmt: skip
+UNRESTRICTED_TRAINING = TrainConfig(
+    steps=800, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_every=100, checkpoint_every=0,
+    z_loss=1e-3,
+)  # fmt: skip

@@ -27,8 +27,10 @@ from tqdm import tqdm
 from flexmoe.data.packing import TokenStream
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError, TrainingInterrupted
+from flexmoe.io import show_progress
 from flexmoe.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from flexmoe.training.config import TrainConfig
+from flexmoe.training.metrics import MetricsLog
 from flexmoe.training.schedule import batch_indices, lr_at
 
 AuxLoss = Callable[[nn.Module], torch.Tensor]
@@ -215,6 +217,7 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    log_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps.
 
@@ -222,7 +225,8 @@ def train(
     loss of each micro-batch, ``after_step`` runs after each optimizer step (e.g. a projection).
     A checkpoint is written every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM (then
     :class:`TrainingInterrupted` is raised); with ``resume`` the run continues from it exactly:
-    same batches, same schedule.
+    same batches, same schedule. With ``log_dir``, the history goes to TensorBoard event files
+    in ``log_dir/<desc>`` as it is made.
     """
     info = init_distributed(device)
     cfg.check_world(info.world_size)
@@ -252,8 +256,9 @@ def train(
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(
         total=cfg.steps, initial=state.step, desc=desc, unit="step",
-        disable=not (progress and info.is_main), dynamic_ncols=True,
+        disable=not (show_progress(progress) and info.is_main), dynamic_ncols=True,
     )  # fmt: skip
+    metrics = MetricsLog(log_dir if info.is_main else None, desc.replace(" ", "-"))
     start_time, start_step = time.perf_counter(), state.step
     train_loss = math.nan
     val_loss: float | None = None
@@ -300,6 +305,7 @@ def train(
             state.history.append(record)
             elapsed = time.perf_counter() - start_time
             rate = (state.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            metrics.record(record, rate)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -307,12 +313,15 @@ def train(
             if _any(stop[0], info, device) and state.step < cfg.steps:
                 checkpoint()
                 bar.close()
+                metrics.close()
                 raise TrainingInterrupted(
                     checkpoint_dir, f"interrupted at step {state.step}; rerun with --resume"
                 )
     bar.close()
     if val_stream is not None and (val_loss is None or state.history[-1].get("val_loss") is None):
         val_loss = validation_loss(model, val_stream, cfg, device)
+        metrics.record({"step": state.step, "val_loss": val_loss})
+    metrics.close()
     return TrainResult(
         steps=state.step,
         tokens=state.tokens,

