@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -269,31 +267,32 @@ def test_json_on_result_commands(
     assert run("ledger", str(model))[0]["responses"] == 1
     assert run("experts", "opt-out", str(model), "upper") == {"expert": "upper", "opted_out": True}
     assert run("owners", "list", str(model)) == []
+    made = run("owners", "add", str(model), "upper")
+    assert made["expert"] == "upper" and made["token"].startswith("fmx_upper_")
+    assert [r["expert"] for r in run("owners", "list", str(model))] == ["upper"]
 
 
 def test_quiet_and_tqdm_disable_silence_progress(
-    tmp_path: Path, anchor_dir: Path, corpus_dir: Path
-) -> None:
-    def stderr(*extra: str, env: dict[str, str] | None = None) -> str:
-        args = expert(anchor_dir, tmp_path / str(len(extra)) / str(bool(env)), "--data",
+    tmp_path: Path, anchor_dir: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # restored after; --quiet sets it
+
+    def stderr(name: str, *extra: str) -> str:
+        args = expert(anchor_dir, tmp_path / name, "--data",
                       f"upper={corpus_dir / 'other.jsonl'}", "--no-public-data")  # fmt: skip
-        result = subprocess.run(
-            [sys.executable, "-m", "flexmoe", *extra, *args], capture_output=True, text=True,
-            env={**_env(), **(env or {})}, timeout=300,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return result.stderr
+        code, _, err = cli([*extra, *args], capsys)
+        assert code == 0, err
+        return err
 
-    default = stderr()
+    default = stderr("default")
     assert "step/s" in default or "s/step" in default  # the bar is drawn by default
-    for err in (stderr(env={"TQDM_DISABLE": "1"}), stderr("--quiet")):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    quiet = [stderr("tqdm-disable")]
+    monkeypatch.delenv("TQDM_DISABLE")
+    quiet.append(stderr("quiet", "--quiet"))
+    for err in quiet:
         assert "step/s" not in err and "s/step" not in err and "%|" not in err
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
 
 
 def test_log_dir_writes_tensorboard_events(

@@ -456,7 +456,7 @@ def owners_keys(
 
 
 @owners_app.command("add")
-def owners_add(model: ModelArg, name: ExpertArg) -> None:
+def owners_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> None:
     """Make a bearer token for the owner of expert NAME; printed once, only its hash is kept."""
     from flexmoe.serve.auth import OwnerTokens
 
@@ -465,7 +465,7 @@ def owners_add(model: ModelArg, name: ExpertArg) -> None:
         token = tokens.add(name)
     finally:
         tokens.close()
-    typer.echo(token)
+    emit(as_json, {"expert": name, "token": token}, token)
     typer.echo(f"(the token for {name}'s owner; it is not stored and cannot be shown again)",
                err=True)  # fmt: skip
 
