@@ -191,11 +191,12 @@ def test_config_file_with_flags_overriding(
         f'anchor = "{anchor_dir}"\ndata = ["upper={corpus_dir / "other.jsonl"}"]\n'
         f'owner = "Upper Org"\nlicense = "MIT"\nout = "{tmp_path / "pkg"}"\n'
         "steps = 3\nbatch-size = 4\nseq_len = 32\nlr = 0.005\neval_every = 0\n"
-        'checkpoint_every = 0\ndevice = "cpu"\nno-public-data = true\n'
+        'checkpoint_every = 0\ndevice = "cpu"\nno-public-data = true\njson = true\n'
     )
     assert tomllib.loads(config.read_text())["steps"] == 3
-    code, _, err = cli(["expert", "train", "--config", str(config), "--steps", "2"], capsys)
+    code, out, err = cli(["expert", "train", "--config", str(config), "--steps", "2"], capsys)
     assert code == 0, err
+    assert json.loads(out)["steps"] == 2  # `json` is the flag's name for `as_json`
     hyper = load_package(tmp_path / "pkg").manifest.training.hyperparameters
     assert hyper["steps"] == 2  # the flag wins
     assert hyper["lr"] == 0.005 and hyper["batch_size"] == 4  # the file's

@@ -165,7 +165,12 @@ def _load_config(ctx: Any, param: Any, value: str | None) -> str | None:
         table = tomllib.loads(read_bounded(path, max_bytes=MAX_CONFIG_BYTES).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FlexMoEError(path, f"not valid TOML ({e})") from e
-    options = {p.name: p for p in ctx.command.params if p.name and p.name != param.name}
+    options = {  # by parameter name and by flag: ``as_json`` is also ``json``
+        key: p
+        for p in ctx.command.params
+        if p.name and p.name != param.name
+        for key in (p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts))
+    }
     defaults: dict[str, Any] = {}
     for key, item in table.items():
         name = key.replace("-", "_")
@@ -178,7 +183,7 @@ def _load_config(ctx: Any, param: Any, value: str | None) -> str | None:
             item = [item]
         if isinstance(item, list) and not option.multiple:
             raise FlexMoEError(path, f"{key}: takes one value, got a list")
-        defaults[name] = [str(v) for v in item] if isinstance(item, list) else item
+        defaults[option.name] = [str(v) for v in item] if isinstance(item, list) else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
