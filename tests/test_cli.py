@@ -78,3 +78,13 @@ def test_usage_error_exit_2() -> None:
 def test_version() -> None:
     result = _run(["--version"])
     assert result.returncode == 0 and result.stdout.startswith("flexmoe ")
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`flexmoe --help` and the option defaults must not pay for importing torch (seconds)."""
+    code = "import sys, flexmoe.cli; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

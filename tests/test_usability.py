@@ -20,7 +20,7 @@ from flexmoe.data.public import find_public_corpus
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import load_package
 from flexmoe.io import read_json, write_json
-from flexmoe.merge.plan import DEFAULT_TOP_K
+from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import (
     ANCHOR_TRAINING,
     EXPERT_TRAINING,

@@ -202,6 +202,16 @@ ConfigOpt = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _with_params(
+    command: Callable[..., Any], signature: inspect.Signature, params: list[inspect.Parameter]
+) -> Any:
+    """``command`` as typer reads it: with these parameters (typer takes the options from
+    the signature and the types from the annotations)."""
+    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 def with_config(func: F) -> F:
     """Give a command ``--config FILE``."""
     signature = inspect.signature(func, eval_str=True)
@@ -213,10 +223,7 @@ def with_config(func: F) -> F:
     def command(*args: Any, config: str | None = None, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
 
-    params = [*signature.parameters.values(), config]
-    command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    return typing.cast(F, command)
+    return _with_params(command, signature, [*signature.parameters.values(), config])
 
 
 def training_options(
@@ -247,9 +254,6 @@ def training_options(
             values = {f.name: kwargs.pop(f.name) for f in chosen}
             return func(**kwargs, training=replace(defaults, **values))
 
-        params = [*kept, *added]
-        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return with_config(typing.cast(F, command))
+        return with_config(_with_params(command, signature, [*kept, *added]))
 
     return wrap

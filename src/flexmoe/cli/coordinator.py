@@ -35,7 +35,7 @@ from flexmoe.cli.common import (
     use_bias,
 )
 from flexmoe.errors import FlexMoEError, printable
-from flexmoe.merge.plan import DEFAULT_TOP_K
+from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import ROUTER_TUNING, TrainConfig
 
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
@@ -245,11 +245,8 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
     from flexmoe.merge.build import SLOTS_FILE
     from flexmoe.merge.standing import StandingStore
 
-    store = StandingStore(model)
-    try:
+    with StandingStore(model) as store:
         statuses = store.statuses()
-    finally:
-        store.close()
     tuned = read_json(model / SLOTS_FILE).get("router_tuning")
     if as_json:
         rows = [
@@ -286,11 +283,8 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
 def _set_standing(model: Path, name: str, opted_out: bool, reason: str, as_json: bool) -> None:
     from flexmoe.merge.standing import StandingStore
 
-    store = StandingStore(model)
-    try:
+    with StandingStore(model) as store:
         store.set(name, opted_out=opted_out, reason=reason)
-    finally:
-        store.close()
     state = "opted out" if opted_out else "opted in"
     emit(as_json, {"expert": name, "opted_out": opted_out}, f"{name}: {state}")
 
@@ -460,11 +454,8 @@ def owners_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> No
     """Make a bearer token for the owner of expert NAME; printed once, only its hash is kept."""
     from flexmoe.serve.auth import OwnerTokens
 
-    tokens = OwnerTokens(model)
-    try:
+    with OwnerTokens(model) as tokens:
         token = tokens.add(name)
-    finally:
-        tokens.close()
     emit(as_json, {"expert": name, "token": token}, token)
     typer.echo(f"(the token for {name}'s owner; it is not stored and cannot be shown again)",
                err=True)  # fmt: skip
@@ -480,11 +471,8 @@ def owners_revoke(
     """Revoke the tokens of expert NAME's owner (all, or one by --id)."""
     from flexmoe.serve.auth import OwnerTokens
 
-    tokens = OwnerTokens(model)
-    try:
+    with OwnerTokens(model) as tokens:
         count = tokens.revoke(name, token_id)
-    finally:
-        tokens.close()
     if token_id is not None and count == 0:
         raise FlexMoEError("--id", f"no live token {token_id} for {name}")
     emit(as_json, {"expert": name, "revoked": count}, f"revoked {count} token(s) of {name}")
@@ -495,11 +483,8 @@ def owners_list(model: ModelArg, as_json: JsonOpt = False) -> None:
     """The tokens made for each owner (id, created, revoked); never the tokens themselves."""
     from flexmoe.serve.auth import OwnerTokens
 
-    tokens = OwnerTokens(model)
-    try:
+    with OwnerTokens(model) as tokens:
         rows = tokens.list()
-    finally:
-        tokens.close()
 
     def table() -> str:
         lines = [f"{'id':<5} {'expert':<16} {'created':<26} revoked"]
@@ -519,11 +504,8 @@ def ledger(
 
     if by not in ("day", "expert"):
         raise FlexMoEError("--by", f"expected day or expert, got {by!r}")
-    book = Ledger(model, create=False)
-    try:
+    with Ledger(model, create=False) as book:
         rows = book.summary(by)
-    finally:
-        book.close()
 
     def table() -> str:
         tokens = "tokens (weighted)" if by == "expert" else "completion tokens"

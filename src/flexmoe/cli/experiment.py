@@ -35,7 +35,7 @@ from flexmoe.cli.common import (
 )
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
-from flexmoe.merge.plan import DEFAULT_TOP_K
+from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import UNRESTRICTED_TRAINING, TrainConfig
 
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_directory, atomic_write_bytes
+from flexmoe.io import atomic_directory, read_json, write_json
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -64,10 +64,10 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     option of ours, not a property of the tokenizer)."""
     tokenizer.save_pretrained(str(out_dir))
     path = Path(out_dir) / "tokenizer_config.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     data["tokenizer_class"] = "PreTrainedTokenizerFast"
     data.pop("local_files_only", None)
-    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+    write_json(path, data)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

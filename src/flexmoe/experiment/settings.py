@@ -10,7 +10,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.extraction import AuditSettings
-from flexmoe.merge.plan import DEFAULT_TOP_K
+from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import TrainConfig
 
 SETTINGS_FILE = Path(__file__).with_name("settings.json")

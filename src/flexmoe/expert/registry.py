@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.signing import SIGNATURE_FILE, PublicKeyFile, Signature, Signer
-from flexmoe.io import open_sqlite
+from flexmoe.io import SqliteStore, open_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -39,7 +39,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class KeyRegistry:
+class KeyRegistry(SqliteStore):
     """One registry file; open one per process and close it."""
 
     def __init__(self, path: Path, *, create: bool = False) -> None:
@@ -49,15 +49,6 @@ class KeyRegistry:
                 self.path, "key registry not found (`flexmoe owners register` makes one)"
             )
         self.db = open_sqlite(self.path, _SCHEMA, "the key registry")
-
-    def __enter__(self) -> KeyRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.db.close()
 
     @property
     def require_signatures(self) -> bool:

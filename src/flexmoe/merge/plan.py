@@ -24,17 +24,10 @@ from flexmoe.expert.package import (
     weight_delta,
 )
 from flexmoe.expert.signing import Signer
+from flexmoe.merge import DEFAULT_TOP_K
 
 if TYPE_CHECKING:
     from flexmoe.expert.registry import KeyRegistry
-
-
-DEFAULT_TOP_K = 3  # experts active per token: the demo's measured choice (of 5)
-
-
-def default_top_k(num_experts: int, top_k: int | None = None) -> int:
-    """``top_k`` as given, else :data:`DEFAULT_TOP_K` or every expert when there are fewer."""
-    return min(DEFAULT_TOP_K, num_experts) if top_k is None else top_k
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ def plan_merge(
                 signer=package.signer,
             )
         )  # fmt: skip
-    top_k = default_top_k(len(slots), top_k)
+    top_k = min(DEFAULT_TOP_K, len(slots)) if top_k is None else top_k
     if not 1 <= top_k <= len(slots):
         raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
     required = registry.require_signatures if registry is not None else None

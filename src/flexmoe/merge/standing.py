@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import open_sqlite
+from flexmoe.io import SqliteStore, open_sqlite
 from flexmoe.merge.slots import SlotInfo, read_slots
 
 DB_FILE = "flexmoe_standing.sqlite"
@@ -43,7 +43,7 @@ class ExpertStatus:
     updated: str | None
 
 
-class StandingStore:
+class StandingStore(SqliteStore):
     """Opt-out state of one merged model's experts."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -62,9 +62,6 @@ class StandingStore:
             return self.path.stat().st_ino != self._inode
         except FileNotFoundError:
             return True
-
-    def close(self) -> None:
-        self.db.close()
 
     def _slot(self, name: str) -> SlotInfo:
         slot = next((s for s in self.slots if s.name == name), None)

@@ -22,7 +22,7 @@ from transformers import (
 
 from flexmoe.device import parse_dtype
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import atomic_write_bytes, write_json
+from flexmoe.io import read_json, write_json
 from flexmoe.model import names
 from flexmoe.model.moe import ExpertMLP, MoEFeedForward, Router
 from flexmoe.model.stream import (
@@ -262,11 +262,11 @@ def save_config(config: PretrainedConfig, out_dir: Path) -> None:
     give wrong outputs without an error."""
     config.save_pretrained(out_dir)
     path = Path(out_dir) / "config.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     theta = (data.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:
         data["rope_theta"] = theta
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(path, data)
 
 
 def save_model(model: PreTrainedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> None:

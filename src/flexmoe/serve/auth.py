@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import open_sqlite
+from flexmoe.io import SqliteStore, open_sqlite
 from flexmoe.merge.slots import read_slots
 
 DB_FILE = "flexmoe_owners.sqlite"
@@ -49,7 +49,7 @@ class TokenInfo:
     revoked: str | None
 
 
-class OwnerTokens:
+class OwnerTokens(SqliteStore):
     """The token store of one merged model. Open one per thread."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -58,9 +58,6 @@ class OwnerTokens:
         self.path = self.model_dir / DB_FILE
         self.db = open_sqlite(self.path, _SCHEMA, "the owners' token store")
         os.chmod(self.path, 0o600)  # hashes only, but nobody else needs to read them
-
-    def close(self) -> None:
-        self.db.close()
 
     def _expert(self, name: str) -> str:
         if name not in self.experts:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import open_sqlite
+from flexmoe.io import SqliteStore, open_sqlite
 
 DB_FILE = "flexmoe_ledger.sqlite"
 _SCHEMA = """
@@ -38,7 +38,7 @@ class UsageRow:
     prompt_tokens: int
 
 
-class Ledger:
+class Ledger(SqliteStore):
     """The ledger of one model directory. Open one per thread."""
 
     def __init__(self, model_dir: Path, *, create: bool = True) -> None:
@@ -46,9 +46,6 @@ class Ledger:
         if not create and not self.path.exists():
             raise FlexMoEError(self.path, "no ledger yet: the server has answered no request")
         self.db = open_sqlite(self.path, _SCHEMA, "the usage ledger")
-
-    def close(self) -> None:
-        self.db.close()
 
     def record(
         self, response_id: str, *, endpoint: str, prompt_tokens: int, completion_tokens: int,

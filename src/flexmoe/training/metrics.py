@@ -7,7 +7,6 @@ rate, validation loss) becomes a scalar, with tokens per second beside them.
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
@@ -44,14 +43,3 @@ class MetricsLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
