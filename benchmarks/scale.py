@@ -180,7 +180,7 @@ def stage_generate(work: Path, args: argparse.Namespace, *, library: str) -> dic
     from transformers import AutoModelForCausalLM
 
     from flexmoe.device import pick_device
-    from flexmoe.merge.build import load_merged
+    from flexmoe.merge.layout import load_merged
 
     device = pick_device(args.device)
     merged = work / "merged"

@@ -27,8 +27,8 @@ from transformers import Olmo2ForCausalLM
 from flexmoe import __version__
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import write_json
-from flexmoe.merge.build import SLOTS_FILE
-from flexmoe.merge.slots import read_slots
+from flexmoe.merge.layout import SLOTS_FILE, read_slots
+from flexmoe.merge.slots import SlotRecord, SlotTable
 from flexmoe.merge.standing import StandingStore
 from flexmoe.model.checkpoint import load_model, save_model, upcycle
 from flexmoe.model.config import ModelDims, olmo2_config
@@ -60,10 +60,13 @@ def main() -> None:
         root = Path(tmp)
         save_model(model, root)
         names = ["public", *(f"expert{i}" for i in range(1, args.experts))]
-        write_json(root / SLOTS_FILE, {"slots": [
-            {"slot": i, "name": n, "owner": f"{n} org", "license": "MIT"}
+        slots = [
+            SlotRecord(slot=i, name=n, owner=f"{n} org", license="MIT", package_sha256=None,
+                       bias=[0.0] * dims.num_layers, manifest=None, signer=None)
             for i, n in enumerate(names)
-        ]})  # fmt: skip
+        ]  # fmt: skip
+        table = SlotTable(anchor_fingerprint="0" * 64, tokenizer_fingerprint="0" * 64, slots=slots)
+        write_json(root / SLOTS_FILE, table.model_dump(mode="json"))
         store = StandingStore(root)
         store.set("expert1", opted_out=True, reason="benchmark")
         store.close()

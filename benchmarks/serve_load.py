@@ -32,7 +32,7 @@ import torch
 import uvicorn
 
 from flexmoe import __version__
-from flexmoe.merge.slots import read_slots
+from flexmoe.merge.layout import read_slots
 from flexmoe.serve.app import create_app
 
 PROMPTS = [

@@ -53,7 +53,7 @@ from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.experiment.levers import calibrated_rows, ffn_inputs
 from flexmoe.expert.package import build_specialist, load_package
-from flexmoe.merge.build import load_merged
+from flexmoe.merge.layout import load_merged
 from flexmoe.model.checkpoint import moe_layers
 
 

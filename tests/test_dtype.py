@@ -19,8 +19,9 @@ from flexmoe.anchor import import_anchor, load_anchor, open_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import TENSORS_FILE, load_package
-from flexmoe.merge.build import build_merged, load_merged
+from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
+from flexmoe.merge.layout import load_merged
 from flexmoe.merge.plan import plan_merge
 from flexmoe.model.checkpoint import checkpoint_sources, tensors_sha256
 from flexmoe.model.stream import TensorSource, sha256_sources, write_safetensors

@@ -16,7 +16,8 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import build_specialist, load_package
-from flexmoe.merge.build import SLOTS_FILE, build_merged, load_merged
+from flexmoe.merge.build import build_merged
+from flexmoe.merge.layout import SLOTS_FILE, load_merged
 from flexmoe.merge.plan import format_plan, plan_merge
 
 CPU = torch.device("cpu")
@@ -115,7 +116,7 @@ def test_cli_dry_run_writes_nothing(anchor_dir: Path, packages: list[Path], tmp_
 
 def test_selection_masks(merged: Path) -> None:
     from flexmoe.inference.selection import Selection
-    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.layout import read_slots
 
     slots = read_slots(merged)
     assert Selection(exclude=frozenset({"upper"})).mask(slots).tolist() == [True, False, True]
@@ -154,7 +155,7 @@ def test_generation_attribution_and_opt_out(merged: Path) -> None:
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.inference.generate import generate
     from flexmoe.inference.selection import Selection
-    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.layout import read_slots
 
     slots, tok, model = (
         read_slots(merged),
@@ -201,7 +202,8 @@ def test_standing_choice_is_durable_audited_and_honoured(merged: Path, tmp_path:
     import shutil
     import sqlite3
 
-    from flexmoe.merge.standing import DB_FILE, StandingStore, standing_exclusions
+    from flexmoe.merge.layout import STANDING_FILE as DB_FILE
+    from flexmoe.merge.standing import StandingStore, standing_exclusions
 
     model = tmp_path / "model"
     shutil.copytree(merged, model)
@@ -319,7 +321,7 @@ def test_merge_add_reads_no_other_package(
         add_expert(tmp_path / "m", packages[1], progress=False)
     finally:
         shutil.move(str(tmp_path / "anchor-away"), str(anchor_dir))
-    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.layout import read_slots
 
     assert [s.name for s in read_slots(tmp_path / "m")] == ["public", "upper", "again"]
 
@@ -329,13 +331,16 @@ def test_opt_out_during_a_rewrite_lands_in_the_new_model(merged: Path, tmp_path:
     import threading
     import time
 
-    from flexmoe.io import atomic_directory
-    from flexmoe.merge.standing import DB_FILE, StandingStore, standing_exclusions, standing_frozen
+    from flexmoe.merge.layout import MergedModel
+    from flexmoe.merge.standing import StandingStore, standing_exclusions
 
     model = tmp_path / "model"
     shutil.copytree(merged, model)
     StandingStore(model).close()
     errors: list[BaseException] = []
+    layout = MergedModel(model)
+    table = layout.table()
+    config, sources = layout.config(table), layout.sources()
 
     def owner() -> None:
         try:
@@ -345,22 +350,23 @@ def test_opt_out_during_a_rewrite_lands_in_the_new_model(merged: Path, tmp_path:
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    with standing_frozen(model) as copy:
-        thread = threading.Thread(target=owner)
+    thread = threading.Thread(target=owner)
+    first = sources[0]
+
+    def load_late() -> torch.Tensor:  # runs while the edit holds the stores' locks
         thread.start()
-        time.sleep(0.5)  # the owner's change is waiting for the lock
-        with atomic_directory(model, overwrite=True) as tmp:
-            for f in model.iterdir():
-                if not f.name.startswith(DB_FILE):
-                    shutil.copy(f, tmp / f.name)
-            copy(tmp)
+        time.sleep(0.5)  # the owner's change is waiting for the lock meanwhile
+        return first.load()
+
+    slow = [type(first)(first.name, first.shape, first.dtype, load_late), *sources[1:]]
+    layout.write(model, sources=slow, config=config, table=table, progress=False)
     thread.join(timeout=60)
     assert not errors and standing_exclusions(model) == frozenset({"upper"})
 
 
 def test_selection_refusals(merged: Path) -> None:
     from flexmoe.inference.selection import Selection
-    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.layout import read_slots
 
     slots = read_slots(merged)
     with pytest.raises(FlexMoEError, match="excludes every owner's expert"):
@@ -470,7 +476,8 @@ def test_kill_9_during_opt_out_changes_leaves_old_or_new_state(
     import sqlite3
     import time
 
-    from flexmoe.merge.standing import DB_FILE, StandingStore
+    from flexmoe.merge.layout import STANDING_FILE as DB_FILE
+    from flexmoe.merge.standing import StandingStore
 
     model = tmp_path / "model"
     shutil.copytree(merged, model)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +25,11 @@ from openai import OpenAI
 
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.inference.selection import Selection
-from flexmoe.merge.build import build_merged, load_merged
+from flexmoe.merge.build import build_merged
+from flexmoe.merge.layout import OWNERS_FILE as TOKENS_FILE
+from flexmoe.merge.layout import load_merged, read_slots
 from flexmoe.merge.plan import plan_merge
-from flexmoe.merge.slots import read_slots
 from flexmoe.serve.app import create_app
-from flexmoe.serve.auth import DB_FILE as TOKENS_FILE
 from flexmoe.serve.auth import OwnerTokens
 from flexmoe.serve.batch import RowRequest, generate_batch
 from flexmoe.serve.ledger import Ledger
@@ -589,3 +589,75 @@ def test_serve_refuses_a_model_that_is_not_merged(anchor_dir: Path) -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "not a merged model" in done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+def _rows(path: Path, *queries: str) -> list[list[tuple[object, ...]]]:
+    import sqlite3
+
+    with closing(sqlite3.connect(path)) as db:
+        return [db.execute(q).fetchall() for q in queries]
+
+
+def _stores(model: Path) -> dict[str, list[list[tuple[object, ...]]]]:
+    """Every row of the owners' tokens, the ledger and the opt-out store and its audit log."""
+    from flexmoe.merge.layout import LEDGER_FILE, STANDING_FILE
+
+    return {
+        "tokens": _rows(model / TOKENS_FILE, "SELECT * FROM tokens ORDER BY id"),
+        "ledger": _rows(
+            model / LEDGER_FILE,
+            "SELECT * FROM responses ORDER BY id",
+            "SELECT * FROM usage ORDER BY response, expert",
+        ),
+        "standing": _rows(
+            model / STANDING_FILE, "SELECT * FROM status ORDER BY name", "SELECT * FROM audit"
+        ),
+    }
+
+
+def test_edits_of_a_served_model_keep_tokens_ledger_and_audit_log(
+    built: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """``merge remove`` in place and ``merge add --out`` on a model being served: every owner's
+    token, every ledger row and the opt-out audit log come through unchanged, and the server's
+    next writes land in the new directory."""
+    flexmoe = [sys.executable, "-m", "flexmoe"]
+    made = subprocess.run([*flexmoe, "owners", "add", str(model_dir), "upper"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    with live(model_dir, name=NAME) as url:
+        client = _client(url)
+        client.completions.create(model=NAME, prompt="the union", max_tokens=3)
+        opt = f"{url}/v1/experts/upper/opt-out"
+        owner = {"Authorization": f"Bearer {token}"}
+        assert httpx.post(opt, headers=owner, json={"reason": "audit"}).status_code == 200
+        before = _stores(model_dir)
+        assert all(before.values()) and before["ledger"][0] and before["standing"][1]
+        assert (model_dir / TOKENS_FILE).stat().st_mode & 0o077 == 0
+
+        removed = subprocess.run([*flexmoe, "merge", "remove", str(model_dir), "again"],
+                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert removed.returncode == 0, removed.stderr
+        assert _stores(model_dir) == before  # in place: nothing lost
+        assert (model_dir / TOKENS_FILE).stat().st_mode & 0o077 == 0
+        assert "again" not in [s.name for s in read_slots(model_dir)]
+
+        copy = tmp_path / "with-again"
+        package = built.parent / "again"  # the owner's package, as merged at first
+        added = subprocess.run(
+            [*flexmoe, "merge", "add", str(model_dir), str(package), "--out", str(copy)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert _stores(copy) == before  # a new --out: the same stores, copied
+        assert [s.name for s in read_slots(copy)] == ["public", "upper", "again"]
+
+        # the server's writes after the edit land in the edited directory
+        client.completions.create(model=NAME, prompt="the union", max_tokens=3)
+        opt_in = f"{url}/v1/experts/upper/opt-in"
+        assert httpx.post(opt_in, headers=owner).status_code == 200  # the token still works
+    after = _stores(model_dir)
+    assert len(after["ledger"][0]) == len(before["ledger"][0]) + 1
+    assert [a[3] for a in after["standing"][1]] == ["opt-out", "opt-in"]
+    assert after["tokens"] == before["tokens"]

@@ -25,7 +25,7 @@ from flexmoe.expert.registry import KeyRegistry
 from flexmoe.expert.signing import PASSPHRASE_ENV, SIGNATURE_FILE, read_private_key
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
 from flexmoe.io import read_json
-from flexmoe.merge.build import SLOTS_FILE
+from flexmoe.merge.layout import SLOTS_FILE
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexmoe import __version__
 from flexmoe.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from flexmoe.merge.slots import SlotTable
 
 CARD_FILE = "README.md"
 TAGS = ["flexmoe", "flexolmo", "mixture-of-experts", "text-generation"]
@@ -45,11 +48,12 @@ def _license_meta(licenses: list[str]) -> dict[str, Any]:
     return {"license": "other", "license_name": name, "license_link": "README.md#experts"}
 
 
-def merged_card(table: dict[str, Any], base_model: str) -> str:
-    """The card of a merged model, from its slot table."""
-    slots = table["slots"]
+def merged_card(table: SlotTable, top_k: int) -> str:
+    """The card of a merged model, from its slot table and top-k."""
+    slots = table.slots
+    base_model = table.base_model or "anchor"
     meta = {
-        **_license_meta([s["license"] for s in slots]),
+        **_license_meta([s.license for s in slots]),
         "base_model": base_model,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
@@ -60,16 +64,15 @@ def merged_card(table: dict[str, Any], base_model: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for s in slots:
-        privacy = ((s.get("manifest") or {}).get("training") or {}).get("privacy")
-        signer = (s.get("signer") or {}).get("fingerprint")
+        signer = s.signer.fingerprint[:16] if s.signer else "-"
+        epsilon = format(s.epsilon, ".3g") if s.epsilon is not None else "-"
         rows.append(
-            f"| {s['slot']} | {_cell(s['name'])} | {_cell(s['owner'])} | {_cell(s['license'])} "
-            f"| {signer[:16] if signer else '-'} "
-            f"| {format(privacy['epsilon'], '.3g') if privacy else '-'} |"
+            f"| {s.slot} | {_cell(s.name)} | {_cell(s.owner)} | {_cell(s.license)} "
+            f"| {signer} | {epsilon} |"
         )
-    tuning = table.get("router_tuning")
+    tuning = table.router_tuning
     tuned = (
-        f"The router was tuned after merging ({tuning['steps']} steps on proxy data), which "
+        f"The router was tuned after merging ({tuning.steps} steps on proxy data), which "
         "makes an opt-out less strict than in an untuned merge."
         if tuning
         else "The router was not tuned after merging: each expert's router row is its owner's."
@@ -81,8 +84,8 @@ def merged_card(table: dict[str, Any], base_model: str) -> str:
 
 Made with flexmoe {__version__}, the FlexOlmo method: each data owner
 trained one expert against the shared public anchor `{_cell(base_model)}` (fingerprint
-`{table["anchor_fingerprint"][:16]}`) on data that never left its owner; the experts were
-merged without further training. Top-{table["top_k"]} routing. {tuned}
+`{table.anchor_fingerprint[:16]}`) on data that never left its owner; the experts were
+merged without further training. Top-{top_k} routing. {tuned}
 
 ## Experts
 

@@ -29,11 +29,14 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    dest: Path, *, overwrite: bool = False, private: frozenset[str] = frozenset()
+) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``dest`` only if the block succeeds.
 
     The temporary directory sits beside ``dest`` (same file system, so the rename is atomic).
-    On any exception it is removed and ``dest`` is left as it was.
+    On any exception it is removed and ``dest`` is left as it was. Its files get the umask's
+    modes, except the top-level files named in ``private``: readable by their owner alone.
     """
     dest = Path(dest)
     if dest.exists() and not overwrite:
@@ -46,7 +49,8 @@ def atomic_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for path in [tmp, *tmp.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+        mode = 0o777 if path.is_dir() else 0o666
+        os.chmod(path, (0o600 if path.parent == tmp and path.name in private else mode) & ~_umask())
     if dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, old / dest.name)
@@ -192,10 +196,65 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
 
 
 class SqliteStore:
-    """A store kept in one SQLite connection, ``self.db`` (from :func:`open_sqlite`);
-    ``with`` closes it."""
+    """A store kept in one SQLite file, ``self.path``, through one connection, ``self.db``;
+    ``with`` closes it.
 
+    The file may be replaced under an open store: a merged model's directory is rewritten
+    by every edit, which copies each store into the new directory while holding its write lock.
+    :meth:`transaction` notices the replacement once it has the lock and moves to the new file,
+    so a change made during an edit lands in the new directory.
+    """
+
+    path: Path
     db: sqlite3.Connection
+    _inode: int
+    SCHEMA: str = ""
+    WHAT: str = "the store"
+
+    def _open(self) -> None:
+        self.db = open_sqlite(self.path, self.SCHEMA, self.WHAT)
+        self._inode = self.path.stat().st_ino
+
+    def _reopened(self) -> None:
+        """Called after moving to a replaced file: refresh what was read from its directory."""
+
+    def _replaced(self) -> bool:
+        try:
+            return self.path.stat().st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def _current(self) -> sqlite3.Connection:
+        """The connection, moved to the file now at ``self.path`` if that was replaced."""
+        if self._replaced():
+            self.db.close()
+            self._open()
+            self._reopened()
+        return self.db
+
+    @contextmanager
+    def transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the file now at ``self.path`` (``BEGIN IMMEDIATE``), committed
+        when the block ends; ``doing`` names it in the one-line error of a failure."""
+        try:
+            for _ in range(3):
+                self.db.execute("BEGIN IMMEDIATE")
+                if not self._replaced():
+                    break
+                self.db.execute("ROLLBACK")
+                self._current()
+            else:
+                raise FlexMoEError(self.path, f"could not {doing}: the directory keeps changing")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise FlexMoEError(self.path, f"could not {doing} ({e})") from e
 
     def close(self) -> None:
         self.db.close()

@@ -101,7 +101,7 @@ SeedOpt = Annotated[int, typer.Option(help="random seed")]
 
 
 def use_bias(flag: bool | None) -> bool:
-    from flexmoe.merge.build import APPLY_BIAS
+    from flexmoe.merge.layout import APPLY_BIAS
 
     return APPLY_BIAS if flag is None else flag
 

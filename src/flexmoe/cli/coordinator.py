@@ -212,8 +212,7 @@ def generate(
     from flexmoe.inference.generate import format_attribution
     from flexmoe.inference.generate import generate as run
     from flexmoe.inference.selection import Selection
-    from flexmoe.merge.build import load_merged
-    from flexmoe.merge.slots import read_slots
+    from flexmoe.merge.layout import load_merged, read_slots
     from flexmoe.merge.standing import standing_exclusions
 
     slots = read_slots(model)
@@ -241,19 +240,18 @@ def generate(
 @experts_app.command("list")
 def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
     """Each expert's owner, license and standing (in or out); whether routing was tuned."""
-    from flexmoe.io import read_json
-    from flexmoe.merge.build import SLOTS_FILE
     from flexmoe.merge.standing import StandingStore
 
     with StandingStore(model) as store:
         statuses = store.statuses()
-    tuned = read_json(model / SLOTS_FILE).get("router_tuning")
+        tuned = store.model.table().router_tuning
     if as_json:
         rows = [
             {**asdict(s.slot), "opted_out": s.opted_out, "reason": s.reason, "updated": s.updated}
             for s in statuses
         ]
-        emit(True, {"experts": rows, "router_tuning": tuned}, "")
+        record = tuned.model_dump(mode="json") if tuned else None
+        emit(True, {"experts": rows, "router_tuning": record}, "")
         return
     typer.echo(
         f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'signed by':<18} "
@@ -270,9 +268,9 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
             f"{signer:<18} {epsilon:<8} {status:<8} {printable(s.reason, 200)}"
         )
     if tuned:
-        on = ", ".join(f"{name} ({docs} documents)" for name, docs in tuned["data"].items())
+        on = ", ".join(f"{name} ({docs} documents)" for name, docs in tuned.data.items())
         typer.echo(
-            f"routing tuned after merging on {tuned['time']}: {tuned['steps']} steps on {on}. "
+            f"routing tuned after merging on {tuned.time}: {tuned.steps} steps on {on}. "
             "Every router row was trained together, so an opt-out here is not as strict as in "
             "an untuned merge."
         )

@@ -42,7 +42,7 @@ from flexmoe.evaluate.registry import (
 )
 from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
 from flexmoe.inference.selection import Selection, load_selected
-from flexmoe.merge.build import APPLY_BIAS
+from flexmoe.merge.layout import APPLY_BIAS
 from flexmoe.model import names
 from flexmoe.model.checkpoint import build_dense, load_model, moe_layers
 from flexmoe.model.probe import document_ffn_inputs, unit_rows

@@ -26,7 +26,7 @@ from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
 from flexmoe.inference.selection import Selection, load_selected
 from flexmoe.io import show_progress
-from flexmoe.merge.build import APPLY_BIAS
+from flexmoe.merge.layout import APPLY_BIAS
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from flexmoe.evaluate.registry import BIAS, NO_BIAS, TUNED, top_k, without
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
 from flexmoe.inference.selection import load_selected
-from flexmoe.merge.build import APPLY_BIAS, load_merged
-from flexmoe.merge.slots import read_slots
+from flexmoe.merge.layout import APPLY_BIAS, load_merged, read_slots
 from flexmoe.model.checkpoint import read_config
 
 Log = Callable[[str], None]

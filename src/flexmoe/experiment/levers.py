@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from flexmoe.data.packing import TokenStream
-from flexmoe.merge.edit import open_sources, with_router_rows, write_edited
+from flexmoe.merge.edit import with_router_rows
+from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import RouterCalibration
 
 
 @torch.no_grad()
@@ -69,13 +70,28 @@ def calibrated_rows(rows: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
 
 
 def write_rows(
-    merged_dir: Path, out: Path, rows: torch.Tensor, record: dict[str, Any], *,
+    merged_dir: Path,
+    out: Path,
+    rows: torch.Tensor,
+    *,
+    method: str,
+    public_tokens: int,
     progress: bool = False,
-) -> Path:  # fmt: skip
+) -> Path:
     """A copy of the merged model at ``merged_dir`` with router rows ``rows (L, N, H)``, its slot
-    table noting ``record`` under ``router_calibration``; written atomically to ``out``."""
-    config, table, sources = open_sources(merged_dir)
-    edited = with_router_rows(sources, list(rows))
-    stamped = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record}
-    return write_edited(merged_dir, out, edited, config, dict(table, router_calibration=stamped),
-                        progress)  # fmt: skip
+    table noting the calibration under ``router_calibration``; written atomically to ``out``."""
+    merged = MergedModel.open(merged_dir)
+    table = merged.table()
+    record = RouterCalibration(
+        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        method=method,
+        public_tokens=public_tokens,
+    )
+    merged.write(
+        out,
+        sources=with_router_rows(merged.sources(), list(rows)),
+        config=merged.config(table),
+        table=table.model_copy(update={"router_calibration": record}),
+        progress=progress,
+    )
+    return Path(out)

@@ -47,10 +47,10 @@ from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, toml_text, write_json
-from flexmoe.merge.build import build_merged, load_merged
+from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
+from flexmoe.merge.layout import load_merged, read_slots
 from flexmoe.merge.plan import plan_merge
-from flexmoe.merge.slots import read_slots
 from flexmoe.merge.standing import StandingStore, standing_exclusions
 from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
 from flexmoe.model.checkpoint import moe_layers
@@ -315,7 +315,7 @@ def _tune_on(
         merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
         overwrite=True,
     )  # fmt: skip
-    return result.record
+    return result.record.model_dump(mode="json")
 
 
 def _jsonl_spec(path: Path, domain: str, docs: list[Document]) -> DataSpec:
@@ -349,8 +349,10 @@ def _calibrated_stage(
     with on_device(anchor.model, device):
         inputs = ffn_inputs(anchor.model, stream)
     rows = torch.stack([m.router.weight.detach() for m in moe_layers(load_merged(merged_dir))])
-    record = {"method": "margin spread on public text", "public_tokens": len(inputs)}
-    return write_rows(merged_dir, out, calibrated_rows(rows, inputs), record)
+    return write_rows(
+        merged_dir, out, calibrated_rows(rows, inputs),
+        method="margin spread on public text", public_tokens=len(inputs),
+    )  # fmt: skip
 
 
 def _ceiling_stage(

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
-from flexmoe.merge.slots import SlotInfo, read_slots
+from flexmoe.merge.layout import APPLY_BIAS, MergedModel
+from flexmoe.merge.slots import SlotInfo
 from flexmoe.merge.standing import standing_exclusions
 from flexmoe.model.checkpoint import load_model, moe_layers
 from flexmoe.model.moe import MoEFeedForward
@@ -71,12 +71,13 @@ def load_selected(
 ) -> torch.nn.Module:
     """Any checkpoint directory as a runtime model. A merged model runs the experts that
     ``selection`` and the owners' standing choice (read now) leave active."""
-    if not (Path(model_dir) / SLOTS_FILE).is_file():
+    if not MergedModel.is_merged(model_dir):
         if selection is not None:
             raise FlexMoEError(model_dir, "expert selection needs a merged model")
         return load_model(model_dir)
-    model = load_merged(model_dir, use_bias=use_bias)
-    set_expert_mask(model, current_mask(model_dir, read_slots(model_dir), selection or Selection()))
+    merged = MergedModel(Path(model_dir))
+    model = merged.load(use_bias=use_bias)
+    set_expert_mask(model, current_mask(model_dir, merged.slots(), selection or Selection()))
     return model
 
 

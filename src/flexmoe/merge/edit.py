@@ -1,9 +1,9 @@
 """Change one slot of a merged model: add an expert package, or remove an expert by name.
 
 Only the merged model's own shards and the one package are read; the other owners' packages are
-not needed. The result is written like a merge (temporary directory, then a rename), and the
-owners' standing choices travel with it: the opt-out store is copied under its write lock, so a
-change made meanwhile waits and lands in the new directory.
+not needed. The result is written through ``merge.layout`` like a merge (temporary directory, then a
+rename), and every store and file of the model travels with it: the owners' opt-outs and audit
+log, their tokens, the usage ledger.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from transformers import FlexOlmoConfig
 
 from flexmoe.anchor import weight_sample
-from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import name_key, refuse_look_alike
 from flexmoe.expert.package import (
@@ -34,12 +33,12 @@ from flexmoe.expert.package import (
     package_projection,
     weight_delta,
 )
-from flexmoe.io import read_json
-from flexmoe.merge.build import SLOTS_FILE, slot_entry, write_checkpoint
+from flexmoe.merge.build import slot_entry
+from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.plan import Slot, refuse_copy
-from flexmoe.merge.standing import standing_frozen
+from flexmoe.merge.slots import SlotTable
 from flexmoe.model import names
-from flexmoe.model.checkpoint import checkpoint_sources, read_config, stored_dtype
+from flexmoe.model.checkpoint import stored_dtype
 from flexmoe.model.stream import TensorSource, tensor_reader
 
 if TYPE_CHECKING:
@@ -47,23 +46,6 @@ if TYPE_CHECKING:
 
 _EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight")
 _GATE_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
-
-
-def open_sources(model_dir: Path) -> tuple[FlexOlmoConfig, dict[str, Any], list[TensorSource]]:
-    """A merged model's config, slot table, and a lazy source for each of its tensors."""
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    if not isinstance(config, FlexOlmoConfig):
-        raise FlexMoEError(
-            model_dir / "config.json", "a merged model must be a FlexOlmo checkpoint"
-        )
-    table = read_json(model_dir / SLOTS_FILE)
-    if len(table.get("slots", [])) != config.num_experts:
-        raise FlexMoEError(
-            model_dir / SLOTS_FILE,
-            f"{len(table.get('slots', []))} slots but {config.num_experts} experts",
-        )
-    return config, table, checkpoint_sources(model_dir)
 
 
 def _gate(
@@ -101,20 +83,6 @@ def edit_target(model_dir: Path, out: Path | None, overwrite: bool) -> Path:
     return Path(out)
 
 
-def write_edited(
-    model_dir: Path, out: Path, sources: list[TensorSource], config: FlexOlmoConfig,
-    table: dict[str, Any], progress: bool,
-) -> Path:  # fmt: skip
-    """Write a changed copy of ``model_dir`` to ``out`` (from :func:`edit_target`), carrying
-    the owners' opt-out store along."""
-    tokenizer = load_tokenizer(model_dir)
-    with standing_frozen(model_dir) as copy_standing:
-        return write_checkpoint(
-            sources, config=config, tokenizer=tokenizer, table=table, out=out, overwrite=True,
-            max_shard_bytes=1 << 30, progress=progress, finish=copy_standing,
-        )  # fmt: skip
-
-
 def add_expert(
     model_dir: Path, package_dir: Path, *, out: Path | None = None, overwrite: bool = False,
     progress: bool = True, registry: KeyRegistry | None = None,
@@ -123,23 +91,24 @@ def add_expert(
 
     A model merged against a key registry takes a new package only against one too.
     """
-    model_dir, package_dir = Path(model_dir), Path(package_dir)
-    target = edit_target(model_dir, out, overwrite)
-    config, table, sources = open_sources(model_dir)
-    if table.get("signatures_required") is not None and registry is None:
+    model, package_dir = MergedModel.open(model_dir), Path(package_dir)
+    target = edit_target(model.path, out, overwrite)
+    table = model.table()
+    config, sources = model.config(table), model.sources()
+    if table.signatures_required is not None and registry is None:
         raise FlexMoEError(
             "--registry", "this model's packages were checked against a key registry; give it"
         )
     package = load_package(package_dir, registry=registry)  # hashes, signature, shapes, values
     m = package.manifest
     check_compatible(
-        package_dir, m, anchor_fingerprint=table["anchor_fingerprint"],
-        tokenizer_fingerprint=table["tokenizer_fingerprint"], config=config,
+        package_dir, m, anchor_fingerprint=table.anchor_fingerprint,
+        tokenizer_fingerprint=table.tokenizer_fingerprint, config=config,
         dtype=stored_dtype(config),
     )  # fmt: skip
-    if any(name_key(s["name"]) == name_key(m.name) for s in table["slots"]):
+    if any(name_key(s.name) == name_key(m.name) for s in table.slots):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
-    refuse_look_alike(package_dir, m.owner, [e["owner"] for e in table["slots"][1:]])
+    refuse_look_alike(package_dir, m.owner, [e.owner for e in table.slots[1:]])
     index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
     by_name = {s.name: s for s in sources}
     _check_against_model(package_dir, package.tensors, m.shapes, by_name, table)
@@ -173,16 +142,25 @@ def add_expert(
         bytes=tensor_file.stat().st_size, package_sha256=manifest_sha256,
         manifest=m, signer=signer,
     )  # fmt: skip
-    new_table = dict(table, slots=[*table["slots"], slot_entry(slot, config.num_hidden_layers)])
-    if registry is not None and table.get("signatures_required") is None:
-        new_table["signatures_required"] = registry.require_signatures
+    changes: dict[str, object] = {
+        "slots": [*table.slots, slot_entry(slot, config.num_hidden_layers)]
+    }
+    if registry is not None and table.signatures_required is None:
+        changes["signatures_required"] = registry.require_signatures
     new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
-    return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
+    model.write(
+        target,
+        sources=out_sources,
+        config=new_config,
+        table=table.model_copy(update=changes),
+        progress=progress,
+    )
+    return target
 
 
 def _check_against_model(
     package_dir: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes,
-    by_name: dict[str, TensorSource], table: dict[str, Any],
+    by_name: dict[str, TensorSource], table: SlotTable,
 ) -> None:  # fmt: skip
     """As ``merge`` does, with the model's public expert (slot 0: the anchor's feed-forward and
     router row r_0) standing in for the anchor, read one tensor at a time: the package's router
@@ -204,7 +182,7 @@ def _check_against_model(
         [by_name[names.ROUTER_ON_DISK.format(layer=i)].load()[0].float() for i in range(layers)]
     )
     check_values(package_dir, tensors, shapes, rows, scales)
-    others = ((e["name"], weight_delta(slot(e["slot"]), public)) for e in table["slots"][1:])
+    others = ((e.name, weight_delta(slot(e.slot), public)) for e in table.slots[1:])
     refuse_copy(package_dir, weight_delta(package_projection(tensors), public), others)
 
 
@@ -213,13 +191,14 @@ def remove_expert(
     progress: bool = True,
 ) -> Path:  # fmt: skip
     """Drop expert ``name`` (its FFN and router row); later slots move down by one."""
-    model_dir = Path(model_dir)
-    target = edit_target(model_dir, out, overwrite)
-    config, table, sources = open_sources(model_dir)
-    slots = table["slots"]
-    index = next((s["slot"] for s in slots if s["name"] == name), None)
+    model = MergedModel.open(model_dir)
+    target = edit_target(model.path, out, overwrite)
+    table = model.table()
+    config, sources = model.config(table), model.sources()
+    slots = table.slots
+    index = table.index_of(name)
     if index is None:
-        known = ", ".join(s["name"] for s in slots[1:])
+        known = ", ".join(s.name for s in slots[1:])
         raise FlexMoEError(name, f"no such expert in this model (experts: {known})")
     if index == 0:
         raise FlexMoEError(name, "the public expert cannot be removed")
@@ -240,14 +219,22 @@ def remove_expert(
 
             source = _gate(source, config.num_experts - 1, drop_row)
         out_sources.append(source)
-    remaining = [dict(s, slot=i) for i, s in enumerate(s for s in slots if s["name"] != name)]
+    remaining = [
+        s.model_copy(update={"slot": i}) for i, s in enumerate(s for s in slots if s.name != name)
+    ]
     top_k = min(config.num_experts_per_tok, len(remaining))
     if top_k < config.num_experts_per_tok:
         warnings.warn(
             f"top-k lowered to {top_k}: only {len(remaining)} experts remain", stacklevel=2
         )
-    new_table = dict(table, slots=remaining, top_k=top_k)
     new_config = FlexOlmoConfig.from_dict(
         {**config.to_dict(), "num_experts": len(remaining), "num_experts_per_tok": top_k}
     )
-    return write_edited(model_dir, target, out_sources, new_config, new_table, progress)
+    model.write(
+        target,
+        sources=out_sources,
+        config=new_config,
+        table=table.model_copy(update={"slots": remaining}),
+        progress=progress,
+    )
+    return target

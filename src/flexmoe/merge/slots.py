@@ -1,18 +1,119 @@
-"""The slot table of a merged model, as read by everything that uses the model."""
+"""The slot table of a merged model (``flexmoe_slots.json``): who owns each slot, the owners'
+learned biases, the router's tuning record. A frozen, versioned on-disk contract.
+
+Schema 2 dropped ``top_k``: a merged model's top-k lives in ``config.json`` alone
+(``num_experts_per_tok``). Schema 1 tables still load; their ``top_k`` is ignored.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from flexmoe.errors import FlexMoEError
-from flexmoe.io import read_json
-from flexmoe.merge.build import SLOTS_FILE
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from flexmoe.expert.package import ExpertManifest
+
+SLOTS_SCHEMA = 2
+
+
+class SignerRecord(BaseModel):
+    """The verified signer of a slot's package."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fingerprint: str
+    owner: str | None
+
+
+class RouterTuning(BaseModel):
+    """What router tuning after the merge saw: counts and a hash of the documents, never text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time: str
+    data: dict[str, int]  # domain -> documents
+    documents_sha256: str
+    steps: int
+    tokens: int
+    final_train_loss: float
+    final_val_loss: float | None
+    biases_tuned: bool
+    hyperparameters: dict[str, float | int | str | bool | None]
+
+
+class RouterCalibration(BaseModel):
+    """The coordinator's rescaling of the owners' rows on public text (an ablation lever)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    time: str
+    method: str
+    public_tokens: int
+
+
+class SlotRecord(BaseModel):
+    """One slot: slot 0 is the public expert (no package), slot k owner k's expert."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slot: int
+    name: str
+    owner: str
+    license: str
+    package_sha256: str | None
+    bias: list[float]  # the owner's learned negative bias, per layer
+    manifest: ExpertManifest | None
+    signer: SignerRecord | None
+
+    @property
+    def epsilon(self) -> float | None:
+        """DP-SGD's spent epsilon, when the expert was trained with it."""
+        privacy = self.manifest.training.privacy if self.manifest else None
+        return privacy.epsilon if privacy else None
+
+
+class SlotTable(BaseModel):
+    """Every slot of a merged model and what the model was made from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[2] = 2
+    anchor_fingerprint: str
+    base_model: str | None = None  # the anchor, as the model card names it
+    tokenizer_fingerprint: str
+    router_tuning: RouterTuning | None = None
+    router_calibration: RouterCalibration | None = None
+    signatures_required: bool | None = None  # None: no key registry was asked
+    slots: list[SlotRecord]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """A schema-1 table: its copy of top-k is dropped (config.json holds it)."""
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = {k: v for k, v in data.items() if k != "top_k"} | {"schema_version": 2}
+        return data
+
+    @model_validator(mode="after")
+    def _in_order(self) -> SlotTable:
+        if [s.slot for s in self.slots] != list(range(len(self.slots))):
+            raise ValueError("slots must be numbered 0, 1, 2, ... in order")
+        if not self.slots:
+            raise ValueError("a merged model has at least the public slot")
+        return self
+
+    def infos(self) -> list[SlotInfo]:
+        return [SlotInfo.of(s) for s in self.slots]
+
+    def index_of(self, name: str) -> int | None:
+        return next((s.slot for s in self.slots if s.name == name), None)
 
 
 @dataclass(frozen=True)
 class SlotInfo:
+    """What inference, serving and listings need of a slot."""
+
     index: int
     name: str
     owner: str
@@ -20,23 +121,7 @@ class SlotInfo:
     signer: str | None = None  # the signing key's fingerprint, when the package was signed
     epsilon: float | None = None  # DP-SGD's spent epsilon, when trained with it
 
-
-def read_slots(model_dir: Path) -> list[SlotInfo]:
-    """The slot table of a merged model, in slot order."""
-    table = read_json(Path(model_dir) / SLOTS_FILE)
-    try:
-        return [
-            SlotInfo(
-                s["slot"], s["name"], s["owner"], s["license"],
-                signer=(s.get("signer") or {}).get("fingerprint"),
-                epsilon=_epsilon(s.get("manifest")),
-            )
-            for s in table["slots"]
-        ]  # fmt: skip
-    except (KeyError, TypeError) as e:
-        raise FlexMoEError(Path(model_dir) / SLOTS_FILE, f"malformed slot table ({e})") from e
-
-
-def _epsilon(manifest: dict[str, Any] | None) -> float | None:
-    privacy = ((manifest or {}).get("training") or {}).get("privacy")
-    return float(privacy["epsilon"]) if privacy else None
+    @classmethod
+    def of(cls, record: SlotRecord) -> SlotInfo:
+        signer = record.signer.fingerprint if record.signer else None
+        return cls(record.slot, record.name, record.owner, record.license, signer, record.epsilon)

@@ -9,17 +9,15 @@ the current exclusions from here.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import SqliteStore, open_sqlite
-from flexmoe.merge.slots import SlotInfo, read_slots
+from flexmoe.io import SqliteStore
+from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import SlotInfo
 
-DB_FILE = "flexmoe_standing.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS status (
     name TEXT PRIMARY KEY, opted_out INTEGER NOT NULL, reason TEXT NOT NULL, updated TEXT NOT NULL
@@ -46,22 +44,17 @@ class ExpertStatus:
 class StandingStore(SqliteStore):
     """Opt-out state of one merged model's experts."""
 
+    SCHEMA = _SCHEMA
+    WHAT = "the opt-out store"
+
     def __init__(self, model_dir: Path) -> None:
-        self.model_dir = Path(model_dir)
-        self.slots = read_slots(self.model_dir)
-        self.path = self.model_dir / DB_FILE
-        self._connect()
+        self.model = MergedModel.open(model_dir)
+        self.path = self.model.standing_file
+        self.slots = self.model.slots()
+        self._open()
 
-    def _connect(self) -> None:
-        self.db = open_sqlite(self.path, _SCHEMA, "the opt-out store")
-        self._inode = self.path.stat().st_ino
-
-    def _replaced(self) -> bool:
-        """True when the model directory was rewritten (``merge add/remove``) since we opened."""
-        try:
-            return self.path.stat().st_ino != self._inode
-        except FileNotFoundError:
-            return True
+    def _reopened(self) -> None:
+        self.slots = self.model.slots()
 
     def _slot(self, name: str) -> SlotInfo:
         slot = next((s for s in self.slots if s.name == name), None)
@@ -77,43 +70,29 @@ class StandingStore(SqliteStore):
         self._slot(name)
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         action = "opt-out" if opted_out else "opt-in"
-        for _ in range(3):
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-                if self._replaced():  # our file is the old model's: write to the new one
-                    self.db.execute("ROLLBACK")
-                    self.db.close()
-                    self.slots = read_slots(self.model_dir)
-                    self._slot(name)
-                    self._connect()
-                    continue
-                self.db.execute(
-                    "INSERT INTO status (name, opted_out, reason, updated) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET opted_out=excluded.opted_out, "
-                    "reason=excluded.reason, updated=excluded.updated",
-                    (name, int(opted_out), reason, now),
-                )
-                self.db.execute(
-                    "INSERT INTO audit (time, name, action, reason, actor) VALUES (?, ?, ?, ?, ?)",
-                    (now, name, action, reason, actor),
-                )
-                self.db.execute("COMMIT")
-                return
-            except sqlite3.Error as e:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise FlexMoEError(self.path, f"could not record the {action} ({e})") from e
-        raise FlexMoEError(self.path, f"could not record the {action}: the model keeps changing")
+        with self.transaction(f"record the {action}") as db:
+            self._slot(name)  # again: the model may have changed while we waited
+            db.execute(
+                "INSERT INTO status (name, opted_out, reason, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET opted_out=excluded.opted_out, "
+                "reason=excluded.reason, updated=excluded.updated",
+                (name, int(opted_out), reason, now),
+            )
+            db.execute(
+                "INSERT INTO audit (time, name, action, reason, actor) VALUES (?, ?, ?, ?, ?)",
+                (now, name, action, reason, actor),
+            )
 
     def opted_out(self) -> frozenset[str]:
         """Experts of this model whose owners have opted out (rows of removed experts stay in
         the log but name no slot)."""
-        rows = self.db.execute("SELECT name FROM status WHERE opted_out = 1").fetchall()
+        rows = self._current().execute("SELECT name FROM status WHERE opted_out = 1").fetchall()
         return frozenset(r[0] for r in rows) & {s.name for s in self.slots}
 
     def statuses(self) -> list[ExpertStatus]:
         rows = {
-            r[0]: r for r in self.db.execute("SELECT name, opted_out, reason, updated FROM status")
+            r[0]: r
+            for r in self._current().execute("SELECT name, opted_out, reason, updated FROM status")
         }
         out = []
         for slot in self.slots:
@@ -127,7 +106,9 @@ class StandingStore(SqliteStore):
 
     def audit(self) -> list[tuple[str, str, str, str, str]]:
         return list(
-            self.db.execute("SELECT time, name, action, reason, actor FROM audit ORDER BY id")
+            self._current().execute(
+                "SELECT time, name, action, reason, actor FROM audit ORDER BY id"
+            )
         )
 
 
@@ -136,8 +117,9 @@ def standing_exclusions(model_dir: Path, slots: list[SlotInfo] | None = None) ->
 
     A quick read-only query (no schema set-up): every request makes it.
     """
-    path = Path(model_dir) / DB_FILE
-    names = {s.name for s in (slots if slots is not None else read_slots(model_dir))}
+    model = MergedModel(Path(model_dir))
+    path = model.standing_file
+    names = {s.name for s in (slots if slots is not None else model.slots())}
     if not path.exists():
         return frozenset()
     try:
@@ -149,41 +131,3 @@ def standing_exclusions(model_dir: Path, slots: list[SlotInfo] | None = None) ->
     except sqlite3.Error as e:
         raise FlexMoEError(path, f"cannot read the opt-out store ({e})") from e
     return frozenset(r[0] for r in rows) & names
-
-
-@contextmanager
-def standing_frozen(model_dir: Path) -> Iterator[Callable[[Path], None]]:
-    """Keep the store's changes out while the model directory is being replaced.
-
-    Yields ``copy(dest_dir)``: it takes the store's write lock, keeps it until the block ends,
-    and writes the store's rows into a new store in ``dest_dir``. A change that waited for the
-    lock then notices that the directory was replaced and writes to the new store.
-    """
-    store = StandingStore(model_dir)  # creates the store if the model has none yet
-
-    def copy(dest: Path) -> None:
-        try:
-            store.db.execute("BEGIN IMMEDIATE")
-            status = store.db.execute("SELECT name, opted_out, reason, updated FROM status")
-            status_rows = status.fetchall()
-            audit = store.db.execute("SELECT id, time, name, action, reason, actor FROM audit")
-            audit_rows = audit.fetchall()
-            target = sqlite3.connect(Path(dest) / DB_FILE, isolation_level=None)
-            try:
-                target.execute("PRAGMA journal_mode=WAL")
-                target.executescript(_SCHEMA)
-                target.execute("BEGIN")
-                target.executemany("INSERT INTO status VALUES (?, ?, ?, ?)", status_rows)
-                target.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", audit_rows)
-                target.execute("COMMIT")
-            finally:
-                target.close()
-        except sqlite3.Error as e:
-            raise FlexMoEError(store.path, f"cannot copy the opt-out store ({e})") from e
-
-    try:
-        yield copy
-    finally:
-        if store.db.in_transaction:
-            store.db.execute("ROLLBACK")
-        store.close()

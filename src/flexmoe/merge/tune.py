@@ -14,19 +14,18 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import load_splits
-from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.proxies import read_proxies, resolve_proxies
 from flexmoe.expert.train import project_biases, router_z_loss
-from flexmoe.merge.build import APPLY_BIAS, load_merged
-from flexmoe.merge.edit import open_sources, with_router_rows, write_edited
+from flexmoe.merge.edit import with_router_rows
+from flexmoe.merge.layout import APPLY_BIAS, MergedModel
+from flexmoe.merge.slots import RouterTuning
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, train
@@ -36,7 +35,7 @@ from flexmoe.training.loop import TrainResult, train
 class TuneResult:
     out: Path
     train: TrainResult
-    record: dict[str, Any]
+    record: RouterTuning
 
 
 def proxy_sample(
@@ -116,8 +115,10 @@ def tune_router_on(
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
     if not train_docs:
         raise FlexMoEError(where, "no training documents")
-    config, table, sources = open_sources(model_dir)
-    tokenizer = load_tokenizer(model_dir)
+    merged = MergedModel.open(model_dir)
+    table = merged.table()
+    config, sources = merged.config(table), merged.sources()
+    tokenizer = merged.tokenizer()
     train_stream = pack_documents(train_docs, tokenizer, cache_dir=cache_dir)
     if train_stream.num_blocks(cfg.seq_len) == 0:
         raise FlexMoEError(where, f"proxy data is shorter than one block of {cfg.seq_len} tokens")
@@ -126,7 +127,7 @@ def tune_router_on(
         val_stream = pack_documents(val_docs, tokenizer, cache_dir=cache_dir)
         val_stream = val_stream if val_stream.num_blocks(cfg.seq_len) else None
 
-    model = load_merged(model_dir, use_bias=use_bias)
+    model = merged.load(use_bias=use_bias)
     for param in model.parameters():
         param.requires_grad_(False)
     for moe in moe_layers(model):
@@ -146,21 +147,22 @@ def tune_router_on(
     counts: dict[str, int] = {}
     for doc in train_docs:
         counts[doc.domain] = counts.get(doc.domain, 0) + 1
-    record = {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": counts,
-        "documents_sha256": digest.hexdigest(),
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "final_train_loss": result.final_train_loss,
-        "final_val_loss": result.final_val_loss,
-        "biases_tuned": use_bias,
-        "hyperparameters": cfg.to_dict(),
-    }
-    slots = [dict(s) for s in table["slots"]]
+    record = RouterTuning(
+        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        data=counts,
+        documents_sha256=digest.hexdigest(),
+        steps=result.steps,
+        tokens=result.tokens,
+        final_train_loss=result.final_train_loss,
+        final_val_loss=result.final_val_loss,
+        biases_tuned=use_bias,
+        hyperparameters=cfg.to_dict(),
+    )
+    slots = list(table.slots)
     if use_bias:
-        for index, slot in enumerate(slots[1:]):
-            slot["bias"] = [float(moe.router.biases[index].detach().clamp(max=0)) for moe in layers]
-    new_table = dict(table, slots=slots, router_tuning=record)
-    written = write_edited(model_dir, out, tuned_sources, config, new_table, progress)
-    return TuneResult(out=written, train=result, record=record)
+        for index, slot in enumerate(slots[1:], start=1):
+            bias = [float(moe.router.biases[index - 1].detach().clamp(max=0)) for moe in layers]
+            slots[index] = slot.model_copy(update={"bias": bias})
+    new_table = table.model_copy(update={"slots": slots, "router_tuning": record})
+    merged.write(out, sources=tuned_sources, config=config, table=new_table, progress=progress)
+    return TuneResult(out=out, train=result, record=record)

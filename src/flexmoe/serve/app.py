@@ -30,12 +30,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.inference.selection import Selection
-from flexmoe.io import read_json
-from flexmoe.merge.build import APPLY_BIAS, SLOTS_FILE, load_merged
-from flexmoe.merge.slots import read_slots
+from flexmoe.merge.layout import APPLY_BIAS, MergedModel
 from flexmoe.merge.standing import StandingStore
 from flexmoe.serve.auth import OwnerTokens, is_admin
 from flexmoe.serve.batch import RowResult
@@ -82,23 +79,22 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = 10.0,
 ) -> FastAPI:  # fmt: skip
     """The app for the merged model at ``model_dir``; the model loads when the app starts."""
-    model_dir = Path(model_dir)
-    if not (model_dir / SLOTS_FILE).is_file():
-        raise FlexMoEError(model_dir, "not a merged model (no flexmoe_slots.json)")
+    merged = MergedModel.open(model_dir)
+    model_dir = merged.path
     state: dict[str, ServerState] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = load_merged(model_dir, use_bias=use_bias, device=device).eval()
-        slots = read_slots(model_dir)
-        tokenizer = load_tokenizer(model_dir)
-        table = read_json(model_dir / SLOTS_FILE)
+        model = merged.load(use_bias=use_bias, device=device).eval()
+        table = merged.table()
+        slots = table.infos()
+        tokenizer = merged.tokenizer()
         scheduler = Scheduler(model, tokenizer, model_dir, slots, device=device,
                               max_batch=max_batch)  # fmt: skip
         state["s"] = ServerState(
             model_dir=model_dir, name=name or model_dir.name, scheduler=scheduler,
             tokenizer=tokenizer, slots=slots, context=int(model.config.max_position_embeddings),
-            admin_token=admin_token, tuned=bool(table.get("router_tuning")),
+            admin_token=admin_token, tuned=table.router_tuning is not None,
         )  # fmt: skip
         app.state.scheduler = scheduler
         try:

@@ -21,10 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import SqliteStore, open_sqlite
-from flexmoe.merge.slots import read_slots
+from flexmoe.io import SqliteStore
+from flexmoe.merge.layout import MergedModel
 
-DB_FILE = "flexmoe_owners.sqlite"
 ADMIN_ENV = "FLEXMOE_ADMIN_TOKEN"
 PREFIX = "fmx"
 _SCHEMA = """
@@ -52,12 +51,18 @@ class TokenInfo:
 class OwnerTokens(SqliteStore):
     """The token store of one merged model. Open one per thread."""
 
+    SCHEMA = _SCHEMA
+    WHAT = "the owners' token store"
+
     def __init__(self, model_dir: Path) -> None:
-        self.model_dir = Path(model_dir)
-        self.experts = [s.name for s in read_slots(self.model_dir)[1:]]
-        self.path = self.model_dir / DB_FILE
-        self.db = open_sqlite(self.path, _SCHEMA, "the owners' token store")
+        self.model = MergedModel.open(model_dir)
+        self.path = self.model.owners_file
+        self._reopened()
+        self._open()
         os.chmod(self.path, 0o600)  # hashes only, but nobody else needs to read them
+
+    def _reopened(self) -> None:
+        self.experts = [s.name for s in self.model.slots()[1:]]
 
     def _expert(self, name: str) -> str:
         if name not in self.experts:
@@ -71,10 +76,13 @@ class OwnerTokens(SqliteStore):
         token = f"{PREFIX}_{expert}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        self.db.execute(
-            "INSERT INTO tokens (expert, salt, hash, created) VALUES (?, ?, ?, ?)",
-            (expert, salt, _hash(token, salt), now),
-        )
+        digest = _hash(token, salt)
+        with self.transaction("add the token") as db:
+            self._expert(expert)  # again: the model may have changed while we waited
+            db.execute(
+                "INSERT INTO tokens (expert, salt, hash, created) VALUES (?, ?, ?, ?)",
+                (expert, salt, digest, now),
+            )
         return token
 
     def revoke(self, expert: str, token_id: int | None = None) -> int:
@@ -85,19 +93,26 @@ class OwnerTokens(SqliteStore):
         args: tuple[object, ...] = (now, expert)
         if token_id is not None:
             query, args = query + " AND id = ?", (*args, token_id)
-        return self.db.execute(query, args).rowcount
+        with self.transaction("revoke the token") as db:
+            return db.execute(query, args).rowcount
 
     def list(self) -> list[TokenInfo]:
-        rows = self.db.execute("SELECT id, expert, created, revoked FROM tokens ORDER BY id")
+        rows = self._current().execute(
+            "SELECT id, expert, created, revoked FROM tokens ORDER BY id"
+        )
         return [TokenInfo(*row) for row in rows]
 
     def owner_of(self, token: str) -> str | None:
         """The expert whose live token this is, or None."""
         named = [e for e in self.experts if token.startswith(f"{PREFIX}_{e}_")]
         for expert in sorted(named, key=len, reverse=True):
-            rows = self.db.execute(
-                "SELECT salt, hash FROM tokens WHERE expert = ? AND revoked IS NULL", (expert,)
-            ).fetchall()
+            rows = (
+                self._current()
+                .execute(
+                    "SELECT salt, hash FROM tokens WHERE expert = ? AND revoked IS NULL", (expert,)
+                )
+                .fetchall()
+            )
             found = False
             for salt, digest in rows:  # check them all: the time does not say which matched
                 found |= hmac.compare_digest(_hash(token, salt), digest)

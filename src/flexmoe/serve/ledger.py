@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import SqliteStore, open_sqlite
+from flexmoe.io import SqliteStore
+from flexmoe.merge.layout import MergedModel
 
-DB_FILE = "flexmoe_ledger.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, time TEXT NOT NULL, day TEXT NOT NULL, endpoint TEXT NOT NULL,
@@ -41,11 +41,14 @@ class UsageRow:
 class Ledger(SqliteStore):
     """The ledger of one model directory. Open one per thread."""
 
+    SCHEMA = _SCHEMA
+    WHAT = "the usage ledger"
+
     def __init__(self, model_dir: Path, *, create: bool = True) -> None:
-        self.path = Path(model_dir) / DB_FILE
+        self.path = MergedModel(Path(model_dir)).ledger_file
         if not create and not self.path.exists():
             raise FlexMoEError(self.path, "no ledger yet: the server has answered no request")
-        self.db = open_sqlite(self.path, _SCHEMA, "the usage ledger")
+        self._open()
 
     def record(
         self, response_id: str, *, endpoint: str, prompt_tokens: int, completion_tokens: int,
@@ -53,22 +56,16 @@ class Ledger(SqliteStore):
     ) -> None:  # fmt: skip
         """Append one response and its per-expert shares in one transaction."""
         now = datetime.now(UTC)
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
+        with self.transaction("append to the usage ledger") as db:
+            db.execute(
                 "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
                 (response_id, now.isoformat(timespec="milliseconds"), now.date().isoformat(),
                  endpoint, prompt_tokens, completion_tokens),
             )  # fmt: skip
-            self.db.executemany(
+            db.executemany(
                 "INSERT INTO usage VALUES (?, ?, ?, ?)",
                 [(response_id, e, s, s * completion_tokens) for e, s in shares.items() if s > 0],
             )
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise FlexMoEError(self.path, f"cannot append to the usage ledger ({e})") from e
 
     def summary(self, by: str) -> list[UsageRow]:
         """Totals per ``day`` or per ``expert``."""
@@ -82,15 +79,20 @@ class Ledger(SqliteStore):
         else:
             raise FlexMoEError("--by", f"expected day or expert, got {by!r}")
         return [UsageRow(k, int(n), float(c or 0), int(p or 0)) for k, n, c, p in
-                self.db.execute(query)]  # fmt: skip
+                self._current().execute(query)]  # fmt: skip
 
     def expert_usage(self, expert: str) -> dict[str, float | int]:
         """One expert's totals: responses that used it, weighted tokens, mean share."""
-        n, tokens, share = self.db.execute(
-            "SELECT COUNT(*), SUM(tokens), AVG(share) FROM usage WHERE expert = ?", (expert,)
-        ).fetchone()
-        total = self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        n, tokens, share = (
+            self._current()
+            .execute(
+                "SELECT COUNT(*), SUM(tokens), AVG(share) FROM usage WHERE expert = ?", (expert,)
+            )
+            .fetchone()
+        )
+        total = self._current().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
         return {
             "responses": int(n), "responses_total": int(total),
             "weighted_tokens": float(tokens or 0.0), "mean_share": float(share or 0.0),
         }  # fmt: skip
+
