@@ -8,7 +8,6 @@ response the server has answered is in the ledger even if the server is killed r
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,4 +94,3 @@ class Ledger(SqliteStore):
             "responses": int(n), "responses_total": int(total),
             "weighted_tokens": float(tokens or 0.0), "mean_share": float(share or 0.0),
         }  # fmt: skip
-
