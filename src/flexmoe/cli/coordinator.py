@@ -176,18 +176,25 @@ def router_tune(
             paths = tuple(p for s in public for p in s.paths)
             specs += proxy_specs(proxies, paths, Path(work), text_field, id_field)
         result = tune_router(
-            model, specs, out=out, cfg=training, device=pick_device(device),
-            cache_dir=token_cache(cache_dir), use_bias=use_bias(bias), overwrite=force,
+            model,
+            specs,
+            out=out,
+            cfg=training,
+            device=pick_device(device),
+            cache_dir=token_cache(cache_dir),
+            use_bias=use_bias(bias),
+            overwrite=force,
             log_dir=log_dir,
-        )  # fmt: skip
+        )
     val = result.train.final_val_loss
     emit(
-        as_json, train_summary(result.out, result.train),
+        as_json,
+        train_summary(result.out, result.train),
         f"router tuned: {result.train.steps} steps, {result.train.tokens:,} tokens, final train "
         f"loss {result.train.final_train_loss:.4f}"
         + (f", validation {val:.4f}" if val is not None else "")
         + f" -> {result.out}",
-    )  # fmt: skip
+    )
 
 
 def generate(
@@ -218,14 +225,23 @@ def generate(
     slots = read_slots(model)
     net = load_merged(model, use_bias=use_bias(bias), device=pick_device(device))
     selection = Selection(
-        include=frozenset(include or ()), exclude=frozenset(exclude or ()),
-        licenses=frozenset(license or ()), opted_out=standing_exclusions(model),
-    )  # fmt: skip
+        include=frozenset(include or ()),
+        exclude=frozenset(exclude or ()),
+        licenses=frozenset(license or ()),
+        opted_out=standing_exclusions(model),
+    )
     result = run(
-        net, load_tokenizer(model), prompt, slots=slots, selection=selection,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        net,
+        load_tokenizer(model),
+        prompt,
+        slots=slots,
+        selection=selection,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         per_token=per_token,
-    )  # fmt: skip
+    )
     if as_json:
         emit(True, asdict(result), "")
         return
@@ -342,6 +358,7 @@ def serve(
         import uvicorn
 
         from flexmoe.serve.app import create_app
+        from flexmoe.serve.http import server_config
     except ImportError as e:
         raise FlexMoEError(
             "serve", f"needs the serve extra: pip install 'flexmoe[serve]' ({e})"
@@ -349,11 +366,15 @@ def serve(
     if max_batch < 1:
         raise FlexMoEError("--max-batch", "must be at least 1")
     app_ = create_app(
-        model, device=pick_device(device), admin_token=read_admin_token(admin_token_file),
-        max_batch=max_batch, name=name, use_bias=use_bias(bias), max_body_bytes=max_body_bytes,
-    )  # fmt: skip
-    # No access log: uvicorn's prints query strings, where a client may have put a token.
-    uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False)
+        model,
+        device=pick_device(device),
+        admin_token=read_admin_token(admin_token_file),
+        max_batch=max_batch,
+        name=name,
+        use_bias=use_bias(bias),
+        max_body_bytes=max_body_bytes,
+    )
+    uvicorn.Server(server_config(app_, host=host, port=port)).run()
 
 
 @owners_app.command("keygen")
@@ -455,8 +476,9 @@ def owners_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> No
     with OwnerTokens(model) as tokens:
         token = tokens.add(name)
     emit(as_json, {"expert": name, "token": token}, token)
-    typer.echo(f"(the token for {name}'s owner; it is not stored and cannot be shown again)",
-               err=True)  # fmt: skip
+    typer.echo(
+        f"(the token for {name}'s owner; it is not stored and cannot be shown again)", err=True
+    )
 
 
 @owners_app.command("revoke")

@@ -66,8 +66,9 @@ class OwnerTokens(SqliteStore):
 
     def _expert(self, name: str) -> str:
         if name not in self.experts:
-            raise FlexMoEError(name, f"no such expert in this model (experts: "
-                                     f"{', '.join(self.experts)})")  # fmt: skip
+            raise FlexMoEError(
+                name, f"no such expert in this model (experts: {', '.join(self.experts)})"
+            )
         return name
 
     def add(self, expert: str) -> str:

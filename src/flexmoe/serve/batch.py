@@ -74,8 +74,9 @@ class _Row:
             self.tokens.append(token)
             self.mass += routing
             self.text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
-            cut = min((i for i in (self.text.find(s) for s in self.req.stop if s) if i >= 0),
-                      default=-1)  # fmt: skip
+            cut = min(
+                (i for i in (self.text.find(s) for s in self.req.stop if s) if i >= 0), default=-1
+            )
             if cut >= 0:
                 self.text, self.done = self.text[:cut], "stop"
             elif len(self.tokens) >= self.req.max_tokens:
@@ -116,10 +117,13 @@ class _Row:
         total = float(self.mass.sum())
         shares = [float(m) / total if total > 0 else 0.0 for m in self.mass]
         return RowResult(
-            text=self.text, token_ids=self.tokens, prompt_tokens=len(self.req.prompt_ids),
-            finish_reason=self.done or "length", expert_mass=[float(m) for m in self.mass],
+            text=self.text,
+            token_ids=self.tokens,
+            prompt_tokens=len(self.req.prompt_ids),
+            finish_reason=self.done or "length",
+            expert_mass=[float(m) for m in self.mass],
             shares=shares,
-        )  # fmt: skip
+        )
 
 
 def _sample(logits: torch.Tensor, row: _Row, eos: int | None) -> int:
@@ -222,9 +226,12 @@ class RunningBatch:
         try:
             with record_routing(self.model) as record:
                 out = self.model(
-                    input_ids=ids, attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True,
-                )  # fmt: skip
+                    input_ids=ids,
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
         finally:
             set_expert_mask(self.model, None)
         return out.logits[:, -1, :], record.calls[-1][:, -1, :].double()  # (B, V), (B, N)
@@ -247,9 +254,13 @@ class RunningBatch:
         return torch.tensor(chosen, device=self.device)[:, None]
 
     def _join(
-        self, rows: list[_Row], masks: torch.Tensor, cache: Any, attention: torch.Tensor,
+        self,
+        rows: list[_Row],
+        masks: torch.Tensor,
+        cache: Any,
+        attention: torch.Tensor,
         next_ids: torch.Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not self.rows:
             self.rows, self.masks, self.cache = rows, masks, cache
             self.attention, self.next_ids = attention, next_ids

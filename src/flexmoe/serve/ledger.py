@@ -37,6 +37,14 @@ class UsageRow:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class ExpertTotals:
+    responses: int  # responses that used the expert
+    responses_total: int  # all responses
+    weighted_tokens: float  # completion tokens weighted by the expert's share
+    mean_share: float
+
+
 class Ledger(SqliteStore):
     """The ledger of one model directory. Open one per thread."""
 
@@ -50,17 +58,28 @@ class Ledger(SqliteStore):
         self._open()
 
     def record(
-        self, response_id: str, *, endpoint: str, prompt_tokens: int, completion_tokens: int,
+        self,
+        response_id: str,
+        *,
+        endpoint: str,
+        prompt_tokens: int,
+        completion_tokens: int,
         shares: dict[str, float],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Append one response and its per-expert shares in one transaction."""
         now = datetime.now(UTC)
         with self.transaction("append to the usage ledger") as db:
             db.execute(
                 "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
-                (response_id, now.isoformat(timespec="milliseconds"), now.date().isoformat(),
-                 endpoint, prompt_tokens, completion_tokens),
-            )  # fmt: skip
+                (
+                    response_id,
+                    now.isoformat(timespec="milliseconds"),
+                    now.date().isoformat(),
+                    endpoint,
+                    prompt_tokens,
+                    completion_tokens,
+                ),
+            )
             db.executemany(
                 "INSERT INTO usage VALUES (?, ?, ?, ?)",
                 [(response_id, e, s, s * completion_tokens) for e, s in shares.items() if s > 0],
@@ -69,28 +88,32 @@ class Ledger(SqliteStore):
     def summary(self, by: str) -> list[UsageRow]:
         """Totals per ``day`` or per ``expert``."""
         if by == "day":
-            query = ("SELECT day, COUNT(*), SUM(completion_tokens), SUM(prompt_tokens) "
-                     "FROM responses GROUP BY day ORDER BY day")  # fmt: skip
+            query = (
+                "SELECT day, COUNT(*), SUM(completion_tokens), SUM(prompt_tokens) "
+                "FROM responses GROUP BY day ORDER BY day"
+            )
         elif by == "expert":
-            query = ("SELECT u.expert, COUNT(*), SUM(u.tokens), SUM(r.prompt_tokens) FROM usage u "
-                     "JOIN responses r ON r.id = u.response GROUP BY u.expert "
-                     "ORDER BY SUM(u.tokens) DESC")  # fmt: skip
+            query = (
+                "SELECT u.expert, COUNT(*), SUM(u.tokens), SUM(r.prompt_tokens) FROM usage u "
+                "JOIN responses r ON r.id = u.response GROUP BY u.expert "
+                "ORDER BY SUM(u.tokens) DESC"
+            )
         else:
             raise FlexMoEError("--by", f"expected day or expert, got {by!r}")
-        return [UsageRow(k, int(n), float(c or 0), int(p or 0)) for k, n, c, p in
-                self._current().execute(query)]  # fmt: skip
+        return [
+            UsageRow(k, int(n), float(c or 0), int(p or 0))
+            for k, n, c, p in self._current().execute(query)
+        ]
 
-    def expert_usage(self, expert: str) -> dict[str, float | int]:
+    def expert_usage(self, expert: str) -> ExpertTotals:
         """One expert's totals: responses that used it, weighted tokens, mean share."""
-        n, tokens, share = (
-            self._current()
-            .execute(
-                "SELECT COUNT(*), SUM(tokens), AVG(share) FROM usage WHERE expert = ?", (expert,)
-            )
-            .fetchone()
+        db = self._current()
+        query = "SELECT COUNT(*), SUM(tokens), AVG(share) FROM usage WHERE expert = ?"
+        n, tokens, share = db.execute(query, (expert,)).fetchone()
+        total = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        return ExpertTotals(
+            responses=int(n),
+            responses_total=int(total),
+            weighted_tokens=float(tokens or 0.0),
+            mean_share=float(share or 0.0),
         )
-        total = self._current().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-        return {
-            "responses": int(n), "responses_total": int(total),
-            "weighted_tokens": float(tokens or 0.0), "mean_share": float(share or 0.0),
-        }  # fmt: skip

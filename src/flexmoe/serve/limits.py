@@ -11,16 +11,21 @@ from typing import Any
 from flexmoe.serve.protocol import ApiError, error_response
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before parsing
+MAX_READ_S = 30.0  # a request body still arriving after this long is cut off (408)
 
 
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets a 413 before anything parses
     it, whether its length is declared or it arrives in chunks; a body whose next chunk takes
-    longer than ``read_timeout_s`` gets a 408 (a slow-drip client is cut off). Reading stops
+    longer than ``read_timeout_s``, or that is still arriving ``deadline_s`` after the request
+    began, gets a 408 (a slow-drip client is cut off, however it paces its bytes). Reading stops
     there, and whatever the app answers to the cut body is replaced by the refusal."""
 
-    def __init__(self, app: Any, limit: int, read_timeout_s: float = 10.0) -> None:
-        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
+    def __init__(
+        self, app: Any, limit: int, read_timeout_s: float = 10.0, deadline_s: float = MAX_READ_S
+    ) -> None:
+        self.app, self.limit = app, limit
+        self.read_timeout_s, self.deadline_s = read_timeout_s, deadline_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -28,9 +33,11 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send, 413)
+            await self._refuse(send, 413, f"the request body is larger than {self.limit:,} bytes")
             return
-        seen, refusal, complete = 0, 0, False
+        deadline = time.monotonic() + self.deadline_s
+        seen, complete = 0, False
+        refusal: tuple[int, str] | None = None
         cut = {"type": "http.request", "body": b"", "more_body": False}
 
         async def counted() -> Any:
@@ -39,36 +46,39 @@ class BodyLimit:
                 return cut
             if complete:  # after the body: only a disconnect can come, wait as long as it takes
                 return await receive()
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await asyncio.wait_for(
+                    receive(), max(0.0, min(left, self.read_timeout_s))
+                )
             except TimeoutError:
-                refusal = 408
+                refusal = (408, self._late(left))
                 return cut
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if seen > self.limit:
-                    refusal = 413
+                    refusal = (413, f"the request body is larger than {self.limit:,} bytes")
                     return cut
             return message
 
         async def answered(message: Any) -> None:
-            if not refusal:
+            if refusal is None:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await self._refuse(send, refusal)
+                await self._refuse(send, *refusal)
 
         await self.app(scope, counted, answered)
 
-    async def _refuse(self, send: Any, status: int) -> None:
-        message = (
-            f"the request body is larger than {self.limit:,} bytes"
-            if status == 413
-            else f"the request body stalled for over {self.read_timeout_s:g} s"
-        )
+    def _late(self, left: float) -> str:
+        if left <= self.read_timeout_s:
+            return f"the request body took over {self.deadline_s:g} s to arrive"
+        return f"the request body stalled for over {self.read_timeout_s:g} s"
+
+    async def _refuse(self, send: Any, status: int, message: str) -> None:
         response = error_response(status, message)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": response.raw_headers})  # fmt: skip
+        headers = [*response.raw_headers, (b"connection", b"close")]  # the rest goes unread
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
 
@@ -95,8 +105,12 @@ class FailureLimiter:
         times = self._recent(client, now)
         if len(times) + self.checking[client] >= self.limit:
             wait = int(self.window_s - (now - times[0])) + 1 if times else 1
-            raise ApiError(429, f"too many failed token attempts; retry in {wait} s",
-                           kind="rate_limit_error", code="rate_limit_exceeded")  # fmt: skip
+            raise ApiError(
+                429,
+                f"too many failed token attempts; retry in {wait} s",
+                kind="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
         self.checking[client] += 1
 
     def end(self, client: str, *, failed: bool) -> None:

@@ -1,6 +1,6 @@
-"""The API's request and error shapes: OpenAI's completions and chat completions, validated up
-front (every sampling value within what the generator and float32 hold, allow-lists never empty,
-text valid Unicode), and OpenAI-style error bodies."""
+"""The API's request, response and error shapes: OpenAI's completions and chat completions,
+validated up front (every sampling value within what the generator and float32 hold, allow-lists
+never empty, text valid Unicode), flexmoe's experts endpoints, and OpenAI-style error bodies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from typing import Literal
 
 import torch
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from flexmoe.inference.selection import Selection
 
@@ -20,18 +27,29 @@ MIN_TOP_P = float(torch.finfo(torch.float32).tiny)  # the least top_p float32 ho
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:  # fmt: skip
+    """A refusal: its status and the OpenAI-style error body it becomes."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = (
-            status, message, param, kind, code
-        )  # fmt: skip
+        self.status, self.message, self.param = status, message, param
+        self.kind, self.code = kind, code
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
     code: str | None = None,
-) -> JSONResponse:  # fmt: skip
+) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
@@ -53,9 +71,10 @@ class ExpertChoice(BaseModel):
 
     def selection(self) -> Selection:
         return Selection(
-            include=frozenset(self.include or ()), exclude=frozenset(self.exclude or ()),
+            include=frozenset(self.include or ()),
+            exclude=frozenset(self.exclude or ()),
             licenses=frozenset(self.licenses or ()),
-        )  # fmt: skip
+        )
 
 
 class Sampling(BaseModel):
@@ -64,7 +83,7 @@ class Sampling(BaseModel):
     max_tokens: int = Field(default=16, ge=1)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-text before this
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
@@ -88,12 +107,12 @@ class Sampling(BaseModel):
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
         return value
 
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, value: float) -> float:
-        if value < MIN_TOP_P:
-            raise ValueError(f"must be at least {MIN_TOP_P:.3g} (float32's least positive)")
-        return value
+    @model_validator(mode="after")
+    def _greedy_top_p(self) -> Sampling:
+        """A nucleus too small for float32 (0 included) keeps only the likeliest token: greedy."""
+        if self.top_p < MIN_TOP_P:
+            self.top_p, self.temperature = 1.0, 0.0
+        return self
 
 
 def valid_unicode(text: str) -> str:
@@ -142,3 +161,112 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 class OptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(default="", max_length=500)
+
+
+# Responses.
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present(self) -> dict[str, str]:
+        """Only what the delta carries: ``{}`` at the end of a stream."""
+        fields = (("role", self.role), ("content", self.content))
+        return {key: value for key, value in fields if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    """A completion or chat completion, whole or one streamed chunk of it; ``attribution`` and
+    ``usage`` come with the whole answer and the last chunk."""
+
+    id: str
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice]
+    usage: Usage | None = None
+    attribution: dict[str, float] | None = None  # expert -> share of the routing mass
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "flexmoe"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    experts: int
+    batches: int  # batches run so far
+    cancelled: int  # rows cancelled because their client left
+    largest_batch: int
+
+
+class ExpertEntry(BaseModel):
+    name: str
+    owner: str
+    license: str
+    slot: int
+    public: bool
+    status: Literal["active", "opted-out"]
+    reason: str
+    updated: str | None
+    routing_tuned: bool
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertEntry]
+
+
+class OptResponse(BaseModel):
+    name: str
+    status: Literal["active", "opted-out"]
+
+
+class ExpertUsage(BaseModel):
+    name: str
+    responses: int
+    responses_total: int
+    weighted_tokens: float
+    mean_share: float

@@ -58,10 +58,16 @@ class Scheduler:
     """The batching worker. ``submit`` is safe from any thread; ``close`` stops the worker."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: Path,
-        slots: list[SlotInfo], *, device: torch.device, max_batch: int = 8,
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        model_dir: Path,
+        slots: list[SlotInfo],
+        *,
+        device: torch.device,
+        max_batch: int = 8,
         window_s: float = 0.005,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model, self.tokenizer, self.model_dir, self.slots = model, tokenizer, model_dir, slots
         self.max_batch, self.window_s = max_batch, window_s
         self.device = device
@@ -156,16 +162,25 @@ class Scheduler:
                 return
             shares = dict(zip(names, result.shares, strict=True))
             ledger.record(
-                job.request_id, endpoint=job.endpoint, prompt_tokens=result.prompt_tokens,
-                completion_tokens=len(result.token_ids), shares=shares,
-            )  # fmt: skip
+                job.request_id,
+                endpoint=job.endpoint,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=len(result.token_ids),
+                shares=shares,
+            )
             job.emit("done", result)
 
         return RowRequest(
-            prompt_ids=job.prompt_ids, mask=mask, max_tokens=job.max_tokens,
+            prompt_ids=job.prompt_ids,
+            mask=mask,
+            max_tokens=job.max_tokens,
             min_tokens=job.min_tokens,
-            temperature=job.temperature, top_p=job.top_p, seed=job.seed, stop=job.stop,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            stop=job.stop,
             on_text=(lambda text: job.emit("text", text)) if job.stream else None,
-            on_finish=finish, on_error=lambda message: job.emit("error", message),
+            on_finish=finish,
+            on_error=lambda message: job.emit("error", message),
             cancelled=job.cancelled.is_set,
-        )  # fmt: skip
+        )
