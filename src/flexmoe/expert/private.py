@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,24 +28,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 from flexmoe.data.packing import TokenStream
-from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
-from flexmoe.io import show_progress
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.moe import Router
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import (
-    AuxLoss,
-    TrainResult,
-    build_optimizer,
-    next_token_loss,
-    validation_loss,
-)
-from flexmoe.training.metrics import MetricsLog
-from flexmoe.training.schedule import lr_at
+from flexmoe.training.loop import AuxLoss, DistInfo, TrainingMode, TrainResult, train
 
 ACCOUNTANT = "rdp"
 
@@ -103,9 +92,10 @@ def check_record(where: Path, record: PrivacyRecord) -> None:
     recomputed = accountant_epsilon(record)
     if not math.isclose(recomputed, record.epsilon, rel_tol=1e-6, abs_tol=1e-9):
         raise FlexMoEError(
-            where, f"field 'training.privacy.epsilon': {record.epsilon:.6g} is not what its "
+            where,
+            f"field 'training.privacy.epsilon': {record.epsilon:.6g} is not what its "
             f"noise, sample rate and steps give ({recomputed:.6g})",
-        )  # fmt: skip
+        )
 
 
 class PrivateRouter(Router):
@@ -158,132 +148,156 @@ def _register() -> None:
     register_grad_sampler(PrivateRouter)(_router_grad_sample)
 
 
-def train_private(
-    model: nn.Module, *, train_stream: TokenStream, val_stream: TokenStream | None,
-    cfg: TrainConfig, privacy: PrivacySettings, device: torch.device,
-    aux_loss: AuxLoss | None = None, after_step: Callable[[nn.Module], None] | None = None,
-    progress: bool = True, desc: str = "train (DP)", log_dir: Path | None = None,
-) -> tuple[TrainResult, PrivacyRecord]:  # fmt: skip
-    """Train ``model``'s trainable tensors for ``cfg.steps`` DP-SGD steps (one process; no
-    checkpoints: a resumed run would have to account for the steps before it)."""
-    from opacus import PrivacyEngine
-    from opacus.accountants.utils import get_noise_multiplier
-    from opacus.data_loader import DPDataLoader
+class PrivateMode(TrainingMode):
+    """DP-SGD as a mode of the training loop: Poisson-sampled batches, Opacus' optimizer (per-sample
+    clipping and noise) and its RDP accountant; one process, no checkpoints (a resumed run would
+    have to account for the steps before it)."""
 
-    _register()
-    num_blocks = train_stream.num_blocks(cfg.seq_len)
-    if num_blocks < 2 * cfg.batch_size:
-        raise FlexMoEError(
-            "--batch-size", f"DP-SGD samples batches of {cfg.batch_size} from {num_blocks} "
-            "blocks; give more data or a smaller batch",
-        )  # fmt: skip
-    if cfg.grad_accum != 1:
-        raise FlexMoEError("--grad-accum", "DP-SGD takes one batch per step (use 1)")
-    model.to(device).train()
-    routers = []
-    for moe in moe_layers(model):
-        private = PrivateRouter(moe.router).to(device)
-        routers.append((moe, moe.router, private))
-        moe.router = private
-    # Which blocks join a step, and the noise, must stay unknown to anyone who reads the
-    # package: both come from the operating system's randomness, never from --seed.
-    sampling = torch.Generator().manual_seed(secrets.randbits(63))
-    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-    loader = DPDataLoader.from_data_loader(
-        DataLoader(TensorDataset(torch.arange(num_blocks)), batch_size=cfg.batch_size),
-        generator=sampling,
-    )  # Poisson sampling: each block joins each step with probability sample_rate
-    sample_rate = 1 / len(loader)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="opacus")  # RNG and alpha-range advice
-        sigma = get_noise_multiplier(
-            target_epsilon=privacy.epsilon, target_delta=privacy.delta,
-            sample_rate=sample_rate, steps=cfg.steps, accountant=ACCOUNTANT,
-        )  # fmt: skip
-        engine = PrivacyEngine(accountant=ACCOUNTANT)
-        wrapped, optimizer, loader = engine.make_private(
-            module=model, optimizer=build_optimizer(model, cfg), data_loader=loader,
-            noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, noise_generator=noise,
-            poisson_sampling=False,  # the loader samples already, from its own generator
-        )  # fmt: skip
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(
-        total=cfg.steps,
-        desc=desc,
-        unit="step",
-        disable=not show_progress(progress),
-        dynamic_ncols=True,
-    )
-    history: list[dict[str, float]] = []
-    metrics = MetricsLog(log_dir, desc.replace(" ", "-").replace("(", "").replace(")", ""))
-    step = tokens = 0
+    checkpoints = False
+    clips = False  # the optimizer clips each sample's gradient
 
-    def batches() -> Iterator[list[int]]:
-        while True:  # epoch after epoch of the Poisson-sampled loader
-            for (indices,) in loader:
-                yield indices.tolist()
+    def __init__(self, privacy: PrivacySettings) -> None:
+        self.privacy = privacy
+        self.routers: list[tuple[nn.Module, Router, PrivateRouter]] = []
+        self.record: PrivacyRecord | None = None
+        self._steps = 0
 
-    start = time.perf_counter()
-    try:
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """Each router becomes a :class:`PrivateRouter`, whose tensors Opacus can sample."""
+        _register()
+        for moe in moe_layers(model):
+            private = PrivateRouter(moe.router).to(device)
+            self.routers.append((moe, moe.router, private))
+            moe.router = private
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        cfg: TrainConfig,
+        num_blocks: int,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+        from opacus.data_loader import DPDataLoader
+
+        if info.world_size > 1:
+            raise FlexMoEError("--dp-epsilon", "DP-SGD runs in one process, not under torchrun")
+        if num_blocks < 2 * cfg.batch_size:
+            raise FlexMoEError(
+                "--batch-size",
+                f"DP-SGD samples batches of {cfg.batch_size} from {num_blocks} "
+                "blocks; give more data or a smaller batch",
+            )
+        if cfg.grad_accum != 1:
+            raise FlexMoEError("--grad-accum", "DP-SGD takes one batch per step (use 1)")
+        device = next(model.parameters()).device
+        # Which blocks join a step, and the noise, must stay unknown to anyone who reads the
+        # package: both come from the operating system's randomness, never from --seed.
+        sampling = torch.Generator().manual_seed(secrets.randbits(63))
+        noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        loader = DPDataLoader.from_data_loader(
+            DataLoader(TensorDataset(torch.arange(num_blocks)), batch_size=cfg.batch_size),
+            generator=sampling,
+        )  # Poisson sampling: each block joins each step with probability sample_rate
+        self.sample_rate, self.unit_tokens = 1 / len(loader), cfg.seq_len + 1
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for step, indices in zip(range(1, cfg.steps + 1), batches(), strict=False):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step - 1, cfg)
-                value = _private_step(
-                    wrapped, model, params, train_stream, indices, cfg, device, aux_loss
-                )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if after_step is not None:
-                    after_step(model)
-                tokens += len(indices) * cfg.seq_len
-                if not math.isnan(value):
-                    history.append({"step": step, "loss": value, "lr": lr_at(step - 1, cfg)})
-                    metrics.record(history[-1], tokens / (time.perf_counter() - start))
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.3f}")
-    finally:
-        bar.close()
-        metrics.close()
-        wrapped._close()  # the hooks go; the model is plain again
-        for moe, router, private in routers:
-            private.restore(router)
-            moe.router = router
-    seconds = time.perf_counter() - start
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="opacus")
-        spent = float(engine.get_epsilon(privacy.delta))
-    record = PrivacyRecord(
-        epsilon=spent, target_epsilon=privacy.epsilon,
-        delta=privacy.delta, max_grad_norm=privacy.max_grad_norm, noise_multiplier=sigma,
-        sample_rate=sample_rate, steps=step, unit_tokens=cfg.seq_len + 1,
-    )  # fmt: skip
-    val_loss = validation_loss(model, val_stream, cfg, device) if val_stream else None
-    final = history[-1]["loss"] if history else math.nan
-    result = TrainResult(
-        steps=step, tokens=tokens, final_train_loss=final, final_val_loss=val_loss,
-        history=history, seconds=seconds,
-    )  # fmt: skip
-    return result, record
+            warnings.filterwarnings("ignore", module="opacus")  # RNG and alpha-range advice
+            self.sigma = get_noise_multiplier(
+                target_epsilon=self.privacy.epsilon,
+                target_delta=self.privacy.delta,
+                sample_rate=self.sample_rate,
+                steps=cfg.steps,
+                accountant=ACCOUNTANT,
+            )
+            self.engine = PrivacyEngine(accountant=ACCOUNTANT)
+            self.wrapped, optimizer, loader = self.engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.sigma,
+                max_grad_norm=self.privacy.max_grad_norm,
+                noise_generator=noise,
+                poisson_sampling=False,  # the loader samples already, from its own generator
+            )
+        self._batches = _epochs(loader)
+        return self.wrapped, optimizer
 
+    def indices(self, step: int, cfg: TrainConfig, num_blocks: int, info: DistInfo) -> list[int]:
+        self._steps = step + 1
+        return next(self._batches)
 
-def _private_step(
-    wrapped: nn.Module, model: nn.Module, params: list[nn.Parameter], stream: TokenStream,
-    indices: list[int], cfg: TrainConfig, device: torch.device, aux_loss: AuxLoss | None,
-) -> float:  # fmt: skip
-    """Forward and backward of one Poisson-sampled batch (its per-sample gradients land on the
-    parameters); an empty batch gets empty per-sample gradients, so the step is noise alone."""
-    if not indices:
+    def empty_step(self, params: list[nn.Parameter]) -> None:
+        """Empty per-sample gradients: the step is noise alone."""
         for p in params:
             empty = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             setattr(p, "grad_sample", empty)  # noqa: B010 (Opacus reads this attribute)
-        return math.nan
-    batch = stream.batch(indices, cfg.seq_len).to(device)
-    with autocast(device):
-        loss = next_token_loss(wrapped, batch)
-        value = loss.item()
-        if aux_loss is not None:
-            loss = loss + aux_loss(model)
-        loss.backward()
-    return value
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Opacus' hooks and the private routers for the run; afterwards the trained rows go
+        back into the model's routers, the hooks go, and the accountant's epsilon is kept."""
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                yield
+        finally:
+            self.wrapped._close()  # the hooks go; the model is plain again
+            for moe, router, private in self.routers:
+                private.restore(router)
+                moe.router = router
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="opacus")
+            spent = float(self.engine.get_epsilon(self.privacy.delta))
+        self.record = PrivacyRecord(
+            epsilon=spent,
+            target_epsilon=self.privacy.epsilon,
+            delta=self.privacy.delta,
+            max_grad_norm=self.privacy.max_grad_norm,
+            noise_multiplier=self.sigma,
+            sample_rate=self.sample_rate,
+            steps=self._steps,
+            unit_tokens=self.unit_tokens,
+        )
+
+
+def _epochs(loader: Iterable[tuple[torch.Tensor]]) -> Iterator[list[int]]:
+    """Batches of block indices, epoch after epoch of the Poisson-sampled loader."""
+    while True:
+        for (indices,) in loader:
+            yield indices.tolist()
+
+
+def train_private(
+    model: nn.Module,
+    *,
+    train_stream: TokenStream,
+    val_stream: TokenStream | None,
+    cfg: TrainConfig,
+    privacy: PrivacySettings,
+    device: torch.device,
+    aux_loss: AuxLoss | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    progress: bool = True,
+    desc: str = "train (DP)",
+    log_dir: Path | None = None,
+) -> tuple[TrainResult, PrivacyRecord]:
+    """Train ``model``'s trainable tensors for ``cfg.steps`` DP-SGD steps: the training loop in
+    :class:`PrivateMode`; the result and the accountant's record."""
+    mode = PrivateMode(privacy)
+    result = train(
+        model,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        cfg=cfg,
+        device=device,
+        aux_loss=aux_loss,
+        after_step=after_step,
+        progress=progress,
+        desc=desc,
+        log_dir=log_dir,
+        mode=mode,
+    )
+    assert mode.record is not None  # set when the run ends
+    return result, mode.record

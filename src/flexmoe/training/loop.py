@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import closing, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,45 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+class TrainingMode:
+    """How a run draws its batches and updates: the plain mode takes each step's blocks from the
+    seeded schedule, split over the processes (DDP or FSDP), with gradient accumulation, clipping
+    and checkpoints. Another mode (DP-SGD: :class:`flexmoe.expert.private.PrivateMode`) plugs in
+    its own sampler, optimizer wrapper and accountant through these hooks."""
+
+    checkpoints = True  # may the run be checkpointed and resumed
+    clips = True  # whether the loop clips the gradient norm (a DP optimizer clips per sample)
+
+    def prepare(self, model: nn.Module, device: torch.device) -> None:
+        """Adapt ``model`` before its trainable parameters are collected."""
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: DistInfo,
+        cfg: TrainConfig,
+        num_blocks: int,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The module the loss runs through, and the optimizer that steps."""
+        if info.world_size > 1 and not cfg.fsdp:
+            return nn.parallel.DistributedDataParallel(model), optimizer
+        return model, optimizer
+
+    def indices(self, step: int, cfg: TrainConfig, num_blocks: int, info: DistInfo) -> list[int]:
+        """This process's blocks for ``step`` (0-based)."""
+        return batch_indices(step, cfg, num_blocks)[info.rank :: info.world_size]
+
+    def empty_step(self, params: list[nn.Parameter]) -> None:
+        """Prepare an update from no blocks (only a sampling mode can draw none)."""
+        raise FlexMoEError("training data", "a step drew no blocks")
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the whole run: undoes :meth:`prepare` and :meth:`wrap` when it ends."""
+        yield
+
+
 def train(
     model: nn.Module,
     *,
@@ -218,6 +257,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     log_dir: Path | None = None,
+    mode: TrainingMode | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps.
 
@@ -226,110 +266,193 @@ def train(
     A checkpoint is written every ``cfg.checkpoint_every`` steps and on SIGINT/SIGTERM (then
     :class:`TrainingInterrupted` is raised); with ``resume`` the run continues from it exactly:
     same batches, same schedule. With ``log_dir``, the history goes to TensorBoard event files
-    in ``log_dir/<desc>`` as it is made.
+    in ``log_dir/<desc>`` as it is made. ``mode`` changes how batches are drawn and the model
+    updated (default: :class:`TrainingMode`).
     """
-    info = init_distributed(device)
-    cfg.check_world(info.world_size)
-    num_blocks = train_stream.num_blocks(cfg.seq_len)
-    if num_blocks == 0:
-        raise FlexMoEError("training data", f"shorter than one block of {cfg.seq_len} tokens")
-    model.to(device).train()
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    unsharded: list[nn.Parameter] = []
-    if cfg.fsdp and info.world_size > 1:
-        unsharded = shard_model(model, device)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise FlexMoEError(None, "the model has no trainable parameters")
-    optimizer = optimizer or build_optimizer(model, cfg)
-    state = TrainerState(
-        step=0, tokens=0, config=cfg.to_dict(), data_tokens=len(train_stream.tokens), history=[]
-    )
+    mode = mode or TrainingMode()
+    run = _Run.start(model, train_stream, cfg, device, mode, optimizer)
+    if not mode.checkpoints:
+        checkpoint_dir, resume = None, False
     if resume and checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").is_file():
-        state = load_checkpoint(checkpoint_dir, params=params, optimizer=optimizer)
-        _check_resumable(checkpoint_dir, state, cfg, len(train_stream.tokens))
-    wrapped: nn.Module = model
-    if info.world_size > 1 and not cfg.fsdp:
-        wrapped = nn.parallel.DistributedDataParallel(model)
-    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+        run.state = load_checkpoint(checkpoint_dir, params=run.params, optimizer=run.optimizer)
+        _check_resumable(checkpoint_dir, run.state, cfg, len(train_stream.tokens))
     bar = tqdm(
-        total=cfg.steps, initial=state.step, desc=desc, unit="step",
-        disable=not (show_progress(progress) and info.is_main), dynamic_ncols=True,
-    )  # fmt: skip
-    metrics = MetricsLog(log_dir if info.is_main else None, desc.replace(" ", "-"))
-    start_time, start_step = time.perf_counter(), state.step
-    train_loss = math.nan
+        total=cfg.steps,
+        initial=run.state.step,
+        desc=desc,
+        unit="step",
+        disable=not (show_progress(progress) and run.info.is_main),
+        dynamic_ncols=True,
+    )
+    metrics = MetricsLog(log_dir if run.info.is_main else None, _run_name(desc))
+    start_time, start_tokens = time.perf_counter(), run.state.tokens
+    with closing(metrics):
+        with mode.running(), _stop_on_signals() as stop, bar:
+            while run.state.step < cfg.steps:
+                record = run.step(aux_loss, after_step)
+                step = run.state.step
+                if record and val_stream and cfg.eval_every and step % cfg.eval_every == 0:
+                    run.val_loss = validation_loss(model, val_stream, cfg, device)
+                    record["val_loss"] = run.val_loss
+                elapsed = max(time.perf_counter() - start_time, 1e-9)
+                rate = (run.state.tokens - start_tokens) / elapsed
+                if record:
+                    run.state.history.append(record)
+                    metrics.record(record, rate)
+                bar.update(1)
+                bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{rate:,.0f}")
+                if checkpoint_dir and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    run.checkpoint(checkpoint_dir)
+                if _any(stop[0], run.info, device) and step < cfg.steps:
+                    run.checkpoint(checkpoint_dir)
+                    again = "; rerun with --resume" if checkpoint_dir else ""
+                    raise TrainingInterrupted(checkpoint_dir, f"interrupted at step {step}{again}")
+        last = run.state.history[-1] if run.state.history else {}
+        if val_stream is not None and (run.val_loss is None or "val_loss" not in last):
+            run.val_loss = validation_loss(model, val_stream, cfg, device)
+            metrics.record({"step": run.state.step, "val_loss": run.val_loss})
+    return run.result(time.perf_counter() - start_time)
+
+
+def _run_name(desc: str) -> str:
+    """A run's name in TensorBoard: ``train (DP)`` -> ``train-DP``."""
+    return desc.replace(" ", "-").replace("(", "").replace(")", "")
+
+
+@dataclass
+class _Run:
+    """The state of one training run between steps."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    stream: TokenStream
+    cfg: TrainConfig
+    device: torch.device
+    mode: TrainingMode
+    info: DistInfo
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    unsharded: list[nn.Parameter]
+    state: TrainerState
+    num_blocks: int
+    train_loss: float = math.nan
     val_loss: float | None = None
 
-    def checkpoint() -> None:
-        if checkpoint_dir is not None:  # every process joins in gathering sharded tensors
-            save_checkpoint(
-                checkpoint_dir, params=params, optimizer=optimizer, state=state,
-                write=info.is_main,
-            )  # fmt: skip
-        if info.world_size > 1:
-            dist.barrier()
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        stream: TokenStream,
+        cfg: TrainConfig,
+        device: torch.device,
+        mode: TrainingMode,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> _Run:
+        """Join the processes, place and wrap the model, build the optimizer."""
+        info = init_distributed(device)
+        cfg.check_world(info.world_size)
+        num_blocks = stream.num_blocks(cfg.seq_len)
+        if num_blocks == 0:
+            raise FlexMoEError("training data", f"shorter than one block of {cfg.seq_len} tokens")
+        model.to(device).train()
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        unsharded: list[nn.Parameter] = []
+        if cfg.fsdp and info.world_size > 1:
+            unsharded = shard_model(model, device)
+        mode.prepare(model, device)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise FlexMoEError(None, "the model has no trainable parameters")
+        wrapped, optimizer = mode.wrap(
+            model, optimizer or build_optimizer(model, cfg), info, cfg, num_blocks
+        )
+        state = TrainerState(
+            step=0, tokens=0, config=cfg.to_dict(), data_tokens=len(stream.tokens), history=[]
+        )
+        return cls(
+            model,
+            wrapped,
+            stream,
+            cfg,
+            device,
+            mode,
+            info,
+            params,
+            optimizer,
+            unsharded,
+            state,
+            num_blocks,
+        )
 
-    with _stop_on_signals() as stop:
-        while state.step < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, cfg)
-            indices = batch_indices(state.step, cfg, num_blocks)[info.rank :: info.world_size]
-            step_loss = 0.0
-            for a in range(cfg.grad_accum):
-                batch = train_stream.batch(indices[a * micro : (a + 1) * micro], cfg.seq_len)
-                sync = a == cfg.grad_accum - 1 or info.world_size == 1
-                no_sync = getattr(wrapped, "no_sync", nullcontext)
-                with nullcontext() if sync else no_sync(), autocast(device):
-                    loss = next_token_loss(wrapped, batch.to(device))
-                    step_loss += loss.item() / cfg.grad_accum
-                    if aux_loss is not None:
-                        loss = loss + aux_loss(model)
-                    (loss / cfg.grad_accum).backward()
-            average_gradients(unsharded, info)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step(model)
-            state.step += 1
-            state.tokens += tokens_per_step
-            train_loss = _mean(step_loss, info, device)
-            record = {"step": state.step, "loss": train_loss, "lr": lr_at(state.step - 1, cfg)}
-            if val_stream is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                val_loss = validation_loss(model, val_stream, cfg, device)
-                record["val_loss"] = val_loss
-            state.history.append(record)
-            elapsed = time.perf_counter() - start_time
-            rate = (state.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
-            metrics.record(record, rate)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                checkpoint()
-            if _any(stop[0], info, device) and state.step < cfg.steps:
-                checkpoint()
-                bar.close()
-                metrics.close()
-                raise TrainingInterrupted(
-                    checkpoint_dir, f"interrupted at step {state.step}; rerun with --resume"
-                )
-    bar.close()
-    if val_stream is not None and (val_loss is None or state.history[-1].get("val_loss") is None):
-        val_loss = validation_loss(model, val_stream, cfg, device)
-        metrics.record({"step": state.step, "val_loss": val_loss})
-    metrics.close()
-    return TrainResult(
-        steps=state.step,
-        tokens=state.tokens,
-        final_train_loss=train_loss if not math.isnan(train_loss) else _last_loss(state),
-        final_val_loss=val_loss,
-        history=state.history,
-        seconds=time.perf_counter() - start_time,
-    )
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+    def step(
+        self, aux_loss: AuxLoss | None, after_step: Callable[[nn.Module], None] | None
+    ) -> dict[str, float]:
+        """One optimizer step; its history record (empty when it drew no blocks)."""
+        cfg, step = self.cfg, self.state.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        indices = self.mode.indices(step, cfg, self.num_blocks, self.info)
+        if indices:
+            loss = self._forward_backward(indices, aux_loss)
+        else:
+            self.mode.empty_step(list(self.params.values()))
+        average_gradients(self.unsharded, self.info)
+        if self.mode.clips and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(self.model)
+        self.state.step += 1
+        self.state.tokens += len(indices) * self.info.world_size * cfg.seq_len
+        if not indices:
+            return {}
+        self.train_loss = _mean(loss, self.info, self.device)
+        return {"step": self.state.step, "loss": self.train_loss, "lr": lr_at(step, cfg)}
+
+    def _forward_backward(self, indices: list[int], aux_loss: AuxLoss | None) -> float:
+        """Forward and backward of this process's blocks in ``grad_accum`` micro-batches; the
+        mean loss."""
+        accum, total = self.cfg.grad_accum, 0.0
+        micro = math.ceil(len(indices) / accum)
+        for a in range(accum):
+            batch = self.stream.batch(indices[a * micro : (a + 1) * micro], self.cfg.seq_len)
+            sync = a == accum - 1 or self.info.world_size == 1
+            no_sync = getattr(self.wrapped, "no_sync", nullcontext)
+            with nullcontext() if sync else no_sync(), autocast(self.device):
+                loss = next_token_loss(self.wrapped, batch.to(self.device))
+                total += loss.item() / accum
+                if aux_loss is not None:
+                    loss = loss + aux_loss(self.model)
+                (loss / accum).backward()
+        return total
+
+    def checkpoint(self, directory: Path | None) -> None:
+        if directory is not None:  # every process joins in gathering sharded tensors
+            save_checkpoint(
+                directory,
+                params=self.params,
+                optimizer=self.optimizer,
+                state=self.state,
+                write=self.info.is_main,
+            )
+        barrier(self.info)
+
+    def result(self, seconds: float) -> TrainResult:
+        loss = self.train_loss if not math.isnan(self.train_loss) else _last_loss(self.state)
+        return TrainResult(
+            steps=self.state.step,
+            tokens=self.state.tokens,
+            final_train_loss=loss,
+            final_val_loss=self.val_loss,
+            history=self.state.history,
+            seconds=seconds,
+        )
 
 
 def _last_loss(state: TrainerState) -> float:
