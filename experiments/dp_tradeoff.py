@@ -29,12 +29,12 @@ from flexmoe.data.split import Split, load_splits
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.report import DP_RESULTS as RESULTS
 from flexmoe.evaluate.report import with_privacy_section
+from flexmoe.evaluate.specialist import evaluate_specialist
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.experiment.settings import load_settings
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.private import PrivacySettings
 from flexmoe.expert.train import ExpertIdentity, train_expert
-from flexmoe.expert.verify import evaluate_specialist
 from flexmoe.io import write_json
 
 

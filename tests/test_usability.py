@@ -351,6 +351,6 @@ def test_model_cards_in_anchor_and_merged_follow_edits(
 
 
 def test_card_cells_cannot_break_the_table() -> None:
-    from flexmoe.card import _cell
+    from flexmoe.card import cell as _cell
 
     assert _cell("a|b\n<script>") == "a\\|b &lt;script&gt;"

@@ -242,9 +242,14 @@ def compute_public_router(
             "--router-init", "the public router is made with anchor-hidden or embedder"
         )
     request = RouterInitRequest(
-        model=model, tokenizer=tokenizer, texts=texts, device=device, max_documents=max_documents,
-        embedder=embedder, projection_seed=projection_seed,
-    )  # fmt: skip
+        model=model,
+        tokenizer=tokenizer,
+        texts=texts,
+        device=device,
+        max_documents=max_documents,
+        embedder=embedder,
+        projection_seed=projection_seed,
+    )
     rows, params = domain_rows(method, request)
     return rows, RouterInit.model_validate({"method": method.value, "params": params})
 
@@ -303,10 +308,17 @@ def train_anchor(
     torch.manual_seed(cfg.seed)
     model = Olmo2ForCausalLM(config)
     result = train(
-        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
-        checkpoint_dir=work / "checkpoint", resume=resume, progress=progress, desc="anchor",
+        model,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        cfg=cfg,
+        device=device,
+        checkpoint_dir=work / "checkpoint",
+        resume=resume,
+        progress=progress,
+        desc="anchor",
         log_dir=log_dir,
-    )  # fmt: skip
+    )
     state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:
         barrier(info)
@@ -315,9 +327,14 @@ def train_anchor(
         model = build_dense(config, state, where=out).to(device)  # type: ignore[arg-type]
     del state
     public_router, router_record = compute_public_router(
-        model, tokenizer, [d.text for d in splits.train], device=device, method=router_init,
-        embedder=embedder, projection_seed=cfg.seed,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        [d.text for d in splits.train],
+        device=device,
+        method=router_init,
+        embedder=embedder,
+        projection_seed=cfg.seed,
+    )
     summary: dict[str, float | int | str | None] = {
         "steps": result.steps,
         "tokens": result.tokens,
@@ -327,11 +344,19 @@ def train_anchor(
         **{f"dims.{k}": v for k, v in asdict(dims).items() if k != "max_seq_len"},
     }
     manifest = _write_anchor(
-        out, model=model, tokenizer=tokenizer, public_router=public_router,
-        router_init=router_record, origin="trained", seq_len=cfg.seq_len, training=summary,
-        overwrite=overwrite, dtype=dtype, history=result.history,
+        out,
+        model=model,
+        tokenizer=tokenizer,
+        public_router=public_router,
+        router_init=router_record,
+        origin="trained",
+        seq_len=cfg.seq_len,
+        training=summary,
+        overwrite=overwrite,
+        dtype=dtype,
+        history=result.history,
         public_data=record_public_corpus(data),
-    )  # fmt: skip
+    )
     shutil.rmtree(work, ignore_errors=True)
     barrier(info)
     return manifest, result
@@ -387,9 +412,14 @@ def source_dtype(sources: list[TensorSource], config: Olmo2Config) -> torch.dtyp
 
 
 def build_on(
-    config: Olmo2Config, sources: list[TensorSource], *, device: torch.device | None,
-    dtype: torch.dtype, where: Path, on_load: Callable[[str, torch.Tensor], None] | None = None,
-) -> Olmo2ForCausalLM:  # fmt: skip
+    config: Olmo2Config,
+    sources: list[TensorSource],
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype,
+    where: Path,
+    on_load: Callable[[str, torch.Tensor], None] | None = None,
+) -> Olmo2ForCausalLM:
     """An OLMo-2 model filled tensor by tensor from ``sources`` on ``device`` in ``dtype``;
     host memory holds one tensor at a time. ``on_load`` sees each tensor as stored, in order."""
     with torch.device("meta"):
@@ -447,9 +477,14 @@ def import_anchor(
         config, sources, device=device, dtype=compute_dtype(device, dtype), where=hf_dir
     )
     public_router, router_record = compute_public_router(
-        model, tokenizer, texts, max_documents=max_documents, device=device, method=router_init,
+        model,
+        tokenizer,
+        texts,
+        max_documents=max_documents,
+        device=device,
+        method=router_init,
         embedder=embedder,
-    )  # fmt: skip
+    )
     del model
     router = public_router.detach().to(dtype).cpu().contiguous()
     router_source = TensorSource(ROUTER_KEY, tuple(router.shape), dtype, lambda: router)
@@ -499,9 +534,12 @@ def open_anchor(path: Path, *, verify: bool = True) -> AnchorInfo:
         )
     tokenizer = load_tokenizer(path)
     info = AnchorInfo(
-        path=path, config=config, tokenizer=tokenizer, public_router=stored_router.float(),
+        path=path,
+        config=config,
+        tokenizer=tokenizer,
+        public_router=stored_router.float(),
         manifest=manifest,
-    )  # fmt: skip
+    )
     if verify:  # the feed-forward summary is taken on the way, for the package checks
         summary = FfnSummary(config)
         router = TensorSource(
@@ -525,9 +563,12 @@ def _check_fingerprints(info: AnchorInfo, digest: str) -> None:
 
 
 def load_anchor(
-    path: Path, *, verify: bool = True, device: torch.device | None = None,
+    path: Path,
+    *,
+    verify: bool = True,
+    device: torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> Anchor:  # fmt: skip
+) -> Anchor:
     """Load an anchor directory with its model on ``device`` (CPU by default) in ``dtype``
     (default: :func:`flexmoe.device.compute_dtype` there); with ``verify``, check both
     fingerprints while the tensors stream in, one at a time."""
@@ -547,16 +588,24 @@ def load_anchor(
         summary.see(name, tensor)
 
     model = build_on(
-        info.config, sources, device=device, dtype=dtype, where=info.path,
+        info.config,
+        sources,
+        device=device,
+        dtype=dtype,
+        where=info.path,
         on_load=seen if verify else None,
-    )  # fmt: skip
+    )
     if verify:
         if not router_done[0]:
             hash_tensor(h, ROUTER_KEY, info.public_router.to(info.dtype))
         _check_fingerprints(info, h.hexdigest())
     anchor = Anchor(
-        path=info.path, config=info.config, tokenizer=info.tokenizer,
-        public_router=info.public_router, manifest=info.manifest, model=model,
-    )  # fmt: skip
+        path=info.path,
+        config=info.config,
+        tokenizer=info.tokenizer,
+        public_router=info.public_router,
+        manifest=info.manifest,
+        model=model,
+    )
     anchor._summary = summary if verify else None
     return anchor

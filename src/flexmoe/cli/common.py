@@ -107,14 +107,21 @@ def use_bias(flag: bool | None) -> bool:
 
 
 def data_specs(
-    values: list[str] | None, text_field: str, id_field: str | None, *,
-    default_domain: str | None = None, option: str = "--data",
-) -> list[DataSpec]:  # fmt: skip
+    values: list[str] | None,
+    text_field: str,
+    id_field: str | None,
+    *,
+    default_domain: str | None = None,
+    option: str = "--data",
+) -> list[DataSpec]:
     """The values of a data option, in the one data syntax (:func:`parse_data`)."""
     return parse_data(
-        values or [], default_domain=default_domain, option=option, text_field=text_field,
+        values or [],
+        default_domain=default_domain,
+        option=option,
+        text_field=text_field,
         id_field=id_field,
-    )  # fmt: skip
+    )
 
 
 @contextmanager
@@ -146,10 +153,14 @@ def emit(as_json: bool, payload: Any, text: str | Callable[[], str]) -> None:
 def train_summary(out: Path, result: Any, **extra: Any) -> dict[str, Any]:
     """A training command's result as JSON."""
     return {
-        "out": str(out), "steps": result.steps, "tokens": result.tokens,
-        "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-        "seconds": result.seconds, **extra,
-    }  # fmt: skip
+        "out": str(out),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "seconds": result.seconds,
+        **extra,
+    }
 
 
 # --- Config files: ``--config run.toml`` supplies any option of the command; flags win. ---

@@ -82,14 +82,20 @@ def eval_ppl(
     selection = None
     if exclude or include or license:
         selection = Selection(
-            include=frozenset(include or ()), exclude=frozenset(exclude or ()),
+            include=frozenset(include or ()),
+            exclude=frozenset(exclude or ()),
             licenses=frozenset(license or ()),
-        )  # fmt: skip
+        )
     scores = evaluate_model(
-        model, data_specs(data, text_field, id_field), split=Split(split),
-        device=pick_device(device), cache_dir=token_cache(cache_dir), seq_len=seq_len,
-        selection=selection, use_bias=use_bias(bias),
-    )  # fmt: skip
+        model,
+        data_specs(data, text_field, id_field),
+        split=Split(split),
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        seq_len=seq_len,
+        selection=selection,
+        use_bias=use_bias(bias),
+    )
     emit(as_json, [s.to_dict() for s in scores], lambda: format_table(scores))
 
 
@@ -129,12 +135,20 @@ def eval_baselines(
     if out.suffix != ".json":
         raise FlexMoEError(out, "--out must name a .json file")
     results = run_suite(
-        anchor_dir=anchor, package_dirs=[Path(e) for e in expert], merged_dir=merged,
-        data=data_specs(data, text_field, id_field), device=pick_device(device),
-        cache_dir=token_cache(cache_dir), unrestricted_dir=unrestricted,
-        tuned_dir=tuned, only=only, max_documents=max_documents, max_bytes=max_bytes,
-        seq_len=seq_len, log=say,
-    )  # fmt: skip
+        anchor_dir=anchor,
+        package_dirs=[Path(e) for e in expert],
+        merged_dir=merged,
+        data=data_specs(data, text_field, id_field),
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        unrestricted_dir=unrestricted,
+        tuned_dir=tuned,
+        only=only,
+        max_documents=max_documents,
+        max_bytes=max_bytes,
+        seq_len=seq_len,
+        log=say,
+    )
     write_json(out, results)
     domains = results["domains"]
 
@@ -199,16 +213,25 @@ def baseline_unrestricted(
     from flexmoe.evaluate.unrestricted import train_unrestricted
 
     result = train_unrestricted(
-        anchor_dir=anchor, data=data_specs(data, text_field, id_field),
-        public_data=public_specs(anchor, public_data, text_field, id_field), out=out,
-        cfg=training, top_k=top_k, device=pick_device(device), cache_dir=token_cache(cache_dir),
-        public_fraction=public_fraction, embedder=embedder, overwrite=force, log_dir=log_dir,
-    )  # fmt: skip
+        anchor_dir=anchor,
+        data=data_specs(data, text_field, id_field),
+        public_data=public_specs(anchor, public_data, text_field, id_field),
+        out=out,
+        cfg=training,
+        top_k=top_k,
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        public_fraction=public_fraction,
+        embedder=embedder,
+        overwrite=force,
+        log_dir=log_dir,
+    )
     emit(
-        as_json, train_summary(out, result),
+        as_json,
+        train_summary(out, result),
         f"unrestricted -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
         f"val loss {result.final_val_loss}",
-    )  # fmt: skip
+    )
 
 
 @audit_app.command("extraction")
@@ -249,9 +272,13 @@ def audit_extraction_cmd(
     if specialist and anchor is None:
         raise FlexMoEError("--specialist", "needs --anchor")
     settings = AuditSettings(
-        documents=documents, samples=samples, prefix_tokens=prefix_tokens,
-        suffix_tokens=suffix_tokens, threshold=threshold, seed=seed,
-    )  # fmt: skip
+        documents=documents,
+        samples=samples,
+        prefix_tokens=prefix_tokens,
+        suffix_tokens=suffix_tokens,
+        threshold=threshold,
+        seed=seed,
+    )
     specs = data_specs(data, text_field, id_field, default_domain="audit")
     paths = tuple(p for s in specs for p in s.paths)  # one pool, whatever the domains
     texts = load_splits([DataSpec("audit", paths, text_field, id_field)]).get(Split(split))
@@ -274,10 +301,16 @@ def audit_extraction_cmd(
         base = load_anchor(anchor)
         for package_dir in specialist:
             package = load_package(package_dir, base)
-            results.append(audit_extraction(
-                build_specialist(base, package), tokenizer, passages, settings,
-                name=f"specialist:{package.manifest.name}", device=chosen,
-            ))  # fmt: skip
+            results.append(
+                audit_extraction(
+                    build_specialist(base, package),
+                    tokenizer,
+                    passages,
+                    settings,
+                    name=f"specialist:{package.manifest.name}",
+                    device=chosen,
+                )
+            )
     emit(as_json, [r.to_dict() for r in results], lambda: format_audit(results))
 
 
@@ -298,6 +331,11 @@ def demo(
     from flexmoe.experiment.pipeline import run_demo
 
     run_demo(
-        out, cache_dir=cache_dir(), device=pick_device(device), quick=quick, ablations=ablations,
-        corpora_set=corpus_set(corpora), log=lambda line: None if QUIET["on"] else typer.echo(line),
-    )  # fmt: skip
+        out,
+        cache_dir=cache_dir(),
+        device=pick_device(device),
+        quick=quick,
+        ablations=ablations,
+        corpora_set=corpus_set(corpora),
+        log=lambda line: None if QUIET["on"] else typer.echo(line),
+    )

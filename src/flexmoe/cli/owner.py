@@ -77,9 +77,12 @@ def tokenizer_train(
 
     docs = load_splits(data_specs(data, text_field, id_field, default_domain=PUBLIC)).train
     tok = train_tokenizer(
-        (d.text for d in docs), out, vocab_size=vocab_size, model_max_length=max_length,
+        (d.text for d in docs),
+        out,
+        vocab_size=vocab_size,
+        model_max_length=max_length,
         overwrite=force,
-    )  # fmt: skip
+    )
     emit(
         as_json,
         {"out": str(out), "vocab_size": len(tok)},
@@ -125,22 +128,34 @@ def anchor_train(
     if preset not in {p.value for p in Preset}:
         raise FlexMoEError("--preset", f"unknown preset {preset!r}; choose tiny or small")
     dims = PRESETS[Preset(preset)].with_overrides(
-        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
-    )  # fmt: skip
+    )
     manifest, result = train_anchor(
-        data=data_specs(data, text_field, id_field, default_domain=PUBLIC), out=out, dims=dims,
-        cfg=training, device=pick_device(device), cache_dir=token_cache(cache_dir),
-        tokenizer_dir=tokenizer, vocab_size=vocab_size, resume=resume, overwrite=force,
-        router_init=parse_method(router_init), embedder=embedder,
-        dtype=parse_dtype(dtype or "float32"), log_dir=log_dir,
-    )  # fmt: skip
+        data=data_specs(data, text_field, id_field, default_domain=PUBLIC),
+        out=out,
+        dims=dims,
+        cfg=training,
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        tokenizer_dir=tokenizer,
+        vocab_size=vocab_size,
+        resume=resume,
+        overwrite=force,
+        router_init=parse_method(router_init),
+        embedder=embedder,
+        dtype=parse_dtype(dtype or "float32"),
+        log_dir=log_dir,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         emit(
-            as_json, train_summary(out, result, fingerprint=manifest.fingerprint),
+            as_json,
+            train_summary(out, result, fingerprint=manifest.fingerprint),
             f"anchor -> {out}: {result.steps} steps, {result.tokens:,} tokens, "
             f"val loss {result.final_val_loss}, fingerprint {manifest.fingerprint[:16]}",
-        )  # fmt: skip
+        )
 
 
 @anchor_app.command("import")
@@ -166,14 +181,20 @@ def anchor_import(
     from flexmoe.router_init import parse_method
 
     manifest = import_anchor(
-        hf_dir, out=out, data=data_specs(data, text_field, id_field, default_domain=PUBLIC),
-        device=pick_device(device), dtype=parse_dtype(dtype) if dtype else None, overwrite=force,
-        router_init=parse_method(router_init), embedder=embedder,
-    )  # fmt: skip
+        hf_dir,
+        out=out,
+        data=data_specs(data, text_field, id_field, default_domain=PUBLIC),
+        device=pick_device(device),
+        dtype=parse_dtype(dtype) if dtype else None,
+        overwrite=force,
+        router_init=parse_method(router_init),
+        embedder=embedder,
+    )
     emit(
-        as_json, {"out": str(out), "dtype": manifest.dtype, "fingerprint": manifest.fingerprint},
+        as_json,
+        {"out": str(out), "dtype": manifest.dtype, "fingerprint": manifest.fingerprint},
         f"anchor -> {out}: {manifest.dtype}, fingerprint {manifest.fingerprint[:16]}",
-    )  # fmt: skip
+    )
 
 
 def public_specs(
@@ -192,13 +213,17 @@ def public_specs(
     return specs
 
 
-def _owner_data(data: list[str], name: str | None, text_field: str, id_field: str | None
-                ) -> tuple[str, DataSpec]:  # fmt: skip
+def _owner_data(
+    data: list[str], name: str | None, text_field: str, id_field: str | None
+) -> tuple[str, DataSpec]:
     """The expert's name and its one domain of data."""
     specs = data_specs(data, text_field, id_field, default_domain=name)
     if len(specs) != 1:
-        raise FlexMoEError("--data", f"an expert trains on one domain, got {len(specs)}: "
-                           + ", ".join(s.domain for s in specs))  # fmt: skip
+        raise FlexMoEError(
+            "--data",
+            f"an expert trains on one domain, got {len(specs)}: "
+            + ", ".join(s.domain for s in specs),
+        )
     (spec,) = specs
     if name is not None and spec.domain != name:
         raise FlexMoEError("--data", f"domain {spec.domain!r} is not the expert's --name {name!r}")
@@ -278,12 +303,23 @@ def expert_train(
         steps = max(1, -(-tokens // (training.batch_size * training.seq_len)))  # ceil
         training = replace(training, steps=steps)
     manifest, result = train_expert(
-        anchor_dir=anchor, data=[spec], identity=identity, out=out, cfg=training,
-        device=pick_device(device), cache_dir=token_cache(cache_dir),
-        router_init=parse_method(router_init), embedder=embedder, public_data=public,
-        public_fraction=public_fraction, resume=resume, overwrite=force,
-        signing_key=signing_key, privacy=privacy, log_dir=log_dir,
-    )  # fmt: skip
+        anchor_dir=anchor,
+        data=[spec],
+        identity=identity,
+        out=out,
+        cfg=training,
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        router_init=parse_method(router_init),
+        embedder=embedder,
+        public_data=public,
+        public_fraction=public_fraction,
+        resume=resume,
+        overwrite=force,
+        signing_key=signing_key,
+        privacy=privacy,
+        log_dir=log_dir,
+    )
     spent = manifest.training.privacy
     emit(
         as_json,
@@ -323,16 +359,17 @@ def expert_sign(
     as_json: JsonOpt = False,
 ) -> None:
     """Sign a package's manifest (which pins its tensors' sha256) with the owner's key."""
-    from flexmoe.expert.package import load_package
-    from flexmoe.expert.signing import read_private_key, sign_package
+    from flexmoe.expert.package import load_package, sign_package
+    from flexmoe.expert.signing import read_private_key
 
     private = read_private_key(key)
     load_package(package)  # sign only a package that reads back whole
     signature = sign_package(package, private)
     emit(
-        as_json, {"package": str(package), "fingerprint": signature.fingerprint},
+        as_json,
+        {"package": str(package), "fingerprint": signature.fingerprint},
         f"signed {package} with key {signature.fingerprint[:16]}...",
-    )  # fmt: skip
+    )
 
 
 @expert_app.command("proxies")
@@ -366,10 +403,11 @@ def expert_proxies(
     write_proxies(out, choice)
     accuracy = choice.classifier["train_accuracy"]
     emit(
-        as_json, {"out": str(out), "documents": len(choice.public_sha256), "accuracy": accuracy},
+        as_json,
+        {"out": str(out), "documents": len(choice.public_sha256), "accuracy": accuracy},
         f"{len(choice.public_sha256)} public documents chosen (classifier accuracy "
         f"{accuracy:.1%}) -> {out}",
-    )  # fmt: skip
+    )
 
 
 @expert_app.command("eval")
@@ -385,12 +423,15 @@ def expert_eval(
 ) -> None:
     """Held-out bits per byte of the 2-expert specialist next to the anchor's, per domain."""
     from flexmoe.device import pick_device
-    from flexmoe.expert.verify import evaluate_specialist, format_specialist_table
+    from flexmoe.evaluate.specialist import evaluate_specialist, format_specialist_table
 
     scores = evaluate_specialist(
-        package, anchor, data_specs(data, text_field, id_field), device=pick_device(device),
+        package,
+        anchor,
+        data_specs(data, text_field, id_field),
+        device=pick_device(device),
         cache_dir=token_cache(cache_dir),
-    )  # fmt: skip
+    )
     rows = [
         {"domain": s.domain, "anchor": s.anchor.to_dict(), "specialist": s.specialist.to_dict()}
         for s in scores

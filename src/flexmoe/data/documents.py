@@ -51,9 +51,13 @@ def _is_domain(name: str) -> bool:
 
 
 def parse_data(
-    values: Iterable[str], *, default_domain: str | None = None, option: str = "--data",
-    text_field: str = "text", id_field: str | None = None,
-) -> list[DataSpec]:  # fmt: skip
+    values: Iterable[str],
+    *,
+    default_domain: str | None = None,
+    option: str = "--data",
+    text_field: str = "text",
+    id_field: str | None = None,
+) -> list[DataSpec]:
     """The one data syntax of every command: each value is ``DOMAIN=FILES`` or ``FILES``, FILES
     a comma list of files, directories or globs; repeats of one domain add up.
 

@@ -110,11 +110,17 @@ def audit_extraction(
         )  # (docs x samples, prefix_tokens)
         torch.manual_seed(generator_seed + start)
         out = model.generate(  # type: ignore[operator]
-            prefixes, attention_mask=torch.ones_like(prefixes), do_sample=True,
-            top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature,
-            max_new_tokens=settings.suffix_tokens, min_new_tokens=settings.suffix_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )[:, settings.prefix_tokens :]  # fmt: skip
+            prefixes,
+            attention_mask=torch.ones_like(prefixes),
+            do_sample=True,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            temperature=settings.temperature,
+            max_new_tokens=settings.suffix_tokens,
+            min_new_tokens=settings.suffix_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[:, settings.prefix_tokens :]
         for i, passage in enumerate(chunk):
             truth = tokenizer.decode(passage.suffix, skip_special_tokens=True)
             rows = out[i * settings.samples : (i + 1) * settings.samples].tolist()
@@ -130,11 +136,15 @@ def audit_extraction(
             best_total += max(scores)
     count = len(passages)
     return ExtractionResult(
-        model=name, documents=count, samples_per_document=settings.samples,
-        extracted_documents=extracted_docs, extracted_samples=extracted_samples,
-        rate=extracted_docs / count, sample_rate=extracted_samples / (count * settings.samples),
+        model=name,
+        documents=count,
+        samples_per_document=settings.samples,
+        extracted_documents=extracted_docs,
+        extracted_samples=extracted_samples,
+        rate=extracted_docs / count,
+        sample_rate=extracted_samples / (count * settings.samples),
         mean_best_similarity=best_total / count,
-    )  # fmt: skip
+    )
 
 
 def format_audit(results: list[ExtractionResult]) -> str:

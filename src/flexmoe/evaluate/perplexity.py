@@ -103,9 +103,16 @@ def evaluate_model(
     model = load_selected(model_dir, selection, use_bias=use_bias)
     tokenizer = load_tokenizer(model_dir)
     return evaluate_loaded(
-        model, tokenizer, data, split=split, device=device, cache_dir=cache_dir, seq_len=seq_len,
-        fractions=fractions, batch_size=batch_size,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        data,
+        split=split,
+        device=device,
+        cache_dir=cache_dir,
+        seq_len=seq_len,
+        fractions=fractions,
+        batch_size=batch_size,
+    )
 
 
 def eval_documents(
@@ -196,16 +203,25 @@ def evaluate_loaded(
                 continue
             stream = pack_documents(group, tokenizer, cache_dir=cache_dir)
             nll_g, tokens_g = stream_nll(
-                member, stream, seq_len=seq_len, batch_size=batch_size, device=device,
+                member,
+                stream,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                device=device,
                 desc=f"eval {spec.domain}",
-            )  # fmt: skip
+            )
             nll, tokens, num_bytes = nll + nll_g, tokens + tokens_g, num_bytes + stream.num_bytes
         loss = nll / tokens
         score = DomainScore(
-            domain=spec.domain, split=str(split), documents=len(docs), tokens=tokens,
-            bytes=num_bytes, loss=loss, perplexity=math.exp(loss),
+            domain=spec.domain,
+            split=str(split),
+            documents=len(docs),
+            tokens=tokens,
+            bytes=num_bytes,
+            loss=loss,
+            perplexity=math.exp(loss),
             bits_per_byte=nll / (math.log(2) * num_bytes),
-        )  # fmt: skip
+        )
         scores.append(score)
     return scores
 

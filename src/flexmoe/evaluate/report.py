@@ -100,20 +100,34 @@ def checks(
     public = public_domain(results, owners)
     if public is not None and {model, "anchor"} <= models.keys():
         m, a = bpb(results, model, public), bpb(results, "anchor", public)
-        found.append(Check(f"on {public}, merged within 1% of the anchor",
-                           f"{m:.4f} vs {a:.4f} ({m / a - 1:+.1%})", m <= 1.01 * a))  # fmt: skip
+        found.append(
+            Check(
+                f"on {public}, merged within 1% of the anchor",
+                f"{m:.4f} vs {a:.4f} ({m / a - 1:+.1%})",
+                m <= 1.01 * a,
+            )
+        )
     if model in models:
         mine = average(results, model)
         for other in ("anchor", "soup", "seq-route", "btm"):
             if other in models:
                 theirs = average(results, other)
-                found.append(Check(f"merged better on average than {other}",
-                                   f"{mine:.4f} vs {theirs:.4f}", mine < theirs))  # fmt: skip
+                found.append(
+                    Check(
+                        f"merged better on average than {other}",
+                        f"{mine:.4f} vs {theirs:.4f}",
+                        mine < theirs,
+                    )
+                )
         if "unrestricted" in models:
             top = average(results, "unrestricted")
-            found.append(Check("merged within 5% of unrestricted on average",
-                               f"{mine:.4f} vs {top:.4f} ({mine / top - 1:+.1%})",
-                               mine <= 1.05 * top))  # fmt: skip
+            found.append(
+                Check(
+                    "merged within 5% of unrestricted on average",
+                    f"{mine:.4f} vs {top:.4f} ({mine / top - 1:+.1%})",
+                    mine <= 1.05 * top,
+                )
+            )
     for expert, domain in owners.items():
         key = f"{model}:without-{expert}"
         if key not in models or model not in models:
@@ -122,28 +136,42 @@ def checks(
         toward = "anchor" in models and abs(w - bpb(results, "anchor", domain)) < abs(
             m - bpb(results, "anchor", domain)
         )
-        found.append(Check(f"opting out of {expert} moves {domain} back toward the anchor",
-                           f"{m:.4f} -> {w:.4f}", toward))  # fmt: skip
+        found.append(
+            Check(
+                f"opting out of {expert} moves {domain} back toward the anchor",
+                f"{m:.4f} -> {w:.4f}",
+                toward,
+            )
+        )
         others = [d for d in results["domains"] if d != domain]
         moves = {d: bpb(results, key, d) / bpb(results, model, d) - 1 for d in others}
         worst = max(moves, key=lambda d: abs(moves[d]))
-        found.append(Check(f"opting out of {expert} moves every other domain by at most 1%",
-                           f"largest: {worst} {moves[worst]:+.2%}",
-                           abs(moves[worst]) <= 0.01))  # fmt: skip
+        found.append(
+            Check(
+                f"opting out of {expert} moves every other domain by at most 1%",
+                f"largest: {worst} {moves[worst]:+.2%}",
+                abs(moves[worst]) <= 0.01,
+            )
+        )
     routing = routing_of(results, model)
     public_name = results.get("public_expert")
     for expert, domain in owners.items():
         shares = {e: s for e, s in routing.get(domain, {}).items() if e != public_name}
         if shares:
             lead = max(shares, key=lambda e: shares[e])
-            found.append(Check(f"on {domain}, {expert} has the largest non-public routing share",
-                               f"{expert} {shares[expert]:.1%}, largest {lead} {shares[lead]:.1%}",
-                               lead == expert))  # fmt: skip
+            found.append(
+                Check(
+                    f"on {domain}, {expert} has the largest non-public routing share",
+                    f"{expert} {shares[expert]:.1%}, largest {lead} {shares[lead]:.1%}",
+                    lead == expert,
+                )
+            )
     return found
 
 
-def _heatmap(ax: Any, values: list[list[float]], rows: list[str], cols: list[str], fmt: str,
-             cmap: str) -> None:  # fmt: skip
+def _heatmap(
+    ax: Any, values: list[list[float]], rows: list[str], cols: list[str], fmt: str, cmap: str
+) -> None:
     image = ax.imshow(values, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -171,8 +199,14 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
     domains, models = results["domains"], model_order(results)
     files: dict[str, bytes] = {}
     fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 3, 0.35 * len(models) + 1.5))
-    _heatmap(ax, [[bpb(results, m, d) for d in domains] for m in models], models, domains,
-             ".3f", "viridis_r")  # fmt: skip
+    _heatmap(
+        ax,
+        [[bpb(results, m, d) for d in domains] for m in models],
+        models,
+        domains,
+        ".3f",
+        "viridis_r",
+    )
     ax.set_title("bits per byte (lower is better)")
     files[PLOTS["bpb"]] = _png(fig)
     plt.close(fig)
@@ -197,10 +231,9 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
     if left_out and "flexmoe" in results["models"]:
         fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 3, 0.5 * len(left_out) + 1.5))
         change = [
-            [100 * (bpb(results, without(e), d) / bpb(results, "flexmoe", d) - 1)
-             for d in domains]
+            [100 * (bpb(results, without(e), d) / bpb(results, "flexmoe", d) - 1) for d in domains]
             for e in left_out
-        ]  # fmt: skip
+        ]
         _heatmap(ax, change, [f"without {e}" for e in left_out], domains, "+.2f", "Reds")
         ax.set_title("opt-out: % change in bits per byte against the merged model")
         files[PLOTS["opt_out"]] = _png(fig)
@@ -211,12 +244,20 @@ def plot_files(results: dict[str, Any], owners: dict[str, str] | None = None) ->
         first = next(iter(matrices.values()))
         experts = list(next(iter(first.values())))
         fig, axes = plt.subplots(
-            1, len(matrices), figsize=(len(matrices) * (1.3 * len(experts) + 3),
-                                       0.5 * len(first) + 1.8), squeeze=False,
-        )  # fmt: skip
+            1,
+            len(matrices),
+            figsize=(len(matrices) * (1.3 * len(experts) + 3), 0.5 * len(first) + 1.8),
+            squeeze=False,
+        )
         for ax, (model, routing) in zip(axes[0], matrices.items(), strict=True):
-            _heatmap(ax, [[100 * routing[d][e] for e in experts] for d in routing],
-                     list(routing), experts, ".1f", "Blues")  # fmt: skip
+            _heatmap(
+                ax,
+                [[100 * routing[d][e] for e in experts] for d in routing],
+                list(routing),
+                experts,
+                ".1f",
+                "Blues",
+            )
             ax.set_title(f"{model}: % of routing mass, text domain x expert", fontsize=9)
         files[PLOTS["routing"]] = _png(fig)
         plt.close(fig)
@@ -368,8 +409,10 @@ def investigation(results: dict[str, Any], owners: dict[str, str] | None = None)
             f"{d} {_pct(bpb(results, TUNED, d), bpb(results, 'flexmoe', d))}"
             for d in results["domains"]
         )
-        passed = {m: sum(c.passed for c in checks(results, owners, m) if "routing" in c.claim)
-                  for m in ("flexmoe", TUNED)}  # fmt: skip
+        passed = {
+            m: sum(c.passed for c in checks(results, owners, m) if "routing" in c.claim)
+            for m in ("flexmoe", TUNED)
+        }
         lines.append(
             f"- Router tuning on proxy data (only the rows trained, every expert frozen): {moves}; "
             f"domains whose own expert leads the routing: {passed['flexmoe']} untuned, "
@@ -395,10 +438,11 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
     head = "| model | " + " | ".join(domains) + " | average |"
     rule = "| --- |" + " ---: |" * (len(domains) + 1)
     rows = [
-        f"| {m} | " + " | ".join(f"{bpb(results, m, d):.4f}" for d in domains)
+        f"| {m} | "
+        + " | ".join(f"{bpb(results, m, d):.4f}" for d in domains)
         + f" | {average(results, m):.4f} |"
         for m in models
-    ]  # fmt: skip
+    ]
     tables = []
     for model in ("flexmoe", TUNED):
         found = checks(results, owners, model)
@@ -428,9 +472,10 @@ def markdown(results: dict[str, Any], owners: dict[str, str] | None = None) -> s
     tried = investigation(results, owners)
     tried_section = f"## What the variants say about the misses\n\n{tried}\n\n" if tried else ""
     sample = (
-        f"at most {results['max_bytes']:,} bytes per domain" if results.get("max_bytes") else
-        "the whole test split"
-    )  # fmt: skip
+        f"at most {results['max_bytes']:,} bytes per domain"
+        if results.get("max_bytes")
+        else "the whole test split"
+    )
     return f"""## Every model on the same held-out text (bits per byte, {sample})
 
 {head}
@@ -471,9 +516,10 @@ def privacy_section(path: Path) -> str:
     domains = list(rows[0]["bpb"])
     base = rows[0]
     head = (
-        "| setting | epsilon spent | noise | " + " | ".join(f"{d} bpb" for d in domains)
+        "| setting | epsilon spent | noise | "
+        + " | ".join(f"{d} bpb" for d in domains)
         + " | extracted | best similarity | tokens/s |"
-    )  # fmt: skip
+    )
     rule = "| --- |" + " ---: |" * (len(domains) + 5)
     lines = [head, rule]
     for r in rows:
@@ -509,9 +555,12 @@ def with_privacy_section(report: Path, results: Path) -> None:
 
 
 def write_report(
-    results: dict[str, Any], out: Path, *, owners: dict[str, str] | None = None,
+    results: dict[str, Any],
+    out: Path,
+    *,
+    owners: dict[str, str] | None = None,
     title: str = "flexmoe evaluation report",
-) -> Path:  # fmt: skip
+) -> Path:
     """Write ``report.md``, the plots and ``evaluation.json`` into ``out``; each file atomically."""
     check_results(results, out)
     out = Path(out)

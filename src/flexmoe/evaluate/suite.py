@@ -76,13 +76,23 @@ def run_suite(
             model: Any = load_selected(extra[name])
         else:
             model = build_baseline(
-                name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir,
+                name,
+                anchor=anchor,
+                packages=packages,
+                device=device,
+                merged_dir=merged_dir,
                 unrestricted_dir=unrestricted_dir,
-            )  # fmt: skip
+            )
         scores = evaluate_loaded(
-            model, anchor.tokenizer, data, device=device, cache_dir=cache_dir, seq_len=seq_len,
-            max_documents=max_documents, max_bytes=max_bytes,
-        )  # fmt: skip
+            model,
+            anchor.tokenizer,
+            data,
+            device=device,
+            cache_dir=cache_dir,
+            seq_len=seq_len,
+            max_documents=max_documents,
+            max_bytes=max_bytes,
+        )
         models[name] = {s.domain: s.to_dict() for s in scores}
         seconds[name] = round(time.perf_counter() - started, 1)
     routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
@@ -92,9 +102,15 @@ def run_suite(
             continue
         log(f"routing shares per domain of {model_dir.name}")
         routings[key] = routing_matrix(
-            load_merged(model_dir), anchor.tokenizer, data, [s.name for s in slots],
-            device=device, cache_dir=cache_dir, max_documents=max_documents, max_bytes=max_bytes,
-        )  # fmt: skip
+            load_merged(model_dir),
+            anchor.tokenizer,
+            data,
+            [s.name for s in slots],
+            device=device,
+            cache_dir=cache_dir,
+            max_documents=max_documents,
+            max_bytes=max_bytes,
+        )
     return {
         "domains": [spec.domain for spec in data],
         "experts": experts,

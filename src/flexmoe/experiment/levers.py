@@ -29,9 +29,13 @@ from flexmoe.merge.slots import RouterCalibration
 
 @torch.no_grad()
 def ffn_inputs(
-    model: PreTrainedModel, stream: TokenStream, *, seq_len: int = 128, max_tokens: int = 20_000,
+    model: PreTrainedModel,
+    stream: TokenStream,
+    *,
+    seq_len: int = 128,
+    max_tokens: int = 20_000,
     seed: int = 0,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``(tokens, layers, hidden)``: the feed-forward inputs of ``max_tokens`` tokens in blocks
     drawn at random from a packed stream (not document starts: a Gutenberg text starts with its
     licence)."""

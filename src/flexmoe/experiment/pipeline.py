@@ -66,19 +66,32 @@ QUICK = load_settings("quick")
 
 
 def _train_expert_process(
-    domain: DemoDomain, corpus: Path, anchor_dir: Path, out: Path, cfg: TrainConfig,
-    cache_dir: Path, device: torch.device, router_init: RouterInitMethod = ANCHOR_HIDDEN,
+    domain: DemoDomain,
+    corpus: Path,
+    anchor_dir: Path,
+    out: Path,
+    cfg: TrainConfig,
+    cache_dir: Path,
+    device: torch.device,
+    router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
-) -> None:  # fmt: skip
+) -> None:
     """One owner, one process: it is handed only its own files, as a config file of the
     settings any owner would use (the public share is the anchor's own public corpus)."""
     settings = {
-        "anchor": anchor_dir, "data": [f"{domain.name}={corpus}"], "id_field": "id",
-        "owner": domain.owner, "license": domain.license, "out": out, "force": True,
+        "anchor": anchor_dir,
+        "data": [f"{domain.name}={corpus}"],
+        "id_field": "id",
+        "owner": domain.owner,
+        "license": domain.license,
+        "out": out,
+        "force": True,
         **{k: v for k, v in cfg.to_dict().items() if k not in MEMORY_FIELDS},
-        "device": str(device), "cache_dir": cache_dir, "router_init": router_init.value,
+        "device": str(device),
+        "cache_dir": cache_dir,
+        "router_init": router_init.value,
         "seed": seed,
-    }  # fmt: skip
+    }
     config = out.parent / f".{out.name}.toml"
     atomic_write_bytes(config, toml_text(settings).encode("utf-8"))
     command = [sys.executable, "-m", "flexmoe", "expert", "train", "--config", str(config)]
@@ -90,9 +103,15 @@ def _train_expert_process(
 
 
 def run_demo(
-    out: Path, *, cache_dir: Path, device: torch.device, quick: bool = False,
-    ablations: bool = False, corpora_set: CorpusSet = DEMO, log: Callable[[str], None] = print,
-) -> dict[str, Any]:  # fmt: skip
+    out: Path,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    quick: bool = False,
+    ablations: bool = False,
+    corpora_set: CorpusSet = DEMO,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
 
     ``ablations`` also trains every expert again from random router rows (against a copy of the
@@ -117,9 +136,15 @@ def run_demo(
     stage("corpora")
     log(f"[1/8] training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
     manifest, anchor_result = train_anchor(
-        data=[specs["public"]], out=anchor_dir, dims=PRESETS[Preset.TINY], cfg=settings.anchor,
-        device=device, cache_dir=tokens, vocab_size=settings.vocab_size, overwrite=True,
-    )  # fmt: skip
+        data=[specs["public"]],
+        out=anchor_dir,
+        dims=PRESETS[Preset.TINY],
+        cfg=settings.anchor,
+        device=device,
+        cache_dir=tokens,
+        vocab_size=settings.vocab_size,
+        overwrite=True,
+    )
     stage("anchor")
     anchor = load_anchor(anchor_dir)
     package_dirs = _train_experts(
@@ -145,21 +170,32 @@ def run_demo(
     extra: dict[str, Path] = {}
     if ablations:
         extra[RANDOM_INIT] = _random_init_stage(
-            out / "ablation-random-init", owners, anchor_dir, corpora, settings, device, tokens,
+            out / "ablation-random-init",
+            owners,
+            anchor_dir,
+            corpora,
+            settings,
+            device,
+            tokens,
             log,
-        )  # fmt: skip
+        )
         owner_text = out / "ablation-owner-text"
-        log(f"[ablation] router tuning on {settings.proxy_bytes:,} bytes of each owner's own "
-            f"text (hands owner text over) -> {owner_text / 'merged-tuned'}")  # fmt: skip
+        log(
+            f"[ablation] router tuning on {settings.proxy_bytes:,} bytes of each owner's own "
+            f"text (hands owner text over) -> {owner_text / 'merged-tuned'}"
+        )
         _owner_text_tune_stage(
             owner_text, merged_dir, owner_text / "merged-tuned", specs, settings, device, tokens
         )
         extra[OWNER_TEXT_TUNED] = owner_text / "merged-tuned"
         calibrated = out / "ablation-calibrated"
-        log(f"[ablation] the owners' rows rescaled on public text (coordinator side) -> "
-            f"{calibrated}")  # fmt: skip
-        _calibrated_stage(anchor_dir, merged_dir, calibrated, specs[corpora_set.public.name],
-                          device, tokens)  # fmt: skip
+        log(
+            f"[ablation] the owners' rows rescaled on public text (coordinator side) -> "
+            f"{calibrated}"
+        )
+        _calibrated_stage(
+            anchor_dir, merged_dir, calibrated, specs[corpora_set.public.name], device, tokens
+        )
         extra[CALIBRATED] = calibrated
         ceiling = out / "ablation-router-ceiling"
         log(f"[ablation] the router ceiling: rows fitted on the scored text itself -> {ceiling}")
@@ -173,34 +209,64 @@ def run_demo(
         f"({settings.tune.steps} steps) -> {tuned_dir}"
     )
     tuning = _tune_stage(
-        out, anchor_dir, merged_dir, tuned_dir, specs, corpora_set.public.name, settings, device,
+        out,
+        anchor_dir,
+        merged_dir,
+        tuned_dir,
+        specs,
+        corpora_set.public.name,
+        settings,
+        device,
         tokens,
-    )  # fmt: skip
+    )
     stage("router-tuning")
     unrestricted_dir = out / "unrestricted"
-    joint = replace(settings.expert, steps=settings.expert.steps * len(owners),
-                    eval_every=0, checkpoint_every=0)  # fmt: skip
-    log(f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
-        f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}")  # fmt: skip
+    joint = replace(
+        settings.expert, steps=settings.expert.steps * len(owners), eval_every=0, checkpoint_every=0
+    )
+    log(
+        f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
+        f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}"
+    )
     train_unrestricted(
-        anchor_dir=anchor_dir, data=[specs[d.name] for d in owners], public_data=[specs["public"]],
-        out=unrestricted_dir, cfg=joint, top_k=settings.top_k, device=device, cache_dir=tokens,
+        anchor_dir=anchor_dir,
+        data=[specs[d.name] for d in owners],
+        public_data=[specs["public"]],
+        out=unrestricted_dir,
+        cfg=joint,
+        top_k=settings.top_k,
+        device=device,
+        cache_dir=tokens,
         overwrite=True,
-    )  # fmt: skip
+    )
     stage("unrestricted")
     log("[6/8] scoring every baseline and variant on the same held-out text")
     evaluation = run_suite(
-        anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=merged_dir,
-        data=list(specs.values()), device=device, cache_dir=tokens,
-        unrestricted_dir=unrestricted_dir, tuned_dir=tuned_dir, extra_models=extra,
-        max_bytes=settings.eval_bytes, log=log,
-    )  # fmt: skip
+        anchor_dir=anchor_dir,
+        package_dirs=package_dirs,
+        merged_dir=merged_dir,
+        data=list(specs.values()),
+        device=device,
+        cache_dir=tokens,
+        unrestricted_dir=unrestricted_dir,
+        tuned_dir=tuned_dir,
+        extra_models=extra,
+        max_bytes=settings.eval_bytes,
+        log=log,
+    )
     stage("evaluation")
     log(f"[7/8] the {corpora_set.opt_out} owner opts out, and back in")
     opt_out = _opt_out_stage(
-        out, merged_dir, specs, settings, device, tokens, log, opt_out=corpora_set.opt_out,
+        out,
+        merged_dir,
+        specs,
+        settings,
+        device,
+        tokens,
+        log,
+        opt_out=corpora_set.opt_out,
         prompt=corpora_set.opt_out_prompt,
-    )  # fmt: skip
+    )
     stage("opt-out")
     audited = owners[0].name
     log(f"[8/8] extraction audit on the {audited} owner's training documents")
@@ -209,12 +275,17 @@ def run_demo(
     elapsed = time.perf_counter() - started
     results = {
         "settings": {
-            "corpora": corpora_set.name, "quick": quick, "ablations": ablations,
+            "corpora": corpora_set.name,
+            "quick": quick,
+            "ablations": ablations,
             "vocab_size": settings.vocab_size,
             "top_k": settings.top_k,
-            "eval_bytes_per_domain": settings.eval_bytes, "audit": settings.audit.__dict__,
-            "anchor": settings.anchor.to_dict(), "expert": settings.expert.to_dict(),
-            "unrestricted": joint.to_dict(), "router_tuning": settings.tune.to_dict(),
+            "eval_bytes_per_domain": settings.eval_bytes,
+            "audit": settings.audit.__dict__,
+            "anchor": settings.anchor.to_dict(),
+            "expert": settings.expert.to_dict(),
+            "unrestricted": joint.to_dict(),
+            "router_tuning": settings.tune.to_dict(),
             "proxy_bytes_per_domain": settings.proxy_bytes,
             "proxy_documents_per_owner": settings.proxy_documents,
             "ceiling_steps": settings.ceiling_steps,
@@ -229,7 +300,7 @@ def run_demo(
         "stage_seconds": stage_seconds,
         "device": str(device),
         "corpora_description": corpora_set.description,
-    }  # fmt: skip
+    }
     write_json(out / "results.json", results)
     for name, data in plot_files(evaluation).items():
         atomic_write_bytes(out / name, data)
@@ -241,46 +312,83 @@ def run_demo(
 
 
 def _train_experts(
-    root: Path, label: str, owners: tuple[DemoDomain, ...], anchor_dir: Path,
-    corpora: dict[str, Path], settings: DemoSettings, device: torch.device, tokens: Path,
-    log: Callable[[str], None], router_init: RouterInitMethod = ANCHOR_HIDDEN,
-) -> list[Path]:  # fmt: skip
+    root: Path,
+    label: str,
+    owners: tuple[DemoDomain, ...],
+    anchor_dir: Path,
+    corpora: dict[str, Path],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+    router_init: RouterInitMethod = ANCHOR_HIDDEN,
+) -> list[Path]:
     """Every owner's expert, one process each, into ``root/<domain>``. Random router rows are
     seeded by the owner's position so that no two owners start from the same row."""
     packages = []
     for i, domain in enumerate(owners, 1):
         package = root / domain.name
-        log(f"{label} expert {i}/{len(owners)}: {domain.name} ({router_init.value} router row), "
-            f"in its own process -> {package}")  # fmt: skip
+        log(
+            f"{label} expert {i}/{len(owners)}: {domain.name} ({router_init.value} router row), "
+            f"in its own process -> {package}"
+        )
         seed = i if router_init is RouterInitMethod.RANDOM else 0
         _train_expert_process(
-            domain, corpora[domain.name], anchor_dir, package, settings.expert, tokens, device,
-            router_init=router_init, seed=seed,
-        )  # fmt: skip
+            domain,
+            corpora[domain.name],
+            anchor_dir,
+            package,
+            settings.expert,
+            tokens,
+            device,
+            router_init=router_init,
+            seed=seed,
+        )
         packages.append(package)
     return packages
 
 
 def _random_init_stage(
-    root: Path, owners: tuple[DemoDomain, ...], anchor_dir: Path, corpora: dict[str, Path],
-    settings: DemoSettings, device: torch.device, tokens: Path, log: Callable[[str], None],
-) -> Path:  # fmt: skip
+    root: Path,
+    owners: tuple[DemoDomain, ...],
+    anchor_dir: Path,
+    corpora: dict[str, Path],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+) -> Path:
     """The router-init ablation: every owner's expert trained again from a random router row
     (seeded by the owner's position, which also seeds its data order), merged like the main
     model; the public row stays the anchor's."""
     packages = _train_experts(
-        root / "experts", "[ablation]", owners, anchor_dir, corpora, settings, device, tokens,
-        log, router_init=RouterInitMethod.RANDOM,
-    )  # fmt: skip
+        root / "experts",
+        "[ablation]",
+        owners,
+        anchor_dir,
+        corpora,
+        settings,
+        device,
+        tokens,
+        log,
+        router_init=RouterInitMethod.RANDOM,
+    )
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
     return merged
 
 
 def _tune_stage(
-    out: Path, anchor_dir: Path, merged_dir: Path, tuned_dir: Path, specs: dict[str, DataSpec],
-    public: str, settings: DemoSettings, device: torch.device, tokens: Path,
-) -> dict[str, Any]:  # fmt: skip
+    out: Path,
+    anchor_dir: Path,
+    merged_dir: Path,
+    tuned_dir: Path,
+    specs: dict[str, DataSpec],
+    public: str,
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+) -> dict[str, Any]:
     """Router tuning the paper's way: each owner, at home, ranks the public corpus's training
     documents with its own classifier and sends only the hashes of the ``proxy_documents`` most
     like its data (``out/proxy/NAME.json``); the coordinator resolves them against its own
@@ -307,14 +415,23 @@ def _tune_stage(
 
 
 def _tune_on(
-    merged_dir: Path, proxy: list[DataSpec], tuned_dir: Path, settings: DemoSettings,
-    device: torch.device, tokens: Path,
-) -> dict[str, Any]:  # fmt: skip
+    merged_dir: Path,
+    proxy: list[DataSpec],
+    tuned_dir: Path,
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+) -> dict[str, Any]:
     """Tune only the router of ``merged_dir`` on ``proxy`` into ``tuned_dir``; its record."""
     result = tune_router(
-        merged_dir, proxy, out=tuned_dir, cfg=settings.tune, device=device, cache_dir=tokens,
+        merged_dir,
+        proxy,
+        out=tuned_dir,
+        cfg=settings.tune,
+        device=device,
+        cache_dir=tokens,
         overwrite=True,
-    )  # fmt: skip
+    )
     return result.record.model_dump(mode="json")
 
 
@@ -324,9 +441,14 @@ def _jsonl_spec(path: Path, domain: str, docs: list[Document]) -> DataSpec:
 
 
 def _owner_text_tune_stage(
-    out: Path, merged_dir: Path, tuned_dir: Path, specs: dict[str, DataSpec],
-    settings: DemoSettings, device: torch.device, tokens: Path,
-) -> dict[str, Any]:  # fmt: skip
+    out: Path,
+    merged_dir: Path,
+    tuned_dir: Path,
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+) -> dict[str, Any]:
     """An ablation that hands over owner text: a window of each of a few training documents per
     domain (never held-out text), written to ``out/proxy``; only the router rows train."""
     proxy = []
@@ -338,9 +460,13 @@ def _owner_text_tune_stage(
 
 
 def _calibrated_stage(
-    anchor_dir: Path, merged_dir: Path, out: Path, public: DataSpec, device: torch.device,
+    anchor_dir: Path,
+    merged_dir: Path,
+    out: Path,
+    public: DataSpec,
+    device: torch.device,
     tokens: Path,
-) -> Path:  # fmt: skip
+) -> Path:
     """The coordinator's calibration lever (:mod:`flexmoe.experiment.levers`): only the public
     corpus's training split and the merged model's own rows are used."""
     anchor = load_anchor(anchor_dir)
@@ -350,31 +476,51 @@ def _calibrated_stage(
         inputs = ffn_inputs(anchor.model, stream)
     rows = torch.stack([m.router.weight.detach() for m in moe_layers(load_merged(merged_dir))])
     return write_rows(
-        merged_dir, out, calibrated_rows(rows, inputs),
-        method="margin spread on public text", public_tokens=len(inputs),
-    )  # fmt: skip
+        merged_dir,
+        out,
+        calibrated_rows(rows, inputs),
+        method="margin spread on public text",
+        public_tokens=len(inputs),
+    )
 
 
 def _ceiling_stage(
-    merged_dir: Path, out: Path, specs: dict[str, DataSpec], settings: DemoSettings,
-    device: torch.device, tokens: Path,
-) -> Path:  # fmt: skip
+    merged_dir: Path,
+    out: Path,
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+) -> Path:
     """The router ceiling (:mod:`flexmoe.experiment.levers`): only the rows trained, on exactly
     the held-out text every model is scored on."""
     scored = [d for s in specs.values() for d in eval_documents(s, max_bytes=settings.eval_bytes)]
     cfg = replace(settings.tune, steps=settings.ceiling_steps)
     result = tune_router_on(
-        merged_dir, scored, [], out=out, cfg=cfg, device=device, cache_dir=tokens, overwrite=True,
+        merged_dir,
+        scored,
+        [],
+        out=out,
+        cfg=cfg,
+        device=device,
+        cache_dir=tokens,
+        overwrite=True,
         where="held-out text",
-    )  # fmt: skip
+    )
     return result.out
 
 
 def _opt_out_stage(
-    out: Path, merged_dir: Path, specs: dict[str, DataSpec], settings: DemoSettings,
-    device: torch.device, tokens: Path, log: Callable[[str], None], opt_out: str = DEMO.opt_out,
+    out: Path,
+    merged_dir: Path,
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+    opt_out: str = DEMO.opt_out,
     prompt: str = DEMO.opt_out_prompt,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The owner opts out through the model's store: the loaded model's next generation and
     score no longer use the expert, exactly as a model merged without it; then back in."""
     model, tokenizer = load_merged(merged_dir), load_tokenizer(merged_dir)
@@ -382,20 +528,32 @@ def _opt_out_stage(
 
     def bpb(net: Any) -> float:
         [score] = evaluate_loaded(
-            net, tokenizer, [specs[opt_out]], device=device, cache_dir=tokens,
+            net,
+            tokenizer,
+            [specs[opt_out]],
+            device=device,
+            cache_dir=tokens,
             max_bytes=settings.eval_bytes,
-        )  # fmt: skip
+        )
         return score.bits_per_byte
 
     def attribution(label: str) -> dict[str, Any]:
         result = generate(
-            model, tokenizer, prompt, slots=slots, max_new_tokens=24, seed=0,
+            model,
+            tokenizer,
+            prompt,
+            slots=slots,
+            max_new_tokens=24,
+            seed=0,
             selection=Selection(opted_out=standing_exclusions(merged_dir, slots)),
-        )  # fmt: skip
+        )
         log(f"{label}: {prompt}{result.text}")
         log(format_attribution(result, slots))
-        return {"text": result.text, "prompt": result.prompt_shares,
-                "generated": result.generated_shares}  # fmt: skip
+        return {
+            "text": result.text,
+            "prompt": result.prompt_shares,
+            "generated": result.generated_shares,
+        }
 
     before = attribution(f"generation with every expert ({opt_out} in)")
     store = StandingStore(merged_dir)
@@ -409,8 +567,10 @@ def _opt_out_stage(
     remove_expert(merged_dir, opt_out, out=without_dir, overwrite=True)  # carries the opt-out store
     without = bpb(load_merged(without_dir))
     gap = abs(without - opted_out)
-    log(f"{opt_out}: opted out {opted_out:.6f} bpb, merged without it {without:.6f} "
-        f"(difference {gap:.1e})")  # fmt: skip
+    log(
+        f"{opt_out}: opted out {opted_out:.6f} bpb, merged without it {without:.6f} "
+        f"(difference {gap:.1e})"
+    )
     store.set(opt_out, opted_out=False, reason="demo: the owner returns", actor="demo")
     audit = [list(row) for row in store.audit()]
     store.close()
@@ -427,9 +587,14 @@ def _opt_out_stage(
 
 
 def _audit_stage(
-    anchor_dir: Path, package_dirs: list[Path], merged_dir: Path, specs: dict[str, DataSpec],
-    settings: DemoSettings, device: torch.device, owner: str,
-) -> dict[str, Any]:  # fmt: skip
+    anchor_dir: Path,
+    package_dirs: list[Path],
+    merged_dir: Path,
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    device: torch.device,
+    owner: str,
+) -> dict[str, Any]:
     """Extraction rates of the anchor, the owner's specialist and the merged model on the
     owner's training documents (the same passages for all three)."""
     anchor = load_anchor(anchor_dir)

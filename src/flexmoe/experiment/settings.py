@@ -36,13 +36,15 @@ class DemoSettings:
         if unknown:
             raise FlexMoEError(where, f"unknown fields: {', '.join(unknown)}")
         try:
-            return cls(**{
-                **data,
-                "anchor": TrainConfig.from_dict(data["anchor"]),
-                "expert": TrainConfig.from_dict(data["expert"]),
-                "tune": TrainConfig.from_dict(data["tune"]),
-                "audit": AuditSettings(**data["audit"]),
-            })  # fmt: skip
+            return cls(
+                **{
+                    **data,
+                    "anchor": TrainConfig.from_dict(data["anchor"]),
+                    "expert": TrainConfig.from_dict(data["expert"]),
+                    "tune": TrainConfig.from_dict(data["tune"]),
+                    "audit": AuditSettings(**data["audit"]),
+                }
+            )
         except (KeyError, TypeError) as e:
             raise FlexMoEError(where, f"incomplete or malformed settings ({e})") from e
 

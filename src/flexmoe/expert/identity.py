@@ -46,9 +46,10 @@ def check_name(field: str, value: str) -> str:
     check_label(field, value)
     if not NAME_PATTERN.fullmatch(value):
         raise FlexMoEError(
-            field, f"{value!r}: use ASCII letters, digits, '.', '_' and '-' (start with a "
+            field,
+            f"{value!r}: use ASCII letters, digits, '.', '_' and '-' (start with a "
             "letter or digit)",
-        )  # fmt: skip
+        )
     return value
 
 
@@ -78,9 +79,10 @@ def check_owner(field: str, value: str) -> str:
         scripts = {s for s in map(_script, word) if s is not None}
         if len(scripts) > 1:
             raise FlexMoEError(
-                field, f"{value!r}: the word {word!r} mixes scripts ({', '.join(sorted(scripts))})"
+                field,
+                f"{value!r}: the word {word!r} mixes scripts ({', '.join(sorted(scripts))})"
                 "; a look-alike of another name?",
-            )  # fmt: skip
+            )
     return value
 
 
@@ -95,9 +97,10 @@ def refuse_look_alike(where: object, owner: str, others: list[str]) -> None:
     for other in others:
         if other != owner and owner_key(other) == owner_key(owner):
             raise FlexMoEError(
-                str(where), f"owner {owner!r} looks like {other!r} but is not the same; one "
+                str(where),
+                f"owner {owner!r} looks like {other!r} but is not the same; one "
                 "owner must be spelled one way",
-            )  # fmt: skip
+            )
 
 
 @cache
@@ -117,7 +120,8 @@ def check_license(value: str, field: str = "--license") -> str:
     if unknown or (info.errors and not info.invalid_symbols):
         why = f"unknown license {unknown[0]!r}" if unknown else "not a valid expression"
         raise FlexMoEError(
-            field, f"{value!r} is not an SPDX license expression ({why}); use SPDX ids such "
+            field,
+            f"{value!r} is not an SPDX license expression ({why}); use SPDX ids such "
             "as MIT or Apache-2.0, or LicenseRef-... for custom terms",
-        )  # fmt: skip
+        )
     return str(info.normalized_expression or value)

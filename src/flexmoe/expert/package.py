@@ -27,12 +27,20 @@ from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import as_field, check_license, check_name, check_owner
 from flexmoe.expert.private import PrivacyRecord, check_record
-from flexmoe.expert.signing import SIGNATURE_FILE, Signer, read_signature
-from flexmoe.io import parse_json, read_bounded, sha256_file, validate_model
+from flexmoe.expert.signing import (
+    SIGNATURE_FILE,
+    Signature,
+    Signer,
+    read_signature,
+    sign_manifest,
+)
+from flexmoe.io import parse_json, read_bounded, sha256_file, validate_model, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from flexmoe.expert.registry import KeyRegistry
 
 MANIFEST_FILE = "manifest.json"
@@ -93,8 +101,9 @@ class ExpertManifest(BaseModel):
     router_init: RouterInitRecord
     training: TrainingSummary
     shapes: ExpertShapes
-    files: Annotated[dict[Short, Annotated[str, Field(pattern="^[0-9a-f]{64}$")]],
-                     Field(max_length=4)]  # fmt: skip
+    files: Annotated[
+        dict[Short, Annotated[str, Field(pattern="^[0-9a-f]{64}$")]], Field(max_length=4)
+    ]
     flexmoe_version: Short
 
     @field_validator("name")
@@ -234,9 +243,12 @@ def load_package(
         check_against_anchor(path, manifest, anchor)
         check_values(path, tensors, manifest.shapes, anchor.public_router, anchor.ffn_scales())
     return ExpertPackage(
-        path=path, manifest=manifest, tensors=tensors,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(), signer=signer,
-    )  # fmt: skip
+        path=path,
+        manifest=manifest,
+        tensors=tensors,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        signer=signer,
+    )
 
 
 def _check_size(path: Path, shapes: ExpertShapes) -> None:
@@ -251,9 +263,10 @@ def _check_size(path: Path, shapes: ExpertShapes) -> None:
         header = int.from_bytes(f.read(8), "little")
     if header > header_limit:
         raise FlexMoEError(
-            path, f"not a readable safetensors file (a header of {header:,} bytes; at most "
+            path,
+            f"not a readable safetensors file (a header of {header:,} bytes; at most "
             f"{header_limit:,})",
-        )  # fmt: skip
+        )
     if size - 8 - header > data:
         raise FlexMoEError(
             path, f"is {size:,} bytes; the manifest's shapes make {data + 8 + header:,}"
@@ -282,9 +295,12 @@ def package_projection(tensors: dict[str, torch.Tensor]) -> Callable[[FfnKey], t
 
 
 def check_values(
-    path: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes,
-    public_router: torch.Tensor, scales: dict[FfnKey, float],
-) -> None:  # fmt: skip
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    shapes: ExpertShapes,
+    public_router: torch.Tensor,
+    scales: dict[FfnKey, float],
+) -> None:
     """Magnitudes a trained expert cannot reach by honest training: a router row far longer than
     the public one (``public_router``, one row per layer; it would take every token) or weights
     far beyond the anchor's feed-forward (``scales``, the largest magnitude per projection; they
@@ -295,17 +311,19 @@ def check_values(
         norm = float(tensors[key].float().norm())
         if norm > ROUTER_NORM_LIMIT * max(public, 1e-6):
             raise FlexMoEError(
-                path, f"tensor {key} has norm {norm:.3g}, over {ROUTER_NORM_LIMIT:g} times the "
+                path,
+                f"tensor {key} has norm {norm:.3g}, over {ROUTER_NORM_LIMIT:g} times the "
                 f"public row's ({public:.3g})",
-            )  # fmt: skip
+            )
         for proj in names.PROJECTIONS:
             key = PKG_PROJ.format(layer=layer, proj=proj)
             peak, bound = float(tensors[key].float().abs().max()), scales[(layer, proj)]
             if peak > WEIGHT_LIMIT * bound:
                 raise FlexMoEError(
-                    path, f"tensor {key} reaches {peak:.3g}, over {WEIGHT_LIMIT:g} times the "
+                    path,
+                    f"tensor {key} reaches {peak:.3g}, over {WEIGHT_LIMIT:g} times the "
                     f"anchor's largest ({bound:.3g})",
-                )  # fmt: skip
+                )
 
 
 def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes) -> None:
@@ -338,16 +356,26 @@ def _check_tensors(where: Path, tensors: dict[str, torch.Tensor], shapes: Expert
 def check_against_anchor(path: Path, manifest: ExpertManifest, anchor: AnchorInfo) -> None:
     """The package was trained on this very anchor and tokenizer, with matching shapes."""
     check_compatible(
-        path, manifest, anchor_fingerprint=anchor.manifest.fingerprint,
-        tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint, config=anchor.config,
-        dtype=anchor.dtype, router_init=anchor.manifest.router_init.method,
-    )  # fmt: skip
+        path,
+        manifest,
+        anchor_fingerprint=anchor.manifest.fingerprint,
+        tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint,
+        config=anchor.config,
+        dtype=anchor.dtype,
+        router_init=anchor.manifest.router_init.method,
+    )
 
 
 def check_compatible(
-    path: Path, manifest: ExpertManifest, *, anchor_fingerprint: str, tokenizer_fingerprint: str,
-    config: PretrainedConfig, dtype: torch.dtype, router_init: str | None = None,
-) -> None:  # fmt: skip
+    path: Path,
+    manifest: ExpertManifest,
+    *,
+    anchor_fingerprint: str,
+    tokenizer_fingerprint: str,
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    router_init: str | None = None,
+) -> None:
     """The package was trained on the anchor and tokenizer with these fingerprints, and its
     shapes and dtype fit ``config`` and ``dtype`` (the anchor's, or a merged model's that was
     built on that anchor)."""
@@ -390,3 +418,10 @@ def build_specialist(
                     package.tensors[PKG_PROJ.format(layer=layer, proj=proj)]
                 )
     return model.eval()
+
+
+def sign_package(package_dir: Path, key: Ed25519PrivateKey) -> Signature:
+    """Sign the package's manifest and write ``signature.json`` (temporary file, then rename)."""
+    signature = sign_manifest(read_bounded(Path(package_dir) / MANIFEST_FILE), key)
+    write_json(Path(package_dir) / SIGNATURE_FILE, signature.model_dump())
+    return signature

@@ -48,9 +48,15 @@ def _features(anchor: Anchor, texts: list[str], device: torch.device) -> torch.T
 
 
 def rank_public(
-    anchor: Anchor, own: list[Document], public: list[Document], *, device: torch.device,
-    steps: int = 300, weight_decay: float = 1e-3, max_documents: int = 1000,
-) -> tuple[list[float], dict[str, float | int]]:  # fmt: skip
+    anchor: Anchor,
+    own: list[Document],
+    public: list[Document],
+    *,
+    device: torch.device,
+    steps: int = 300,
+    weight_decay: float = 1e-3,
+    max_documents: int = 1000,
+) -> tuple[list[float], dict[str, float | int]]:
     """Score every public document by a logistic classifier's log-odds of "own, not public",
     trained on up to ``max_documents`` of each side (classes weighted equally)."""
     if not own or not public:
@@ -73,24 +79,36 @@ def rank_public(
     with torch.no_grad():
         scores = (((x_pub - mean) / scale) @ w + b).tolist()
         accuracy = float((((x - mean) / scale) @ w + b > 0).float().eq(y).float().mean())
-    return scores, {"train_accuracy": round(accuracy, 4), "steps": steps,
-                    "own_documents": len(x_own), "public_documents": len(x_pub)}  # fmt: skip
+    return scores, {
+        "train_accuracy": round(accuracy, 4),
+        "steps": steps,
+        "own_documents": len(x_own),
+        "public_documents": len(x_pub),
+    }
 
 
 def choose_proxies(
-    anchor: Anchor, name: str, own: list[Document], public: list[Document], *, count: int,
+    anchor: Anchor,
+    name: str,
+    own: list[Document],
+    public: list[Document],
+    *,
+    count: int,
     device: torch.device,
-) -> ProxyChoice:  # fmt: skip
+) -> ProxyChoice:
     """The ``count`` public documents that look most like the owner's, as hashes."""
     if count < 1:
         raise FlexMoEError("--count", "must be at least 1")
     scores, record = rank_public(anchor, own, public, device=device)
     order = sorted(range(len(public)), key=lambda i: -scores[i])[:count]
     return ProxyChoice(
-        expert=name, anchor_fingerprint=anchor.manifest.fingerprint,
-        public_sha256=[public[i].text_sha256 for i in order], classifier=record,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), flexmoe_version=__version__,
-    )  # fmt: skip
+        expert=name,
+        anchor_fingerprint=anchor.manifest.fingerprint,
+        public_sha256=[public[i].text_sha256 for i in order],
+        classifier=record,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        flexmoe_version=__version__,
+    )
 
 
 def write_proxies(path: Path, choice: ProxyChoice) -> None:

@@ -118,21 +118,23 @@ class KeyRegistry(SqliteStore):
         if signature is None:
             if self.require_signatures:
                 raise FlexMoEError(
-                    package_dir, f"unsigned package; the key registry {self.path.name} requires "
+                    package_dir,
+                    f"unsigned package; the key registry {self.path.name} requires "
                     "signatures (`flexmoe expert sign`)",
-                )  # fmt: skip
+                )
             return None
         key = self.get(signature.fingerprint)
         if key is None:
             raise FlexMoEError(
-                where, f"signed by key {signature.fingerprint[:16]}..., which is not in the "
-                "key registry",
-            )  # fmt: skip
+                where,
+                f"signed by key {signature.fingerprint[:16]}..., which is not in the key registry",
+            )
         if key.revoked:
             raise FlexMoEError(
-                where, f"signed by key {key.fingerprint[:16]}... of {key.owner!r}, revoked on "
+                where,
+                f"signed by key {key.fingerprint[:16]}... of {key.owner!r}, revoked on "
                 f"{key.revoked}",
-            )  # fmt: skip
+            )
         if key.owner != owner:
             raise FlexMoEError(
                 where, f"signed by {key.owner!r}'s key, but the manifest's owner is {owner!r}"

@@ -108,9 +108,10 @@ class Signature(_Keyed):
             key.verify(base64.b64decode(self.signature), _DOMAIN + manifest)
         except InvalidSignature:
             raise FlexMoEError(
-                where, "the signature does not match the manifest (changed after signing, or "
+                where,
+                "the signature does not match the manifest (changed after signing, or "
                 "signed for another package)",
-            ) from None  # fmt: skip
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -194,15 +195,6 @@ def sign_manifest(manifest: bytes, key: Ed25519PrivateKey) -> Signature:
         public_key=base64.b64encode(raw).decode(),
         signature=base64.b64encode(key.sign(_DOMAIN + manifest)).decode(),
     )
-
-
-def sign_package(package_dir: Path, key: Ed25519PrivateKey) -> Signature:
-    """Sign the package's manifest and write ``signature.json`` (temporary file, then rename)."""
-    from flexmoe.expert.package import MANIFEST_FILE
-
-    signature = sign_manifest(read_bounded(Path(package_dir) / MANIFEST_FILE), key)
-    write_json(Path(package_dir) / SIGNATURE_FILE, signature.model_dump())
-    return signature
 
 
 def read_signature(package_dir: Path) -> Signature | None:

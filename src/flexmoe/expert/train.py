@@ -37,9 +37,10 @@ from flexmoe.expert.package import (
     TrainingSummary,
     expert_tensors,
     read_manifest,
+    sign_package,
 )
 from flexmoe.expert.private import PrivacySettings, train_private
-from flexmoe.expert.signing import read_private_key, sign_package
+from flexmoe.expert.signing import read_private_key
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
@@ -79,8 +80,10 @@ def build_trainable_moe(
             moe.use_bias = True
             moe.router.rows[0].copy_(public_router[layer])
             moe.experts[1].float().requires_grad_(True)
-            for trained, value in ((moe.router.rows[1], router_rows[layer]),
-                                   (moe.router.biases[0], torch.zeros(()))):  # fmt: skip
+            for trained, value in (
+                (moe.router.rows[1], router_rows[layer]),
+                (moe.router.biases[0], torch.zeros(())),
+            ):
                 trained.data = value.to(device=trained.device, dtype=torch.float32).clone()
                 trained.requires_grad_(True)
     return model
@@ -110,9 +113,11 @@ def project_biases(model: torch.nn.Module) -> None:
 
 
 def frozen_fingerprint(
-    state: Mapping[str, torch.Tensor], layers: int, public_router: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    layers: int,
+    public_router: torch.Tensor,
     dtype: torch.dtype,
-) -> str:  # fmt: skip
+) -> str:
     """The anchor fingerprint recomputed from an MoE's frozen tensors (expert 0 as the MLP),
     as stored in the anchor's ``dtype`` (exact: frozen tensors are only ever widened)."""
     state = {k: v.to(dtype) for k, v in state.items()}
@@ -150,9 +155,14 @@ def owner_router_rows(
         )
     projection_seed = int(record.params.get("projection_seed", 0))
     request = RouterInitRequest(
-        model=anchor.model, tokenizer=anchor.tokenizer, texts=texts, device=device, seed=seed,
-        embedder=embedder, projection_seed=projection_seed,
-    )  # fmt: skip
+        model=anchor.model,
+        tokenizer=anchor.tokenizer,
+        texts=texts,
+        device=device,
+        seed=seed,
+        embedder=embedder,
+        projection_seed=projection_seed,
+    )
     rows, params = domain_rows(method, request)
     wanted = record.params.get("embedder_fingerprint")
     if method is RouterInitMethod.EMBEDDER and params["embedder_fingerprint"] != wanted:
@@ -209,19 +219,24 @@ def write_package(
         tensors = expert_tensors(state, num_layers=config.num_hidden_layers, dtype=anchor.dtype)
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
         manifest = ExpertManifest(
-            name=identity.name, owner=identity.owner, license=identity.license,
+            name=identity.name,
+            owner=identity.owner,
+            license=identity.license,
             description=identity.description,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             anchor_fingerprint=anchor.manifest.fingerprint,
             tokenizer_fingerprint=anchor.manifest.tokenizer_fingerprint,
-            router_init=router_init, training=summary,
+            router_init=router_init,
+            training=summary,
             shapes=ExpertShapes(
-                num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size, dtype=anchor.manifest.dtype,
+                num_layers=config.num_hidden_layers,
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                dtype=anchor.manifest.dtype,
             ),
             files={TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)},
             flexmoe_version=__version__,
-        )  # fmt: skip
+        )
         write_json(tmp / MANIFEST_FILE, manifest.model_dump())
         if signing_key is not None:
             sign_package(tmp, signing_key)
@@ -280,17 +295,33 @@ def train_expert(
         if info.world_size > 1 or resume:
             raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
         result, record = train_private(
-            model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, privacy=privacy,
-            device=device, aux_loss=aux, after_step=project_biases, progress=progress,
-            desc=f"expert {identity.name} (DP)", log_dir=log_dir,
-        )  # fmt: skip
+            model,
+            train_stream=train_stream,
+            val_stream=val_stream,
+            cfg=cfg,
+            privacy=privacy,
+            device=device,
+            aux_loss=aux,
+            after_step=project_biases,
+            progress=progress,
+            desc=f"expert {identity.name} (DP)",
+            log_dir=log_dir,
+        )
     else:
         result = train(
-            model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
-            checkpoint_dir=work / "checkpoint", resume=resume, progress=progress,
-            desc=f"expert {identity.name}", aux_loss=aux, after_step=project_biases,
+            model,
+            train_stream=train_stream,
+            val_stream=val_stream,
+            cfg=cfg,
+            device=device,
+            checkpoint_dir=work / "checkpoint",
+            resume=resume,
+            progress=progress,
+            desc=f"expert {identity.name}",
+            aux_loss=aux,
+            after_step=project_biases,
             log_dir=log_dir,
-        )  # fmt: skip
+        )
     state = full_state(model)  # every process takes part when the model is sharded
     if not info.is_main:  # one process writes the package; the others wait for it
         barrier(info)
@@ -302,15 +333,25 @@ def train_expert(
             anchor_dir, "a frozen tensor changed during training; refusing to package"
         )
     summary = TrainingSummary(
-        steps=result.steps, tokens=result.tokens, final_train_loss=result.final_train_loss,
-        final_val_loss=result.final_val_loss, seed=cfg.seed,
-        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction}, privacy=record,
-    )  # fmt: skip
+        steps=result.steps,
+        tokens=result.tokens,
+        final_train_loss=result.final_train_loss,
+        final_val_loss=result.final_val_loss,
+        seed=cfg.seed,
+        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
+        privacy=record,
+    )
     manifest = write_package(
-        out, model=model, state=state, anchor=anchor, identity=identity, summary=summary,
+        out,
+        model=model,
+        state=state,
+        anchor=anchor,
+        identity=identity,
+        summary=summary,
         router_init=RouterInitRecord(method=router_init.value, params=init_params),
-        overwrite=overwrite, signing_key=key,
-    )  # fmt: skip
+        overwrite=overwrite,
+        signing_key=key,
+    )
     shutil.rmtree(work, ignore_errors=True)
     barrier(info)
     return manifest, result

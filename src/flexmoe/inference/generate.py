@@ -55,10 +55,15 @@ def generate(
     try:
         with record_routing(model) as record:
             out = model.generate(  # type: ignore[operator]
-                torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0, temperature=temperature or None, top_p=top_p,
-                top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
+                torch.tensor([ids], device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
+                top_p=top_p,
+                top_k=0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
     finally:
         set_expert_mask(model, None)
     new = out[0, len(ids) :].tolist()
@@ -73,10 +78,13 @@ def generate(
     if per_token:
         rows = [as_dict(t[None]) for t in record.per_token()[0]]
     return GenerationResult(
-        text=str(tokenizer.decode(new, skip_special_tokens=True)), prompt_tokens=len(ids),
-        new_tokens=len(new), prompt_shares=as_dict(record.shares(slice(0, 1))),
-        generated_shares=as_dict(record.shares(slice(1, None))), per_token=rows,
-    )  # fmt: skip
+        text=str(tokenizer.decode(new, skip_special_tokens=True)),
+        prompt_tokens=len(ids),
+        new_tokens=len(new),
+        prompt_shares=as_dict(record.shares(slice(0, 1))),
+        generated_shares=as_dict(record.shares(slice(1, None))),
+        per_token=rows,
+    )
 
 
 def format_attribution(result: GenerationResult, slots: list[SlotInfo]) -> str:

@@ -84,9 +84,14 @@ def edit_target(model_dir: Path, out: Path | None, overwrite: bool) -> Path:
 
 
 def add_expert(
-    model_dir: Path, package_dir: Path, *, out: Path | None = None, overwrite: bool = False,
-    progress: bool = True, registry: KeyRegistry | None = None,
-) -> Path:  # fmt: skip
+    model_dir: Path,
+    package_dir: Path,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    registry: KeyRegistry | None = None,
+) -> Path:
     """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model).
 
     A model merged against a key registry takes a new package only against one too.
@@ -102,10 +107,13 @@ def add_expert(
     package = load_package(package_dir, registry=registry)  # hashes, signature, shapes, values
     m = package.manifest
     check_compatible(
-        package_dir, m, anchor_fingerprint=table.anchor_fingerprint,
-        tokenizer_fingerprint=table.tokenizer_fingerprint, config=config,
+        package_dir,
+        m,
+        anchor_fingerprint=table.anchor_fingerprint,
+        tokenizer_fingerprint=table.tokenizer_fingerprint,
+        config=config,
         dtype=stored_dtype(config),
-    )  # fmt: skip
+    )
     if any(name_key(s.name) == name_key(m.name) for s in table.slots):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
     refuse_look_alike(package_dir, m.owner, [e.owner for e in table.slots[1:]])
@@ -133,15 +141,23 @@ def add_expert(
             ref = by_name[names.EXPERT.format(layer=layer, expert=0, proj=proj)]
             out_sources.append(
                 TensorSource(
-                    names.EXPERT.format(layer=layer, expert=index, proj=proj), ref.shape,
-                    ref.dtype, tensor_reader(tensor_file, pkg_key),
+                    names.EXPERT.format(layer=layer, expert=index, proj=proj),
+                    ref.shape,
+                    ref.dtype,
+                    tensor_reader(tensor_file, pkg_key),
                 )
-            )  # fmt: skip
+            )
     slot = Slot(
-        index=index, name=m.name, owner=m.owner, license=m.license, source=tensor_file,
-        bytes=tensor_file.stat().st_size, package_sha256=manifest_sha256,
-        manifest=m, signer=signer,
-    )  # fmt: skip
+        index=index,
+        name=m.name,
+        owner=m.owner,
+        license=m.license,
+        source=tensor_file,
+        bytes=tensor_file.stat().st_size,
+        package_sha256=manifest_sha256,
+        manifest=m,
+        signer=signer,
+    )
     changes: dict[str, object] = {
         "slots": [*table.slots, slot_entry(slot, config.num_hidden_layers)]
     }
@@ -159,9 +175,12 @@ def add_expert(
 
 
 def _check_against_model(
-    package_dir: Path, tensors: dict[str, torch.Tensor], shapes: ExpertShapes,
-    by_name: dict[str, TensorSource], table: SlotTable,
-) -> None:  # fmt: skip
+    package_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    shapes: ExpertShapes,
+    by_name: dict[str, TensorSource],
+    table: SlotTable,
+) -> None:
     """As ``merge`` does, with the model's public expert (slot 0: the anchor's feed-forward and
     router row r_0) standing in for the anchor, read one tensor at a time: the package's router
     rows and weights within bounds, and its change from the public expert no copy of another
@@ -187,9 +206,13 @@ def _check_against_model(
 
 
 def remove_expert(
-    model_dir: Path, name: str, *, out: Path | None = None, overwrite: bool = False,
+    model_dir: Path,
+    name: str,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
-) -> Path:  # fmt: skip
+) -> Path:
     """Drop expert ``name`` (its FFN and router row); later slots move down by one."""
     model = MergedModel.open(model_dir)
     target = edit_target(model.path, out, overwrite)

@@ -30,11 +30,12 @@ import torch
 from tqdm import tqdm
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase
 
-from flexmoe.card import merged_card, write_card
+from flexmoe.card import write_card
 from flexmoe.data.tokenizer import load_tokenizer, save_tokenizer
 from flexmoe.device import compute_dtype
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, show_progress, validate_model, write_json
+from flexmoe.merge.card import merged_card
 from flexmoe.merge.slots import SlotInfo, SlotTable
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (

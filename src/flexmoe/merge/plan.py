@@ -72,10 +72,16 @@ def plan_merge(
     anchor_bytes = anchor.weight_bytes()
     slots = [
         Slot(
-            index=0, name="public", owner="coordinator", license="public", source=anchor.path,
-            bytes=anchor_bytes, package_sha256=anchor.manifest.fingerprint, manifest=None,
+            index=0,
+            name="public",
+            owner="coordinator",
+            license="public",
+            source=anchor.path,
+            bytes=anchor_bytes,
+            package_sha256=anchor.manifest.fingerprint,
+            manifest=None,
         )
-    ]  # fmt: skip
+    ]
     samples: list[tuple[str, torch.Tensor]] = []
     for index, path in enumerate(package_dirs, start=1):
         package = load_package(path, anchor, registry)
@@ -89,12 +95,17 @@ def plan_merge(
         samples.append((m.name, sample))
         slots.append(
             Slot(
-                index=index, name=m.name, owner=m.owner, license=m.license,
-                source=Path(path) / TENSORS_FILE, bytes=(Path(path) / TENSORS_FILE).stat().st_size,
-                package_sha256=package.manifest_sha256, manifest=m,
+                index=index,
+                name=m.name,
+                owner=m.owner,
+                license=m.license,
+                source=Path(path) / TENSORS_FILE,
+                bytes=(Path(path) / TENSORS_FILE).stat().st_size,
+                package_sha256=package.manifest_sha256,
+                manifest=m,
                 signer=package.signer,
             )
-        )  # fmt: skip
+        )
     top_k = min(DEFAULT_TOP_K, len(slots)) if top_k is None else top_k
     if not 1 <= top_k <= len(slots):
         raise FlexMoEError("--top-k", f"must be between 1 and {len(slots)}, got {top_k}")
@@ -114,9 +125,10 @@ def refuse_copy(
         similarity = float(torch.nn.functional.cosine_similarity(delta, other, dim=0))
         if similarity > NEAR_COPY:
             raise FlexMoEError(
-                path, f"its expert is a copy of {name!r}'s (cosine {similarity:.6f}); one "
+                path,
+                f"its expert is a copy of {name!r}'s (cosine {similarity:.6f}); one "
                 "owner's expert under another name would bypass that owner's opt-out",
-            )  # fmt: skip
+            )
 
 
 def format_plan(plan: MergePlan) -> str:
@@ -125,9 +137,16 @@ def format_plan(plan: MergePlan) -> str:
     for s in plan.slots:
         signer = f"{s.signer.fingerprint[:16]}" if s.signer else "-"
         rows.append(
-            (str(s.index), printable(s.name), printable(s.owner), s.license, signer,
-             f"{s.bytes:,}", printable(str(s.source)))
-        )  # fmt: skip
+            (
+                str(s.index),
+                printable(s.name),
+                printable(s.owner),
+                s.license,
+                signer,
+                f"{s.bytes:,}",
+                printable(str(s.source)),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.append(f"{plan.num_experts} experts, top-{plan.top_k} routing")

@@ -64,9 +64,12 @@ def proxy_sample(
 
 
 def proxy_specs(
-    proxies: list[Path], public_paths: tuple[str, ...], workdir: Path, text_field: str = "text",
+    proxies: list[Path],
+    public_paths: tuple[str, ...],
+    workdir: Path,
+    text_field: str = "text",
     id_field: str | None = None,
-) -> list[DataSpec]:  # fmt: skip
+) -> list[DataSpec]:
     """The coordinator's side of the owners' ``proxies.json`` files: each resolved against the
     training split of the public corpus at ``public_paths`` into a jsonl of public documents in
     ``workdir`` (named after the expert), one data spec each."""
@@ -84,28 +87,54 @@ def proxy_specs(
 
 
 def tune_router(
-    model_dir: Path, data: list[DataSpec], *, out: Path, cfg: TrainConfig, device: torch.device,
-    cache_dir: Path | None, use_bias: bool = APPLY_BIAS, overwrite: bool = False,
-    progress: bool = True, log_dir: Path | None = None,
-) -> TuneResult:  # fmt: skip
+    model_dir: Path,
+    data: list[DataSpec],
+    *,
+    out: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    cache_dir: Path | None,
+    use_bias: bool = APPLY_BIAS,
+    overwrite: bool = False,
+    progress: bool = True,
+    log_dir: Path | None = None,
+) -> TuneResult:
     """Tune the router of the merged model at ``model_dir`` on the training split of ``data``
     (its validation split scores it); write it to ``out``."""
     if not data:
         raise FlexMoEError("--data", "give at least one NAME=FILES of proxy data")
     splits = load_splits(data)
     return tune_router_on(
-        model_dir, splits.train, splits.validation, out=out, cfg=cfg, device=device,
-        cache_dir=cache_dir, use_bias=use_bias, overwrite=overwrite, progress=progress,
-        where=",".join(p for s in data for p in s.paths), log_dir=log_dir,
-    )  # fmt: skip
+        model_dir,
+        splits.train,
+        splits.validation,
+        out=out,
+        cfg=cfg,
+        device=device,
+        cache_dir=cache_dir,
+        use_bias=use_bias,
+        overwrite=overwrite,
+        progress=progress,
+        where=",".join(p for s in data for p in s.paths),
+        log_dir=log_dir,
+    )
 
 
 def tune_router_on(
-    model_dir: Path, train_docs: list[Document], val_docs: list[Document], *, out: Path,
-    cfg: TrainConfig, device: torch.device, cache_dir: Path | None, use_bias: bool = APPLY_BIAS,
-    overwrite: bool = False, progress: bool = True, where: str = "proxy data",
+    model_dir: Path,
+    train_docs: list[Document],
+    val_docs: list[Document],
+    *,
+    out: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    cache_dir: Path | None,
+    use_bias: bool = APPLY_BIAS,
+    overwrite: bool = False,
+    progress: bool = True,
+    where: str = "proxy data",
     log_dir: Path | None = None,
-) -> TuneResult:  # fmt: skip
+) -> TuneResult:
     """Tune the router of the merged model at ``model_dir`` on ``train_docs`` as they are (no
     split); ``where`` names them in errors."""
     model_dir, out = Path(model_dir), Path(out)
@@ -134,10 +163,17 @@ def tune_router_on(
         moe.router.rows.requires_grad_(True)
         moe.router.biases.requires_grad_(use_bias)
     result = train(
-        model, train_stream=train_stream, val_stream=val_stream, cfg=cfg, device=device,
-        progress=progress, desc="router tune", log_dir=log_dir,
-        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None, after_step=project_biases,
-    )  # fmt: skip
+        model,
+        train_stream=train_stream,
+        val_stream=val_stream,
+        cfg=cfg,
+        device=device,
+        progress=progress,
+        desc="router tune",
+        log_dir=log_dir,
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+        after_step=project_biases,
+    )
     model.cpu()
     layers = moe_layers(model)
     tuned_sources = with_router_rows(sources, [moe.router.weight.clone() for moe in layers])

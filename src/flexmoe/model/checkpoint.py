@@ -112,9 +112,13 @@ def checkpoint_sources(model_dir: Path) -> list[TensorSource]:
 
 
 def write_weights(
-    out_dir: Path, sources: list[TensorSource], *, max_shard_bytes: int, index: bool = False,
+    out_dir: Path,
+    sources: list[TensorSource],
+    *,
+    max_shard_bytes: int,
+    index: bool = False,
     on_tensor: Callable[[TensorSource], None] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Stream ``sources`` into ``out_dir`` in transformers' layout, one tensor in memory at a
     time: ``model.safetensors`` when they fit one shard (and no ``index`` is asked for), else
     ``model-0000i-of-0000n.safetensors`` shards with an index."""

@@ -54,9 +54,12 @@ class Embedder:
         total = torch.zeros(self.dim, dtype=torch.float64)
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                list(texts[start : start + batch_size]), truncation=True, max_length=max_tokens,
-                padding=True, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+                list(texts[start : start + batch_size]),
+                truncation=True,
+                max_length=max_tokens,
+                padding=True,
+                return_tensors="pt",
+            ).to(self.device)
             hidden = self.model(**enc).last_hidden_state.float()  # (B, T, E)
             mask = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, E)

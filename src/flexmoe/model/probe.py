@@ -65,9 +65,13 @@ def document_ffn_inputs(
             for start in range(0, len(texts), batch_size):
                 chunk = list(texts[start : start + batch_size])
                 enc = tokenizer(
-                    chunk, add_special_tokens=False, truncation=True, max_length=max_tokens,
-                    padding=True, return_tensors="pt",
-                )  # fmt: skip
+                    chunk,
+                    add_special_tokens=False,
+                    truncation=True,
+                    max_length=max_tokens,
+                    padding=True,
+                    return_tensors="pt",
+                )
                 ids = enc["input_ids"].to(where)  # (B, T)
                 mask = enc["attention_mask"].to(where)  # (B, T)
                 with autocast(where):

@@ -135,9 +135,10 @@ def write_safetensors(
             tensor = source.load().detach().to(source.dtype).cpu().contiguous()
             if tuple(tensor.shape) != source.shape:
                 raise FlexMoEError(
-                    path, f"tensor {source.name} has shape {tuple(tensor.shape)}, "
+                    path,
+                    f"tensor {source.name} has shape {tuple(tensor.shape)}, "
                     f"expected {source.shape}",
-                )  # fmt: skip
+                )
             if tensor.numel():
                 f.write(tensor.view(torch.uint8).numpy().data)
             del tensor
@@ -170,9 +171,13 @@ def check_keys(where: Path, expected: set[str], found: set[str]) -> None:
 
 
 def fill_model(
-    model: torch.nn.Module, sources: list[TensorSource], *, device: torch.device,
-    dtype: torch.dtype, where: Path,
-) -> None:  # fmt: skip
+    model: torch.nn.Module,
+    sources: list[TensorSource],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: Path,
+) -> None:
     """Give a model built on the meta device its tensors, one at a time, each loaded, cast to
     ``dtype`` and moved to ``device`` (host memory holds one tensor at a time). Every name and
     shape is checked first; every parameter and buffer must be given."""

@@ -91,14 +91,29 @@ class TrainConfig:
 # Python API takes them.
 ANCHOR_TRAINING = TrainConfig()
 EXPERT_TRAINING = TrainConfig(
-    steps=200, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_every=50, checkpoint_every=50,
+    steps=200,
+    lr=1e-3,
+    warmup_steps=20,
+    weight_decay=0.0,
+    eval_every=50,
+    checkpoint_every=50,
     z_loss=1e-3,
-)  # fmt: skip
+)
 ROUTER_TUNING = TrainConfig(
-    steps=100, lr=1e-3, warmup_steps=10, weight_decay=0.0, eval_every=50, checkpoint_every=0,
+    steps=100,
+    lr=1e-3,
+    warmup_steps=10,
+    weight_decay=0.0,
+    eval_every=50,
+    checkpoint_every=0,
     z_loss=1e-3,
-)  # fmt: skip
+)
 UNRESTRICTED_TRAINING = TrainConfig(
-    steps=800, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_every=100, checkpoint_every=0,
+    steps=800,
+    lr=1e-3,
+    warmup_steps=20,
+    weight_decay=0.0,
+    eval_every=100,
+    checkpoint_every=0,
     z_loss=1e-3,
-)  # fmt: skip
+)

@@ -35,8 +35,9 @@ class MetricsLog:
         step = int(record["step"])
         for key, value in record.items():
             if key != "step":
-                self._writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss",
-                                        value, step)  # fmt: skip
+                self._writer.add_scalar(
+                    f"train/{key}" if key != "val_loss" else "val/loss", value, step
+                )
         if tokens_per_second is not None:
             self._writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
 
