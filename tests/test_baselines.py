@@ -151,7 +151,7 @@ def test_unrestricted_trains_the_merged_shape_on_all_data(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from flexmoe.evaluate.unrestricted import RECORD_FILE, train_unrestricted
+    from flexmoe.expert.unrestricted import RECORD_FILE, train_unrestricted
     from flexmoe.training.config import TrainConfig
 
     owners = [DataSpec("upper", (str(corpus_dir / "other.jsonl"),))]

@@ -9,7 +9,6 @@ anchor's dtype (the manifest's ``dtype``), and the fingerprint is taken over the
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -64,7 +63,8 @@ from flexmoe.model.stream import (
 )
 from flexmoe.router_init import RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, barrier, full_state, init_distributed, train
+from flexmoe.training.job import TrainingJob, refuse_existing
+from flexmoe.training.loop import TrainResult, barrier
 
 MANIFEST_FILE = "flexmoe_anchor.json"
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -274,92 +274,86 @@ def train_anchor(
 ) -> tuple[AnchorManifest, TrainResult]:
     """Pretrain a dense OLMo-2 decoder from scratch on public data and write the anchor, its
     tensors stored in ``dtype`` (training itself keeps float32 master weights)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    out = refuse_existing(out, overwrite)
     splits = load_splits(data)
     if not splits.train:
         raise FlexMoEError(",".join(p for s in data for p in s.paths), "no training documents")
-    info = init_distributed(device)
-    work = out.parent / f".{out.name}.work"
-    tokenizer_dir = tokenizer_dir or work / "tokenizer"
+    job = TrainingJob(out, cfg, device, "anchor", resume, progress, log_dir)
+    info = job.start()
+    tokenizer_dir = tokenizer_dir or job.work / "tokenizer"
     if info.is_main:  # one process prepares the tokenizer and the token cache; the rest reuse them
-        if work.exists() and not resume:
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        if not tokenizer_dir.is_dir():
-            texts = (d.text for d in splits.train)
-            train_tokenizer(
-                texts, tokenizer_dir, vocab_size=vocab_size, model_max_length=cfg.seq_len
-            )
-        _pack_splits(splits, load_tokenizer(tokenizer_dir), cache_dir)  # fills the token cache
+        _prepare_tokenizer(splits, tokenizer_dir, vocab_size, cfg.seq_len, cache_dir)
     barrier(info)
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_stream, val_stream = _pack_splits(splits, tokenizer, cache_dir)
-    config = olmo2_config(
-        dims.with_overrides(max_seq_len=cfg.seq_len),
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
-    )
+    config = _anchor_config(dims.with_overrides(max_seq_len=cfg.seq_len), tokenizer)
     torch.manual_seed(cfg.seed)
     model = Olmo2ForCausalLM(config)
-    result = train(
-        model,
-        train_stream=train_stream,
-        val_stream=val_stream,
-        cfg=cfg,
-        device=device,
-        checkpoint_dir=work / "checkpoint",
-        resume=resume,
-        progress=progress,
-        desc="anchor",
-        log_dir=log_dir,
+
+    def write(state: dict[str, torch.Tensor], result: TrainResult) -> AnchorManifest:
+        trained = model
+        if cfg.fsdp and info.world_size > 1:  # one whole copy, to compute r_0 and be written
+            trained = build_dense(config, state, where=out).to(device)  # type: ignore[arg-type]
+        del state  # the gathered copy, not needed once written into a model
+        public_router, router_record = compute_public_router(
+            trained,
+            tokenizer,
+            [d.text for d in splits.train],
+            device=device,
+            method=router_init,
+            embedder=embedder,
+            projection_seed=cfg.seed,
+        )
+        summary: dict[str, float | int | str | None] = {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "final_train_loss": result.final_train_loss,
+            "final_val_loss": result.final_val_loss,
+            "seed": cfg.seed,
+            **{f"dims.{k}": v for k, v in asdict(dims).items() if k != "max_seq_len"},
+        }
+        return _write_anchor(
+            out,
+            model=trained,
+            tokenizer=tokenizer,
+            public_router=public_router,
+            router_init=router_record,
+            origin="trained",
+            seq_len=cfg.seq_len,
+            training=summary,
+            overwrite=overwrite,
+            dtype=dtype,
+            history=result.history,
+            public_data=record_public_corpus(data),
+        )
+
+    def written() -> AnchorManifest:
+        return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE))
+
+    return job.run(
+        info, model, *_pack_splits(splits, tokenizer, cache_dir), write=write, written=written
     )
-    state = full_state(model)  # every process takes part when the model is sharded
-    if not info.is_main:
-        barrier(info)
-        return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE)), result
-    if cfg.fsdp and info.world_size > 1:  # one whole copy, to compute r_0 and be written
-        model = build_dense(config, state, where=out).to(device)  # type: ignore[arg-type]
-    del state
-    public_router, router_record = compute_public_router(
-        model,
-        tokenizer,
-        [d.text for d in splits.train],
-        device=device,
-        method=router_init,
-        embedder=embedder,
-        projection_seed=cfg.seed,
+
+
+def _prepare_tokenizer(
+    splits: SplitDocuments, tokenizer_dir: Path, vocab_size: int, seq_len: int, cache_dir: Path
+) -> None:
+    """Train the tokenizer (unless one is there) and fill the token cache."""
+    if not tokenizer_dir.is_dir():
+        texts = (d.text for d in splits.train)
+        train_tokenizer(texts, tokenizer_dir, vocab_size=vocab_size, model_max_length=seq_len)
+    _pack_splits(splits, load_tokenizer(tokenizer_dir), cache_dir)
+
+
+def _anchor_config(dims: ModelDims, tokenizer: PreTrainedTokenizerBase) -> Olmo2Config:
+    """An OLMo-2 config of ``dims`` for ``tokenizer``'s vocabulary and special tokens."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return olmo2_config(
+        dims,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id or eos,
+        eos_token_id=eos,
+        pad_token_id=pad if pad is not None else eos,
     )
-    summary: dict[str, float | int | str | None] = {
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "final_train_loss": result.final_train_loss,
-        "final_val_loss": result.final_val_loss,
-        "seed": cfg.seed,
-        **{f"dims.{k}": v for k, v in asdict(dims).items() if k != "max_seq_len"},
-    }
-    manifest = _write_anchor(
-        out,
-        model=model,
-        tokenizer=tokenizer,
-        public_router=public_router,
-        router_init=router_record,
-        origin="trained",
-        seq_len=cfg.seq_len,
-        training=summary,
-        overwrite=overwrite,
-        dtype=dtype,
-        history=result.history,
-        public_data=record_public_corpus(data),
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    barrier(info)
-    return manifest, result
 
 
 def _pack_splits(

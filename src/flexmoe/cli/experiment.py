@@ -210,7 +210,7 @@ def baseline_unrestricted(
     """
     from flexmoe.cli.owner import public_specs
     from flexmoe.device import pick_device
-    from flexmoe.evaluate.unrestricted import train_unrestricted
+    from flexmoe.expert.unrestricted import train_unrestricted
 
     result = train_unrestricted(
         anchor_dir=anchor,

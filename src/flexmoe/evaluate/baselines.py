@@ -11,7 +11,7 @@ Registry names:
 - ``seq-route``: each document sent as a whole to the anchor or the specialist whose router rows
   (the domain embeddings) are nearest to the document's mean hidden state;
 - ``unrestricted``: an MoE of the merged model's shape trained on all the data at once (see
-  :mod:`flexmoe.evaluate.unrestricted`; needs its directory);
+  :mod:`flexmoe.expert.unrestricted`; needs its directory);
 - ``flexmoe``: the merged model, and its variants ``flexmoe:top-K``, ``flexmoe:bias`` and
   ``flexmoe:without-NAME`` (options joined by ``:``).
 """

@@ -38,12 +38,12 @@ from flexmoe.evaluate.registry import (
 )
 from flexmoe.evaluate.report import DP_RESULTS, checks, markdown, model_order, plot_files
 from flexmoe.evaluate.suite import run_suite
-from flexmoe.evaluate.unrestricted import train_unrestricted
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
+from flexmoe.expert.unrestricted import train_unrestricted
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, toml_text, write_json

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from flexmoe.expert.registry import KeyRegistry
+    from flexmoe.training.loop import TrainResult
 
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "expert.safetensors"
@@ -73,6 +74,25 @@ class TrainingSummary(BaseModel):
     seed: Count
     hyperparameters: Annotated[dict[Short, float | int | Short | bool | None], Field(max_length=64)]
     privacy: PrivacyRecord | None = None  # DP-SGD: the accountant's epsilon and its terms
+
+    @classmethod
+    def of(
+        cls,
+        result: TrainResult,
+        seed: int,
+        hyperparameters: dict[str, float | int | str | bool | None],
+        privacy: PrivacyRecord | None = None,
+    ) -> TrainingSummary:
+        """The summary of a training run's result."""
+        return cls(
+            steps=result.steps,
+            tokens=result.tokens,
+            final_train_loss=result.final_train_loss,
+            final_val_loss=result.final_val_loss,
+            seed=seed,
+            hyperparameters=hyperparameters,
+            privacy=privacy,
+        )
 
 
 class ExpertShapes(BaseModel):

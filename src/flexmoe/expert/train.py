@@ -10,7 +10,6 @@ construction, so after training it is bit-identical to the anchor (checked befor
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,14 +38,15 @@ from flexmoe.expert.package import (
     read_manifest,
     sign_package,
 )
-from flexmoe.expert.private import PrivacySettings, train_private
+from flexmoe.expert.private import PrivacySettings, PrivateMode
 from flexmoe.expert.signing import read_private_key
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
 from flexmoe.training.config import EXPERT_TRAINING, TrainConfig
-from flexmoe.training.loop import TrainResult, barrier, full_state, init_distributed, train
+from flexmoe.training.job import TrainingJob, refuse_existing
+from flexmoe.training.loop import TrainResult
 
 EXPERT_DEFAULTS = EXPERT_TRAINING  # the command line's defaults too
 
@@ -271,9 +271,7 @@ def train_expert(
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    out = refuse_existing(out, overwrite)
     key = read_private_key(signing_key) if signing_key is not None else None  # before training
     anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
@@ -284,74 +282,37 @@ def train_expert(
         anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
     )
     model = build_trainable_moe(anchor.model, anchor.public_router, rows)
-    info = init_distributed(device)
-    work = out.parent / f".{out.name}.work"
-    if info.is_main and work.exists() and not resume:
-        shutil.rmtree(work)
-    barrier(info)
+    mode = PrivateMode(privacy) if privacy is not None else None
     aux = router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None
-    record = None
-    if privacy is not None:
-        if info.world_size > 1 or resume:
-            raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
-        result, record = train_private(
-            model,
-            train_stream=train_stream,
-            val_stream=val_stream,
-            cfg=cfg,
-            privacy=privacy,
-            device=device,
-            aux_loss=aux,
-            after_step=project_biases,
-            progress=progress,
-            desc=f"expert {identity.name} (DP)",
-            log_dir=log_dir,
+    desc = f"expert {identity.name}" + (" (DP)" if mode else "")
+    job = TrainingJob(out, cfg, device, desc, resume, progress, log_dir, aux, project_biases, mode)
+    info = job.start()
+    if mode is not None and (info.world_size > 1 or resume):
+        raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
+
+    def write(state: dict[str, torch.Tensor], result: TrainResult) -> ExpertManifest:
+        found = frozen_fingerprint(
+            state, model.config.num_hidden_layers, anchor.public_router, anchor.dtype
         )
-    else:
-        result = train(
-            model,
-            train_stream=train_stream,
-            val_stream=val_stream,
-            cfg=cfg,
-            device=device,
-            checkpoint_dir=work / "checkpoint",
-            resume=resume,
-            progress=progress,
-            desc=f"expert {identity.name}",
-            aux_loss=aux,
-            after_step=project_biases,
-            log_dir=log_dir,
+        if found != anchor.manifest.fingerprint:
+            raise FlexMoEError(
+                anchor_dir, "a frozen tensor changed during training; refusing to package"
+            )
+        hyperparameters = {**cfg.to_dict(), "public_fraction": public_fraction}
+        privacy = mode.record if mode else None
+        summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy)
+        return write_package(
+            out,
+            model=model,
+            state=state,
+            anchor=anchor,
+            identity=identity,
+            summary=summary,
+            router_init=RouterInitRecord(method=router_init.value, params=init_params),
+            overwrite=overwrite,
+            signing_key=key,
         )
-    state = full_state(model)  # every process takes part when the model is sharded
-    if not info.is_main:  # one process writes the package; the others wait for it
-        barrier(info)
-        return read_manifest(out), result
-    layers = model.config.num_hidden_layers
-    found = frozen_fingerprint(state, layers, anchor.public_router, anchor.dtype)
-    if found != anchor.manifest.fingerprint:
-        raise FlexMoEError(
-            anchor_dir, "a frozen tensor changed during training; refusing to package"
-        )
-    summary = TrainingSummary(
-        steps=result.steps,
-        tokens=result.tokens,
-        final_train_loss=result.final_train_loss,
-        final_val_loss=result.final_val_loss,
-        seed=cfg.seed,
-        hyperparameters={**cfg.to_dict(), "public_fraction": public_fraction},
-        privacy=record,
+
+    return job.run(
+        info, model, train_stream, val_stream, write=write, written=lambda: read_manifest(out)
     )
-    manifest = write_package(
-        out,
-        model=model,
-        state=state,
-        anchor=anchor,
-        identity=identity,
-        summary=summary,
-        router_init=RouterInitRecord(method=router_init.value, params=init_params),
-        overwrite=overwrite,
-        signing_key=key,
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    barrier(info)
-    return manifest, result

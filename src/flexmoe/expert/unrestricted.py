@@ -1,4 +1,5 @@
-"""The ``unrestricted`` upper bound: the merged model's shape, trained on all the data at once.
+"""The ``unrestricted`` upper bound: the merged model's shape, trained on all the data at once
+(the joint counterpart of an owner's expert, beside :mod:`flexmoe.expert.train`).
 
 This is what FlexOlmo gives up by never pooling the owners' data, so it needs every domain's
 training text in one place and exists for evaluation only. The anchor is upcycled to the merged
@@ -10,15 +11,16 @@ together: each owner domain an equal share, public text the experts' public frac
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
-from flexmoe.anchor import load_anchor
+from flexmoe.anchor import Anchor, load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
@@ -29,9 +31,53 @@ from flexmoe.io import atomic_directory, write_json
 from flexmoe.model.checkpoint import moe_layers, save_model, upcycle
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import TrainConfig
-from flexmoe.training.loop import TrainResult, train
+from flexmoe.training.job import TrainingJob, refuse_existing
+from flexmoe.training.loop import TrainResult
 
 RECORD_FILE = "unrestricted.json"
+
+
+class UnrestrictedRecord(BaseModel):
+    """What ``unrestricted.json`` says of the joint model: its data and training."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["unrestricted"] = "unrestricted"
+    anchor_fingerprint: str
+    domains: list[str]
+    public_fraction: float
+    steps: int
+    tokens: int
+    final_train_loss: float
+    final_val_loss: float | None
+    hyperparameters: dict[str, float | int | str | bool | None]
+
+
+def _joint_model(
+    anchor_model: Olmo2ForCausalLM, rows: list[torch.Tensor], top_k: int
+) -> FlexOlmoForCausalLM:
+    """The anchor upcycled to ``len(rows)`` experts, router rows ``rows[slot] (L, H)``, every
+    parameter trained but the owners' biases (the joint router sees every domain)."""
+    model = upcycle(anchor_model, num_experts=len(rows), top_k=top_k)
+    with torch.no_grad():
+        for layer, moe in enumerate(moe_layers(model)):
+            for slot, domain_rows in enumerate(rows):
+                moe.router.rows[slot].copy_(domain_rows[layer])
+    for param in model.parameters():
+        param.requires_grad_(True)
+    for moe in moe_layers(model):
+        moe.router.biases.requires_grad_(False)
+    return model
+
+
+def _public_part(
+    public_data: list[DataSpec], anchor: Anchor, tokens: int, cache_dir: Path | None
+) -> np.ndarray:
+    """``tokens`` of the public training text, tiled."""
+    public = load_splits(public_data).train
+    if not public:
+        raise FlexMoEError("--public-data", "no public training documents")
+    return _tiled(pack_documents(public, anchor.tokenizer, cache_dir=cache_dir), tokens)
 
 
 def _tiled(stream: TokenStream, tokens: int) -> np.ndarray:
@@ -57,9 +103,7 @@ def train_unrestricted(
 ) -> TrainResult:
     """Train the joint model on ``data`` (one spec per owner domain) and ``public_data``;
     ``cfg.steps`` is the total over all domains (the sum of the experts' steps)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    out = refuse_existing(out, overwrite)
     if not data:
         raise FlexMoEError("--data", "the unrestricted model needs at least one owner domain")
     if not 1 <= top_k <= len(data) + 1:
@@ -78,12 +122,8 @@ def train_unrestricted(
         validation.extend(splits.validation)
         texts = [d.text for d in splits.train]
         rows.append(owner_router_rows(anchor, method, texts, device=device, embedder=embedder)[0])
-    public = load_splits(public_data).train
     if public_fraction > 0:
-        if not public:
-            raise FlexMoEError("--public-data", "no public training documents")
-        stream = pack_documents(public, anchor.tokenizer, cache_dir=cache_dir)
-        parts.append(_tiled(stream, budget - share * len(data)))
+        parts.append(_public_part(public_data, anchor, budget - share * len(data), cache_dir))
     dtype = np.asarray(parts[0]).dtype
     train_stream = TokenStream(
         tokens=np.concatenate(parts).astype(dtype), num_bytes=0, num_docs=0
@@ -91,44 +131,34 @@ def train_unrestricted(
     val_stream = (
         pack_documents(validation, anchor.tokenizer, cache_dir=cache_dir) if validation else None
     )
-    model = upcycle(anchor.model, num_experts=len(data) + 1, top_k=top_k)
-    with torch.no_grad():
-        for layer, moe in enumerate(moe_layers(model)):
-            for slot, domain_rows in enumerate(rows):
-                moe.router.rows[slot].copy_(domain_rows[layer])
-    for param in model.parameters():
-        param.requires_grad_(True)
-    for moe in moe_layers(model):  # no biases: the joint router sees every domain
-        moe.router.biases.requires_grad_(False)
-    work = out.parent / f".{out.name}.work"
-    shutil.rmtree(work, ignore_errors=True)
-    result = train(
-        model,
-        train_stream=train_stream,
-        val_stream=val_stream,
-        cfg=replace(cfg, checkpoint_every=0),
-        device=device,
-        checkpoint_dir=work,
+    model = _joint_model(anchor.model, rows, top_k)
+    job = TrainingJob(
+        out,
+        replace(cfg, checkpoint_every=0),
+        device,
+        "unrestricted",
         progress=progress,
-        desc="unrestricted",
         log_dir=log_dir,
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
     )
-    model.cpu()
-    record: dict[str, Any] = {
-        "kind": "unrestricted",
-        "anchor_fingerprint": anchor.manifest.fingerprint,
-        "domains": [spec.domain for spec in data],
-        "public_fraction": public_fraction,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "final_train_loss": result.final_train_loss,
-        "final_val_loss": result.final_val_loss,
-        "hyperparameters": cfg.to_dict(),
-    }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_model(model, tmp)
-        save_tokenizer(anchor.tokenizer, tmp)
-        write_json(tmp / RECORD_FILE, record)
-    shutil.rmtree(work, ignore_errors=True)
-    return result
+
+    def write(state: dict[str, torch.Tensor], result: TrainResult) -> TrainResult:
+        model.cpu()
+        record = UnrestrictedRecord(
+            anchor_fingerprint=anchor.manifest.fingerprint,
+            domains=[spec.domain for spec in data],
+            public_fraction=public_fraction,
+            steps=result.steps,
+            tokens=result.tokens,
+            final_train_loss=result.final_train_loss,
+            final_val_loss=result.final_val_loss,
+            hyperparameters=cfg.to_dict(),
+        )
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            save_model(model, tmp)
+            save_tokenizer(anchor.tokenizer, tmp)
+            write_json(tmp / RECORD_FILE, record.model_dump())
+        return result
+
+    info = job.start()
+    return job.run(info, model, train_stream, val_stream, write=write, written=lambda: None)[1]
