@@ -20,6 +20,7 @@ from flexmoe.evaluate.baselines import (
     seq_route,
 )
 from flexmoe.evaluate.perplexity import DocumentRouted, evaluate_loaded
+from flexmoe.evaluate.registry import Variant
 from flexmoe.expert.package import PKG_PROJ, load_package
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
 from flexmoe.merge.build import build_merged
@@ -81,13 +82,13 @@ def test_registry_and_soup(anchor_dir: Path, package_dirs: list[Path], tmp_path:
 
 def test_merged_variants(anchor_dir: Path, package_dirs: list[Path], tmp_path: Path) -> None:
     build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
-    model = merged_variant(tmp_path / "m", ["top-3", "bias", "without-again"])
+    model = merged_variant(tmp_path / "m", Variant.parse("flexmoe:top-3:bias:without-again"))
     layer = model.model.layers[0].mlp
     assert layer.top_k == 3 and layer.use_bias
     assert layer.expert_mask is not None and layer.expert_mask.tolist() == [True, True, False]
-    for bad in (["top-9"], ["sideways"], ["without-nobody"]):
+    for bad in ("top-9", "sideways", "without-nobody"):
         with pytest.raises(FlexMoEError):
-            merged_variant(tmp_path / "m", bad)
+            merged_variant(tmp_path / "m", Variant.parse(f"flexmoe:{bad}"))
 
 
 def _reference_btm(members: list[torch.nn.Module], ids: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -202,15 +203,15 @@ def test_suite_scores_every_model_on_the_same_text(
         anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=tmp_path / "m", data=data,
         device=CPU, cache_dir=None, max_bytes=1500, seq_len=32, log=lambda _: None,
     )  # fmt: skip
-    assert list(results["models"]) == [
+    assert list(results.models) == [
         "anchor", "specialist:upper", "specialist:again", "soup", "btm", "seq-route", "flexmoe",
         "flexmoe:top-1", "flexmoe:top-3", "flexmoe:bias", "flexmoe:without-upper",
         "flexmoe:without-again",
     ]  # fmt: skip
     for domain in ("public", "other"):
-        sizes = {row[domain]["bytes"] for row in results["models"].values()}
+        sizes = {row[domain].bytes for row in results.models.values()}
         assert len(sizes) == 1 and sizes.pop() <= 1500  # the same text for every model
-        shares = results["routing"][domain]
+        shares = results.routing_of()[domain]
         assert set(shares) == {"public", "upper", "again"}
         assert abs(sum(shares.values()) - 1) < 1e-6
     report = write_report(results, tmp_path / "report")

@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flexmoe.evaluate.registry import DomainScore, Evaluation
 from flexmoe.evaluate.report import PLOTS, checks, plot_files, write_report
 
 DOMAINS = ["public", "code", "legal"]
 
 
-def _results(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, Any]:
+def _results(merged: dict[str, float], **extra: dict[str, float]) -> Evaluation:
+    """The scores, typed as the report takes them."""
+    return Evaluation.model_validate(_scores(merged, **extra))
+
+
+def _scores(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, Any]:
+    """The scores as JSON has them."""
     table = {
         "anchor": {"public": 1.00, "code": 3.00, "legal": 2.50},
         "specialist:code": {"public": 1.00, "code": 2.00, "legal": 2.50},
@@ -70,7 +77,9 @@ def test_report_files(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| flexmoe | 1.0050 | 2.0500 | 1.8400 | 1.6317 |" in text
     assert "**no**" in text  # the legal routing claim is missed and says so
-    assert json.loads((tmp_path / "r" / "evaluation.json").read_text()) == results
+    assert json.loads((tmp_path / "r" / "evaluation.json").read_text()) == _scores(
+        {"public": 1.005, "code": 2.05, "legal": 1.84}
+    )
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
 
 
@@ -83,7 +92,7 @@ def test_report_command(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
     good = tmp_path / "scores.json"
-    good.write_text(json.dumps(_results({"public": 1.005, "code": 2.05, "legal": 1.84})))
+    good.write_text(json.dumps(_scores({"public": 1.005, "code": 2.05, "legal": 1.84})))
     done = run(str(good), "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "report.md").is_file()
@@ -100,7 +109,7 @@ def test_report_command(tmp_path: Path) -> None:
 
 
 def test_settings_are_read_from_the_variants() -> None:
-    from flexmoe.evaluate.report import settings_measured
+    from flexmoe.experiment.narrative import settings_measured
 
     results = _results(
         {"public": 1.005, "code": 2.05, "legal": 1.84},
@@ -109,15 +118,16 @@ def test_settings_are_read_from_the_variants() -> None:
             "flexmoe:bias": {"public": 1.1, "code": 2.1, "legal": 1.9},
         },
     )
-    results.update(top_k=2, default_bias=False)
+    results.top_k, results.default_bias = 2, False
     text = settings_measured(results)
     assert "the default is 2 (1.6317" in text and "the best measured is 1 (1.6000)" in text
     assert "turning them on changes the average by +4.19%" in text
     assert "router init: only the owners' method was scored" in text
     from flexmoe.evaluate.registry import RANDOM_INIT
 
-    results["models"][RANDOM_INIT] = {
-        d: {"bits_per_byte": v} for d, v in {"public": 1.0, "code": 2.3, "legal": 1.9}.items()
+    results.models[RANDOM_INIT] = {
+        d: DomainScore(bits_per_byte=v)
+        for d, v in {"public": 1.0, "code": 2.3, "legal": 1.9}.items()
     }
     text = settings_measured(results)
     assert "the average changes by +6.23% (flexmoe:random-init 1.7333); keep domain" in text
@@ -125,13 +135,13 @@ def test_settings_are_read_from_the_variants() -> None:
 
 def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
     from flexmoe.evaluate.registry import TUNED
-    from flexmoe.evaluate.report import markdown
+    from flexmoe.experiment.narrative import markdown
 
     results = _results(
         {"public": 1.005, "code": 2.30, "legal": 1.84},
         **{TUNED: {"public": 1.004, "code": 2.05, "legal": 1.83}},
     )
-    results["routing_tuned"] = {
+    results.routing_tuned = {
         "public": {"public": 0.9, "code": 0.05, "legal": 0.05},
         "code": {"public": 0.2, "code": 0.7, "legal": 0.1},
         "legal": {"public": 0.2, "code": 0.2, "legal": 0.6},
@@ -151,7 +161,7 @@ def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
 
 
 def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
-    from flexmoe.evaluate.report import investigation
+    from flexmoe.experiment.narrative import investigation
 
     results = _results(
         {"public": 1.005, "code": 2.05, "legal": 1.84},
@@ -161,9 +171,9 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
     assert "Leaving one expert out improves everyone else: code (-6.5% on the other" in text
     assert "legal (" not in text.split("improves everyone else:")[1].split("\n")[0]
     assert "Public text" not in text  # the specialists match the anchor there
-    results["models"]["specialist:code"]["public"]["bits_per_byte"] = 1.03
-    results["models"]["specialist:legal"]["public"]["bits_per_byte"] = 1.05
-    results["models"]["flexmoe"]["public"]["bits_per_byte"] = 1.02
+    results.models["specialist:code"]["public"].bits_per_byte = 1.03
+    results.models["specialist:legal"]["public"].bits_per_byte = 1.05
+    results.models["flexmoe"]["public"].bits_per_byte = 1.02
     text = investigation(results)
     assert "every specialist is already +3.0% to +5.0% worse than the anchor on public" in text
     assert "the public expert to take nearly all the routing mass there; it takes 80%." in text
@@ -171,7 +181,7 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
 
 def test_router_levers_are_reported_from_their_rows() -> None:
     from flexmoe.evaluate.registry import CALIBRATED, ROUTER_CEILING
-    from flexmoe.evaluate.report import investigation, settings_measured
+    from flexmoe.experiment.narrative import investigation, settings_measured
 
     merged = {"public": 1.005, "code": 2.30, "legal": 2.10}
     below = {"public": 1.00, "code": 2.00, "legal": 1.90}  # the ceiling beats btm and seq-route
@@ -213,9 +223,9 @@ def test_registry_names_and_typed_results(tmp_path: Path) -> None:
     import pytest
 
     from flexmoe.errors import FlexMoEError
-    from flexmoe.evaluate.registry import Evaluation, describe
+    from flexmoe.evaluate.registry import describe
 
-    results = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
+    results = _scores({"public": 1.005, "code": 2.05, "legal": 1.84})
     text = describe(list(results["models"]))
     assert "`btm` Branch-Train-Merge" in text and "`specialist:X` owner X's" in text
     assert "`flexmoe:without-X` owner X opted out" in text and "router-ceiling" not in text

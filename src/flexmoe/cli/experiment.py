@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -96,7 +97,7 @@ def eval_ppl(
         selection=selection,
         use_bias=use_bias(bias),
     )
-    emit(as_json, [s.to_dict() for s in scores], lambda: format_table(scores))
+    emit(as_json, [asdict(s) for s in scores], lambda: format_table(scores))
 
 
 @eval_app.command("baselines")
@@ -128,7 +129,6 @@ def eval_baselines(
     flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME, flexmoe:tuned.
     """
     from flexmoe.device import pick_device
-    from flexmoe.evaluate.report import average
     from flexmoe.evaluate.suite import run_suite
     from flexmoe.io import write_json
 
@@ -149,17 +149,18 @@ def eval_baselines(
         seq_len=seq_len,
         log=say,
     )
-    write_json(out, results)
-    domains = results["domains"]
+    found = results.model_dump(mode="json", exclude_unset=True)
+    write_json(out, found)
+    domains = results.domains
 
     def table() -> str:
         lines = [f"{'model':<28}" + "".join(f"{d:>12}" for d in domains) + f"{'average':>12}"]
-        for name, row in results["models"].items():
-            cells = "".join(f"{row[d]['bits_per_byte']:>12.4f}" for d in domains)
-            lines.append(f"{name:<28}{cells}{average(results, name):>12.4f}")
+        for name in results.models:
+            cells = "".join(f"{results.bpb(name, d):>12.4f}" for d in domains)
+            lines.append(f"{name:<28}{cells}{results.average(name):>12.4f}")
         return "\n".join([*lines, f"bits per byte; all scores -> {out}"])
 
-    emit(as_json, results, table)
+    emit(as_json, found, table)
 
 
 def report(
@@ -168,7 +169,8 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the markdown report, its PNG plots and the claims checked from measured scores."""
-    from flexmoe.evaluate.report import check_results, write_report
+    from flexmoe.evaluate.report import check_results
+    from flexmoe.experiment.narrative import write_report
     from flexmoe.io import read_json
 
     path = write_report(check_results(read_json(scores), scores), out)
@@ -311,7 +313,7 @@ def audit_extraction_cmd(
                     device=chosen,
                 )
             )
-    emit(as_json, [r.to_dict() for r in results], lambda: format_audit(results))
+    emit(as_json, [asdict(r) for r in results], lambda: format_audit(results))
 
 
 def demo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -433,7 +434,7 @@ def expert_eval(
         cache_dir=token_cache(cache_dir),
     )
     rows = [
-        {"domain": s.domain, "anchor": s.anchor.to_dict(), "specialist": s.specialist.to_dict()}
+        {"domain": s.domain, "anchor": asdict(s.anchor), "specialist": asdict(s.specialist)}
         for s in scores
     ]
     emit(as_json, rows, lambda: format_specialist_table(package.name, scores))

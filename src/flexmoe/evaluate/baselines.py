@@ -38,6 +38,8 @@ from flexmoe.evaluate.registry import (
     SEQ_ROUTE,
     SOUP,
     UNRESTRICTED,
+    Base,
+    Variant,
     specialist,
 )
 from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
@@ -127,32 +129,18 @@ def seq_route(
     )
 
 
-def merged_variant(merged_dir: Path, options: list[str]) -> nn.Module:
-    """The merged model with ``top-K``, ``bias`` and ``without-NAME`` options applied (the
-    owners' standing opt-outs are honoured too)."""
-    use_bias, top_k, without = APPLY_BIAS, None, []
-    for option in options:
-        if option == "bias":
-            use_bias = True
-        elif option == "no-bias":
-            use_bias = False
-        elif option.startswith("top-") and option[4:].isdigit():
-            top_k = int(option[4:])
-        elif option.startswith("without-") and option[8:]:
-            without.append(option[8:])
-        else:
-            raise FlexMoEError(
-                f"flexmoe:{option}", "unknown option; use top-K, bias, no-bias or without-NAME"
-            )
-    model = load_selected(merged_dir, Selection(exclude=frozenset(without)), use_bias=use_bias)
-    if top_k is not None:
+def merged_variant(merged_dir: Path, variant: Variant) -> nn.Module:
+    """The merged model at ``merged_dir`` with ``variant``'s top-k, biases and experts left out
+    (the owners' standing opt-outs are honoured too)."""
+    use_bias = APPLY_BIAS if variant.bias is None else variant.bias
+    selection = Selection(exclude=frozenset(variant.without))
+    model = load_selected(merged_dir, selection, use_bias=use_bias)
+    if variant.top_k is not None:
         layers = moe_layers(model)
-        if not 1 <= top_k <= layers[0].num_experts:
-            raise FlexMoEError(
-                f"flexmoe:top-{top_k}", f"top-k must be in 1..{layers[0].num_experts}"
-            )
+        if variant.top_k > layers[0].num_experts:
+            raise FlexMoEError(variant.name(), f"top-k must be in 1..{layers[0].num_experts}")
         for layer in layers:
-            layer.top_k = top_k
+            layer.top_k = variant.top_k
     return model
 
 
@@ -180,25 +168,25 @@ def build_baseline(
 ) -> Scoreable:
     """The model registered as ``name``. ``flexmoe`` and its variants need the merged model's
     directory, ``unrestricted`` the jointly trained model's."""
-    by_name = {p.manifest.name: p for p in packages}
-    builders: dict[str, Callable[[], Scoreable]] = {
-        ANCHOR: lambda: anchor.model,
-        SOUP: lambda: soup(anchor, packages),
-        BTM: lambda: PosteriorEnsemble([build_specialist(anchor, p) for p in packages]),
-        SEQ_ROUTE: lambda: seq_route(anchor, packages, device),
-    }
-    if unrestricted_dir is not None:
-        builders[UNRESTRICTED] = lambda: load_model(unrestricted_dir)
-    if name.startswith("specialist:"):
-        package = by_name.get(name.removeprefix("specialist:"))
+    variant = Variant.parse(name)
+    if variant.base == Base.SPECIALIST:
+        by_name = {p.manifest.name: p for p in packages}
+        package = by_name.get(str(variant.expert))
         if package is None:
             raise FlexMoEError(name, f"no such expert (experts: {', '.join(by_name)})")
         return build_specialist(anchor, package)
-    if name == "flexmoe" or name.startswith("flexmoe:"):
-        if merged_dir is None:
+    if variant.base == Base.FLEXMOE:
+        if merged_dir is None or variant.router is not None:
             raise FlexMoEError(name, "needs the merged model's directory")
-        return merged_variant(merged_dir, name.split(":")[1:])
-    if name not in builders:
-        known = baseline_names(packages, unrestricted=unrestricted_dir is not None)
-        raise FlexMoEError(name, f"unknown baseline; choose from {', '.join(known)}")
-    return builders[name]()
+        return merged_variant(merged_dir, variant)
+    if variant.base == Base.UNRESTRICTED:
+        if unrestricted_dir is None:
+            raise FlexMoEError(name, "unknown baseline without the unrestricted model's directory")
+        return load_model(unrestricted_dir)
+    builders: dict[Base, Callable[[], Scoreable]] = {
+        Base.ANCHOR: lambda: anchor.model,
+        Base.SOUP: lambda: soup(anchor, packages),
+        Base.BTM: lambda: PosteriorEnsemble([build_specialist(anchor, p) for p in packages]),
+        Base.SEQ_ROUTE: lambda: seq_route(anchor, packages, device),
+    }
+    return builders[variant.base]()

@@ -10,8 +10,7 @@ extracted when any of its samples is. The rate is extracted documents / document
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from rapidfuzz.distance import Levenshtein
@@ -58,9 +57,6 @@ class ExtractionResult:
     rate: float  # extracted documents / documents
     sample_rate: float  # extracted samples / samples
     mean_best_similarity: float  # per document, the most similar sample, averaged
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sample_passages(

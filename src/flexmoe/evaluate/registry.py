@@ -10,6 +10,8 @@ models (router tuning and its ablations). :class:`Evaluation` is what
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +19,106 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flexmoe.errors import FlexMoEError
 
-ANCHOR = "anchor"
-SOUP = "soup"
-BTM = "btm"
-SEQ_ROUTE = "seq-route"
-UNRESTRICTED = "unrestricted"
-FLEXMOE = "flexmoe"
-BIAS = "flexmoe:bias"
-NO_BIAS = "flexmoe:no-bias"
-TUNED = "flexmoe:tuned"  # router tuned on the public documents the owners picked
-RANDOM_INIT = "flexmoe:random-init"  # every owner's router row started from a random vector
-OWNER_TEXT_TUNED = "flexmoe:tuned-owner-text"  # router tuned on owners' own text (an ablation)
-CALIBRATED = "flexmoe:calibrated"  # owners' rows rescaled on public text by the coordinator
-ROUTER_CEILING = "flexmoe:router-ceiling"  # rows fitted on the scored text: a bound, not a recipe
+
+class Base(StrEnum):
+    """The models a variant starts from."""
+
+    ANCHOR = "anchor"
+    SPECIALIST = "specialist"
+    SOUP = "soup"
+    BTM = "btm"
+    SEQ_ROUTE = "seq-route"
+    UNRESTRICTED = "unrestricted"
+    FLEXMOE = "flexmoe"
+
+
+class RouterVersion(StrEnum):
+    """Router rows other than the owners' own, each a merged model directory of its own."""
+
+    TUNED = "tuned"  # tuned on the public documents the owners picked
+    RANDOM_INIT = "random-init"  # every owner's row started from a random vector
+    OWNER_TEXT_TUNED = "tuned-owner-text"  # tuned on owners' own text (an ablation)
+    CALIBRATED = "calibrated"  # owners' rows rescaled on public text by the coordinator
+    ROUTER_CEILING = "router-ceiling"  # fitted on the scored text: a bound, not a recipe
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model the evaluation scores, by its parts: a base model, the expert of a specialist,
+    and the merged model's options (top-k, the owners' biases, experts left out, router
+    version). :meth:`name` and :meth:`parse` are the only spelling of its name:
+    ``anchor``, ``specialist:X``, ``flexmoe``, ``flexmoe:top-2:without-X``, ``flexmoe:tuned``..."""
+
+    base: Base
+    expert: str | None = None  # a specialist's owner
+    top_k: int | None = None  # None: the merged model's own
+    bias: bool | None = None  # None: the default (``merge.layout.APPLY_BIAS``)
+    without: tuple[str, ...] = ()
+    router: RouterVersion | None = None
+
+    def __post_init__(self) -> None:
+        merged_only = (self.top_k, self.bias, self.router)
+        if self.base != Base.FLEXMOE and (any(v is not None for v in merged_only) or self.without):
+            raise FlexMoEError(self.base.value, "only the merged model takes options")
+        if (self.base == Base.SPECIALIST) != bool(self.expert):
+            raise FlexMoEError(self.base.value, "a specialist names one expert: specialist:X")
+        if self.top_k is not None and self.top_k < 1:
+            raise FlexMoEError(f"top-{self.top_k}", "top-k must be at least 1")
+
+    def name(self) -> str:
+        if self.base == Base.SPECIALIST:
+            return f"{self.base}:{self.expert}"
+        options = [
+            *([f"top-{self.top_k}"] if self.top_k is not None else []),
+            *([] if self.bias is None else ["bias" if self.bias else "no-bias"]),
+            *(f"without-{e}" for e in self.without),
+            *([self.router.value] if self.router else []),
+        ]
+        return ":".join([self.base.value, *options])
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        """The variant ``name`` spells; a one-line error naming what is wrong."""
+        head, *options = name.split(":")
+        try:
+            base = Base(head)
+        except ValueError:
+            known = ", ".join(b.value for b in Base)
+            raise FlexMoEError(name, f"unknown baseline; choose from {known}") from None
+        if base == Base.SPECIALIST:
+            return cls(base, expert=":".join(options) or None)
+        top_k, bias, without, router = None, None, [], None
+        for option in options:
+            if option.startswith("top-") and option[4:].isdigit():
+                top_k = int(option[4:])
+            elif option in ("bias", "no-bias"):
+                bias = option == "bias"
+            elif option.startswith("without-") and option[8:]:
+                without.append(option[8:])
+            elif option in RouterVersion._value2member_map_:
+                router = RouterVersion(option)
+            else:
+                raise FlexMoEError(
+                    name,
+                    f"unknown option {option!r}; use top-K, bias, no-bias, without-NAME"
+                    f" or a router version ({', '.join(RouterVersion)})",
+                )
+        return cls(base, top_k=top_k, bias=bias, without=tuple(without), router=router)
+
+
+ANCHOR = Variant(Base.ANCHOR).name()
+SOUP = Variant(Base.SOUP).name()
+BTM = Variant(Base.BTM).name()
+SEQ_ROUTE = Variant(Base.SEQ_ROUTE).name()
+UNRESTRICTED = Variant(Base.UNRESTRICTED).name()
+FLEXMOE = Variant(Base.FLEXMOE).name()
+BIAS = Variant(Base.FLEXMOE, bias=True).name()
+NO_BIAS = Variant(Base.FLEXMOE, bias=False).name()
+TUNED = Variant(Base.FLEXMOE, router=RouterVersion.TUNED).name()
+RANDOM_INIT = Variant(Base.FLEXMOE, router=RouterVersion.RANDOM_INIT).name()
+OWNER_TEXT_TUNED = Variant(Base.FLEXMOE, router=RouterVersion.OWNER_TEXT_TUNED).name()
+CALIBRATED = Variant(Base.FLEXMOE, router=RouterVersion.CALIBRATED).name()
+ROUTER_CEILING = Variant(Base.FLEXMOE, router=RouterVersion.ROUTER_CEILING).name()
 MAIN_MODELS = (ANCHOR, SOUP, BTM, SEQ_ROUTE, UNRESTRICTED, FLEXMOE, TUNED)
 
 # What each name means, in the words the report uses (X: an owner's expert, K: a number).
@@ -54,18 +143,15 @@ MEANINGS = {
 
 
 def specialist(expert: str) -> str:
-    return f"specialist:{expert}"
-
-
-TOP_K_PREFIX = "flexmoe:top-"
+    return Variant(Base.SPECIALIST, expert=expert).name()
 
 
 def top_k(k: int) -> str:
-    return f"{TOP_K_PREFIX}{k}"
+    return Variant(Base.FLEXMOE, top_k=k).name()
 
 
 def without(expert: str) -> str:
-    return f"flexmoe:without-{expert}"
+    return Variant(Base.FLEXMOE, without=(expert,)).name()
 
 
 def describe(names: list[str] | None = None) -> str:
@@ -96,7 +182,29 @@ class Evaluation(BaseModel):
     models: dict[str, dict[str, DomainScore]] = Field(min_length=1)
     public_expert: str | None = None
     top_k: int | None = None
-    routing: dict[str, dict[str, float]] | None = None
+    default_bias: bool = False
+    max_documents: int | None = None
+    max_bytes: int | None = None
+    order: list[str] = Field(default_factory=list)  # the order models were scored in
+    routing: dict[str, dict[str, float]] | None = None  # of ``flexmoe``
+    routing_tuned: dict[str, dict[str, float]] | None = None  # of ``flexmoe:tuned``
+    seconds: dict[str, float] = Field(default_factory=dict)  # scoring time per model
+
+    def bpb(self, model: str, domain: str) -> float:
+        return self.models[model][domain].bits_per_byte
+
+    def average(self, model: str) -> float:
+        return sum(self.bpb(model, d) for d in self.domains) / len(self.domains)
+
+    def model_order(self) -> list[str]:
+        """Scored models in the order they were run (JSON files keep keys sorted)."""
+        order = [m for m in self.order if m in self.models]
+        return order + [m for m in self.models if m not in order]
+
+    def routing_of(self, model: str = FLEXMOE) -> dict[str, dict[str, float]]:
+        """The routing-share matrix (domain -> expert -> share) measured for ``model``, if any."""
+        found = {FLEXMOE: self.routing, TUNED: self.routing_tuned}.get(model)
+        return dict(found or {})
 
     @classmethod
     def read(cls, results: Any, where: Path | str) -> Evaluation:

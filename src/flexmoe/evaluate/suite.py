@@ -1,13 +1,15 @@
 """The experiment: the merged model, its variants and every baseline, scored on the same text.
 
-The result is one JSON-ready dict (``models``: registry name -> domain -> score; ``routing``:
-domain -> expert -> share) that :mod:`flexmoe.evaluate.report` turns into tables and plots.
+The result is an :class:`~flexmoe.evaluate.registry.Evaluation` (``models``: registry name ->
+domain -> score; ``routing``: domain -> expert -> share) that :mod:`flexmoe.evaluate.report`
+turns into tables and plots.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,19 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.evaluate.baselines import baseline_names, build_baseline
 from flexmoe.evaluate.perplexity import evaluate_loaded
-from flexmoe.evaluate.registry import BIAS, NO_BIAS, TUNED, top_k, without
+from flexmoe.evaluate.registry import (
+    BIAS,
+    NO_BIAS,
+    TUNED,
+    DomainScore,
+    Evaluation,
+    top_k,
+    without,
+)
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
 from flexmoe.inference.selection import load_selected
-from flexmoe.merge.layout import APPLY_BIAS, load_merged, read_slots
-from flexmoe.model.checkpoint import read_config
+from flexmoe.merge.layout import APPLY_BIAS, MergedModel, load_merged, read_slots
 
 Log = Callable[[str], None]
 
@@ -50,7 +59,7 @@ def run_suite(
     max_bytes: int | None = None,
     seq_len: int | None = None,
     log: Log = print,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Score every model named in ``only`` (default: every baseline, then every variant).
 
     ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
@@ -61,13 +70,13 @@ def run_suite(
     packages = [load_package(p, anchor) for p in package_dirs]
     experts = [p.manifest.name for p in packages]
     slots = read_slots(merged_dir)
-    top_k = int(read_config(merged_dir).num_experts_per_tok)
+    top_k = MergedModel(merged_dir).top_k()
     names = only or [
         *baseline_names(packages, unrestricted=unrestricted_dir is not None),
         *variant_names(experts, default_top_k=top_k),
         *extra,
     ]
-    models: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, DomainScore]] = {}
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()
@@ -93,10 +102,10 @@ def run_suite(
             max_documents=max_documents,
             max_bytes=max_bytes,
         )
-        models[name] = {s.domain: s.to_dict() for s in scores}
+        models[name] = {s.domain: DomainScore.model_validate(asdict(s)) for s in scores}
         seconds[name] = round(time.perf_counter() - started, 1)
     routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
-    routings: dict[str, Any] = {}
+    routings: dict[str, dict[str, dict[str, float]]] = {}
     for key, model_dir in routed.items():
         if model_dir is None:
             continue
@@ -111,16 +120,16 @@ def run_suite(
             max_documents=max_documents,
             max_bytes=max_bytes,
         )
-    return {
-        "domains": [spec.domain for spec in data],
-        "experts": experts,
-        "public_expert": slots[0].name,
-        "top_k": top_k,
-        "default_bias": APPLY_BIAS,
-        "max_documents": max_documents,
-        "max_bytes": max_bytes,
-        "models": models,
-        "order": list(models),
+    return Evaluation(
+        domains=[spec.domain for spec in data],
+        experts=experts,
+        public_expert=slots[0].name,
+        top_k=top_k,
+        default_bias=APPLY_BIAS,
+        max_documents=max_documents,
+        max_bytes=max_bytes,
+        models=models,
+        order=list(models),
+        seconds=seconds,
         **routings,
-        "seconds": seconds,
-    }
+    )

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,22 @@ from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.registry import (
+    ANCHOR,
     CALIBRATED,
+    FLEXMOE,
     OWNER_TEXT_TUNED,
     RANDOM_INIT,
     ROUTER_CEILING,
     TUNED,
+    Evaluation,
     describe,
+    specialist,
 )
-from flexmoe.evaluate.report import DP_RESULTS, checks, markdown, model_order, plot_files
+from flexmoe.evaluate.report import DP_RESULTS, checks, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
+from flexmoe.experiment.narrative import markdown
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
@@ -292,7 +297,7 @@ def run_demo(
         },
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
-        "evaluation": evaluation,
+        "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
         "opt_out": opt_out,
         "audit": audit,
@@ -304,7 +309,7 @@ def run_demo(
     write_json(out / "results.json", results)
     for name, data in plot_files(evaluation).items():
         atomic_write_bytes(out / name, data)
-    report = _report(results, anchor_result.history)
+    report = _report(results, evaluation, anchor_result.history)
     atomic_write_bytes(out / "report.md", report.encode())
     log(_summary(evaluation))
     log(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
@@ -602,7 +607,7 @@ def _audit_stage(
     docs = load_splits([specs[owner]]).get(Split.TRAIN)
     passages = sample_passages(docs, anchor.tokenizer, settings.audit)
     rows = []
-    for name in ("anchor", f"specialist:{owner}", "flexmoe"):
+    for name in (ANCHOR, specialist(owner), FLEXMOE):
         model = build_baseline(
             name, anchor=anchor, packages=packages, device=device, merged_dir=merged_dir
         )
@@ -610,18 +615,18 @@ def _audit_stage(
         result = audit_extraction(
             model, anchor.tokenizer, passages, settings.audit, name=name, device=device
         )
-        rows.append(result.to_dict())
+        rows.append(asdict(result))
     return {"domain": owner, "results": rows}
 
 
-def _summary(evaluation: dict[str, Any]) -> str:
+def _summary(evaluation: Evaluation) -> str:
     """Bits per byte of each model (rows) on each domain, and the claims met."""
-    domains = evaluation["domains"]
+    domains = evaluation.domains
     lines = [f"{'model':<24}" + "".join(f"{d:>11}" for d in domains)]
-    for name in model_order(evaluation):
-        row = evaluation["models"][name]
-        lines.append(f"{name:<24}" + "".join(f"{row[d]['bits_per_byte']:>11.4f}" for d in domains))
-    for model in ("flexmoe", TUNED):
+    for name in evaluation.model_order():
+        scores = "".join(f"{evaluation.bpb(name, d):>11.4f}" for d in domains)
+        lines.append(f"{name:<24}{scores}")
+    for model in (FLEXMOE, TUNED):
         found = checks(evaluation, model=model)
         if found:
             lines.append(f"{model}: claims met {sum(c.passed for c in found)} of {len(found)}")
@@ -629,14 +634,16 @@ def _summary(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _report(results: dict[str, Any], history: list[dict[str, float]]) -> str:
+def _report(
+    results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
+) -> str:
     training = results["anchor"]["training"]
     expert_cfg = results["settings"]["expert"]
     fractions = {
         e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
     }
     public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
-    opt, evaluation = results["opt_out"], results["evaluation"]
+    opt = results["opt_out"]
     shares = "\n".join(
         f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
         f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
@@ -665,11 +672,11 @@ trained one expert alone, in its own process that was handed only its own domain
 the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
 {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
 text), and shipped only the expert. The coordinator merged the anchor and the four
-experts into one FlexOlmo model, top-{evaluation["top_k"]} of {len(results["experts"]) + 1}
+experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts"]) + 1}
 experts per token, router not tuned after merging; the owners' learned biases are
-{"on" if evaluation["default_bias"] else "off"} by default.
+{"on" if evaluation.default_bias else "off"} by default.
 
-As a variant (`flexmoe:tuned`, the paper's router tuning), each owner ranked the public corpus's
+As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the public corpus's
 training documents at home with a small classifier (its own documents vs public ones) and sent
 the coordinator only the sha256 of the {results["settings"]["proxy_documents_per_owner"]} public
 documents most like its data (`proxy/NAME.json`); the coordinator tuned only the router rows, every
@@ -692,7 +699,7 @@ but a bound on every lever that changes only the router.
 - unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
   (every parameter trained), as many tokens as the four experts together
 
-Model names: {describe(list(evaluation["models"]))}
+Model names: {describe(list(evaluation.models))}
 
 {markdown(evaluation)}
 ## One owner opts out, live

@@ -1,0 +1,222 @@
+"""The experiment's own sentences about its variants: what the top-k, bias, router-init and
+router-lever rows say about the merged model's defaults, and what the variants say about the
+bars it misses. Every number comes from the scores; :mod:`flexmoe.evaluate.report` places the
+sentences in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.evaluate import report
+from flexmoe.evaluate.registry import (
+    ANCHOR,
+    BIAS,
+    BTM,
+    CALIBRATED,
+    FLEXMOE,
+    NO_BIAS,
+    RANDOM_INIT,
+    ROUTER_CEILING,
+    SEQ_ROUTE,
+    TUNED,
+    UNRESTRICTED,
+    Base,
+    Evaluation,
+    Variant,
+    specialist,
+    without,
+)
+from flexmoe.evaluate.report import Narrative, checks, owner_domains, public_domain
+
+
+def narrative(results: Evaluation, owners: dict[str, str] | None = None) -> Narrative:
+    return Narrative(settings=settings_measured(results), misses=investigation(results, owners))
+
+
+def markdown(results: Evaluation, owners: dict[str, str] | None = None) -> str:
+    """The report's experiment section with this experiment's narrative."""
+    return report.markdown(results, owners, narrative(results, owners))
+
+
+def write_report(results: Evaluation, out: Path, *, owners: dict[str, str] | None = None) -> Path:
+    """:func:`flexmoe.evaluate.report.write_report` with this experiment's narrative."""
+    typed = report.check_results(results, out)
+    return report.write_report(typed, out, owners=owners, narrative=narrative(typed, owners))
+
+
+def settings_measured(results: Evaluation) -> str:
+    """What the top-k and bias variants say about the merged model's defaults."""
+    models, lines = results.models, []
+    top_k = results.top_k
+    tops = {k: m for m in models if (k := _plain_top_k(m)) is not None}
+    if tops and FLEXMOE in models and top_k is not None:
+        tops[int(top_k)] = FLEXMOE
+        ranked = sorted(tops, key=lambda k: results.average(tops[k]))
+        best = ranked[0]
+        lines.append(
+            f"- top-k: the default is {top_k} ({results.average(FLEXMOE):.4f} average bits per "
+            f"byte); the best measured is {best} ({results.average(tops[best]):.4f}); "
+            + ", ".join(f"top-{k} {results.average(tops[k]):.4f}" for k in sorted(tops))
+            + "."
+        )
+    other = NO_BIAS if results.default_bias else BIAS
+    if other in models and FLEXMOE in models:
+        state = "on" if results.default_bias else "off"
+        change = results.average(other) / results.average(FLEXMOE) - 1
+        lines.append(
+            f"- the owners' learned biases: {state} by default; turning them "
+            f"{'off' if state == 'on' else 'on'} changes the average by {change:+.2%}."
+        )
+    if FLEXMOE in models:
+        if RANDOM_INIT in models:
+            change = results.average(RANDOM_INIT) / results.average(FLEXMOE) - 1
+            verdict = "keep" if change > 0 else "reconsider"
+            lines.append(
+                f"- router init: with the owners' rows started from random vectors instead of "
+                f"their domain embeddings the average changes by {change:+.2%} ({RANDOM_INIT} "
+                f"{results.average(RANDOM_INIT):.4f}); {verdict} domain-embedding init."
+            )
+        else:
+            lines.append(
+                "- router init: only the owners' method was scored (no random-init ablation; "
+                "`flexmoe demo --ablations` trains one)."
+            )
+    if CALIBRATED in models and FLEXMOE in models:
+        change = results.average(CALIBRATED) / results.average(FLEXMOE) - 1
+        lines.append(
+            f"- the owners' rows rescaled by the coordinator on public text ({CALIBRATED}): "
+            f"{change:+.2%} on average ({results.average(CALIBRATED):.4f}); off by default"
+            + (", though it wins here." if change < 0 else ".")
+        )
+    if TUNED in models and FLEXMOE in models:
+        change = results.average(TUNED) / results.average(FLEXMOE) - 1
+        lines.append(
+            f"- router tuning on proxy data: {change:+.2%} on average ({TUNED} "
+            f"{results.average(TUNED):.4f} vs {results.average(FLEXMOE):.4f}). It stays off "
+            "by default: it needs each owner to hand the coordinator a sample of its text, and a "
+            "tuned router weakens strict opt-out (the rows were fitted together)."
+        )
+    return "\n".join(lines) or "- (no variants scored)"
+
+
+def _plain_top_k(name: str) -> int | None:
+    """K when ``name`` is the merged model at top-K with no other option, else None."""
+    try:
+        variant = Variant.parse(name)
+    except FlexMoEError:  # a name from elsewhere: not a top-k variant
+        return None
+    plain = variant.top_k is not None and variant == Variant(Base.FLEXMOE, top_k=variant.top_k)
+    return variant.top_k if plain else None
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{new / old - 1:+.1%}"
+
+
+def _public_note(results: Evaluation, owners: dict[str, str]) -> str | None:
+    """Why public text misses its bar when every specialist is already worse there."""
+    models, public = results.models, public_domain(results, owners)
+    specialists = [k for k in (specialist(e) for e in owners) if k in models]
+    if not (public and specialists and {ANCHOR, FLEXMOE} <= models.keys()):
+        return None
+    anchor = results.bpb(ANCHOR, public)
+    worst = [results.bpb(k, public) for k in specialists]
+    if min(worst) <= anchor or results.bpb(FLEXMOE, public) <= 1.01 * anchor:
+        return None
+    share = results.routing_of().get(public, {}).get(results.public_expert or "")
+    return (
+        f"- Public text: every specialist is already {_pct(min(worst), anchor)} to "
+        f"{_pct(max(worst), anchor)} worse than the anchor on {public}, so staying within 1% "
+        "needs the public expert to take nearly all the routing mass there"
+        + (f"; it takes {share:.0%}." if share is not None else ".")
+    )
+
+
+def _ceiling_note(results: Evaluation) -> str | None:
+    """What the router ceiling says about the gap to the document-level baselines."""
+    models = results.models
+    if not {ROUTER_CEILING, FLEXMOE} <= models.keys():
+        return None
+    ceiling = results.average(ROUTER_CEILING)
+    rivals = {o: results.average(o) for o in (BTM, SEQ_ROUTE) if o in models}
+    missed = [o for o, v in rivals.items() if ceiling > v]
+    against = ", ".join(f"{o} {v:.4f}" for o, v in rivals.items())
+    head = (
+        f"- The router ceiling ({ROUTER_CEILING}: only the rows trained, on the very text scored "
+        f"here) averages {ceiling:.4f}, against flexmoe {results.average(FLEXMOE):.4f}"
+        + (f" and {against}" if against else "")
+        + ". "
+    )
+    if missed:
+        return head + (
+            f"No lever that changes only the router can reach {' or '.join(missed)} with these "
+            "experts: the rest of the gap is in what the experts and the anchor's hidden states "
+            "let a per-token router tell apart at this size."
+        )
+    return head + "A router alone could close the gap; the default recipe does not find it."
+
+
+def investigation(results: Evaluation, owners: dict[str, str] | None = None) -> str:
+    """What the measured variants say about the bars the merged model misses, in sentences
+    built from the scores (empty when there is nothing to say)."""
+    owners = owner_domains(results, owners)
+    models, lines = results.models, []
+    routing, public_name = results.routing_of(), results.public_expert
+    stolen = []
+    for expert, domain in owners.items():
+        shares = {e: v for e, v in routing.get(domain, {}).items() if e != public_name}
+        top = max(shares, key=lambda e: shares[e]) if shares else expert
+        if top != expert:
+            stolen.append(f"{domain} ({top} {shares[top]:.0%}, {expert} {shares[expert]:.0%})")
+    if stolen:
+        lines.append(
+            "- Routing, not the experts: on " + ", ".join(stolen) + " text another owner's "
+            "expert takes more routing mass than the text's own. Each owner trained its router "
+            "row only against the public row, so every row learned 'not public' rather than "
+            "'mine'; merged, the row most aligned with that shared direction wins on other "
+            "owners' text."
+        )
+    if FLEXMOE in models:
+        helped = []
+        for expert, domain in owners.items():
+            key = without(expert)
+            if key not in models:
+                continue
+            others = [d for d in results.domains if d != domain]
+            gain = sum(results.bpb(key, d) / results.bpb(FLEXMOE, d) - 1 for d in others)
+            if gain / len(others) < -0.01:
+                helped.append(f"{expert} ({gain / len(others):+.1%} on the other domains)")
+        if helped:
+            lines.append(
+                "- Leaving one expert out improves everyone else: " + ", ".join(helped) + ". "
+                "That expert's row fires on text that is not its own."
+            )
+    note = _public_note(results, owners)
+    if note:
+        lines.append(note)
+    if TUNED in models and FLEXMOE in models:
+        moves = ", ".join(
+            f"{d} {_pct(results.bpb(TUNED, d), results.bpb(FLEXMOE, d))}" for d in results.domains
+        )
+        passed = {
+            m: sum(c.passed for c in checks(results, owners, m) if "routing" in c.claim)
+            for m in (FLEXMOE, TUNED)
+        }
+        lines.append(
+            f"- Router tuning on proxy data (only the rows trained, every expert frozen): {moves}; "
+            f"domains whose own expert leads the routing: {passed[FLEXMOE]} untuned, "
+            f"{passed[TUNED]} tuned."
+        )
+    note = _ceiling_note(results)
+    if note:
+        lines.append(note)
+    if {UNRESTRICTED, FLEXMOE} <= models.keys():
+        gap = _pct(results.average(FLEXMOE), results.average(UNRESTRICTED))
+        lines.append(
+            f"- flexmoe is {gap} from unrestricted on average"
+            ": unrestricted trains every parameter (attention and embeddings too) on all "
+            "domains together, where each owner trains one feed-forward expert against a frozen "
+            "anchor."
+        )
+    return "\n".join(lines)
