@@ -231,53 +231,61 @@ def _owner_data(
     return spec.domain, spec
 
 
+OwnerDataOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--data", help="the owner's documents: " + DATA_HELP + " (DOMAIN is the expert's name)"
+    ),
+]
+ExpertNameOpt = Annotated[
+    str | None, typer.Option(help="expert name, also its domain [default: --data's DOMAIN]")
+]
+NoPublicDataOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-public-data",
+        help="train on the owner's text alone (measured: the merged model does worse, above "
+        "all on public text)",
+    ),
+]
+TokensOpt = Annotated[
+    int | None, typer.Option(help="train on this many tokens (overrides --steps)")
+]
+DpEpsilonOpt = Annotated[
+    float | None,
+    typer.Option(help="train with DP-SGD (Opacus) to this epsilon per training block"),
+]
+MaxGradNormOpt = Annotated[
+    float, typer.Option(help="DP-SGD's per-sample gradient clip (with --dp-epsilon)")
+]
+
+
 @expert_app.command("train")
 @training_options(EXPERT_TRAINING)
 def expert_train(
     anchor: Annotated[Path, typer.Option(help="the anchor directory")],
-    data: Annotated[
-        list[str],
-        typer.Option(
-            "--data", help="the owner's documents: " + DATA_HELP + " (DOMAIN is the expert's name)"
-        ),
-    ],
+    data: OwnerDataOpt,
     owner: Annotated[str, typer.Option(help="the owning organisation")],
     license: Annotated[str, typer.Option("--license", help="SPDX license identifier")],
     out: Annotated[Path, typer.Option(help="package directory to write")],
     training: TrainConfig,
-    name: Annotated[
-        str | None, typer.Option(help="expert name, also its domain [default: --data's DOMAIN]")
-    ] = None,
+    name: ExpertNameOpt = None,
     description: Annotated[str, typer.Option(help="what the expert knows, for its users")] = "",
     public_data: PublicDataOpt = None,
-    no_public_data: Annotated[
-        bool,
-        typer.Option(
-            "--no-public-data",
-            help="train on the owner's text alone (measured: the merged model does worse, above "
-            "all on public text)",
-        ),
-    ] = False,
+    no_public_data: NoPublicDataOpt = False,
     public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
-    tokens: Annotated[
-        int | None, typer.Option(help="train on this many tokens (overrides --steps)")
-    ] = None,
+    tokens: TokensOpt = None,
     device: DeviceOpt = "auto",
     cache_dir: CacheOpt = None,
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
     signing_key: SigningKeyOpt = None,
-    dp_epsilon: Annotated[
-        float | None,
-        typer.Option(help="train with DP-SGD (Opacus) to this epsilon per training block"),
-    ] = None,
+    dp_epsilon: DpEpsilonOpt = None,
     dp_delta: Annotated[float, typer.Option(help="DP-SGD's delta (with --dp-epsilon)")] = 1e-5,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="DP-SGD's per-sample gradient clip (with --dp-epsilon)")
-    ] = 1.0,
+    max_grad_norm: MaxGradNormOpt = 1.0,
     log_dir: LogDirOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,

@@ -110,6 +110,26 @@ def checks(
                     mine <= 1.05 * top,
                 )
             )
+    found += _opt_out_checks(results, owners, model)
+    routing = results.routing_of(model)
+    public_name = results.public_expert
+    for expert, domain in owners.items():
+        shares = {e: s for e, s in routing.get(domain, {}).items() if e != public_name}
+        if shares:
+            lead = max(shares, key=lambda e: shares[e])
+            found.append(
+                Check(
+                    f"on {domain}, {expert} has the largest non-public routing share",
+                    f"{expert} {shares[expert]:.1%}, largest {lead} {shares[lead]:.1%}",
+                    lead == expert,
+                )
+            )
+    return found
+
+
+def _opt_out_checks(results: Evaluation, owners: dict[str, str], model: str) -> list[Check]:
+    """Each owner's opt-out: its own domain back toward the anchor, the others left alone."""
+    models, found = results.models, []
     for expert, domain in owners.items():
         key = replace(Variant.parse(model), without=(expert,)).name()
         if key not in models or model not in models:
@@ -135,19 +155,6 @@ def checks(
                 abs(moves[worst]) <= 0.01,
             )
         )
-    routing = results.routing_of(model)
-    public_name = results.public_expert
-    for expert, domain in owners.items():
-        shares = {e: s for e, s in routing.get(domain, {}).items() if e != public_name}
-        if shares:
-            lead = max(shares, key=lambda e: shares[e])
-            found.append(
-                Check(
-                    f"on {domain}, {expert} has the largest non-public routing share",
-                    f"{expert} {shares[expert]:.1%}, largest {lead} {shares[lead]:.1%}",
-                    lead == expert,
-                )
-            )
     return found
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
@@ -32,6 +33,7 @@ from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
 from flexmoe.inference.selection import load_selected
 from flexmoe.merge.layout import APPLY_BIAS, MergedModel, load_merged, read_slots
+from flexmoe.merge.slots import SlotInfo
 
 Log = Callable[[str], None]
 
@@ -76,15 +78,17 @@ def run_suite(
         *variant_names(experts, default_top_k=top_k),
         *extra,
     ]
+    sample: dict[str, Any] = {"device": device, "cache_dir": cache_dir}  # the same text for all
+    sample.update(max_documents=max_documents, max_bytes=max_bytes)
     models: dict[str, dict[str, DomainScore]] = {}
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()
         log(f"scoring {name}")
-        if name in extra:
-            model: Any = load_selected(extra[name])
-        else:
-            model = build_baseline(
+        model = (
+            load_selected(extra[name])
+            if name in extra
+            else build_baseline(
                 name,
                 anchor=anchor,
                 packages=packages,
@@ -92,34 +96,12 @@ def run_suite(
                 merged_dir=merged_dir,
                 unrestricted_dir=unrestricted_dir,
             )
-        scores = evaluate_loaded(
-            model,
-            anchor.tokenizer,
-            data,
-            device=device,
-            cache_dir=cache_dir,
-            seq_len=seq_len,
-            max_documents=max_documents,
-            max_bytes=max_bytes,
         )
+        scores = evaluate_loaded(model, anchor.tokenizer, data, seq_len=seq_len, **sample)
         models[name] = {s.domain: DomainScore.model_validate(asdict(s)) for s in scores}
         seconds[name] = round(time.perf_counter() - started, 1)
     routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
-    routings: dict[str, dict[str, dict[str, float]]] = {}
-    for key, model_dir in routed.items():
-        if model_dir is None:
-            continue
-        log(f"routing shares per domain of {model_dir.name}")
-        routings[key] = routing_matrix(
-            load_merged(model_dir),
-            anchor.tokenizer,
-            data,
-            [s.name for s in slots],
-            device=device,
-            cache_dir=cache_dir,
-            max_documents=max_documents,
-            max_bytes=max_bytes,
-        )
+    routings = _routings(routed, anchor.tokenizer, data, slots, log=log, **sample)
     return Evaluation(
         domains=[spec.domain for spec in data],
         experts=experts,
@@ -133,3 +115,34 @@ def run_suite(
         seconds=seconds,
         **routings,
     )
+
+
+def _routings(
+    routed: dict[str, Path | None],
+    tokenizer: PreTrainedTokenizerBase,
+    data: list[DataSpec],
+    slots: list[SlotInfo],
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+    max_documents: int | None,
+    max_bytes: int | None,
+    log: Log,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Each merged model's routing shares per domain, under its key in the results."""
+    routings: dict[str, dict[str, dict[str, float]]] = {}
+    for key, model_dir in routed.items():
+        if model_dir is None:
+            continue
+        log(f"routing shares per domain of {model_dir.name}")
+        routings[key] = routing_matrix(
+            load_merged(model_dir),
+            tokenizer,
+            data,
+            [s.name for s in slots],
+            device=device,
+            cache_dir=cache_dir,
+            max_documents=max_documents,
+            max_bytes=max_bytes,
+        )
+    return routings

@@ -6,6 +6,7 @@ sentences in the report."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate import report
@@ -16,6 +17,7 @@ from flexmoe.evaluate.registry import (
     CALIBRATED,
     FLEXMOE,
     NO_BIAS,
+    OWNER_TEXT_TUNED,
     RANDOM_INIT,
     ROUTER_CEILING,
     SEQ_ROUTE,
@@ -24,6 +26,7 @@ from flexmoe.evaluate.registry import (
     Base,
     Evaluation,
     Variant,
+    describe,
     specialist,
     without,
 )
@@ -220,3 +223,142 @@ def investigation(results: Evaluation, owners: dict[str, str] | None = None) -> 
             "anchor."
         )
     return "\n".join(lines)
+
+
+def summary(evaluation: Evaluation) -> str:
+    """Bits per byte of each model (rows) on each domain, and the claims met."""
+    domains = evaluation.domains
+    lines = [f"{'model':<24}" + "".join(f"{d:>11}" for d in domains)]
+    for name in evaluation.model_order():
+        scores = "".join(f"{evaluation.bpb(name, d):>11.4f}" for d in domains)
+        lines.append(f"{name:<24}{scores}")
+    for model in (FLEXMOE, TUNED):
+        found = checks(evaluation, model=model)
+        if found:
+            lines.append(f"{model}: claims met {sum(c.passed for c in found)} of {len(found)}")
+    lines.append("(see the report)")
+    return "\n".join(lines)
+
+
+def demo_report(
+    results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
+) -> str:
+    """The demo's ``report.md``: how the run was made, the evaluation, the live opt-out, the
+    extraction audit and the anchor's training curve."""
+    return (
+        f"# flexmoe demo report\n\n{_how_made(results, evaluation)}\n"
+        f"Model names: {describe(list(evaluation.models))}\n\n{markdown(evaluation)}"
+        f"{_opt_out_section(results['opt_out'])}\n{_audit_section(results['audit'], results)}\n"
+        f"{_curve_section(history)}"
+    )
+
+
+def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
+    training = results["anchor"]["training"]
+    expert_cfg = results["settings"]["expert"]
+    fractions = {
+        e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
+    }
+    public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
+    return f"""Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
+
+The anchor is a tiny OLMo-2 decoder trained only on the public domain. Each owner then
+trained one expert alone, in its own process that was handed only its own domain's files and
+the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
+{expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
+text), and shipped only the expert. The coordinator merged the anchor and the four
+experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts"]) + 1}
+experts per token, router not tuned after merging; the owners' learned biases are
+{"on" if evaluation.default_bias else "off"} by default.
+
+As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the public corpus's
+training documents at home with a small classifier (its own documents vs public ones) and sent
+the coordinator only the sha256 of the {results["settings"]["proxy_documents_per_owner"]} public
+documents most like its data (`proxy/NAME.json`); the coordinator tuned only the router rows, every
+expert frozen, on those public documents and as many other public ones
+({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens;
+recorded in the tuned model's slot table). No owner text is used, but jointly tuned rows make
+opt-out less strict, so it is not the default. With `--ablations`, `{OWNER_TEXT_TUNED}` is tuned
+instead on {results["settings"]["proxy_bytes_per_domain"]:,} bytes of each owner's own training
+text (one window per document): that hands owner text over, and is shown only for comparison.
+Two more router levers come with `--ablations`: `{CALIBRATED}`, the owners' rows rescaled by the
+coordinator so that each one's margin over the public row has the same spread on public text
+(public text and packages only; opt-out stays exact), and `{ROUTER_CEILING}`, the rows fitted on
+the very held-out text scored below ({results["settings"]["ceiling_steps"]} steps): not a recipe,
+but a bound on every lever that changes only the router.
+
+- device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
+- anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
+  {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
+- anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
+- unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
+  (every parameter trained), as many tokens as the four experts together
+
+"""
+
+
+def _opt_out_section(opt: dict[str, Any]) -> str:
+    shares = "\n".join(
+        f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
+        f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
+        for name in opt["generation_before"]["generated"]
+    )
+    log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
+    return f"""## One owner opts out, live
+
+The {opt["expert"]} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
+loaded. On {opt["expert"]} text the opted-out model scores {opt["opted_out_bpb"]:.6f} bpb and a
+model merged without that expert (`flexmoe merge remove`) {opt["merged_without_bpb"]:.6f}
+(difference {opt["bpb_difference_vs_merged_without"]:.1e}).
+
+Generation from "{opt["prompt"]}" (seed 0), share of routing mass per expert over the generated
+tokens:
+
+| expert | every expert in | {opt["expert"]} opted out |
+| --- | ---: | ---: |
+{shares}
+
+The owner then opted back in; the audit log of the model's opt-out store holds both changes:
+{log_rows}
+
+"""
+
+
+def _audit_section(audit: dict[str, Any], results: dict[str, Any]) -> str:
+    audit_rows = "\n".join(
+        f"| {r['model']} | {r['documents']} | {r['extracted_documents']} | {r['rate']:.1%} "
+        f"| {r['mean_best_similarity']:.3f} |"
+        for r in audit["results"]
+    )
+    a = results["settings"]["audit"]
+    return f"""## Extraction audit ({audit["domain"]} training documents)
+
+{a["documents"]} passages: a {a["prefix_tokens"]}-token prefix, {a["samples"]} sampled
+continuations of {a["suffix_tokens"]} tokens each (top-k {a["top_k"]}, top-p {a["top_p"]},
+temperature {a["temperature"]}); extracted when the normalised Levenshtein similarity to the true
+continuation is at least {a["threshold"]}. The paper reports 0.1% (public model), 1.6% (expert)
+and 0.7% (merged) at 7B scale; `tests/test_extraction.py` checks that a model over-trained on a
+few documents is caught.
+
+| model | passages | extracted | rate | mean best similarity |
+| --- | ---: | ---: | ---: | ---: |
+{audit_rows}
+
+"""
+
+
+def _curve_section(history: list[dict[str, float]]) -> str:
+    curve = "\n".join(
+        f"| {h['step']} | {h['loss']:.4f} | {h['val_loss']:.4f} |"
+        for h in history
+        if "val_loss" in h
+    )
+    return f"""## Anchor training curve
+
+| step | train loss | validation loss |
+| ---: | ---: | ---: |
+{curve}
+
+All numbers are in `results.json`.
+"""

@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flexmoe.anchor import load_anchor, train_anchor
+from flexmoe.anchor import Anchor, AnchorManifest, load_anchor, train_anchor
 from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import Split, load_splits
@@ -35,16 +35,14 @@ from flexmoe.evaluate.registry import (
     OWNER_TEXT_TUNED,
     RANDOM_INIT,
     ROUTER_CEILING,
-    TUNED,
     Evaluation,
-    describe,
     specialist,
 )
-from flexmoe.evaluate.report import DP_RESULTS, checks, plot_files
+from flexmoe.evaluate.report import DP_RESULTS, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
-from flexmoe.experiment.narrative import markdown
+from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
@@ -62,6 +60,7 @@ from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import MEMORY_FIELDS, TrainConfig
+from flexmoe.training.loop import TrainResult
 
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
@@ -122,39 +121,219 @@ def run_demo(
     ``ablations`` also trains every expert again from random router rows (against a copy of the
     anchor whose public row is random too) and scores that merge as ``flexmoe:random-init``.
     """
-    settings = QUICK if quick else FULL
-    started = time.perf_counter()
-    (Path(out) / DP_RESULTS).unlink(missing_ok=True)  # measured on an earlier run's anchor
-    stage_seconds: dict[str, float] = {}
-
-    def stage(name: str) -> None:
-        stage_seconds[name] = round(time.perf_counter() - started - sum(stage_seconds.values()), 1)
-
-    corpora = fetch_corpora(corpora_set, corpora_dir(cache_dir, corpora_set), log=log)
-    owners = corpora_set.owners
-    specs = {
-        d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
-        for d in corpora_set.domains
-    }
-    tokens = cache_dir / "tokens"
-    anchor_dir = out / "anchor"
-    stage("corpora")
-    log(f"[1/8] training the anchor ({'quick' if quick else 'full'} settings) -> {anchor_dir}")
-    manifest, anchor_result = train_anchor(
-        data=[specs["public"]],
-        out=anchor_dir,
-        dims=PRESETS[Preset.TINY],
-        cfg=settings.anchor,
-        device=device,
-        cache_dir=tokens,
-        vocab_size=settings.vocab_size,
-        overwrite=True,
-    )
-    stage("anchor")
-    anchor = load_anchor(anchor_dir)
+    run = _Run.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
+    settings, owners, specs = run.settings, corpora_set.owners, run.specs
+    anchor_dir, merged_dir = out / "anchor", out / "merged"
+    manifest, anchor_result = run.anchor(anchor_dir, "quick" if quick else "full")
     package_dirs = _train_experts(
-        out / "experts", "[2/8]", owners, anchor_dir, corpora, settings, device, tokens, log
+        out / "experts", "[2/8]", owners, anchor_dir, run.corpora, settings, device, run.tokens, log
     )
+    experts = _expert_records(owners, package_dirs, load_anchor(anchor_dir))
+    run.stage("experts")
+    log(
+        f"[3/8] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
+    )
+    plan = plan_merge(anchor_dir, package_dirs, top_k=settings.top_k)
+    build_merged(plan, merged_dir, overwrite=True)
+    run.stage("merge")
+    extra: dict[str, Path] = {}
+    if ablations:
+        extra = _ablation_stages(
+            out,
+            anchor_dir,
+            merged_dir,
+            run.corpora,
+            specs,
+            corpora_set,
+            settings,
+            device,
+            run.tokens,
+            log,
+        )
+        run.stage("ablation")
+    tuning = run.tuned(anchor_dir, merged_dir)
+    unrestricted_dir = out / "unrestricted"
+    joint = _unrestricted_stage(
+        unrestricted_dir, anchor_dir, owners, specs, settings, device, run.tokens, log
+    )
+    run.stage("unrestricted")
+    evaluation = run.evaluate(anchor_dir, package_dirs, merged_dir, unrestricted_dir, extra)
+    opt_out, audit = run.opt_out_and_audit(anchor_dir, package_dirs, merged_dir)
+    results = {
+        "settings": _settings_record(
+            corpora_set, settings, joint, quick=quick, ablations=ablations
+        ),
+        "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
+        "experts": experts,
+        "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
+        "router_tuning": tuning,
+        "opt_out": opt_out,
+        "audit": audit,
+        **run.timing(),
+        "corpora_description": corpora_set.description,
+    }
+    run.write(results, evaluation, anchor_result.history)
+    return results
+
+
+@dataclass
+class _Run:
+    """One demo run's context: where it writes, its settings and corpora, and its stage times."""
+
+    out: Path
+    device: torch.device
+    settings: DemoSettings
+    corpora_set: CorpusSet
+    corpora: dict[str, Path]
+    specs: dict[str, DataSpec]
+    tokens: Path
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        out: Path,
+        cache_dir: Path,
+        device: torch.device,
+        settings: DemoSettings,
+        corpora_set: CorpusSet,
+        log: Callable[[str], None],
+    ) -> _Run:
+        """Fetch the corpora (an earlier run's DP table is dropped: it measured another anchor)."""
+        started = time.perf_counter()
+        (Path(out) / DP_RESULTS).unlink(missing_ok=True)
+        corpora = fetch_corpora(corpora_set, corpora_dir(cache_dir, corpora_set), log=log)
+        specs = {
+            d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
+            for d in corpora_set.domains
+        }
+        run = cls(out, device, settings, corpora_set, corpora, specs, cache_dir / "tokens", log)
+        run.started = started
+        run.stage("corpora")
+        return run
+
+    def anchor(self, anchor_dir: Path, kind: str) -> tuple[AnchorManifest, TrainResult]:
+        """The anchor, trained on the public corpus."""
+        self.log(f"[1/8] training the anchor ({kind} settings) -> {anchor_dir}")
+        trained = train_anchor(
+            data=[self.specs["public"]],
+            out=anchor_dir,
+            dims=PRESETS[Preset.TINY],
+            cfg=self.settings.anchor,
+            device=self.device,
+            cache_dir=self.tokens,
+            vocab_size=self.settings.vocab_size,
+            overwrite=True,
+        )
+        self.stage("anchor")
+        return trained
+
+    def evaluate(
+        self,
+        anchor_dir: Path,
+        package_dirs: list[Path],
+        merged_dir: Path,
+        unrestricted_dir: Path,
+        extra: dict[str, Path],
+    ) -> Evaluation:
+        """Every baseline and variant on the same held-out text."""
+        self.log("[6/8] scoring every baseline and variant on the same held-out text")
+        evaluation = run_suite(
+            anchor_dir=anchor_dir,
+            package_dirs=package_dirs,
+            merged_dir=merged_dir,
+            data=list(self.specs.values()),
+            device=self.device,
+            cache_dir=self.tokens,
+            unrestricted_dir=unrestricted_dir,
+            tuned_dir=self.out / "merged-tuned",
+            extra_models=extra,
+            max_bytes=self.settings.eval_bytes,
+            log=self.log,
+        )
+        self.stage("evaluation")
+        return evaluation
+
+    def stage(self, name: str) -> None:
+        """Record the time since the previous stage under ``name``."""
+        spent = time.perf_counter() - self.started - sum(self.stage_seconds.values())
+        self.stage_seconds[name] = round(spent, 1)
+
+    def timing(self) -> dict[str, Any]:
+        return {
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "stage_seconds": self.stage_seconds,
+            "device": str(self.device),
+        }
+
+    def tuned(self, anchor_dir: Path, merged_dir: Path) -> dict[str, Any]:
+        """The paper's router tuning on the public documents the owners picked; its record."""
+        tuned_dir, settings = self.out / "merged-tuned", self.settings
+        self.log(
+            f"[4/8] a variant: each owner picks the {settings.proxy_documents} public documents "
+            f"most like its data and sends their hashes; the router alone is tuned on them "
+            f"({settings.tune.steps} steps) -> {tuned_dir}"
+        )
+        public = self.corpora_set.public.name
+        tuning = _tune_stage(
+            self.out,
+            anchor_dir,
+            merged_dir,
+            tuned_dir,
+            self.specs,
+            public,
+            settings,
+            self.device,
+            self.tokens,
+        )
+        self.stage("router-tuning")
+        return tuning
+
+    def opt_out_and_audit(
+        self, anchor_dir: Path, package_dirs: list[Path], merged_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One owner opts out and back in; the extraction audit of the first owner's text."""
+        corpora_set, settings = self.corpora_set, self.settings
+        self.log(f"[7/8] the {corpora_set.opt_out} owner opts out, and back in")
+        opt_out = _opt_out_stage(
+            self.out,
+            merged_dir,
+            self.specs,
+            settings,
+            self.device,
+            self.tokens,
+            self.log,
+            opt_out=corpora_set.opt_out,
+            prompt=corpora_set.opt_out_prompt,
+        )
+        self.stage("opt-out")
+        audited = corpora_set.owners[0].name
+        self.log(f"[8/8] extraction audit on the {audited} owner's training documents")
+        audit = _audit_stage(
+            anchor_dir, package_dirs, merged_dir, self.specs, settings, self.device, audited
+        )
+        self.stage("audit")
+        return opt_out, audit
+
+    def write(
+        self, results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
+    ) -> None:
+        """``results.json``, the plots and ``report.md``, each atomically."""
+        write_json(self.out / "results.json", results)
+        for name, data in plot_files(evaluation).items():
+            atomic_write_bytes(self.out / name, data)
+        report = demo_report(results, evaluation, history)
+        atomic_write_bytes(self.out / "report.md", report.encode())
+        self.log(summary(evaluation))
+        self.log(f"report: {self.out / 'report.md'} ({results['seconds']:.0f} s)")
+
+
+def _expert_records(
+    owners: tuple[DemoDomain, ...], package_dirs: list[Path], anchor: Anchor
+) -> dict[str, dict[str, Any]]:
+    """Each owner's expert as the results record it: owner, licence, training summary."""
     experts: dict[str, dict[str, Any]] = {}
     for domain, package_dir in zip(owners, package_dirs, strict=True):
         owner_manifest = load_package(package_dir, anchor).manifest
@@ -163,157 +342,113 @@ def run_demo(
             "license": owner_manifest.license,
             "training": owner_manifest.training.model_dump(),
         }
-    stage("experts")
-    merged_dir = out / "merged"
-    log(
-        f"[3/8] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
-    )
-    build_merged(
-        plan_merge(anchor_dir, package_dirs, top_k=settings.top_k), merged_dir, overwrite=True
-    )
-    stage("merge")
+    return experts
+
+
+def _ablation_stages(
+    out: Path,
+    anchor_dir: Path,
+    merged_dir: Path,
+    corpora: dict[str, Path],
+    specs: dict[str, DataSpec],
+    corpora_set: CorpusSet,
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+) -> dict[str, Path]:
+    """The router ablations, each a merged model directory under its registry name."""
+    owners = corpora_set.owners
     extra: dict[str, Path] = {}
-    if ablations:
-        extra[RANDOM_INIT] = _random_init_stage(
-            out / "ablation-random-init",
-            owners,
-            anchor_dir,
-            corpora,
-            settings,
-            device,
-            tokens,
-            log,
-        )
-        owner_text = out / "ablation-owner-text"
-        log(
-            f"[ablation] router tuning on {settings.proxy_bytes:,} bytes of each owner's own "
-            f"text (hands owner text over) -> {owner_text / 'merged-tuned'}"
-        )
-        _owner_text_tune_stage(
-            owner_text, merged_dir, owner_text / "merged-tuned", specs, settings, device, tokens
-        )
-        extra[OWNER_TEXT_TUNED] = owner_text / "merged-tuned"
-        calibrated = out / "ablation-calibrated"
-        log(
-            f"[ablation] the owners' rows rescaled on public text (coordinator side) -> "
-            f"{calibrated}"
-        )
-        _calibrated_stage(
-            anchor_dir, merged_dir, calibrated, specs[corpora_set.public.name], device, tokens
-        )
-        extra[CALIBRATED] = calibrated
-        ceiling = out / "ablation-router-ceiling"
-        log(f"[ablation] the router ceiling: rows fitted on the scored text itself -> {ceiling}")
-        _ceiling_stage(merged_dir, ceiling, specs, settings, device, tokens)
-        extra[ROUTER_CEILING] = ceiling
-        stage("ablation")
-    tuned_dir = out / "merged-tuned"
-    log(
-        f"[4/8] a variant: each owner picks the {settings.proxy_documents} public documents most "
-        f"like its data and sends their hashes; the router alone is tuned on them "
-        f"({settings.tune.steps} steps) -> {tuned_dir}"
-    )
-    tuning = _tune_stage(
-        out,
+    extra[RANDOM_INIT] = _random_init_stage(
+        out / "ablation-random-init",
+        owners,
         anchor_dir,
-        merged_dir,
-        tuned_dir,
-        specs,
-        corpora_set.public.name,
+        corpora,
         settings,
         device,
         tokens,
+        log,
     )
-    stage("router-tuning")
-    unrestricted_dir = out / "unrestricted"
+    owner_text = out / "ablation-owner-text"
+    log(
+        f"[ablation] router tuning on {settings.proxy_bytes:,} bytes of each owner's own "
+        f"text (hands owner text over) -> {owner_text / 'merged-tuned'}"
+    )
+    _owner_text_tune_stage(
+        owner_text, merged_dir, owner_text / "merged-tuned", specs, settings, device, tokens
+    )
+    extra[OWNER_TEXT_TUNED] = owner_text / "merged-tuned"
+    calibrated = out / "ablation-calibrated"
+    log(f"[ablation] the owners' rows rescaled on public text (coordinator side) -> {calibrated}")
+    _calibrated_stage(
+        anchor_dir, merged_dir, calibrated, specs[corpora_set.public.name], device, tokens
+    )
+    extra[CALIBRATED] = calibrated
+    ceiling = out / "ablation-router-ceiling"
+    log(f"[ablation] the router ceiling: rows fitted on the scored text itself -> {ceiling}")
+    _ceiling_stage(merged_dir, ceiling, specs, settings, device, tokens)
+    extra[ROUTER_CEILING] = ceiling
+    return extra
+
+
+def _unrestricted_stage(
+    out: Path,
+    anchor_dir: Path,
+    owners: tuple[DemoDomain, ...],
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+) -> TrainConfig:
+    """The unrestricted upper bound, trained on the experts' tokens together; its settings."""
     joint = replace(
         settings.expert, steps=settings.expert.steps * len(owners), eval_every=0, checkpoint_every=0
     )
     log(
         f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
-        f"({joint.steps} steps, the experts' tokens together) -> {unrestricted_dir}"
+        f"({joint.steps} steps, the experts' tokens together) -> {out}"
     )
     train_unrestricted(
         anchor_dir=anchor_dir,
         data=[specs[d.name] for d in owners],
         public_data=[specs["public"]],
-        out=unrestricted_dir,
+        out=out,
         cfg=joint,
         top_k=settings.top_k,
         device=device,
         cache_dir=tokens,
         overwrite=True,
     )
-    stage("unrestricted")
-    log("[6/8] scoring every baseline and variant on the same held-out text")
-    evaluation = run_suite(
-        anchor_dir=anchor_dir,
-        package_dirs=package_dirs,
-        merged_dir=merged_dir,
-        data=list(specs.values()),
-        device=device,
-        cache_dir=tokens,
-        unrestricted_dir=unrestricted_dir,
-        tuned_dir=tuned_dir,
-        extra_models=extra,
-        max_bytes=settings.eval_bytes,
-        log=log,
-    )
-    stage("evaluation")
-    log(f"[7/8] the {corpora_set.opt_out} owner opts out, and back in")
-    opt_out = _opt_out_stage(
-        out,
-        merged_dir,
-        specs,
-        settings,
-        device,
-        tokens,
-        log,
-        opt_out=corpora_set.opt_out,
-        prompt=corpora_set.opt_out_prompt,
-    )
-    stage("opt-out")
-    audited = owners[0].name
-    log(f"[8/8] extraction audit on the {audited} owner's training documents")
-    audit = _audit_stage(anchor_dir, package_dirs, merged_dir, specs, settings, device, audited)
-    stage("audit")
-    elapsed = time.perf_counter() - started
-    results = {
-        "settings": {
-            "corpora": corpora_set.name,
-            "quick": quick,
-            "ablations": ablations,
-            "vocab_size": settings.vocab_size,
-            "top_k": settings.top_k,
-            "eval_bytes_per_domain": settings.eval_bytes,
-            "audit": settings.audit.__dict__,
-            "anchor": settings.anchor.to_dict(),
-            "expert": settings.expert.to_dict(),
-            "unrestricted": joint.to_dict(),
-            "router_tuning": settings.tune.to_dict(),
-            "proxy_bytes_per_domain": settings.proxy_bytes,
-            "proxy_documents_per_owner": settings.proxy_documents,
-            "ceiling_steps": settings.ceiling_steps,
-        },
-        "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
-        "experts": experts,
-        "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
-        "router_tuning": tuning,
-        "opt_out": opt_out,
-        "audit": audit,
-        "seconds": round(elapsed, 1),
-        "stage_seconds": stage_seconds,
-        "device": str(device),
-        "corpora_description": corpora_set.description,
+    return joint
+
+
+def _settings_record(
+    corpora_set: CorpusSet,
+    settings: DemoSettings,
+    joint: TrainConfig,
+    *,
+    quick: bool,
+    ablations: bool,
+) -> dict[str, Any]:
+    """The settings a run used, as the results record them."""
+    return {
+        "corpora": corpora_set.name,
+        "quick": quick,
+        "ablations": ablations,
+        "vocab_size": settings.vocab_size,
+        "top_k": settings.top_k,
+        "eval_bytes_per_domain": settings.eval_bytes,
+        "audit": settings.audit.__dict__,
+        "anchor": settings.anchor.to_dict(),
+        "expert": settings.expert.to_dict(),
+        "unrestricted": joint.to_dict(),
+        "router_tuning": settings.tune.to_dict(),
+        "proxy_bytes_per_domain": settings.proxy_bytes,
+        "proxy_documents_per_owner": settings.proxy_documents,
+        "ceiling_steps": settings.ceiling_steps,
     }
-    write_json(out / "results.json", results)
-    for name, data in plot_files(evaluation).items():
-        atomic_write_bytes(out / name, data)
-    report = _report(results, evaluation, anchor_result.history)
-    atomic_write_bytes(out / "report.md", report.encode())
-    log(_summary(evaluation))
-    log(f"report: {out / 'report.md'} ({elapsed:.0f} s)")
-    return results
 
 
 def _train_experts(
@@ -617,126 +752,3 @@ def _audit_stage(
         )
         rows.append(asdict(result))
     return {"domain": owner, "results": rows}
-
-
-def _summary(evaluation: Evaluation) -> str:
-    """Bits per byte of each model (rows) on each domain, and the claims met."""
-    domains = evaluation.domains
-    lines = [f"{'model':<24}" + "".join(f"{d:>11}" for d in domains)]
-    for name in evaluation.model_order():
-        scores = "".join(f"{evaluation.bpb(name, d):>11.4f}" for d in domains)
-        lines.append(f"{name:<24}{scores}")
-    for model in (FLEXMOE, TUNED):
-        found = checks(evaluation, model=model)
-        if found:
-            lines.append(f"{model}: claims met {sum(c.passed for c in found)} of {len(found)}")
-    lines.append("(see the report)")
-    return "\n".join(lines)
-
-
-def _report(
-    results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
-) -> str:
-    training = results["anchor"]["training"]
-    expert_cfg = results["settings"]["expert"]
-    fractions = {
-        e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
-    }
-    public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
-    opt = results["opt_out"]
-    shares = "\n".join(
-        f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
-        f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
-        for name in opt["generation_before"]["generated"]
-    )
-    log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
-    audit = results["audit"]
-    audit_rows = "\n".join(
-        f"| {r['model']} | {r['documents']} | {r['extracted_documents']} | {r['rate']:.1%} "
-        f"| {r['mean_best_similarity']:.3f} |"
-        for r in audit["results"]
-    )
-    a = results["settings"]["audit"]
-    curve = "\n".join(
-        f"| {h['step']} | {h['loss']:.4f} | {h['val_loss']:.4f} |"
-        for h in history
-        if "val_loss" in h
-    )
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
-    return f"""# flexmoe demo report
-
-Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
-
-The anchor is a tiny OLMo-2 decoder trained only on the public domain. Each owner then
-trained one expert alone, in its own process that was handed only its own domain's files and
-the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
-{expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
-text), and shipped only the expert. The coordinator merged the anchor and the four
-experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts"]) + 1}
-experts per token, router not tuned after merging; the owners' learned biases are
-{"on" if evaluation.default_bias else "off"} by default.
-
-As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the public corpus's
-training documents at home with a small classifier (its own documents vs public ones) and sent
-the coordinator only the sha256 of the {results["settings"]["proxy_documents_per_owner"]} public
-documents most like its data (`proxy/NAME.json`); the coordinator tuned only the router rows, every
-expert frozen, on those public documents and as many other public ones
-({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens;
-recorded in the tuned model's slot table). No owner text is used, but jointly tuned rows make
-opt-out less strict, so it is not the default. With `--ablations`, `{OWNER_TEXT_TUNED}` is tuned
-instead on {results["settings"]["proxy_bytes_per_domain"]:,} bytes of each owner's own training
-text (one window per document): that hands owner text over, and is shown only for comparison.
-Two more router levers come with `--ablations`: `{CALIBRATED}`, the owners' rows rescaled by the
-coordinator so that each one's margin over the public row has the same spread on public text
-(public text and packages only; opt-out stays exact), and `{ROUTER_CEILING}`, the rows fitted on
-the very held-out text scored below ({results["settings"]["ceiling_steps"]} steps): not a recipe,
-but a bound on every lever that changes only the router.
-
-- device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
-- anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
-  {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
-- anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
-- unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
-  (every parameter trained), as many tokens as the four experts together
-
-Model names: {describe(list(evaluation.models))}
-
-{markdown(evaluation)}
-## One owner opts out, live
-
-The {opt["expert"]} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
-loaded. On {opt["expert"]} text the opted-out model scores {opt["opted_out_bpb"]:.6f} bpb and a
-model merged without that expert (`flexmoe merge remove`) {opt["merged_without_bpb"]:.6f}
-(difference {opt["bpb_difference_vs_merged_without"]:.1e}).
-
-Generation from "{opt["prompt"]}" (seed 0), share of routing mass per expert over the generated
-tokens:
-
-| expert | every expert in | {opt["expert"]} opted out |
-| --- | ---: | ---: |
-{shares}
-
-The owner then opted back in; the audit log of the model's opt-out store holds both changes:
-{log_rows}
-
-## Extraction audit ({audit["domain"]} training documents)
-
-{a["documents"]} passages: a {a["prefix_tokens"]}-token prefix, {a["samples"]} sampled
-continuations of {a["suffix_tokens"]} tokens each (top-k {a["top_k"]}, top-p {a["top_p"]},
-temperature {a["temperature"]}); extracted when the normalised Levenshtein similarity to the true
-continuation is at least {a["threshold"]}. The paper reports 0.1% (public model), 1.6% (expert)
-and 0.7% (merged) at 7B scale; `tests/test_extraction.py` checks that a model over-trained on a
-few documents is caught.
-
-| model | passages | extracted | rate | mean best similarity |
-| --- | ---: | ---: | ---: | ---: |
-{audit_rows}
-
-## Anchor training curve
-
-| step | train loss | validation loss |
-| ---: | ---: | ---: |
-{curve}
-
-All numbers are in `results.json`.
-"""

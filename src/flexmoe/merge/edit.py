@@ -122,31 +122,7 @@ def add_expert(
     _check_against_model(package_dir, package.tensors, m.shapes, by_name, table)
     signer, manifest_sha256 = package.signer, package.manifest_sha256
     del package  # its tensors are read again one at a time while writing
-    out_sources = []
-    for source in sources:
-        gate = _GATE_KEY.fullmatch(source.name)
-        if gate is None:
-            out_sources.append(source)
-            continue
-        key = PKG_ROUTER.format(layer=int(gate.group(1)))
-
-        def append_row(g: torch.Tensor, key: str = key) -> torch.Tensor:
-            with safe_open(str(tensor_file), framework="pt") as f:
-                return torch.cat([g, f.get_tensor(key)[None]])
-
-        out_sources.append(_gate(source, index + 1, append_row))
-    for layer in range(config.num_hidden_layers):
-        for proj in names.PROJECTIONS:
-            pkg_key = PKG_PROJ.format(layer=layer, proj=proj)
-            ref = by_name[names.EXPERT.format(layer=layer, expert=0, proj=proj)]
-            out_sources.append(
-                TensorSource(
-                    names.EXPERT.format(layer=layer, expert=index, proj=proj),
-                    ref.shape,
-                    ref.dtype,
-                    tensor_reader(tensor_file, pkg_key),
-                )
-            )
+    out_sources = _with_new_slot(sources, tensor_file, index, config.num_hidden_layers)
     slot = Slot(
         index=index,
         name=m.name,
@@ -172,6 +148,38 @@ def add_expert(
         progress=progress,
     )
     return target
+
+
+def _with_new_slot(
+    sources: list[TensorSource], tensor_file: Path, index: int, layers: int
+) -> list[TensorSource]:
+    """``sources`` with the package's router row appended to every router and its projections
+    added as expert ``index``, each read from ``tensor_file`` when written."""
+    out, by_name = [], {s.name: s for s in sources}
+    for source in sources:
+        gate = _GATE_KEY.fullmatch(source.name)
+        if gate is None:
+            out.append(source)
+            continue
+        key = PKG_ROUTER.format(layer=int(gate.group(1)))
+
+        def append_row(g: torch.Tensor, key: str = key) -> torch.Tensor:
+            with safe_open(str(tensor_file), framework="pt") as f:
+                return torch.cat([g, f.get_tensor(key)[None]])
+
+        out.append(_gate(source, index + 1, append_row))
+    for layer in range(layers):
+        for proj in names.PROJECTIONS:
+            ref = by_name[names.EXPERT.format(layer=layer, expert=0, proj=proj)]
+            out.append(
+                TensorSource(
+                    names.EXPERT.format(layer=layer, expert=index, proj=proj),
+                    ref.shape,
+                    ref.dtype,
+                    tensor_reader(tensor_file, PKG_PROJ.format(layer=layer, proj=proj)),
+                )
+            )
+    return out
 
 
 def _check_against_model(

@@ -177,13 +177,27 @@ def tune_router_on(
     model.cpu()
     layers = moe_layers(model)
     tuned_sources = with_router_rows(sources, [moe.router.weight.clone() for moe in layers])
+    record = _tuning_record(train_docs, result, cfg, use_bias)
+    slots = list(table.slots)
+    if use_bias:
+        for index, slot in enumerate(slots[1:], start=1):
+            bias = [float(moe.router.biases[index - 1].detach().clamp(max=0)) for moe in layers]
+            slots[index] = slot.model_copy(update={"bias": bias})
+    new_table = table.model_copy(update={"slots": slots, "router_tuning": record})
+    merged.write(out, sources=tuned_sources, config=config, table=new_table, progress=progress)
+    return TuneResult(out=out, train=result, record=record)
+
+
+def _tuning_record(
+    train_docs: list[Document], result: TrainResult, cfg: TrainConfig, use_bias: bool
+) -> RouterTuning:
+    """What the slot table says of a tuning: counts and a hash of the documents, never text."""
     digest = hashlib.sha256()
-    for doc in train_docs:
-        digest.update(doc.text_sha256.encode())
     counts: dict[str, int] = {}
     for doc in train_docs:
+        digest.update(doc.text_sha256.encode())
         counts[doc.domain] = counts.get(doc.domain, 0) + 1
-    record = RouterTuning(
+    return RouterTuning(
         time=datetime.now(UTC).isoformat(timespec="seconds"),
         data=counts,
         documents_sha256=digest.hexdigest(),
@@ -194,11 +208,3 @@ def tune_router_on(
         biases_tuned=use_bias,
         hyperparameters=cfg.to_dict(),
     )
-    slots = list(table.slots)
-    if use_bias:
-        for index, slot in enumerate(slots[1:], start=1):
-            bias = [float(moe.router.biases[index - 1].detach().clamp(max=0)) for moe in layers]
-            slots[index] = slot.model_copy(update={"bias": bias})
-    new_table = table.model_copy(update={"slots": slots, "router_tuning": record})
-    merged.write(out, sources=tuned_sources, config=config, table=new_table, progress=progress)
-    return TuneResult(out=out, train=result, record=record)
