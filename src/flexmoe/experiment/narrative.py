@@ -31,6 +31,7 @@ from flexmoe.evaluate.registry import (
     without,
 )
 from flexmoe.evaluate.report import Narrative, checks, owner_domains, public_domain
+from flexmoe.io import atomic_write_bytes
 
 
 def narrative(results: Evaluation, owners: dict[str, str] | None = None) -> Narrative:
@@ -362,3 +363,46 @@ def _curve_section(history: list[dict[str, float]]) -> str:
 
 All numbers are in `results.json`.
 """
+
+
+RESULTS_BEGIN = "<!-- demo results: begin -->"
+RESULTS_END = "<!-- demo results: end -->"
+
+
+def _results_page(page: Path) -> tuple[str, str]:
+    """The text of ``page`` before and after its demo block."""
+    page = Path(page)
+    try:
+        text = page.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlexMoEError(page, f"cannot read the results page ({e})") from e
+    head, begin, rest = text.partition(RESULTS_BEGIN)
+    _, end, tail = rest.partition(RESULTS_END)
+    if not begin or not end:
+        raise FlexMoEError(page, f"has no {RESULTS_BEGIN} ... {RESULTS_END} block to refresh")
+    return head, tail
+
+
+def check_results_page(page: Path) -> None:
+    """Refuse, before a long run, a page that :func:`refresh_results_page` could not refresh."""
+    _results_page(page)
+
+
+def refresh_results_page(page: Path, evaluation: Evaluation, made_by: str) -> None:
+    """Put this run's bits per byte into the block of ``page`` (docs/results.md) between
+    :data:`RESULTS_BEGIN` and :data:`RESULTS_END`; the rest of the page stays as it is."""
+    head, tail = _results_page(page)
+    domains = evaluation.domains
+    rows = [
+        f"| {m} | "
+        + " | ".join(f"{evaluation.bpb(m, d):.4f}" for d in domains)
+        + f" | {evaluation.average(m):.4f} |"
+        for m in evaluation.model_order()
+    ]
+    block = (
+        f"The demo's own scores (bits per byte on held-out text, lower is better), written by "
+        f"`{made_by}`:\n\n| model | {' | '.join(domains)} | average |\n"
+        f"| --- |{' ---: |' * (len(domains) + 1)}\n" + "\n".join(rows)
+    )
+    text = f"{head}{RESULTS_BEGIN}\n{block}\n{RESULTS_END}{tail}"
+    atomic_write_bytes(Path(page), text.encode("utf-8"))
