@@ -246,12 +246,16 @@ def demo_report(
 ) -> str:
     """The demo's ``report.md``: how the run was made, the evaluation, the live opt-out, the
     extraction audit and the anchor's training curve."""
-    return (
-        f"# flexmoe demo report\n\n{_how_made(results, evaluation)}\n"
-        f"Model names: {describe(list(evaluation.models))}\n\n{markdown(evaluation)}"
-        f"{_opt_out_section(results['opt_out'])}\n{_audit_section(results['audit'], results)}\n"
-        f"{_curve_section(history)}"
-    )
+    parts = [
+        "# flexmoe demo report",
+        _how_made(results, evaluation),
+        f"Model names: {describe(list(evaluation.models))}",
+        markdown(evaluation),
+        _opt_out_section(results["opt_out"]),
+        _audit_section(results["audit"], results),
+        _curve_section(history),
+    ]
+    return "\n\n".join(part.strip() for part in parts) + "\n"
 
 
 def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
