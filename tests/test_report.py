@@ -296,3 +296,53 @@ def test_the_demo_refreshes_its_block_of_the_results_page(tmp_path: Path) -> Non
     with pytest.raises(FlexMoEError, match="no <!-- demo results: begin -->"):
         check_results_page(page)
     assert page.read_text() == "# Results without a block\n"
+
+
+def test_the_demo_report_has_every_section_in_order() -> None:
+    """The demo's report (experiment/narrative.py) from a run's results: every section once, in
+    order, each separated from the next by one blank line."""
+    from flexmoe.experiment.narrative import demo_report
+
+    evaluation = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
+    evaluation.top_k = 2
+    training = {"steps": 10, "tokens": 1000, "final_train_loss": 5.0, "final_val_loss": 5.1}
+    share = {"public": 0.5, "code": 0.3, "legal": 0.2}
+    row = {"documents": 8, "extracted_documents": 0, "rate": 0.0, "mean_best_similarity": 0.2}
+    results = {
+        "settings": {
+            "corpora": "demo", "expert": {"steps": 6, "batch_size": 4, "seq_len": 32},
+            "proxy_documents_per_owner": 3, "proxy_bytes_per_domain": 1000, "ceiling_steps": 5,
+            "unrestricted": {"steps": 12},
+            "audit": {"documents": 8, "prefix_tokens": 8, "samples": 2, "suffix_tokens": 8,
+                      "top_k": 50, "top_p": 0.95, "temperature": 1.0, "threshold": 0.9},
+        },
+        "corpora_description": "test corpora",
+        "anchor": {"fingerprint": "0" * 64, "training": training},
+        "experts": {e: {"training": {"hyperparameters": {"public_fraction": 0.25}}}
+                    for e in ("code", "legal")},
+        "router_tuning": {"steps": 4, "tokens": 512},
+        "opt_out": {
+            "expert": "legal", "opted_out_bpb": 1.9, "merged_without_bpb": 1.9,
+            "bpb_difference_vs_merged_without": 0.0, "prompt": "the",
+            "generation_before": {"generated": share},
+            "generation_after": {"generated": {**share, "legal": 0.0}},
+            "audit": [["t0", "legal", "opt-out", "why", "demo"]],
+        },
+        "audit": {"domain": "code", "results": [{**row, "model": "anchor"}]},
+        "device": "cpu", "seconds": 1.0, "stage_seconds": {"anchor": 1.0},
+    }  # fmt: skip
+    history = [{"step": 5, "loss": 5.2, "val_loss": 5.3}]
+    text = demo_report(results, evaluation, history)
+    heads = [line for line in text.splitlines() if line.startswith("## ")]
+    for first, then in zip(
+        ["## Every model", "## One owner opts out", "## Extraction audit", "## Anchor training"],
+        ["## One owner opts out", "## Extraction audit", "## Anchor training", None],
+        strict=True,
+    ):
+        assert sum(h.startswith(first) for h in heads) == 1
+        if then is not None:
+            assert text.index(first) < text.index(then)
+            before = text[: text.index(then)]
+            assert before.endswith("\n\n") and not before.endswith("\n\n\n")  # one blank line
+    assert "top-2 of 3" in text and "| 5 | 5.2000 | 5.3000 |" in text
+    assert "| legal | 20.0% | 0.0% |" in text and "- t0 legal opt-out: why" in text
