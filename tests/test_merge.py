@@ -717,3 +717,45 @@ def test_router_tune_from_owners_proxies_on_the_command_line(
         f"flexmoe: error: {sent}: 1 hashes are not public documents (first 0000000000000000)"
     ]
     assert not (tmp_path / "refused").exists()
+
+
+def test_merge_add_replace_swaps_in_a_newer_version_of_the_same_owner(
+    anchor_dir: Path, corpus_dir: Path, packages: list[Path], merged: Path, tmp_path: Path
+) -> None:
+    """``merge add --replace NAME PKG``: a newer package of the same expert and owner takes the
+    slot, and the result equals a fresh merge with it; another owner's package is refused; the
+    owners' opt-outs stay."""
+    import shutil
+    from dataclasses import replace
+
+    from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+    from flexmoe.merge.edit import add_expert
+    from flexmoe.merge.standing import StandingStore, standing_exclusions
+
+    cfg = replace(EXPERT_DEFAULTS, steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1,
+                  eval_every=0, checkpoint_every=0, seed=7)  # fmt: skip
+    newer, impostor = tmp_path / "upper-v2", tmp_path / "upper-other-owner"
+    for out, owner in ((newer, "upper org"), (impostor, "someone else")):
+        train_expert(
+            anchor_dir=anchor_dir, data=[DataSpec("upper", (str(corpus_dir / "other.jsonl"),))],
+            identity=ExpertIdentity(name="upper", owner=owner, license="MIT"), out=out, cfg=cfg,
+            device=CPU, cache_dir=None, progress=False,
+        )  # fmt: skip
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    with StandingStore(model) as store:
+        store.set("again", opted_out=True, reason="paused")
+    add_expert(model, newer, replace="upper", progress=False)
+    fresh = tmp_path / "fresh"
+    build_merged(plan_merge(anchor_dir, [newer, packages[1]], top_k=2), fresh, progress=False)
+    _same_model(model, fresh)
+    assert standing_exclusions(model) == frozenset({"again"})
+    for name, package, match in (
+        ("upper", impostor, "only 'upper org' may replace its expert"),
+        ("again", newer, "is expert 'upper', not a version of 'again'"),
+        ("public", newer, "public expert cannot be replaced"),
+        ("nobody", newer, "no such expert"),
+    ):
+        with pytest.raises(FlexMoEError, match=match):
+            add_expert(model, package, replace=name, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()

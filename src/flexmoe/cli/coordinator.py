@@ -108,14 +108,23 @@ def merge_add(
     package: Annotated[Path, typer.Argument(help="expert package to add as a new slot")],
     out: EditOutOpt = None,
     registry: RegistryOpt = None,
+    replace: Annotated[
+        str | None,
+        typer.Option(
+            "--replace",
+            help="a newer version of this expert (same name, same owner) takes its slot",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add one expert to a merged model, without reading the other owners' packages."""
     from flexmoe.merge.edit import add_expert
 
     with open_registry(registry) as keys:
-        written = add_expert(model, package, out=out, registry=keys)
-    emit(as_json, {"out": str(written)}, f"model with the new expert -> {written}")
+        written = add_expert(model, package, out=out, registry=keys, replace=replace)
+    done = f"{replace} replaced" if replace else "the new expert"
+    found = {"out": str(written), **({"replaced": replace} if replace else {})}
+    emit(as_json, found, f"model with {done} -> {written}")
 
 
 @merge_app.command("remove")

@@ -25,6 +25,7 @@ from flexmoe.expert.package import (
     PKG_PROJ,
     PKG_ROUTER,
     TENSORS_FILE,
+    ExpertManifest,
     ExpertShapes,
     FfnKey,
     check_compatible,
@@ -36,7 +37,7 @@ from flexmoe.expert.package import (
 from flexmoe.merge.build import slot_entry
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.plan import Slot, refuse_copy
-from flexmoe.merge.slots import SlotTable
+from flexmoe.merge.slots import SlotRecord, SlotTable
 from flexmoe.model import names
 from flexmoe.model.checkpoint import stored_dtype
 from flexmoe.model.stream import TensorSource, tensor_reader
@@ -91,8 +92,11 @@ def add_expert(
     overwrite: bool = False,
     progress: bool = True,
     registry: KeyRegistry | None = None,
+    replace: str | None = None,
 ) -> Path:
     """Append ``package_dir`` as a new last slot; write to ``out`` (default: replace the model).
+    With ``replace``, the package is a newer version of that expert (same name, same owner) and
+    takes its slot instead.
 
     A model merged against a key registry takes a new package only against one too.
     """
@@ -114,15 +118,23 @@ def add_expert(
         config=config,
         dtype=stored_dtype(config),
     )
-    if any(name_key(s.name) == name_key(m.name) for s in table.slots):
+    index = (
+        config.num_experts if replace is None else _replaced_slot(table, replace, package_dir, m)
+    )
+    others = [s for s in table.slots[1:] if s.slot != index]
+    if any(name_key(s.name) == name_key(m.name) for s in [table.slots[0], *others]):
         raise FlexMoEError(package_dir, f"expert name {m.name!r} is already in this model")
-    refuse_look_alike(package_dir, m.owner, [e.owner for e in table.slots[1:]])
-    index, tensor_file = config.num_experts, package_dir / TENSORS_FILE
+    refuse_look_alike(package_dir, m.owner, [e.owner for e in others])
+    tensor_file = package_dir / TENSORS_FILE
     by_name = {s.name: s for s in sources}
-    _check_against_model(package_dir, package.tensors, m.shapes, by_name, table)
+    _check_against_model(package_dir, package.tensors, m.shapes, by_name, others)
     signer, manifest_sha256 = package.signer, package.manifest_sha256
     del package  # its tensors are read again one at a time while writing
-    out_sources = _with_new_slot(sources, tensor_file, index, config.num_hidden_layers)
+    layers = config.num_hidden_layers
+    if replace is None:
+        out_sources = _with_new_slot(sources, tensor_file, index, layers)
+    else:
+        out_sources = _with_slot_replaced(sources, tensor_file, index, layers)
     slot = Slot(
         index=index,
         name=m.name,
@@ -134,12 +146,11 @@ def add_expert(
         manifest=m,
         signer=signer,
     )
-    changes: dict[str, object] = {
-        "slots": [*table.slots, slot_entry(slot, config.num_hidden_layers)]
-    }
+    slots = [*table.slots[:index], slot_entry(slot, layers), *table.slots[index + 1 :]]
+    changes: dict[str, object] = {"slots": slots}
     if registry is not None and table.signatures_required is None:
         changes["signatures_required"] = registry.require_signatures
-    new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": index + 1})
+    new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": len(slots)})
     model.write(
         target,
         sources=out_sources,
@@ -148,6 +159,51 @@ def add_expert(
         progress=progress,
     )
     return target
+
+
+def _replaced_slot(table: SlotTable, name: str, package_dir: Path, m: ExpertManifest) -> int:
+    """The slot of expert ``name``, which the package must be a newer version of: the same
+    name and the same owner."""
+    index = table.index_of(name)
+    if index is None:
+        known = ", ".join(s.name for s in table.slots[1:])
+        raise FlexMoEError(name, f"no such expert in this model (experts: {known})")
+    if index == 0:
+        raise FlexMoEError(name, "the public expert cannot be replaced")
+    if m.name != name:
+        raise FlexMoEError(package_dir, f"is expert {m.name!r}, not a version of {name!r}")
+    owner = table.slots[index].owner
+    if name_key(m.owner) != name_key(owner):
+        raise FlexMoEError(
+            package_dir, f"belongs to {m.owner!r}; only {owner!r} may replace its expert"
+        )
+    return index
+
+
+def _with_slot_replaced(
+    sources: list[TensorSource], tensor_file: Path, index: int, layers: int
+) -> list[TensorSource]:
+    """``sources`` with expert ``index``'s router row and projections read from
+    ``tensor_file``."""
+    out = []
+    for source in sources:
+        gate, expert = _GATE_KEY.fullmatch(source.name), _EXPERT_KEY.fullmatch(source.name)
+        if gate is not None:
+            key = PKG_ROUTER.format(layer=int(gate.group(1)))
+
+            def swap_row(g: torch.Tensor, key: str = key) -> torch.Tensor:
+                with safe_open(str(tensor_file), framework="pt") as f:
+                    row = f.get_tensor(key)[None]
+                return torch.cat([g[:index], row, g[index + 1 :]])
+
+            source = _gate(source, source.shape[0], swap_row)
+        elif expert is not None and int(expert.group(2)) == index:
+            key = PKG_PROJ.format(layer=int(expert.group(1)), proj=expert.group(3))
+            source = TensorSource(
+                source.name, source.shape, source.dtype, tensor_reader(tensor_file, key)
+            )
+        out.append(source)
+    return out
 
 
 def _with_new_slot(
@@ -187,7 +243,7 @@ def _check_against_model(
     tensors: dict[str, torch.Tensor],
     shapes: ExpertShapes,
     by_name: dict[str, TensorSource],
-    table: SlotTable,
+    others: list[SlotRecord],
 ) -> None:
     """As ``merge`` does, with the model's public expert (slot 0: the anchor's feed-forward and
     router row r_0) standing in for the anchor, read one tensor at a time: the package's router
@@ -209,8 +265,8 @@ def _check_against_model(
         [by_name[names.ROUTER_ON_DISK.format(layer=i)].load()[0].float() for i in range(layers)]
     )
     check_values(package_dir, tensors, shapes, rows, scales)
-    others = ((e.name, weight_delta(slot(e.slot), public)) for e in table.slots[1:])
-    refuse_copy(package_dir, weight_delta(package_projection(tensors), public), others)
+    deltas = ((e.name, weight_delta(slot(e.slot), public)) for e in others)
+    refuse_copy(package_dir, weight_delta(package_projection(tensors), public), deltas)
 
 
 def remove_expert(
