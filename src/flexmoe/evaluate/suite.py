@@ -32,7 +32,7 @@ from flexmoe.evaluate.registry import (
 from flexmoe.evaluate.routing import routing_matrix
 from flexmoe.expert.package import load_package
 from flexmoe.inference.selection import load_selected
-from flexmoe.merge.layout import APPLY_BIAS, MergedModel, load_merged, read_slots
+from flexmoe.merge.layout import APPLY_BIAS, MergedModel, load_merged
 from flexmoe.merge.slots import SlotInfo
 
 Log = Callable[[str], None]
@@ -71,8 +71,9 @@ def run_suite(
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]
     experts = [p.manifest.name for p in packages]
-    slots = read_slots(merged_dir)
-    top_k = MergedModel(merged_dir).top_k()
+    merged = MergedModel(merged_dir)
+    table = merged.table()  # read once: the slots and the config's top-k checked against it
+    slots, top_k = table.infos(), int(merged.config(table).num_experts_per_tok)
     names = only or [
         *baseline_names(packages, unrestricted=unrestricted_dir is not None),
         *variant_names(experts, default_top_k=top_k),

@@ -188,7 +188,7 @@ class _Run:
     specs: dict[str, DataSpec]
     tokens: Path
     log: Callable[[str], None]
-    started: float = field(default_factory=time.perf_counter)
+    started: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -202,15 +202,15 @@ class _Run:
         log: Callable[[str], None],
     ) -> _Run:
         """Fetch the corpora (an earlier run's DP table is dropped: it measured another anchor)."""
-        started = time.perf_counter()
+        started = time.perf_counter()  # the corpora stage counts from here
         (Path(out) / DP_RESULTS).unlink(missing_ok=True)
         corpora = fetch_corpora(corpora_set, corpora_dir(cache_dir, corpora_set), log=log)
         specs = {
             d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
             for d in corpora_set.domains
         }
-        run = cls(out, device, settings, corpora_set, corpora, specs, cache_dir / "tokens", log)
-        run.started = started
+        tokens = cache_dir / "tokens"
+        run = cls(out, device, settings, corpora_set, corpora, specs, tokens, log, started)
         run.stage("corpora")
         return run
 
