@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  else $(PY) -m pip install -q torch==$(CPU_TORCH); fi; \
 	fi
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,fed]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,8 +16,8 @@ from typing import Annotated
 import typer
 
 from flexmoe import __version__
-from flexmoe.cli import coordinator, experiment, owner
-from flexmoe.cli.common import QUIET
+from flexmoe.cli import coordinator, experiment, federated, owner
+from flexmoe.cli.common import DEBUG, QUIET
 from flexmoe.errors import FlexMoEError
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ for group, name in [
     (experiment.baseline_app, "baseline"),
     (experiment.audit_app, "audit"),
     (coordinator.owners_app, "owners"),
+    (federated.fed_app, "fed"),
 ]:
     app.add_typer(group, name=name)
 app.command("generate")(coordinator.generate)
@@ -46,8 +47,6 @@ app.command("report")(experiment.report)
 app.command("demo")(experiment.demo)
 app.command("serve")(coordinator.serve)
 app.command("ledger")(coordinator.ledger)
-
-_DEBUG = {"on": False}
 
 
 def _print_version(value: bool) -> None:
@@ -73,7 +72,7 @@ def root(
         typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
     ] = False,
 ) -> None:
-    _DEBUG["on"] = debug
+    DEBUG["on"] = debug
     QUIET["on"] = quiet
     if quiet:  # also reaches the processes a command starts (the demo's owners)
         os.environ["TQDM_DISABLE"] = "1"
@@ -112,6 +111,7 @@ COMMANDS = {
     "owners revoke": coordinator.owners_revoke,
     "owners list": coordinator.owners_list,
     "ledger": coordinator.ledger,
+    "fed simulate": federated.fed_simulate,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command.main(args=args, prog_name="flexmoe", standalone_mode=True)
     except FlexMoEError as e:
-        if _DEBUG["on"] or "--debug" in args:
+        if DEBUG["on"] or "--debug" in args:
             traceback.print_exc()
         print(f"flexmoe: error: {e}", file=sys.stderr)
         sys.exit(2)

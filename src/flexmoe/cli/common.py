@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from flexmoe.expert.registry import KeyRegistry
 
 QUIET = {"on": False}
+DEBUG = {"on": False}
 MAX_CONFIG_BYTES = 1 << 20
 
 

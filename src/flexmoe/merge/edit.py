@@ -104,6 +104,39 @@ def add_expert(
     target = edit_target(model.path, out, overwrite)
     table = model.table()
     config, sources = model.config(table), model.sources()
+    slot = checked_package(table, config, sources, package_dir, registry, replace)
+    layers = config.num_hidden_layers
+    if replace is None:
+        out_sources = _with_new_slot(sources, slot.source, slot.index, layers)
+    else:
+        out_sources = replaced_slot_sources(sources, slot.source, slot.index)
+    index = slot.index
+    slots = [*table.slots[:index], slot_entry(slot, layers), *table.slots[index + 1 :]]
+    changes: dict[str, object] = {"slots": slots}
+    if registry is not None and table.signatures_required is None:
+        changes["signatures_required"] = registry.require_signatures
+    new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": len(slots)})
+    model.write(
+        target,
+        sources=out_sources,
+        config=new_config,
+        table=table.model_copy(update=changes),
+        progress=progress,
+    )
+    return target
+
+
+def checked_package(
+    table: SlotTable,
+    config: FlexOlmoConfig,
+    sources: list[TensorSource],
+    package_dir: Path,
+    registry: KeyRegistry | None,
+    replace: str | None,
+) -> Slot:
+    """The slot ``package_dir`` takes in the model of ``table``, ``config`` and ``sources``: a
+    new last one, or with ``replace`` that expert's (the same name and owner). Its files,
+    signature, shapes and values are checked, and that it is no copy of another expert."""
     if table.signatures_required is not None and registry is None:
         raise FlexMoEError(
             "--registry", "this model's packages were checked against a key registry; give it"
@@ -128,37 +161,17 @@ def add_expert(
     tensor_file = package_dir / TENSORS_FILE
     by_name = {s.name: s for s in sources}
     _check_against_model(package_dir, package.tensors, m.shapes, by_name, others)
-    signer, manifest_sha256 = package.signer, package.manifest_sha256
-    del package  # its tensors are read again one at a time while writing
-    layers = config.num_hidden_layers
-    if replace is None:
-        out_sources = _with_new_slot(sources, tensor_file, index, layers)
-    else:
-        out_sources = _with_slot_replaced(sources, tensor_file, index, layers)
-    slot = Slot(
+    return Slot(
         index=index,
         name=m.name,
         owner=m.owner,
         license=m.license,
         source=tensor_file,
         bytes=tensor_file.stat().st_size,
-        package_sha256=manifest_sha256,
+        package_sha256=package.manifest_sha256,
         manifest=m,
-        signer=signer,
+        signer=package.signer,
     )
-    slots = [*table.slots[:index], slot_entry(slot, layers), *table.slots[index + 1 :]]
-    changes: dict[str, object] = {"slots": slots}
-    if registry is not None and table.signatures_required is None:
-        changes["signatures_required"] = registry.require_signatures
-    new_config = FlexOlmoConfig.from_dict({**config.to_dict(), "num_experts": len(slots)})
-    model.write(
-        target,
-        sources=out_sources,
-        config=new_config,
-        table=table.model_copy(update=changes),
-        progress=progress,
-    )
-    return target
 
 
 def _replaced_slot(table: SlotTable, name: str, package_dir: Path, m: ExpertManifest) -> int:
@@ -180,8 +193,8 @@ def _replaced_slot(table: SlotTable, name: str, package_dir: Path, m: ExpertMani
     return index
 
 
-def _with_slot_replaced(
-    sources: list[TensorSource], tensor_file: Path, index: int, layers: int
+def replaced_slot_sources(
+    sources: list[TensorSource], tensor_file: Path, index: int
 ) -> list[TensorSource]:
     """``sources`` with expert ``index``'s router row and projections read from
     ``tensor_file``."""

@@ -159,15 +159,19 @@ class MergedModel:
         config: FlexOlmoConfig,
         table: SlotTable,
         progress: bool = True,
+        added: Path | None = None,
     ) -> MergedModel:
         """A new version of this model at ``out`` (this directory itself, or a new one): the
-        given weights, config and slot table; every store and every other file carried over."""
+        given weights, config and slot table; every store and every other file carried over,
+        and the files of the directory ``added`` put in beside them (folders merged)."""
         in_place = Path(out).resolve() == self.path.resolve()
         with (
             self._stores_locked(create=in_place) as copy_stores,
             atomic_directory(out, overwrite=True, private=PRIVATE_FILES) as tmp,
         ):
             self._carry_files(tmp)
+            if added is not None:
+                shutil.copytree(added, tmp, dirs_exist_ok=True)
             _write_version(tmp, sources, config, table, SHARD_BYTES, progress)
             copy_stores(tmp)
         return MergedModel(Path(out))

@@ -73,6 +73,67 @@ class SlotRecord(BaseModel):
         return privacy.epsilon if privacy else None
 
 
+class RouterVersion(BaseModel):
+    """One version of every router row, and what it was computed from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int  # 0: the rows as merged
+    round: int
+    phase: Literal["merge", "slots", "router"]
+    participants: list[str]  # the experts whose owners' text trained it in this phase
+    shaped_by: list[str]  # every expert whose text or weights it depends on, its parents' too
+    trained_against: dict[str, int]  # expert -> the slot version it was computed with
+    parent: int | None
+    file: str  # under flexmoe_versions/: the rows, float32
+    sha256: str
+
+
+class SlotVersion(BaseModel):
+    """One version of one owner's slot (its feed-forward and router row)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: int  # 0: the package merged
+    round: int
+    shaped_by: list[str]
+    trained_against: dict[str, int]  # the other experts' slot versions it was refined with
+    router_version: int | None  # the rows it was refined with
+    package: str  # its directory under flexmoe_versions/ (version 0: the tensors alone)
+    tensors_sha256: str | None  # None: version 0, still in the weights and not yet kept apart
+    record: SlotRecord  # its row of the slot table while it is current
+
+
+class FederatedRound(BaseModel):
+    """What one round did: who took part in each phase and what each owner sent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    round: int
+    phases: list[str]
+    participants: dict[str, list[str]]  # phase -> experts whose owners replied
+    failures: dict[str, int]  # phase -> owners that did not reply
+    bytes_sent: dict[str, int]  # expert -> bytes its owner sent this round
+    secure_aggregation: bool
+    steps: dict[str, int]  # phase -> local steps per owner
+
+
+class Federation(BaseModel):
+    """Every router and slot version of a merged model and the rounds that made them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    router_versions: list[RouterVersion]
+    slot_versions: list[SlotVersion]
+    current_router: int  # the router version in the weights
+    current_slots: dict[str, int]  # expert -> its slot version in the weights
+    rounds: list[FederatedRound]
+
+    def slot_version(self, name: str, version: int) -> SlotVersion:
+        return next(v for v in self.slot_versions if v.name == name and v.version == version)
+
+
 class SlotTable(BaseModel):
     """Every slot of a merged model and what the model was made from."""
 
@@ -85,6 +146,7 @@ class SlotTable(BaseModel):
     router_tuning: RouterTuning | None = None
     router_calibration: RouterCalibration | None = None
     signatures_required: bool | None = None  # None: no key registry was asked
+    federation: Federation | None = None  # the versions federated rounds made
     slots: list[SlotRecord]
 
     @model_validator(mode="before")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
@@ -117,3 +117,14 @@ UNRESTRICTED_TRAINING = TrainConfig(
     checkpoint_every=0,
     z_loss=1e-3,
 )
+# Federated rounds: each owner's local training in a slot phase and in a router phase.
+FEDERATED_SLOT = TrainConfig(
+    steps=30,
+    lr=1e-3,
+    warmup_steps=3,
+    weight_decay=0.0,
+    eval_every=0,
+    checkpoint_every=0,
+    z_loss=1e-3,
+)
+FEDERATED_ROUTER = replace(FEDERATED_SLOT, steps=25)

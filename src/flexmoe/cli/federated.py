@@ -1,0 +1,176 @@
+"""The federated commands: rounds in which the owners improve the merged model on their own
+text, and only their updates leave (Flower)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexmoe.cli.common import (
+    DATA_HELP,
+    DEBUG,
+    CacheOpt,
+    DeviceOpt,
+    ForceOpt,
+    IdFieldOpt,
+    JsonOpt,
+    RegistryOpt,
+    SeedOpt,
+    TextFieldOpt,
+    data_specs,
+    emit,
+    open_registry,
+    say,
+    token_cache,
+)
+from flexmoe.errors import FlexMoEError
+from flexmoe.training.config import FEDERATED_ROUTER, FEDERATED_SLOT
+
+fed_app = typer.Typer(
+    help="Federated rounds on Flower: owners improve the merged model on their own text.",
+    no_args_is_help=True,
+)
+
+ROUNDS, RECIPE = 2, "slot,router"
+
+
+def _owner_option(values: list[str] | None, option: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs."""
+    found: dict[str, str] = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise FlexMoEError(option, f"expected NAME=VALUE, got {value!r}")
+        found.setdefault(name.strip(), "")
+        found[name.strip()] = ",".join(p for p in (found[name.strip()], rest.strip()) if p)
+    return found
+
+
+@fed_app.command("simulate")
+def fed_simulate(
+    model: Annotated[Path, typer.Argument(help="merged model directory (read, never changed)")],
+    owner: Annotated[
+        list[str],
+        typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
+    ],
+    out: Annotated[Path, typer.Option(help="the new model directory to write")],
+    public_data: Annotated[
+        list[str] | None,
+        typer.Option(help="public text mixed into each owner's training: " + DATA_HELP),
+    ] = None,
+    public_fraction: Annotated[
+        float, typer.Option(help="share of each owner's training tokens that is public text")
+    ] = 0.25,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = ROUNDS,
+    recipe: Annotated[
+        str, typer.Option(help="each round's phases, in order: slot, router or slot,router")
+    ] = RECIPE,
+    slot_steps: Annotated[
+        int, typer.Option(help="each owner's steps on its own slot per round")
+    ] = FEDERATED_SLOT.steps,
+    router_steps: Annotated[
+        int, typer.Option(help="each owner's steps on the router rows per round")
+    ] = FEDERATED_ROUTER.steps,
+    slot_lr: Annotated[float, typer.Option(help="learning rate of the slot phase")] = (
+        FEDERATED_SLOT.lr
+    ),
+    router_lr: Annotated[float, typer.Option(help="learning rate of the router phase")] = (
+        FEDERATED_ROUTER.lr
+    ),
+    batch_size: Annotated[int, typer.Option(help="sequences per local step")] = (
+        FEDERATED_SLOT.batch_size
+    ),
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = FEDERATED_SLOT.seq_len,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            "--secagg",
+            help="router phases under Flower's SecAgg+: the coordinator sees only the average",
+        ),
+    ] = False,
+    key: Annotated[
+        list[str] | None,
+        typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
+    ] = None,
+    registry: RegistryOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Run federated rounds with every owner a Flower client on this machine (Flower's
+    simulation runtime). Each owner's text is read only by its own client; the coordinator
+    receives slot packages and router updates, and writes a new model with every version."""
+    from flexmoe.device import pick_device
+    from flexmoe.federated.flower import RoundPlan
+    from flexmoe.federated.owner import OwnerText
+    from flexmoe.federated.run import federate
+
+    phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
+    plan = RoundPlan(
+        rounds=rounds,
+        phases=phases,  # type: ignore[arg-type]
+        slot=replace(
+            FEDERATED_SLOT,
+            steps=slot_steps,
+            lr=slot_lr,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            seed=seed,
+        ),
+        router=replace(
+            FEDERATED_ROUTER,
+            steps=router_steps,
+            lr=router_lr,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            seed=seed,
+        ),
+        secagg=secagg,
+    )
+    keys = _owner_option(key, "--key")
+    public = data_specs(
+        public_data, text_field, id_field, default_domain="public", option="--public-data"
+    )
+    texts = []
+    for name, files in _owner_option(owner, "--owner").items():
+        specs = data_specs([f"{name}={files}"], text_field, id_field, option="--owner")
+        found = Path(keys.pop(name)) if name in keys else None
+        texts.append(OwnerText(name, tuple(specs), tuple(public), public_fraction, found))
+    if keys:
+        raise FlexMoEError("--key", f"{next(iter(keys))} is not one of the --owner names")
+    with open_registry(registry) as known:
+        result = federate(
+            model,
+            texts,
+            plan,
+            out,
+            device=pick_device(device),
+            cache_dir=token_cache(cache_dir),
+            registry=known,
+            overwrite=force,
+            log=say,
+            debug=DEBUG["on"],
+        )
+    record = result.record
+    payload = {
+        "out": str(result.out),
+        "rounds": [r.model_dump() for r in record.rounds[-rounds:]],
+        "router_version": record.current_router,
+        "slot_versions": record.current_slots,
+        "excluded": sorted(result.excluded),
+    }
+    emit(
+        as_json,
+        payload,
+        f"{rounds} federated rounds ({recipe}) with {len(texts)} owners: router version "
+        f"{record.current_router}, slot versions "
+        + ", ".join(f"{n} v{v}" for n, v in record.current_slots.items())
+        + f" -> {result.out}",
+    )

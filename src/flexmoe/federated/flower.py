@@ -1,0 +1,445 @@
+"""Federated rounds on Flower: the owners' ClientApp, the coordinator's ServerApp, and the
+simulation that runs every owner as a Flower client on this machine.
+
+Each phase of a round is one Flower fit round. The coordinator's strategy sends the model's
+state (every router row and the slots refined so far, as arrays; the task as config); each
+owner's client does its work at home (:mod:`flexmoe.federated.owner`) and replies with its
+update and, as metrics, its expert's name, its token count and the bytes it sent. A router
+phase may run under Flower's SecAgg+ workflow, with Flower's ``secaggplus_mod`` on the client:
+the coordinator then receives only the token-weighted average of the row changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid, ServerApp
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.signing import SIGNATURE_FILE
+from flexmoe.federated.owner import (
+    Kind,
+    ModelState,
+    OwnerText,
+    RoundTask,
+    router_update,
+    slot_update,
+)
+from flexmoe.federated.rounds import Coordinator
+from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import FederatedRound
+from flexmoe.model.checkpoint import stored_dtype
+from flexmoe.training.config import TrainConfig
+
+PACKAGE_FILES = (MANIFEST_FILE, TENSORS_FILE, SIGNATURE_FILE)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How many rounds, which phases each has, and each phase's local training."""
+
+    rounds: int
+    phases: tuple[Kind, ...]
+    slot: TrainConfig
+    router: TrainConfig
+    secagg: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise FlexMoEError("--rounds", f"must be at least 1, got {self.rounds}")
+        if not self.phases or any(p not in ("slot", "router") for p in self.phases):
+            raise FlexMoEError("--recipe", f"phases must be slot and/or router, got {self.phases}")
+
+    def cfg(self, kind: Kind) -> TrainConfig:
+        return self.slot if kind == "slot" else self.router
+
+    def max_tokens(self) -> int:
+        """The most tokens one owner trains on in a router phase (SecAgg+'s weight bound)."""
+        return self.router.steps * self.router.batch_size * self.router.seq_len
+
+
+# --- what travels -----------------------------------------------------------------------
+
+
+def encode_task(state: ModelState, task: RoundTask) -> tuple[list[np.ndarray], dict[str, Scalar]]:
+    """The state as arrays (the rows, then each refined slot's tensors in key order) and the
+    task as config."""
+    arrays = [state.rows.numpy()]
+    layout = {}
+    for name in sorted(state.slots):
+        keys = sorted(state.slots[name])
+        layout[name] = keys
+        arrays += [state.slots[name][k].float().numpy() for k in keys]
+    config: dict[str, Scalar] = {
+        "kind": task.kind,
+        "round": task.round,
+        "cfg": json.dumps(task.cfg.to_dict()),
+        "excluded": json.dumps(sorted(task.excluded)),
+        "slots": json.dumps(layout),
+    }
+    return arrays, config
+
+
+def decode_task(
+    arrays: list[np.ndarray], config: dict[str, Scalar], dtype: torch.dtype
+) -> tuple[ModelState, RoundTask]:
+    """The inverse of :func:`encode_task`; slot tensors back in ``dtype`` (the model's)."""
+    rows = torch.from_numpy(np.array(arrays[0], dtype=np.float32))
+    layout: dict[str, list[str]] = json.loads(str(config["slots"]))
+    slots, at = {}, 1
+    for name, keys in layout.items():
+        slots[name] = {
+            k: torch.from_numpy(np.array(arrays[at + i])).to(dtype) for i, k in enumerate(keys)
+        }
+        at += len(keys)
+    kind = str(config["kind"])
+    if kind not in ("slot", "router"):
+        raise FlexMoEError("round", f"unknown kind of work {kind!r}")
+    task = RoundTask(
+        kind=kind,  # type: ignore[arg-type]
+        round=int(config["round"]),
+        cfg=TrainConfig.from_dict(json.loads(str(config["cfg"]))),
+        excluded=frozenset(json.loads(str(config["excluded"]))),
+    )
+    return ModelState(rows=rows, slots=slots), task
+
+
+def package_arrays(directory: Path) -> list[np.ndarray]:
+    """A package's files as byte arrays, in :data:`PACKAGE_FILES` order (empty if absent)."""
+    out = []
+    for name in PACKAGE_FILES:
+        path = directory / name
+        data = path.read_bytes() if path.is_file() else b""
+        out.append(np.frombuffer(data, dtype=np.uint8))
+    return out
+
+
+def write_package_arrays(arrays: list[np.ndarray], directory: Path) -> Path:
+    """The files of :func:`package_arrays` written back into ``directory``."""
+    if len(arrays) != len(PACKAGE_FILES):
+        raise FlexMoEError("slot round", f"a slot reply of {len(arrays)} arrays, not a package")
+    directory.mkdir(parents=True)
+    for name, data in zip(PACKAGE_FILES, arrays, strict=True):
+        if data.size:
+            (directory / name).write_bytes(np.asarray(data, dtype=np.uint8).tobytes())
+    return directory
+
+
+# --- the owner's side -------------------------------------------------------------------
+
+
+class OwnerClient(NumPyClient):
+    """One owner: its copy of the merged model and its own text, neither of which leaves."""
+
+    def __init__(
+        self, model: Path, text: OwnerText, device: torch.device, cache_dir: Path | None
+    ) -> None:
+        self.model, self.text, self.device, self.cache_dir = Path(model), text, device, cache_dir
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        merged = MergedModel.open(self.model)
+        state, task = decode_task(parameters, config, stored_dtype(merged.config()))
+        name = self.text.name
+        if name in task.excluded:
+            return [], 0, {"owner": name, "skipped": 1}
+        if task.kind == "router":
+            change, result = router_update(
+                merged, state, task, self.text, device=self.device, cache_dir=self.cache_dir
+            )
+            arrays = [change.numpy()]
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                result = slot_update(
+                    merged,
+                    state,
+                    task,
+                    self.text,
+                    Path(work) / "package",
+                    device=self.device,
+                    cache_dir=self.cache_dir,
+                )
+                arrays = package_arrays(Path(work) / "package")
+        sent = sum(a.nbytes for a in arrays)
+        metrics: dict[str, Scalar] = {
+            "owner": name,
+            "loss": result.final_train_loss,
+            "bytes": sent,
+        }
+        return arrays, result.tokens, metrics
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+    """Flower's SecAgg+ client mod for the messages of a SecAgg+ round; others pass through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def owner_app(
+    model: Path, texts: list[OwnerText], device: torch.device, cache_dir: Path | None
+) -> ClientApp:
+    """The ClientApp of a simulation: node ``i`` is owner ``texts[i]``."""
+
+    def client_fn(context: Context) -> Client:
+        index = int(context.node_config["partition-id"])
+        return OwnerClient(model, texts[index], device, cache_dir).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
+
+
+# --- the coordinator's side -------------------------------------------------------------
+
+
+class RoundStrategy(FedAvg):
+    """Sends each phase's task to every owner that is there and takes what comes back."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        plan: RoundPlan,
+        owners: int,
+        *,
+        wait_s: float = 60.0,
+    ) -> None:
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=1,
+            min_evaluate_clients=0,
+            min_available_clients=1,
+            accept_failures=True,
+        )
+        self.coordinator, self.plan, self.owners, self.wait_s = coordinator, plan, owners, wait_s
+        self.phase: tuple[Kind, int] = ("slot", 0)
+        self.replies: dict[str, list[str]] = {}
+        self.failures: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return "RoundStrategy"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        kind, number = self.phase
+        client_manager.wait_for(self.owners, timeout=int(self.wait_s))
+        clients = list(client_manager.all().values())
+        if not clients:
+            raise FlexMoEError("round", f"round {number}: no owner is connected")
+        task = self.coordinator.task(kind, number, self.plan.cfg(kind))
+        arrays, config = encode_task(self.coordinator.state, task)
+        fit = FitIns(ndarrays_to_parameters(arrays), config)
+        return [(client, fit) for client in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        kind, number = self.phase
+        replies = [r for _, r in results if not r.metrics.get("skipped")]
+        owners = sorted(str(r.metrics["owner"]) for r in replies)
+        self.replies[kind], self.failures[kind] = owners, len(failures)
+        for reply in replies:
+            owner = str(reply.metrics["owner"])
+            self.sent[owner] = self.sent.get(owner, 0) + int(reply.metrics.get("bytes", 0))
+        if not replies:
+            raise FlexMoEError("round", f"round {number} ({kind}): every owner failed")
+        if kind == "router" and self.plan.secagg:
+            average = parameters_to_ndarrays(replies[0].parameters)[0]  # the same in every reply
+            self.coordinator.take_average(
+                number, torch.from_numpy(np.asarray(average, dtype=np.float32)), owners
+            )
+        elif kind == "router":
+            self.coordinator.take_router(
+                number,
+                {
+                    str(r.metrics["owner"]): (
+                        torch.from_numpy(parameters_to_ndarrays(r.parameters)[0].copy()),
+                        r.num_examples,
+                    )
+                    for r in replies
+                },
+            )
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                packages = {
+                    str(r.metrics["owner"]): write_package_arrays(
+                        parameters_to_ndarrays(r.parameters),
+                        Path(work) / str(r.metrics["owner"]),
+                    )
+                    for r in replies
+                }
+                self.coordinator.take_slots(number, packages)
+        return None, {}
+
+
+def coordinator_app(
+    coordinator: Coordinator,
+    plan: RoundPlan,
+    owners: int,
+    log: Callable[[str], None],
+    errors: list[BaseException],
+) -> ServerApp:
+    """The ServerApp: ``plan.rounds`` rounds of ``plan.phases`` over ``owners`` owners; an
+    error is put in ``errors`` (Flower's runtime only logs it)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = RoundStrategy(coordinator, plan, owners)
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=plan.rounds), strategy=strategy
+        )
+        thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
+        registered.wait()
+        try:
+            _run_rounds(grid, legacy, strategy, coordinator, plan, log)
+        except BaseException as e:
+            errors.append(e)
+            raise
+        finally:
+            stop.set()
+            thread.join()
+
+    return app
+
+
+def _run_rounds(
+    grid: Grid,
+    legacy: LegacyContext,
+    strategy: RoundStrategy,
+    coordinator: Coordinator,
+    plan: RoundPlan,
+    log: Callable[[str], None],
+) -> None:
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    config = ConfigRecord({Key.START_TIME: time.time()})
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = config
+    secagg = SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=0.5, max_weight=float(plan.max_tokens())
+    )
+    step = 0
+    for number in range(1, plan.rounds + 1):
+        strategy.replies, strategy.failures, strategy.sent = {}, {}, {}
+        for kind in plan.phases:
+            step += 1
+            config[Key.CURRENT_ROUND] = step
+            strategy.phase = (kind, number)
+            started = time.perf_counter()
+            if kind == "router" and plan.secagg:
+                secagg(grid, legacy)
+            else:
+                default_fit_workflow(grid, legacy)
+            if kind not in strategy.replies:
+                raise FlexMoEError("round", f"round {number} ({kind}) did not complete")
+            log(
+                f"round {number}/{plan.rounds} {kind}: {len(strategy.replies[kind])} owners"
+                + (f", {strategy.failures[kind]} failed" if strategy.failures[kind] else "")
+                + f" ({time.perf_counter() - started:.0f} s)"
+            )
+        coordinator.log_round(
+            FederatedRound(
+                round=number,
+                phases=list(plan.phases),
+                participants=dict(strategy.replies),
+                failures=dict(strategy.failures),
+                bytes_sent=dict(strategy.sent),
+                secure_aggregation=plan.secagg,
+                steps={k: plan.cfg(k).steps for k in plan.phases},
+            )
+        )
+
+
+# --- the simulation ---------------------------------------------------------------------
+
+
+def simulate(
+    coordinator: Coordinator,
+    texts: list[OwnerText],
+    plan: RoundPlan,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+    log: Callable[[str], None] = print,
+    debug: bool = False,
+) -> None:
+    """Every owner a Flower client on this machine (Flower's simulation runtime, on Ray)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiets a Ray warning
+    from flwr.simulation import run_simulation
+
+    errors: list[BaseException] = []
+    server = coordinator_app(coordinator, plan, len(texts), log, errors)
+    client = owner_app(coordinator.merged.path, texts, device, cache_dir)
+    gpus = 1.0 if device.type == "cuda" else 0.0
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": debug},
+    }
+    with _quiet_flower(debug):
+        try:
+            run_simulation(
+                server_app=server,
+                client_app=client,
+                num_supernodes=len(texts),
+                backend_config=backend,  # type: ignore[arg-type]
+            )
+        except Exception as e:  # Flower re-raises the ServerApp's error; ours says more
+            if errors:
+                raise errors[0] from e
+            raise
+    if errors:
+        raise errors[0]
+
+
+@contextmanager
+def _quiet_flower(debug: bool) -> Iterator[None]:
+    """Flower's and Ray's INFO logs off (``--debug`` keeps them)."""
+    loggers = [] if debug else [logging.getLogger(n) for n in ("flwr", "ray")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -1,0 +1,249 @@
+"""An owner's work in a federated round, done at home: only the update leaves.
+
+The coordinator sends the model's current state (every router row, and every slot refined in an
+earlier round, on top of the merged model that each owner holds); the owner trains on its own
+text plus the usual public share and returns one of:
+
+- **a router update** (``router`` rounds): every expert frozen, only the router rows train, as
+  ``router tune`` does; the update is the rows' change, ``(layers, experts, hidden)``;
+- **its slot** (``slot`` rounds): its own expert's feed-forward and its own router row train,
+  everything else frozen; the result is an expert package (the same manifest and format as the
+  owner's first one, its training record this round's), signed when the owner has a key.
+
+Experts that opted out are masked: no token routes to them, so nothing learned here depends on
+them. Every number that sets the work (steps, seed, learning rate) comes with the task, and the
+batch order is seeded by the round, the kind of work and the owner's name alone, so that the
+same owner does the same work whoever else takes part.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+
+from flexmoe.data.documents import DataSpec
+from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
+from flexmoe.data.split import load_splits
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import (
+    MANIFEST_FILE,
+    PKG_PROJ,
+    TENSORS_FILE,
+    ExpertManifest,
+    TrainingSummary,
+    expert_tensors,
+    sign_package,
+)
+from flexmoe.expert.signing import read_private_key
+from flexmoe.expert.train import router_z_loss
+from flexmoe.io import sha256_file, write_json
+from flexmoe.merge.layout import MergedModel
+from flexmoe.model import names
+from flexmoe.model.checkpoint import moe_layers, stored_dtype
+from flexmoe.training.config import TrainConfig
+from flexmoe.training.loop import TrainResult, train
+
+Kind = Literal["router", "slot"]
+
+
+@dataclass(frozen=True)
+class OwnerText:
+    """An owner's text, at home: its files, and the public share mixed into its training."""
+
+    name: str  # its expert's name in the merged model
+    data: tuple[DataSpec, ...]
+    public: tuple[DataSpec, ...] = ()
+    public_fraction: float = 0.25
+    key: Path | None = None  # the owner's signing key, for its slot packages
+
+    def stream(self, merged: MergedModel, seq_len: int, cache_dir: Path | None) -> TokenStream:
+        """The training split of the owner's files, with the public share mixed in."""
+        where = ",".join(p for s in self.data for p in s.paths)
+        tokenizer = merged.tokenizer()
+        docs = load_splits(list(self.data)).train
+        if not docs:
+            raise FlexMoEError(where, "no training documents")
+        stream = pack_documents(docs, tokenizer, cache_dir=cache_dir)
+        if stream.num_blocks(seq_len) == 0:
+            raise FlexMoEError(where, f"training data is shorter than one {seq_len}-token block")
+        if self.public and self.public_fraction > 0:
+            public = pack_documents(
+                load_splits(list(self.public)).train, tokenizer, cache_dir=cache_dir
+            )
+            stream = mix_streams(stream, public, self.public_fraction)
+        return stream
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a round starts from, on top of the merged model: every router row, and the package
+    tensors of every slot refined so far (by expert name)."""
+
+    rows: torch.Tensor  # (layers, experts, hidden), float32
+    slots: dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """One owner's work order for one phase of a round."""
+
+    kind: Kind
+    round: int
+    cfg: TrainConfig
+    excluded: frozenset[str] = frozenset()  # experts no token may route to
+
+    def seeded(self, name: str) -> TrainConfig:
+        """The training settings for owner ``name``: its batch order seeded by the round, the
+        kind of work and its name, whoever else takes part."""
+        seed = zlib.crc32(f"{self.cfg.seed}:{self.round}:{self.kind}:{name}".encode())
+        return replace(self.cfg, seed=seed)
+
+
+def build_model(merged: MergedModel, state: ModelState, task: RoundTask, device: torch.device):  # type: ignore[no-untyped-def]
+    """The merged model at ``state``, every parameter frozen, the excluded experts masked."""
+    table = merged.table()
+    model = merged.load(device=device)
+    layers = moe_layers(model)
+    if tuple(state.rows.shape) != (len(layers), len(table.slots), model.config.hidden_size):
+        raise FlexMoEError(merged.path, f"router state of shape {tuple(state.rows.shape)}")
+    active = torch.tensor([s.name not in task.excluded for s in table.slots])
+    with torch.no_grad():
+        for layer, moe in enumerate(layers):
+            for e, row in enumerate(moe.router.rows):
+                row.copy_(state.rows[layer, e])
+            moe.expert_mask = active if not bool(active.all()) else None
+        for name, tensors in state.slots.items():
+            index = table.index_of(name)
+            if index is None:
+                raise FlexMoEError(name, "no such expert in this model")
+            for layer, moe in enumerate(layers):
+                expert = moe.experts[index]
+                for proj in names.PROJECTIONS:
+                    weight = getattr(expert, proj).weight
+                    weight.copy_(tensors[PKG_PROJ.format(layer=layer, proj=proj)])
+    model.requires_grad_(False)
+    return model
+
+
+def stacked_rows(model: torch.nn.Module) -> torch.Tensor:
+    """``(layers, experts, hidden)``: every router row, float32 on the CPU."""
+    return torch.stack([m.router.weight.detach().float().cpu() for m in moe_layers(model)])
+
+
+def _trainable(param: torch.nn.Parameter) -> None:
+    """Train ``param`` in float32 (the optimiser's master copy, whatever the model's dtype)."""
+    param.data = param.data.float()
+    param.requires_grad_(True)
+
+
+def _train_locally(
+    model: torch.nn.Module,
+    merged: MergedModel,
+    task: RoundTask,
+    text: OwnerText,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> TrainResult:
+    """The task's steps on the owner's text, its batch order the owner's own."""
+    cfg = task.seeded(text.name)
+    return train(
+        model,
+        train_stream=text.stream(merged, cfg.seq_len, cache_dir),
+        val_stream=None,
+        cfg=cfg,
+        device=device,
+        progress=False,
+        desc=f"{task.kind} round {task.round} ({text.name})",
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+    )
+
+
+def router_update(
+    merged: MergedModel,
+    state: ModelState,
+    task: RoundTask,
+    text: OwnerText,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> tuple[torch.Tensor, TrainResult]:
+    """The change of every active router row after ``task.cfg.steps`` steps on the owner's text
+    (every expert frozen): ``(layers, experts, hidden)``, zero for masked experts."""
+    model = build_model(merged, state, task, device)
+    active = [s.name not in task.excluded for s in merged.table().slots]
+    for moe in moe_layers(model):
+        for row, on in zip(moe.router.rows, active, strict=True):
+            if on:
+                _trainable(row)
+    before = stacked_rows(model)
+    result = _train_locally(model, merged, task, text, device, cache_dir)
+    return stacked_rows(model) - before, result
+
+
+def slot_update(
+    merged: MergedModel,
+    state: ModelState,
+    task: RoundTask,
+    text: OwnerText,
+    out: Path,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> TrainResult:
+    """Refine the owner's own slot (its feed-forward and its router row) inside the model at
+    ``state``, everything else frozen; write it as a package to ``out``."""
+    table = merged.table()
+    index = table.index_of(text.name)
+    if index is None or index == 0:
+        raise FlexMoEError(text.name, "is not an owner's expert in this model")
+    record = table.slots[index]
+    if record.manifest is None:
+        raise FlexMoEError(text.name, "the slot has no package manifest")
+    model = build_model(merged, state, task, device)
+    for moe in moe_layers(model):
+        for param in moe.experts[index].parameters():
+            _trainable(param)
+        _trainable(moe.router.rows[index])
+    result = _train_locally(model, merged, task, text, device, cache_dir)
+    dtype = stored_dtype(merged.config(table))
+    tensors = expert_tensors(
+        model.state_dict(), num_layers=len(moe_layers(model)), slot=index, dtype=dtype
+    )
+    hyperparameters = {
+        **task.seeded(text.name).to_dict(),
+        "federated_round": task.round,
+        "kind": "slot",
+    }
+    summary = TrainingSummary.of(result, task.seeded(text.name).seed, hyperparameters)
+    write_slot_package(out, record.manifest, tensors, summary, text.key)
+    return result
+
+
+def write_slot_package(
+    out: Path,
+    manifest: ExpertManifest,
+    tensors: dict[str, torch.Tensor],
+    summary: TrainingSummary,
+    key: Path | None,
+) -> ExpertManifest:
+    """A new version of the package ``manifest`` describes: ``tensors``, this training record,
+    signed with ``key`` when given. ``out`` must be a new, empty directory."""
+    out.mkdir(parents=True, exist_ok=False)
+    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt"})
+    new = manifest.model_copy(
+        update={
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "training": summary,
+            "files": {TENSORS_FILE: sha256_file(out / TENSORS_FILE)},
+        }
+    )
+    write_json(out / MANIFEST_FILE, new.model_dump())
+    if key is not None:
+        sign_package(out, read_private_key(key))
+    return new

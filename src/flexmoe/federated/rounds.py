@@ -1,0 +1,339 @@
+"""The coordinator's side of federated rounds: the model's state between rounds, what each
+phase's updates make of it, and every version, recorded with what it was computed from.
+
+A round has up to two phases, in this order:
+
+- ``slots``: each owner refines its own slot at home and sends it as a package; each package is
+  checked as ``merge add --replace`` checks one (files, signature, owner, values) and takes its
+  owner's slot, its row included;
+- ``router``: each owner trains every active router row at home and sends the change; the
+  changes are averaged, weighted by the tokens each owner trained on (FedAvg), in the order of
+  the experts' names. With secure aggregation the coordinator receives only that average.
+
+Versions live in ``flexmoe_versions/`` of the merged model: ``router-vN.safetensors`` (every row,
+float32) and ``slots/NAME-vN/`` (a package). Version 0 of each is the merge's own, read from the
+model. Each version records the experts whose owners' text or weights it depends on
+(``shaped_by``); an expert that opts out makes the newest versions that do not depend on it the
+starting point of the next rounds (:func:`fallback`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
+from flexmoe.federated.owner import Kind, ModelState, RoundTask
+from flexmoe.io import sha256_file
+from flexmoe.merge.build import slot_entry
+from flexmoe.merge.edit import checked_package, replaced_slot_sources, with_router_rows
+from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import (
+    FederatedRound,
+    Federation,
+    RouterVersion,
+    SlotTable,
+    SlotVersion,
+)
+from flexmoe.model import names
+from flexmoe.model.stream import TensorSource
+from flexmoe.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
+
+VERSIONS_DIR = "flexmoe_versions"
+ROUTER_FILE = "router-v{version}.safetensors"
+SLOT_DIR = "slots/{name}-v{version}"
+
+
+def initial_record(table: SlotTable, rows_sha256: str) -> Federation:
+    """Version 0 of the router and of every slot: the merge's own."""
+    return Federation(
+        router_versions=[
+            RouterVersion(
+                version=0,
+                round=0,
+                phase="merge",
+                participants=[],
+                shaped_by=[],
+                trained_against={s.name: 0 for s in table.slots[1:]},
+                parent=None,
+                file=ROUTER_FILE.format(version=0),
+                sha256=rows_sha256,
+            )
+        ],
+        slot_versions=[
+            SlotVersion(
+                name=s.name,
+                version=0,
+                round=0,
+                shaped_by=[s.name],
+                trained_against={},
+                router_version=None,
+                package=SLOT_DIR.format(name=s.name, version=0),
+                tensors_sha256=None,
+                record=s,
+            )
+            for s in table.slots[1:]
+        ],
+        current_router=0,
+        current_slots={s.name: 0 for s in table.slots[1:]},
+        rounds=[],
+    )
+
+
+def fallback(record: Federation, excluded: frozenset[str]) -> Federation:
+    """``record`` with the newest router version and slot versions that no expert in
+    ``excluded`` shaped made current (at worst the merge's own, version 0); an excluded
+    expert's own slot stays as it is (no token reaches it)."""
+    if not excluded:
+        return record
+    router = max(
+        (v for v in record.router_versions if not excluded & set(v.shaped_by)),
+        key=lambda v: v.version,
+    )
+    slots = dict(record.current_slots)
+    for name in record.current_slots:
+        if name not in excluded:
+            clean = [
+                v
+                for v in record.slot_versions
+                if v.name == name and not excluded & set(v.shaped_by)
+            ]
+            slots[name] = max(v.version for v in clean)
+    return record.model_copy(update={"current_router": router.version, "current_slots": slots})
+
+
+def _rows_of(sources: dict[str, TensorSource], layers: int) -> torch.Tensor:
+    """``(layers, experts, hidden)``: the stored router rows, float32."""
+    return torch.stack(
+        [sources[names.ROUTER_ON_DISK.format(layer=i)].load().float() for i in range(layers)]
+    )
+
+
+@dataclass
+class Coordinator:
+    """The model between rounds. New version files go to ``work`` until :meth:`write`; the
+    model's own directory is only read."""
+
+    merged: MergedModel
+    work: Path
+    registry: KeyRegistry | None = None
+    excluded: frozenset[str] = frozenset()
+    table: SlotTable = field(init=False)
+    record: Federation = field(init=False)
+    in_weights: Federation = field(init=False)  # the versions the model's weights hold
+    state: ModelState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.table = self.merged.table()
+        self.config = self.merged.config(self.table)
+        self.sources = {s.name: s for s in self.merged.sources()}
+        if self.table.federation is None:
+            rows = _rows_of(self.sources, self.config.num_hidden_layers)
+            path = self._new_file(ROUTER_FILE.format(version=0))
+            save_file({"rows": rows.contiguous()}, str(path))
+            self.in_weights = initial_record(self.table, sha256_file(path))
+        else:
+            self.in_weights = self.table.federation
+        unknown = self.excluded - {s.name for s in self.table.slots[1:]}
+        if unknown:
+            raise FlexMoEError(sorted(unknown)[0], "no such expert in this model")
+        self.record = fallback(self.in_weights, self.excluded)
+        slots = {
+            name: load_file(self._tensors(name, version))
+            for name, version in self.record.current_slots.items()
+            if version != self.in_weights.current_slots[name]
+        }
+        self.state = ModelState(rows=self._rows(self.record.current_router), slots=slots)
+
+    def _new_file(self, relative: str) -> Path:
+        path = self.work / VERSIONS_DIR / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _version_path(self, relative: str) -> Path:
+        """A version file: new ones are in ``work``, earlier ones in the model."""
+        new = self.work / VERSIONS_DIR / relative
+        return new if new.exists() else self.merged.path / VERSIONS_DIR / relative
+
+    def _checked(self, relative: str, sha256: str | None) -> Path:
+        path = self._version_path(relative)
+        if not path.is_file():
+            raise FlexMoEError(path, "a version file the slot table names is missing")
+        if sha256 != sha256_file(path):
+            raise FlexMoEError(path, "sha256 does not match the slot table (modified or corrupt)")
+        return path
+
+    def _rows(self, version: int) -> torch.Tensor:
+        entry = self.record.router_versions[version]
+        return load_file(self._checked(entry.file, entry.sha256))["rows"]
+
+    def _tensors(self, name: str, version: int) -> Path:
+        entry = self.record.slot_version(name, version)
+        return self._checked(f"{entry.package}/{TENSORS_FILE}", entry.tensors_sha256)
+
+    def active(self) -> list[str]:
+        """The owners' experts that tokens may route to."""
+        return [s.name for s in self.table.slots[1:] if s.name not in self.excluded]
+
+    def task(self, kind: Kind, round: int, cfg: TrainConfig) -> RoundTask:
+        return RoundTask(kind=kind, round=round, cfg=cfg, excluded=self.excluded)
+
+    def _depends(self, names_: list[str]) -> list[str]:
+        """Every expert that the current state and ``names_`` depend on: the active experts
+        (their weights take part), the current versions' own dependencies, and ``names_``."""
+        found = set(names_) | set(self.active())
+        found |= set(self.record.router_versions[self.record.current_router].shaped_by)
+        for name, version in self.record.current_slots.items():
+            if name not in self.excluded:
+                found |= set(self.record.slot_version(name, version).shaped_by)
+        return sorted(found)
+
+    def _next_router(self, round: int, phase: str, participants: list[str]) -> None:
+        """Record ``self.state.rows`` as a new router version."""
+        version = len(self.record.router_versions)
+        relative = ROUTER_FILE.format(version=version)
+        path = self._new_file(relative)
+        save_file({"rows": self.state.rows.contiguous()}, str(path))
+        entry = RouterVersion(
+            version=version,
+            round=round,
+            phase=phase,  # type: ignore[arg-type]
+            participants=sorted(participants),
+            shaped_by=self._depends(participants),
+            trained_against={n: self.record.current_slots[n] for n in self.active()},
+            parent=self.record.current_router,
+            file=relative,
+            sha256=sha256_file(path),
+        )
+        self.record = self.record.model_copy(
+            update={
+                "router_versions": [*self.record.router_versions, entry],
+                "current_router": version,
+            }
+        )
+
+    def take_router(self, round: int, updates: dict[str, tuple[torch.Tensor, int]]) -> None:
+        """Average the owners' row changes (``name -> (change, tokens)``), weighted by tokens,
+        in the order of the names; add the average to the rows."""
+        total = sum(tokens for _, tokens in updates.values())
+        if not updates or total <= 0:
+            raise FlexMoEError("router round", f"round {round}: no owner sent an update")
+        average = torch.zeros_like(self.state.rows)
+        for name in sorted(updates):
+            change, tokens = updates[name]
+            average += change.float() * (tokens / total)
+        self.take_average(round, average, sorted(updates))
+
+    def take_average(self, round: int, average: torch.Tensor, participants: list[str]) -> None:
+        """Add an average of row changes (computed here or by secure aggregation)."""
+        if average.shape != self.state.rows.shape:
+            raise FlexMoEError("router round", f"an update of shape {tuple(average.shape)}")
+        if not torch.isfinite(average).all():
+            raise FlexMoEError("router round", f"round {round}: the averaged update is not finite")
+        excluded = [i for i, s in enumerate(self.table.slots) if s.name in self.excluded]
+        average[:, excluded] = 0  # the masked experts' rows stay as they are
+        self.state = ModelState(rows=self.state.rows + average, slots=self.state.slots)
+        self._next_router(round, "router", participants)
+
+    def take_slots(self, round: int, packages: dict[str, Path]) -> None:
+        """Check each owner's package (``name -> directory``) and make it that slot's new
+        version, its router row included."""
+        if not packages:
+            raise FlexMoEError("slot round", f"round {round}: no owner sent its slot")
+        sources = list(self.sources.values())
+        new_versions, rows = [], self.state.rows.clone()
+        slots = dict(self.state.slots)
+        for name in sorted(packages):
+            if name in self.excluded:
+                raise FlexMoEError(name, "has opted out; its slot is not taken")
+            version = 1 + max(v.version for v in self.record.slot_versions if v.name == name)
+            relative = SLOT_DIR.format(name=name, version=version)
+            dest = self._new_file(relative)
+            shutil.copytree(packages[name], dest)
+            slot = checked_package(self.table, self.config, sources, dest, self.registry, name)
+            tensors = load_file(dest / TENSORS_FILE)
+            for layer in range(self.config.num_hidden_layers):
+                rows[layer, slot.index] = tensors[PKG_ROUTER.format(layer=layer)].float()
+            slots[name] = tensors
+            new_versions.append(
+                SlotVersion(
+                    name=name,
+                    version=version,
+                    round=round,
+                    shaped_by=self._depends([name]),
+                    trained_against={
+                        n: v for n, v in self.record.current_slots.items() if n in self.active()
+                    },
+                    router_version=self.record.current_router,
+                    package=relative,
+                    tensors_sha256=sha256_file(dest / TENSORS_FILE),
+                    record=slot_entry(slot, self.config.num_hidden_layers),
+                )
+            )
+        current = dict(self.record.current_slots) | {v.name: v.version for v in new_versions}
+        self.record = self.record.model_copy(
+            update={
+                "slot_versions": [*self.record.slot_versions, *new_versions],
+                "current_slots": current,
+            }
+        )
+        self.state = ModelState(rows=rows, slots=slots)
+        self._next_router(round, "slots", sorted(packages))
+
+    def log_round(self, entry: FederatedRound) -> None:
+        self.record = self.record.model_copy(update={"rounds": [*self.record.rounds, entry]})
+
+    def _keep_original(self, name: str) -> None:
+        """Keep slot ``name``'s version 0 apart (its tensors as a package holds them) before
+        the weights stop holding it."""
+        entry = self.record.slot_version(name, 0)
+        if entry.tensors_sha256 is not None:
+            return
+        index, layers = entry.record.slot, self.config.num_hidden_layers
+        tensors = {}
+        for layer in range(layers):
+            for proj in names.PROJECTIONS:
+                key = names.EXPERT.format(layer=layer, expert=index, proj=proj)
+                tensors[PKG_PROJ.format(layer=layer, proj=proj)] = self.sources[key].load()
+            gate = self.sources[names.ROUTER_ON_DISK.format(layer=layer)].load()
+            tensors[PKG_ROUTER.format(layer=layer)] = gate[index].contiguous()
+            bias = torch.tensor(entry.record.bias[layer], dtype=gate.dtype)
+            tensors[PKG_BIAS.format(layer=layer)] = bias
+        path = self._new_file(f"{entry.package}/{TENSORS_FILE}")
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        kept = entry.model_copy(update={"tensors_sha256": sha256_file(path)})
+        versions = [kept if v is entry else v for v in self.record.slot_versions]
+        self.record = self.record.model_copy(update={"slot_versions": versions})
+
+    def write(self, out: Path, *, progress: bool = True) -> MergedModel:
+        """The model at the current versions, written to ``out`` with every version file."""
+        sources = list(self.sources.values())
+        records = list(self.table.slots)
+        for name, version in self.record.current_slots.items():
+            if version == self.in_weights.current_slots[name]:
+                continue
+            if self.in_weights.current_slots[name] == 0:
+                self._keep_original(name)
+            entry = self.record.slot_version(name, version)
+            tensors = self._tensors(name, version)
+            sources = replaced_slot_sources(sources, tensors, entry.record.slot)
+            records[entry.record.slot] = entry.record
+        sources = with_router_rows(sources, list(self.state.rows.unbind(0)))
+        table = self.table.model_copy(update={"slots": records, "federation": self.record})
+        return self.merged.write(
+            out,
+            sources=sources,
+            config=self.config,
+            table=table,
+            progress=progress,
+            added=self.work,
+        )

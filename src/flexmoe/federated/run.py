@@ -1,0 +1,100 @@
+"""Federated rounds from start to finish: the inputs checked in one line each before any owner
+is started, the rounds run, the new model written whole or not at all."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from flexmoe.data.documents import DataSpec, expand_paths
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.identity import name_key
+from flexmoe.federated.flower import RoundPlan, simulate
+from flexmoe.federated.owner import OwnerText
+from flexmoe.federated.rounds import Coordinator
+from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import Federation
+from flexmoe.merge.standing import standing_exclusions
+
+if TYPE_CHECKING:
+    from flexmoe.expert.registry import KeyRegistry
+
+
+@dataclass(frozen=True)
+class FederatedResult:
+    out: Path
+    record: Federation
+    excluded: frozenset[str]
+
+
+def check_owners(merged: MergedModel, texts: list[OwnerText], excluded: frozenset[str]) -> None:
+    """Every owner names an owner's expert of this model once, has not opted out, and its files
+    (and the public share's) exist."""
+    table = merged.table()
+    known = {name_key(s.name): s.name for s in table.slots[1:]}
+    if not texts:
+        raise FlexMoEError("--owner", "give at least one NAME=FILES")
+    seen: set[str] = set()
+    for text in texts:
+        name = known.get(name_key(text.name))
+        if name is None:
+            listed = ", ".join(known.values())
+            raise FlexMoEError(text.name, f"no such expert in this model (experts: {listed})")
+        if name in seen:
+            raise FlexMoEError(text.name, "given twice")
+        if name in excluded:
+            raise FlexMoEError(text.name, "has opted out of this model; it takes no part in rounds")
+        seen.add(name)
+        _check_files(text.data)
+        _check_files(text.public)
+        if text.key is not None and not Path(text.key).is_file():
+            raise FlexMoEError(text.key, "signing key not found")
+
+
+def _check_files(specs: tuple[DataSpec, ...]) -> None:
+    for spec in specs:
+        for pattern in spec.paths:
+            expand_paths(pattern)
+
+
+def federate(
+    model: Path,
+    texts: list[OwnerText],
+    plan: RoundPlan,
+    out: Path,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+    registry: KeyRegistry | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    debug: bool = False,
+) -> FederatedResult:
+    """``plan.rounds`` rounds of the owners in ``texts`` on the merged model at ``model``, every
+    owner a Flower client on this machine; the new model with every version goes to ``out``.
+
+    Owners that opted out take no part and no token routes to their experts; the rounds start
+    from the newest versions they never shaped.
+    """
+    merged = MergedModel.open(model)
+    out = Path(out)
+    if out.resolve() == merged.path.resolve():
+        raise FlexMoEError(out, "write the new model to a new directory, not over the original")
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    excluded = standing_exclusions(merged.path)
+    check_owners(merged, texts, excluded)
+    names = {name_key(s.name): s.name for s in merged.table().slots}
+    texts = [replace(t, name=names[name_key(t.name)]) for t in texts]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        coordinator = Coordinator(merged, Path(work), registry, excluded)
+        simulate(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
+        coordinator.write(out, progress=progress)
+    return FederatedResult(out=out, record=coordinator.record, excluded=excluded)

@@ -1,0 +1,178 @@
+"""Federated rounds on Flower: owners refine their slots and the router on their own text;
+only packages and router updates reach the coordinator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexmoe.data.documents import DataSpec
+from flexmoe.errors import FlexMoEError
+from flexmoe.federated.flower import RoundPlan, simulate
+from flexmoe.federated.owner import OwnerText, router_update, slot_update
+from flexmoe.federated.rounds import VERSIONS_DIR, Coordinator
+from flexmoe.merge.build import build_merged
+from flexmoe.merge.layout import SLOTS_FILE, MergedModel
+from flexmoe.merge.plan import plan_merge
+from flexmoe.model.checkpoint import read_state_dict
+from flexmoe.training.config import TrainConfig
+
+CPU = torch.device("cpu")
+CFG = TrainConfig(steps=3, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, weight_decay=0.0,
+                  eval_every=0, checkpoint_every=0, z_loss=1e-3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir: Path) -> Path:
+    from helpers import train_packages
+
+    root = tmp_path_factory.mktemp("fed")
+    packages = train_packages(root / "packages", anchor_dir, corpus_dir)
+    build_merged(plan_merge(anchor_dir, packages, top_k=2), root / "merged", progress=False)
+    return root / "merged"
+
+
+def _texts(corpus_dir: Path) -> list[OwnerText]:
+    public = (DataSpec("public", (str(corpus_dir / "public.jsonl"),)),)
+    return [
+        OwnerText("upper", (DataSpec("upper", (str(corpus_dir / "other.jsonl"),)),), public),
+        OwnerText("again", (DataSpec("again", (str(corpus_dir / "public.jsonl"),)),), public),
+    ]
+
+
+def _direct(merged: Path, texts: list[OwnerText], work: Path, out: Path) -> None:
+    """The same round without Flower: each owner's work called in this process."""
+    coordinator = Coordinator(MergedModel.open(merged), work / "coordinator")
+    packages = {}
+    for text in texts:
+        task = coordinator.task("slot", 1, CFG)
+        packages[text.name] = work / text.name
+        slot_update(coordinator.merged, coordinator.state, task, text, work / text.name,
+                    device=CPU, cache_dir=None)  # fmt: skip
+    coordinator.take_slots(1, packages)
+    updates = {}
+    for text in texts:
+        task = coordinator.task("router", 1, CFG)
+        change, result = router_update(coordinator.merged, coordinator.state, task, text,
+                                       device=CPU, cache_dir=None)  # fmt: skip
+        updates[text.name] = (change, result.tokens)
+    coordinator.take_router(1, updates)
+    coordinator.write(out, progress=False)
+
+
+def test_a_simulated_round_equals_the_owners_work_done_directly_and_records_versions(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    texts = _texts(corpus_dir)
+    plan = RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG)
+    coordinator = Coordinator(MergedModel.open(merged), tmp_path / "work")
+    simulate(coordinator, texts, plan, device=CPU, cache_dir=None)
+    out = coordinator.write(tmp_path / "federated", progress=False).path
+    _direct(merged, texts, tmp_path / "direct-work", tmp_path / "direct")
+
+    before, after, direct = (read_state_dict(p) for p in (merged, out, tmp_path / "direct"))
+    assert all(torch.equal(after[k], direct[k]) for k in after)  # Flower moved it all exactly
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k for k in changed if ".experts." in k} == {
+        k for k in before if ".experts.1." in k or ".experts.2." in k
+    }  # both owners' slots refined; the public expert and every other tensor as they were
+    assert {k for k in changed if ".experts." not in k} == {
+        k for k in before if k.endswith("mlp.gate.weight")
+    }
+
+    table = json.loads((out / SLOTS_FILE).read_text())
+    record = table["federation"]
+    assert [(v["version"], v["phase"]) for v in record["router_versions"]] == [
+        (0, "merge"), (1, "slots"), (2, "router"),
+    ]  # fmt: skip
+    assert record["current_slots"] == {"upper": 1, "again": 1}
+    (round_,) = record["rounds"]
+    assert round_["participants"] == {"slot": ["again", "upper"], "router": ["again", "upper"]}
+    assert round_["bytes_sent"]["upper"] > 0 and not round_["secure_aggregation"]
+    upper = next(s for s in table["slots"] if s["name"] == "upper")
+    assert upper["manifest"]["training"]["hyperparameters"]["federated_round"] == 1
+    versions = out / VERSIONS_DIR
+    assert {p.name for p in (versions / "slots").iterdir()} == {
+        "upper-v0", "upper-v1", "again-v0", "again-v1",
+    }  # fmt: skip
+    rows = load_file(versions / "router-v2.safetensors")["rows"]
+    assert torch.equal(rows[0], after["model.layers.0.mlp.gate.weight"].float())
+
+
+def test_secure_aggregation_gives_the_coordinator_only_the_average(
+    merged: Path, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SecAgg+ the coordinator never takes one owner's row change: it receives the
+    token-weighted average (equal to the plain one up to SecAgg+'s quantization)."""
+    texts = _texts(corpus_dir)
+    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG)
+    plain = Coordinator(MergedModel.open(merged), tmp_path / "plain")
+    simulate(plain, texts, plan, device=CPU, cache_dir=None)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the coordinator took the owners' separate updates")
+
+    monkeypatch.setattr(Coordinator, "take_router", refuse)
+    secure = Coordinator(MergedModel.open(merged), tmp_path / "secure")
+    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG, secagg=True)
+    simulate(secure, texts, plan, device=CPU, cache_dir=None)
+    start = plain._rows(0)
+    average = secure.state.rows - start
+    assert (average - (plain.state.rows - start)).abs().max() < 1e-4
+    assert average.abs().max() > 1e-3
+    for text in texts:  # no saved state is one owner's update
+        task = plain.task("router", 1, CFG)
+        state = type(plain.state)(rows=start, slots={})
+        own, _ = router_update(plain.merged, state, task, text, device=CPU, cache_dir=None)
+        assert (own - average).abs().max() > 1e-3
+    assert secure.record.rounds[0].secure_aggregation
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flexmoe", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fed_simulate_refuses_bad_input_in_one_line(
+    merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    from flexmoe.merge.standing import StandingStore
+
+    data = str(corpus_dir / "other.jsonl")
+    out = tmp_path / "out"
+    cases = [
+        ((str(merged), "--owner", f"nobody={data}"), "nobody: no such expert in this model"),
+        ((str(merged), "--owner", "upper=missing.jsonl"), "missing.jsonl: file not found"),
+        ((str(anchor_dir), "--owner", f"upper={data}"), "not a merged model"),
+        ((str(merged), "--owner", f"upper={data}", "--rounds", "0"), "--rounds: must be"),
+        ((str(merged), "--owner", f"upper={data}", "--recipe", "slot,dense"), "--recipe"),
+        ((str(merged), "--owner", f"upper={data}", "--key", f"again={data}"), "--key"),
+    ]
+    for args, message in cases:
+        done = _cli("fed", "simulate", *args, "--out", str(out), "--device", "cpu")
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("flexmoe: error: ") and message in line
+    assert not out.exists()
+
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    with StandingStore(model) as store:
+        store.set("upper", opted_out=True)
+    done = _cli("fed", "simulate", str(model), "--owner", f"upper={data}", "--out", str(out))
+    assert done.returncode == 2
+    assert "upper: has opted out of this model" in done.stderr
+    with pytest.raises(FlexMoEError, match="new directory"):
+        from flexmoe.federated.run import federate
+
+        plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG)
+        federate(model, _texts(corpus_dir), plan, model, device=CPU, cache_dir=None)
