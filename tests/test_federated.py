@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,75 @@ def test_fed_simulate_refuses_bad_input_in_one_line(
 
         plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG)
         federate(model, _texts(corpus_dir), plan, model, device=CPU, cache_dir=None)
+
+
+def _inline(coordinator: Coordinator, texts: list[OwnerText], plan: RoundPlan, *,
+            device: torch.device, cache_dir: Path | None, log: object, debug: bool) -> None:  # fmt: skip
+    """The rounds without Flower, each owner's work called here (the first test shows that
+    the simulation gives the same)."""
+    work = coordinator.work / "owners"
+    first = coordinator.first_round
+    for number in range(first, first + plan.rounds):
+        for kind in plan.phases:
+            task = coordinator.task(kind, number, plan.cfg(kind))
+            if kind == "slot":
+                packages = {t.name: work / f"{number}-{t.name}" for t in texts}
+                for t in texts:
+                    slot_update(coordinator.merged, coordinator.state, task, t,
+                                packages[t.name], device=device, cache_dir=cache_dir)  # fmt: skip
+                coordinator.take_slots(number, packages)
+            else:
+                updates = {}
+                for t in texts:
+                    change, result = router_update(coordinator.merged, coordinator.state, task,
+                                                   t, device=device, cache_dir=cache_dir)  # fmt: skip
+                    updates[t.name] = (change, result.tokens)
+                coordinator.take_router(number, updates)
+
+
+def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_them_exactly(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """Rounds 1 and 2 without ``again`` (opted out) are the reference. Round 1 without it,
+    ``again`` opting in for round 2 and out again: the weights go back to round 1's, bit for
+    bit; round 2 rebuilt without it gives the reference's weights, bit for bit."""
+    import shutil
+
+    from flexmoe.cli.coordinator import experts_opt_in, experts_opt_out
+    from flexmoe.federated.run import federate
+
+    upper, again = _texts(corpus_dir)
+    plan = RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG)
+    start = tmp_path / "start"
+    shutil.copytree(merged, start)
+    experts_opt_out(start, "again")
+    assert not (start / VERSIONS_DIR).exists()  # nothing federated yet: only the standing
+
+    def run(model: Path, out: Path, texts: list[OwnerText], rounds: int = 1) -> Path:
+        federate(model, texts, replace(plan, rounds=rounds), out, device=CPU, cache_dir=None,
+                 progress=False, runner=_inline)  # fmt: skip
+        return out
+
+    reference = run(start, tmp_path / "reference", [upper], rounds=2)
+    first = run(start, tmp_path / "first", [upper])
+    experts_opt_in(first, "again")
+    second = run(first, tmp_path / "second", [upper, again])
+    shaped = json.loads((second / SLOTS_FILE).read_text())["federation"]
+    assert "again" in shaped["router_versions"][-1]["shaped_by"]
+    assert "again" not in shaped["router_versions"][2]["shaped_by"]
+
+    experts_opt_out(second, "again")  # back to round 1's versions, in place
+    table = json.loads((second / SLOTS_FILE).read_text())["federation"]
+    assert table["current_router"] == 2 and table["current_slots"] == {"upper": 1, "again": 0}
+    assert _same_weights(second, first)
+    listed = _cli("experts", "list", str(second))
+    assert "router version 2 (round 1, depends on upper)" in listed.stdout
+
+    rebuilt = run(second, tmp_path / "rebuilt", [upper])
+    assert _same_weights(rebuilt, reference)
+    assert not _same_weights(rebuilt, first)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    left, right = read_state_dict(a), read_state_dict(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)

@@ -269,14 +269,23 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
 
     with StandingStore(model) as store:
         statuses = store.statuses()
-        tuned = store.model.table().router_tuning
+        table = store.model.table()
+    tuned, federation = table.router_tuning, table.federation
     if as_json:
         rows = [
             {**asdict(s.slot), "opted_out": s.opted_out, "reason": s.reason, "updated": s.updated}
             for s in statuses
         ]
         record = tuned.model_dump(mode="json") if tuned else None
-        emit(True, {"experts": rows, "router_tuning": record}, "")
+        versions = None
+        if federation is not None:
+            router = federation.router_versions[federation.current_router]
+            versions = {
+                "router": router.model_dump(mode="json"),
+                "slots": federation.current_slots,
+                "rounds": len(federation.rounds),
+            }
+        emit(True, {"experts": rows, "router_tuning": record, "versions": versions}, "")
         return
     typer.echo(
         f"{'slot':<5} {'expert':<14} {'owner':<28} {'license':<22} {'signed by':<18} "
@@ -301,15 +310,42 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
         )
     else:
         typer.echo("routing tuned after merging: no")
+    if federation is not None:
+        router = federation.router_versions[federation.current_router]
+        shaped = ", ".join(router.shaped_by) or "no owner's text"
+        typer.echo(
+            f"federated rounds: {len(federation.rounds)}; router version {router.version} "
+            f"(round {router.round}, depends on {shaped}); slot versions "
+            f"{_versions(federation.current_slots)}"
+        )
 
 
 def _set_standing(model: Path, name: str, opted_out: bool, reason: str, as_json: bool) -> None:
+    from flexmoe.merge.layout import MergedModel
     from flexmoe.merge.standing import StandingStore
 
     with StandingStore(model) as store:
         store.set(name, opted_out=opted_out, reason=reason)
     state = "opted out" if opted_out else "opted in"
-    emit(as_json, {"expert": name, "opted_out": opted_out}, f"{name}: {state}")
+    payload: dict[str, object] = {"expert": name, "opted_out": opted_out}
+    text = f"{name}: {state}"
+    if opted_out and MergedModel.open(model).table().federation is not None:
+        from flexmoe.federated.rounds import revert_for_opt_out
+
+        record = revert_for_opt_out(model)
+        if record is not None:
+            payload["router_version"] = record.current_router
+            payload["slot_versions"] = record.current_slots
+            text += (
+                f"; the model is back at router version {record.current_router} and slot "
+                f"versions {_versions(record.current_slots)}, which {name} never shaped "
+                "(`flexmoe fed simulate` without it rebuilds them)"
+            )
+    emit(as_json, payload, text)
+
+
+def _versions(slots: dict[str, int]) -> str:
+    return ", ".join(f"{n} v{v}" for n, v in slots.items())
 
 
 @experts_app.command("opt-out")

@@ -358,8 +358,8 @@ def _run_rounds(
     secagg = SecAggPlusWorkflow(
         num_shares=1.0, reconstruction_threshold=0.5, max_weight=float(plan.max_tokens())
     )
-    step = 0
-    for number in range(1, plan.rounds + 1):
+    step, first = 0, coordinator.first_round
+    for number in range(first, first + plan.rounds):
         strategy.replies, strategy.failures, strategy.sent = {}, {}, {}
         for kind in plan.phases:
             step += 1
@@ -373,7 +373,8 @@ def _run_rounds(
             if kind not in strategy.replies:
                 raise FlexMoEError("round", f"round {number} ({kind}) did not complete")
             log(
-                f"round {number}/{plan.rounds} {kind}: {len(strategy.replies[kind])} owners"
+                f"round {number} ({number - first + 1}/{plan.rounds}) {kind}: "
+                f"{len(strategy.replies[kind])} owners"
                 + (f", {strategy.failures[kind]} failed" if strategy.failures[kind] else "")
                 + f" ({time.perf_counter() - started:.0f} s)"
             )

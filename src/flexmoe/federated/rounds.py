@@ -20,6 +20,7 @@ starting point of the next rounds (:func:`fallback`).
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ from flexmoe.merge.slots import (
     SlotTable,
     SlotVersion,
 )
+from flexmoe.merge.standing import standing_exclusions
 from flexmoe.model import names
 from flexmoe.model.stream import TensorSource
 from flexmoe.training.config import TrainConfig
@@ -92,23 +94,42 @@ def initial_record(table: SlotTable, rows_sha256: str) -> Federation:
 def fallback(record: Federation, excluded: frozenset[str]) -> Federation:
     """``record`` with the newest router version and slot versions that no expert in
     ``excluded`` shaped made current (at worst the merge's own, version 0); an excluded
-    expert's own slot stays as it is (no token reaches it)."""
+    expert's own slot goes back to version 0 (no token reaches it; its later versions were
+    refined against the others)."""
     if not excluded:
         return record
     router = max(
         (v for v in record.router_versions if not excluded & set(v.shaped_by)),
         key=lambda v: v.version,
     )
-    slots = dict(record.current_slots)
+    slots = {}
     for name in record.current_slots:
-        if name not in excluded:
-            clean = [
-                v
-                for v in record.slot_versions
-                if v.name == name and not excluded & set(v.shaped_by)
-            ]
-            slots[name] = max(v.version for v in clean)
+        clean = [
+            v.version
+            for v in record.slot_versions
+            if v.name == name and name not in excluded and not excluded & set(v.shaped_by)
+        ]
+        slots[name] = max(clean, default=0)
     return record.model_copy(update={"current_router": router.version, "current_slots": slots})
+
+
+def revert_for_opt_out(model: Path, *, progress: bool = False) -> Federation | None:
+    """When an owner has opted out of a model that federated rounds changed: the model's
+    weights go back, in place, to the newest versions that no opted-out owner shaped. Returns
+    the new record, or None when nothing changed (no rounds, or none shaped by them)."""
+    merged = MergedModel.open(model)
+    table = merged.table()
+    if table.federation is None:
+        return None
+    excluded = standing_exclusions(merged.path)
+    target = fallback(table.federation, excluded)
+    now = table.federation
+    if (target.current_router, target.current_slots) == (now.current_router, now.current_slots):
+        return None
+    with tempfile.TemporaryDirectory(prefix=".revert-", dir=merged.path.parent) as work:
+        coordinator = Coordinator(merged, Path(work), excluded=excluded)
+        coordinator.write(merged.path, progress=progress)
+    return coordinator.record
 
 
 def _rows_of(sources: dict[str, TensorSource], layers: int) -> torch.Tensor:
@@ -179,6 +200,17 @@ class Coordinator:
     def _tensors(self, name: str, version: int) -> Path:
         entry = self.record.slot_version(name, version)
         return self._checked(f"{entry.package}/{TENSORS_FILE}", entry.tensors_sha256)
+
+    @property
+    def first_round(self) -> int:
+        """The number of the next round: one after the newest round of the current versions
+        (so that rounds rebuilt after an opt-out are numbered, and seeded, as they would
+        have been without that owner)."""
+        rounds = [self.record.router_versions[self.record.current_router].round]
+        rounds += [
+            self.record.slot_version(n, v).round for n, v in self.record.current_slots.items()
+        ]
+        return 1 + max(rounds)
 
     def active(self) -> list[str]:
         """The owners' experts that tokens may route to."""

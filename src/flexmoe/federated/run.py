@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -23,6 +23,22 @@ from flexmoe.merge.standing import standing_exclusions
 
 if TYPE_CHECKING:
     from flexmoe.expert.registry import KeyRegistry
+
+
+class Runner(Protocol):
+    """What runs the rounds on a coordinator: Flower's simulation, or a deployment."""
+
+    def __call__(
+        self,
+        coordinator: Coordinator,
+        texts: list[OwnerText],
+        plan: RoundPlan,
+        *,
+        device: torch.device,
+        cache_dir: Path | None,
+        log: Callable[[str], None],
+        debug: bool,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,11 @@ def federate(
     log: Callable[[str], None] = print,
     progress: bool = True,
     debug: bool = False,
+    runner: Runner = simulate,
 ) -> FederatedResult:
     """``plan.rounds`` rounds of the owners in ``texts`` on the merged model at ``model``, every
-    owner a Flower client on this machine; the new model with every version goes to ``out``.
+    owner a Flower client on this machine (``runner``); the new model with every version goes
+    to ``out``.
 
     Owners that opted out take no part and no token routes to their experts; the rounds start
     from the newest versions they never shaped.
@@ -95,6 +113,6 @@ def federate(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         coordinator = Coordinator(merged, Path(work), registry, excluded)
-        simulate(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
+        runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
         coordinator.write(out, progress=progress)
     return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
