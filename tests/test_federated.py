@@ -249,3 +249,35 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
 def _same_weights(a: Path, b: Path) -> bool:
     left, right = read_state_dict(a), read_state_dict(b)
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_an_owner_that_drops_out_leaves_the_round_to_the_others(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """An owner whose client fails mid-round (here: its text is too short to train on) is
+    left out of that round; when every owner fails, the command says so in one line and
+    writes nothing."""
+    from helpers import write_jsonl
+
+    short = write_jsonl(tmp_path / "short.jsonl", ["too short"])
+    upper, _ = _texts(corpus_dir)
+    broken = OwnerText("again", (DataSpec("again", (str(short),)),))
+    plan = RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG)
+    coordinator = Coordinator(MergedModel.open(merged), tmp_path / "work")
+    lines: list[str] = []
+    simulate(coordinator, [upper, broken], plan, device=CPU, cache_dir=None, log=lines.append)
+    (round_,) = coordinator.record.rounds
+    assert round_.participants == {"slot": ["upper"], "router": ["upper"]}
+    assert round_.failures == {"slot": 1, "router": 1}
+    assert coordinator.record.current_slots == {"upper": 1, "again": 0}
+    assert any("1 owners, 1 failed" in line for line in lines)
+    assert any("an owner failed: " in line and "shorter than one" in line for line in lines)
+
+    out = tmp_path / "out"
+    done = _cli("fed", "simulate", str(merged), "--owner", f"again={short}", "--out", str(out),
+                "--rounds", "1", "--slot-steps", "1", "--router-steps", "1", "--batch-size", "2",
+                "--seq-len", "32", "--device", "cpu")  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("flexmoe: error: ") and "every owner failed" in line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -249,6 +249,7 @@ class RoundStrategy(FedAvg):
         self.replies: dict[str, list[str]] = {}
         self.failures: dict[str, int] = {}
         self.sent: dict[str, int] = {}
+        self.reasons: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
         return "RoundStrategy"
@@ -279,11 +280,13 @@ class RoundStrategy(FedAvg):
         replies = [r for _, r in results if not r.metrics.get("skipped")]
         owners = sorted(str(r.metrics["owner"]) for r in replies)
         self.replies[kind], self.failures[kind] = owners, len(failures)
+        self.reasons[kind] = [_reason(f) for f in failures]
         for reply in replies:
             owner = str(reply.metrics["owner"])
             self.sent[owner] = self.sent.get(owner, 0) + int(reply.metrics.get("bytes", 0))
         if not replies:
-            raise FlexMoEError("round", f"round {number} ({kind}): every owner failed")
+            first = f" (first: {self.reasons[kind][0]})" if failures else ""
+            raise FlexMoEError("round", f"round {number} ({kind}): every owner failed{first}")
         if kind == "router" and self.plan.secagg:
             average = parameters_to_ndarrays(replies[0].parameters)[0]  # the same in every reply
             self.coordinator.take_average(
@@ -311,6 +314,14 @@ class RoundStrategy(FedAvg):
                 }
                 self.coordinator.take_slots(number, packages)
         return None, {}
+
+
+def _reason(failure: object) -> str:
+    """One line of why an owner's reply failed (Flower wraps the owner's error)."""
+    inner = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
+    text = str(getattr(inner, "reason", inner))
+    text = text.rsplit("Message: ", 1)[-1].strip().removesuffix("'>").strip()
+    return text.splitlines()[0] if text else "unknown"
 
 
 def coordinator_app(
@@ -378,6 +389,8 @@ def _run_rounds(
                 + (f", {strategy.failures[kind]} failed" if strategy.failures[kind] else "")
                 + f" ({time.perf_counter() - started:.0f} s)"
             )
+            for reason in strategy.reasons[kind]:
+                log(f"  an owner failed: {reason}")
         coordinator.log_round(
             FederatedRound(
                 round=number,
@@ -434,11 +447,12 @@ def simulate(
 
 @contextmanager
 def _quiet_flower(debug: bool) -> Iterator[None]:
-    """Flower's and Ray's INFO logs off (``--debug`` keeps them)."""
+    """Flower's and Ray's logs off (``--debug`` keeps them): an owner's failure is reported
+    in one line by the rounds themselves."""
     loggers = [] if debug else [logging.getLogger(n) for n in ("flwr", "ray")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
