@@ -23,11 +23,14 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.experiment.pipeline import FULL, _train_experts
+from flexmoe.expert.package import load_package
 from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.run import federate
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="30:1:15:15")
     parser.add_argument("--slot-lr", type=float, default=FULL.expert.lr)
     parser.add_argument("--router-lr", type=float, default=FULL.tune.lr)
+    parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     args = parser.parse_args()
     corpora = corpus_set(args.corpora)
     folder = corpora_dir(args.cache_dir, corpora)
@@ -102,6 +106,25 @@ def main() -> None:
         OwnerText(d.name, (DataSpec(d.name, (str(files[d.name]),), id_field="id"),), public)
         for d in owners
     ]
+    if args.btm:
+        anchor = load_anchor(args.run / "anchor")
+        packages = [load_package(args.run / "experts" / d.name, anchor) for d in owners]
+        btm = build_baseline("btm", anchor=anchor, packages=packages, device=CPU)
+        scores = evaluate_loaded(
+            btm, anchor.tokenizer, specs, device=CPU, cache_dir=tokens, max_bytes=FULL.eval_bytes
+        )
+        bpb = {s.domain: round(s.bits_per_byte, 4) for s in scores}
+        print(
+            json.dumps(
+                {
+                    "recipe": "btm",
+                    "owner_steps": FULL.expert.steps,
+                    "bpb": bpb,
+                    "average": round(sum(bpb.values()) / len(bpb), 4),
+                }
+            ),
+            flush=True,
+        )
     scored: set[int] = set()
     for recipe in args.recipes.split(","):
         e, r, s, t = (int(x) for x in recipe.split(":"))
@@ -120,6 +143,8 @@ def main() -> None:
                 ),
                 flush=True,
             )
+        if r == 0:
+            continue
         phases = tuple(p for p, n in (("slot", s), ("router", t)) if n)
         common = {"batch_size": FULL.expert.batch_size, "seq_len": FULL.expert.seq_len}
         plan = RoundPlan(

@@ -245,6 +245,11 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
     assert _same_weights(rebuilt, reference)
     assert not _same_weights(rebuilt, first)
 
+    from flexmoe.merge.edit import remove_expert
+
+    with pytest.raises(FlexMoEError, match="federated rounds changed this model"):
+        remove_expert(rebuilt, "upper", out=tmp_path / "removed")  # its versions would lie
+
 
 def _same_weights(a: Path, b: Path) -> bool:
     left, right = read_state_dict(a), read_state_dict(b)
@@ -281,3 +286,24 @@ def test_an_owner_that_drops_out_leaves_the_round_to_the_others(
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("flexmoe: error: ") and "every owner failed" in line
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_fedavg_baseline_trains_the_dense_anchor_on_flower(
+    anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    from flexmoe.federated.dense import RECORD_FILE
+    from flexmoe.federated.run import fedavg
+    from flexmoe.inference.selection import load_selected
+
+    plan = RoundPlan(rounds=2, phases=("dense",), slot=CFG, router=CFG, dense=CFG)
+    out = fedavg(anchor_dir, _texts(corpus_dir), plan, tmp_path / "fedavg", device=CPU,
+                 cache_dir=None)  # fmt: skip
+    before, after = read_state_dict(anchor_dir), read_state_dict(out)
+    trained = [k for k in after if not torch.equal(before[k], after[k])]
+    assert len(trained) == len(after)  # every parameter (the embeddings are tied or not)
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert [r["round"] for r in record["rounds"]] == [1, 2]
+    floats = sum(v.numel() for v in load_selected(out).parameters()) * 4
+    assert record["rounds"][0]["bytes_sent"] == {"again": floats, "upper": floats}
+    listed = _cli("eval", "baselines", "--help")
+    assert "fedavg" in listed.stdout and "flexmoe:federated" in listed.stdout

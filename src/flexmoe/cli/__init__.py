@@ -42,6 +42,7 @@ for group, name in [
     (federated.fed_app, "fed"),
 ]:
     app.add_typer(group, name=name)
+experiment.baseline_app.command("fedavg")(federated.baseline_fedavg)
 app.command("generate")(coordinator.generate)
 app.command("report")(experiment.report)
 app.command("demo")(experiment.demo)
@@ -99,6 +100,7 @@ COMMANDS = {
     "eval ppl": experiment.eval_ppl,
     "eval baselines": experiment.eval_baselines,
     "baseline unrestricted": experiment.baseline_unrestricted,
+    "baseline fedavg": federated.baseline_fedavg,
     "report": experiment.report,
     "audit extraction": experiment.audit_extraction_cmd,
     "demo": experiment.demo,

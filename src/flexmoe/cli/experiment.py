@@ -111,6 +111,12 @@ def eval_baselines(
         Path | None, typer.Option(help="jointly trained model (flexmoe baseline unrestricted)")
     ] = None,
     tuned: Annotated[Path | None, typer.Option(help="the merged model after router tune")] = None,
+    fedavg: Annotated[
+        Path | None, typer.Option(help="the FedAvg dense model (flexmoe baseline fedavg)")
+    ] = None,
+    federated: Annotated[
+        Path | None, typer.Option(help="the merged model after flexmoe fed simulate")
+    ] = None,
     only: Annotated[
         list[str] | None, typer.Option(help="score only these registry names (repeatable)")
     ] = None,
@@ -125,8 +131,9 @@ def eval_baselines(
 ) -> None:
     """Score the merged model, its variants and the paper's baselines on the same held-out text.
 
-    Registry names: anchor, specialist:NAME, soup, btm, seq-route, unrestricted, flexmoe,
-    flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME, flexmoe:tuned.
+    Registry names: anchor, specialist:NAME, soup, btm, seq-route, unrestricted, fedavg,
+    flexmoe, flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME, flexmoe:tuned,
+    flexmoe:federated.
     """
     from flexmoe.device import pick_device
     from flexmoe.evaluate.suite import run_suite
@@ -143,6 +150,10 @@ def eval_baselines(
         cache_dir=token_cache(cache_dir),
         unrestricted_dir=unrestricted,
         tuned_dir=tuned,
+        extra_models={
+            **({"fedavg": fedavg} if fedavg else {}),
+            **({"flexmoe:federated": federated} if federated else {}),
+        },
         only=only,
         max_documents=max_documents,
         max_bytes=max_bytes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,7 +27,10 @@ from flexmoe.cli.common import (
     token_cache,
 )
 from flexmoe.errors import FlexMoEError
-from flexmoe.training.config import FEDERATED_ROUTER, FEDERATED_SLOT
+from flexmoe.training.config import EXPERT_TRAINING, FEDERATED_ROUTER, FEDERATED_SLOT
+
+if TYPE_CHECKING:
+    from flexmoe.federated.owner import OwnerText
 
 fed_app = typer.Typer(
     help="Federated rounds on Flower: owners improve the merged model on their own text.",
@@ -35,6 +38,17 @@ fed_app = typer.Typer(
 )
 
 ROUNDS, RECIPE = 2, "slot,router"
+OwnerOpt = Annotated[
+    list[str],
+    typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
+]
+SharePublicOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="public text mixed into each owner's training: " + DATA_HELP),
+]
+ShareOpt = Annotated[
+    float, typer.Option(help="share of each owner's training tokens that is public text")
+]
 
 
 def _owner_option(values: list[str] | None, option: str) -> dict[str, str]:
@@ -49,21 +63,38 @@ def _owner_option(values: list[str] | None, option: str) -> dict[str, str]:
     return found
 
 
+def _owner_texts(
+    owner: list[str],
+    key: list[str] | None,
+    public_data: list[str] | None,
+    public_fraction: float,
+    text_field: str,
+    id_field: str | None,
+) -> list[OwnerText]:
+    """The owners of ``--owner NAME=FILES`` with the public share and their ``--key``s."""
+    from flexmoe.federated.owner import OwnerText
+
+    keys = _owner_option(key, "--key")
+    public = data_specs(
+        public_data, text_field, id_field, default_domain="public", option="--public-data"
+    )
+    texts = []
+    for name, files in _owner_option(owner, "--owner").items():
+        specs = data_specs([f"{name}={files}"], text_field, id_field, option="--owner")
+        found = Path(keys.pop(name)) if name in keys else None
+        texts.append(OwnerText(name, tuple(specs), tuple(public), public_fraction, found))
+    if keys:
+        raise FlexMoEError("--key", f"{next(iter(keys))} is not one of the --owner names")
+    return texts
+
+
 @fed_app.command("simulate")
 def fed_simulate(
     model: Annotated[Path, typer.Argument(help="merged model directory (read, never changed)")],
-    owner: Annotated[
-        list[str],
-        typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
-    ],
+    owner: OwnerOpt,
     out: Annotated[Path, typer.Option(help="the new model directory to write")],
-    public_data: Annotated[
-        list[str] | None,
-        typer.Option(help="public text mixed into each owner's training: " + DATA_HELP),
-    ] = None,
-    public_fraction: Annotated[
-        float, typer.Option(help="share of each owner's training tokens that is public text")
-    ] = 0.25,
+    public_data: SharePublicOpt = None,
+    public_fraction: ShareOpt = 0.25,
     rounds: Annotated[int, typer.Option(help="federated rounds")] = ROUNDS,
     recipe: Annotated[
         str, typer.Option(help="each round's phases, in order: slot, router or slot,router")
@@ -109,7 +140,6 @@ def fed_simulate(
     receives slot packages and router updates, and writes a new model with every version."""
     from flexmoe.device import pick_device
     from flexmoe.federated.flower import RoundPlan
-    from flexmoe.federated.owner import OwnerText
     from flexmoe.federated.run import federate
 
     phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
@@ -134,17 +164,7 @@ def fed_simulate(
         ),
         secagg=secagg,
     )
-    keys = _owner_option(key, "--key")
-    public = data_specs(
-        public_data, text_field, id_field, default_domain="public", option="--public-data"
-    )
-    texts = []
-    for name, files in _owner_option(owner, "--owner").items():
-        specs = data_specs([f"{name}={files}"], text_field, id_field, option="--owner")
-        found = Path(keys.pop(name)) if name in keys else None
-        texts.append(OwnerText(name, tuple(specs), tuple(public), public_fraction, found))
-    if keys:
-        raise FlexMoEError("--key", f"{next(iter(keys))} is not one of the --owner names")
+    texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
         result = federate(
             model,
@@ -173,4 +193,73 @@ def fed_simulate(
         f"{record.current_router}, slot versions "
         + ", ".join(f"{n} v{v}" for n, v in record.current_slots.items())
         + f" -> {result.out}",
+    )
+
+
+def baseline_fedavg(
+    anchor: Annotated[Path, typer.Option(help="the anchor directory (every owner holds it)")],
+    owner: OwnerOpt,
+    out: Annotated[Path, typer.Option(help="the dense model directory to write")],
+    public_data: SharePublicOpt = None,
+    public_fraction: ShareOpt = 0.25,
+    rounds: Annotated[int, typer.Option(help="FedAvg rounds")] = 4,
+    steps: Annotated[
+        int,
+        typer.Option(
+            help="each owner's local steps per round (rounds x steps: as many as "
+            "an expert's training)"
+        ),
+    ] = EXPERT_TRAINING.steps // 4,
+    lr: Annotated[float, typer.Option(help="local learning rate")] = EXPERT_TRAINING.lr,
+    batch_size: Annotated[int, typer.Option(help="sequences per local step")] = (
+        EXPERT_TRAINING.batch_size
+    ),
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = EXPERT_TRAINING.seq_len,
+    secagg: Annotated[
+        bool, typer.Option("--secagg", help="under Flower's SecAgg+: only the average is seen")
+    ] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """The classic federated baseline: the anchor's dense model trained by FedAvg on Flower,
+    every owner training every parameter on its own text at home (a simulation on this
+    machine). Score it with `flexmoe eval baselines --fedavg DIR`."""
+    from flexmoe.device import pick_device
+    from flexmoe.federated.flower import RoundPlan
+    from flexmoe.federated.run import fedavg
+
+    local = replace(
+        EXPERT_TRAINING,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        warmup_steps=max(1, steps // 10),
+        eval_every=0,
+        checkpoint_every=0,
+        z_loss=0.0,
+    )
+    plan = RoundPlan(rounds, ("dense",), local, local, secagg=secagg, dense=local)
+    texts = _owner_texts(owner, None, public_data, public_fraction, text_field, id_field)
+    written = fedavg(
+        anchor,
+        texts,
+        plan,
+        out,
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        overwrite=force,
+        log=say,
+        debug=DEBUG["on"],
+    )
+    emit(
+        as_json,
+        {"out": str(written), "rounds": rounds, "steps": steps, "owners": len(texts)},
+        f"fedavg: {rounds} rounds of {steps} local steps with {len(texts)} owners -> {written}",
     )

@@ -179,6 +179,8 @@ def build_baseline(
         if merged_dir is None or variant.router is not None:
             raise FlexMoEError(name, "needs the merged model's directory")
         return merged_variant(merged_dir, variant)
+    if variant.base == Base.FEDAVG:
+        raise FlexMoEError(name, "needs the fedavg model's directory (flexmoe baseline fedavg)")
     if variant.base == Base.UNRESTRICTED:
         if unrestricted_dir is None:
             raise FlexMoEError(name, "unknown baseline without the unrestricted model's directory")

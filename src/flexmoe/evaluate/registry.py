@@ -29,6 +29,7 @@ class Base(StrEnum):
     BTM = "btm"
     SEQ_ROUTE = "seq-route"
     UNRESTRICTED = "unrestricted"
+    FEDAVG = "fedavg"
     FLEXMOE = "flexmoe"
 
 
@@ -40,6 +41,7 @@ class RouterVersion(StrEnum):
     OWNER_TEXT_TUNED = "tuned-owner-text"  # tuned on owners' own text (an ablation)
     CALIBRATED = "calibrated"  # owners' rows rescaled on public text by the coordinator
     ROUTER_CEILING = "router-ceiling"  # fitted on the scored text: a bound, not a recipe
+    FEDERATED = "federated"  # slots and rows refined in federated rounds, each owner at home
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ SOUP = Variant(Base.SOUP).name()
 BTM = Variant(Base.BTM).name()
 SEQ_ROUTE = Variant(Base.SEQ_ROUTE).name()
 UNRESTRICTED = Variant(Base.UNRESTRICTED).name()
+FEDAVG = Variant(Base.FEDAVG).name()
 FLEXMOE = Variant(Base.FLEXMOE).name()
 BIAS = Variant(Base.FLEXMOE, bias=True).name()
 NO_BIAS = Variant(Base.FLEXMOE, bias=False).name()
@@ -119,7 +122,8 @@ RANDOM_INIT = Variant(Base.FLEXMOE, router=RouterVersion.RANDOM_INIT).name()
 OWNER_TEXT_TUNED = Variant(Base.FLEXMOE, router=RouterVersion.OWNER_TEXT_TUNED).name()
 CALIBRATED = Variant(Base.FLEXMOE, router=RouterVersion.CALIBRATED).name()
 ROUTER_CEILING = Variant(Base.FLEXMOE, router=RouterVersion.ROUTER_CEILING).name()
-MAIN_MODELS = (ANCHOR, SOUP, BTM, SEQ_ROUTE, UNRESTRICTED, FLEXMOE, TUNED)
+FEDERATED = Variant(Base.FLEXMOE, router=RouterVersion.FEDERATED).name()
+MAIN_MODELS = (ANCHOR, SOUP, BTM, SEQ_ROUTE, UNRESTRICTED, FEDAVG, FLEXMOE, FEDERATED, TUNED)
 
 # What each name means, in the words the report uses (X: an owner's expert, K: a number).
 MEANINGS = {
@@ -130,6 +134,10 @@ MEANINGS = {
     "posterior given the context, top 2)",
     SEQ_ROUTE: "each document sent whole to the specialist with the nearest router rows",
     UNRESTRICTED: "the same shape trained on all the data in one place",
+    FEDAVG: "the anchor's dense model trained by FedAvg (Flower) on the owners' text, each owner "
+    "at home",
+    FEDERATED: "the merged model after federated rounds (Flower): each owner refined its own "
+    "slot and the router rows at home",
     FLEXMOE: "the merged model",
     "flexmoe:top-K": "K experts active per token",
     BIAS: "the owners' learned negative biases on",

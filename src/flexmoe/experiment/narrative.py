@@ -15,6 +15,8 @@ from flexmoe.evaluate.registry import (
     BIAS,
     BTM,
     CALIBRATED,
+    FEDAVG,
+    FEDERATED,
     FLEXMOE,
     NO_BIAS,
     OWNER_TEXT_TUNED,
@@ -251,11 +253,12 @@ def demo_report(
         _how_made(results, evaluation),
         f"Model names: {describe(list(evaluation.models))}",
         markdown(evaluation),
+        _federated_section(results.get("federated"), evaluation),
         _opt_out_section(results["opt_out"]),
         _audit_section(results["audit"], results),
         _curve_section(history),
     ]
-    return "\n\n".join(part.strip() for part in parts) + "\n"
+    return "\n\n".join(part.strip() for part in parts if part.strip()) + "\n"
 
 
 def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
@@ -299,6 +302,56 @@ but a bound on every lever that changes only the router.
 - anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
 - unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
   (every parameter trained), as many tokens as the four experts together
+
+"""
+
+
+def _federated_section(fed: dict[str, Any] | None, evaluation: Evaluation) -> str:
+    """``flexmoe:federated`` and ``fedavg`` against the untuned merge and btm, and the bytes
+    each owner sent per round."""
+    if not fed or FEDERATED not in evaluation.models or "public" not in evaluation.domains:
+        return ""
+    rows = []
+    for name in (FLEXMOE, FEDERATED, FEDAVG, BTM):
+        if name in evaluation.models:
+            average = evaluation.average(name)
+            rows.append(
+                f"| {name} | {average:.4f} | "
+                f"{_pct(average, evaluation.average(FLEXMOE))} | "
+                f"{_pct(average, evaluation.average(BTM))} | "
+                f"{evaluation.bpb(name, 'public'):.4f} |"
+            )
+    sent = "\n".join(
+        f"| {r['round']} | {phase} | "
+        + ", ".join(f"{o} {b / 1e6:.2f} MB" for o, b in sorted(r["bytes_sent"].items()))
+        + " |"
+        for kind, per_round in (("rounds", fed["per_round"]), ("fedavg", fed["fedavg_per_round"]))
+        for r in per_round
+        for phase in ["+".join(r["phases"]) if kind == "rounds" else "fedavg (dense)"]
+    )
+    table = "\n".join(rows)
+    return f"""## Federated rounds (Flower)
+
+`{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
+specialist, which btm uses, trained {fed["specialist_steps"]}), the experts were merged, and
+{fed["rounds"]} federated rounds followed on Flower (`flexmoe fed simulate`, every owner a client
+on this machine, its text read by its own client only). In each round every owner refined its
+own slot ({fed["slot_steps"]} steps: its expert and its router row, everything else frozen) and
+sent it as a package, then trained the router rows ({fed["router_steps"]} steps, every expert
+frozen) and sent the change; the coordinator checked and took the slots and added the
+token-weighted average of the changes. Each owner's steps in all: {fed["owner_steps"]}, the same
+as its specialist's. `{FEDAVG}`: the anchor's dense model trained by FedAvg through the same
+Flower code, {fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps per owner.
+
+| model | average bpb | vs {FLEXMOE} | vs {BTM} | public |
+| --- | ---: | ---: | ---: | ---: |
+{table}
+
+Bytes each owner sent, per round and phase:
+
+| round | phase | sent |
+| --- | --- | --- |
+{sent}
 
 """
 

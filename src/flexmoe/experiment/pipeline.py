@@ -41,6 +41,7 @@ from flexmoe.evaluate.registry import (
 from flexmoe.evaluate.report import DP_RESULTS, plot_files
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
+from flexmoe.experiment.federated import federated_stages
 from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
@@ -157,7 +158,22 @@ def run_demo(
         unrestricted_dir, anchor_dir, owners, specs, settings, device, run.tokens, log
     )
     run.stage("unrestricted")
-    evaluation = run.evaluate(anchor_dir, package_dirs, merged_dir, unrestricted_dir, extra)
+    federated = federated_stages(
+        out,
+        anchor_dir,
+        owners,
+        specs,
+        settings,
+        lambda root, changed: _train_experts(
+            root, "[federated]", owners, anchor_dir, run.corpora, changed, device, run.tokens, log
+        ),
+        device,
+        run.tokens,
+        log,
+    )
+    run.stage("federated")
+    models = {**extra, **federated.models}
+    evaluation = run.evaluate(anchor_dir, package_dirs, merged_dir, unrestricted_dir, models)
     opt_out, audit = run.opt_out_and_audit(anchor_dir, package_dirs, merged_dir)
     results = {
         "settings": _settings_record(
@@ -167,6 +183,7 @@ def run_demo(
         "experts": experts,
         "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
+        "federated": federated.record,
         "opt_out": opt_out,
         "audit": audit,
         **run.timing(),

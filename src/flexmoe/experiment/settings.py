@@ -17,6 +17,24 @@ SETTINGS_FILE = Path(__file__).with_name("settings.json")
 
 
 @dataclass(frozen=True)
+class FederatedSettings:
+    """The federated stage: each owner's first training (shorter than its specialist's), then
+    rounds, so that its steps in all equal the specialist's; and the fedavg baseline."""
+
+    expert_steps: int  # each owner's first training, alone
+    rounds: int
+    slot: TrainConfig  # each owner's local training in a slot phase
+    router: TrainConfig  # ... and in a router phase
+    fedavg_rounds: int
+    fedavg: TrainConfig  # each owner's local training of the dense model per fedavg round
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FederatedSettings:
+        configs = {k: TrainConfig.from_dict(data[k]) for k in ("slot", "router", "fedavg")}
+        return cls(**{**data, **configs})
+
+
+@dataclass(frozen=True)
 class DemoSettings:
     vocab_size: int
     anchor: TrainConfig
@@ -27,6 +45,7 @@ class DemoSettings:
     proxy_documents: int  # public documents each owner picks as its router-tuning proxies
     proxy_bytes: int  # the ablation that hands over owner text: bytes of it per domain
     ceiling_steps: int  # the router-ceiling ablation: router steps on the scored text itself
+    federated: FederatedSettings
     top_k: int = DEFAULT_TOP_K  # experts active per token in the merged model (of 5)
 
     @classmethod
@@ -43,6 +62,7 @@ class DemoSettings:
                     "expert": TrainConfig.from_dict(data["expert"]),
                     "tune": TrainConfig.from_dict(data["tune"]),
                     "audit": AuditSettings(**data["audit"]),
+                    "federated": FederatedSettings.from_dict(data["federated"]),
                 }
             )
         except (KeyError, TypeError) as e:

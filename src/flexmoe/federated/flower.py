@@ -11,7 +11,6 @@ the coordinator then receives only the token-weighted average of the row changes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -47,24 +47,24 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
+from flexmoe.anchor import load_anchor
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
-from flexmoe.expert.signing import SIGNATURE_FILE
-from flexmoe.federated.owner import (
-    Kind,
-    ModelState,
-    OwnerText,
-    RoundTask,
-    router_update,
-    slot_update,
+from flexmoe.federated.dense import dense_update
+from flexmoe.federated.messages import (
+    KINDS,
+    Config,
+    decode_dense,
+    decode_task,
+    package_arrays,
+    read_task,
+    write_package_arrays,
 )
-from flexmoe.federated.rounds import Coordinator
+from flexmoe.federated.owner import Kind, OwnerText, RoundTask, router_update, slot_update
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import FederatedRound
 from flexmoe.model.checkpoint import stored_dtype
 from flexmoe.training.config import TrainConfig
-
-PACKAGE_FILES = (MANIFEST_FILE, TENSORS_FILE, SIGNATURE_FILE)
+from flexmoe.training.loop import TrainResult
 
 
 @dataclass(frozen=True)
@@ -76,86 +76,23 @@ class RoundPlan:
     slot: TrainConfig
     router: TrainConfig
     secagg: bool = False
+    dense: TrainConfig | None = None  # the fedavg baseline's local training
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise FlexMoEError("--rounds", f"must be at least 1, got {self.rounds}")
-        if not self.phases or any(p not in ("slot", "router") for p in self.phases):
-            raise FlexMoEError("--recipe", f"phases must be slot and/or router, got {self.phases}")
+        if not self.phases or any(p not in KINDS for p in self.phases):
+            raise FlexMoEError("--recipe", f"phases must be slot, router or dense: {self.phases}")
 
     def cfg(self, kind: Kind) -> TrainConfig:
+        if kind == "dense":
+            return self.dense or self.router
         return self.slot if kind == "slot" else self.router
 
     def max_tokens(self) -> int:
-        """The most tokens one owner trains on in a router phase (SecAgg+'s weight bound)."""
-        return self.router.steps * self.router.batch_size * self.router.seq_len
-
-
-# --- what travels -----------------------------------------------------------------------
-
-
-def encode_task(state: ModelState, task: RoundTask) -> tuple[list[np.ndarray], dict[str, Scalar]]:
-    """The state as arrays (the rows, then each refined slot's tensors in key order) and the
-    task as config."""
-    arrays = [state.rows.numpy()]
-    layout = {}
-    for name in sorted(state.slots):
-        keys = sorted(state.slots[name])
-        layout[name] = keys
-        arrays += [state.slots[name][k].float().numpy() for k in keys]
-    config: dict[str, Scalar] = {
-        "kind": task.kind,
-        "round": task.round,
-        "cfg": json.dumps(task.cfg.to_dict()),
-        "excluded": json.dumps(sorted(task.excluded)),
-        "slots": json.dumps(layout),
-    }
-    return arrays, config
-
-
-def decode_task(
-    arrays: list[np.ndarray], config: dict[str, Scalar], dtype: torch.dtype
-) -> tuple[ModelState, RoundTask]:
-    """The inverse of :func:`encode_task`; slot tensors back in ``dtype`` (the model's)."""
-    rows = torch.from_numpy(np.array(arrays[0], dtype=np.float32))
-    layout: dict[str, list[str]] = json.loads(str(config["slots"]))
-    slots, at = {}, 1
-    for name, keys in layout.items():
-        slots[name] = {
-            k: torch.from_numpy(np.array(arrays[at + i])).to(dtype) for i, k in enumerate(keys)
-        }
-        at += len(keys)
-    kind = str(config["kind"])
-    if kind not in ("slot", "router"):
-        raise FlexMoEError("round", f"unknown kind of work {kind!r}")
-    task = RoundTask(
-        kind=kind,  # type: ignore[arg-type]
-        round=int(config["round"]),
-        cfg=TrainConfig.from_dict(json.loads(str(config["cfg"]))),
-        excluded=frozenset(json.loads(str(config["excluded"]))),
-    )
-    return ModelState(rows=rows, slots=slots), task
-
-
-def package_arrays(directory: Path) -> list[np.ndarray]:
-    """A package's files as byte arrays, in :data:`PACKAGE_FILES` order (empty if absent)."""
-    out = []
-    for name in PACKAGE_FILES:
-        path = directory / name
-        data = path.read_bytes() if path.is_file() else b""
-        out.append(np.frombuffer(data, dtype=np.uint8))
-    return out
-
-
-def write_package_arrays(arrays: list[np.ndarray], directory: Path) -> Path:
-    """The files of :func:`package_arrays` written back into ``directory``."""
-    if len(arrays) != len(PACKAGE_FILES):
-        raise FlexMoEError("slot round", f"a slot reply of {len(arrays)} arrays, not a package")
-    directory.mkdir(parents=True)
-    for name, data in zip(PACKAGE_FILES, arrays, strict=True):
-        if data.size:
-            (directory / name).write_bytes(np.asarray(data, dtype=np.uint8).tobytes())
-    return directory
+        """The most tokens one owner trains on in an averaged phase (SecAgg+'s weight bound)."""
+        cfgs = [self.cfg(k) for k in self.phases if k != "slot"] or [self.router]
+        return max(c.steps * c.batch_size * c.seq_len for c in cfgs)
 
 
 # --- the owner's side -------------------------------------------------------------------
@@ -172,35 +109,53 @@ class OwnerClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        merged = MergedModel.open(self.model)
-        state, task = decode_task(parameters, config, stored_dtype(merged.config()))
+        task = read_task(config)
         name = self.text.name
         if name in task.excluded:
             return [], 0, {"owner": name, "skipped": 1}
+        if task.kind == "dense":
+            anchor = load_anchor(self.model)
+            changes, result = dense_update(
+                anchor,
+                decode_dense(parameters, config),
+                task,
+                self.text,
+                device=self.device,
+                cache_dir=self.cache_dir,
+            )
+            arrays = [changes[k].numpy() for k in sorted(changes)]
+        else:
+            arrays, result = self._merged_work(parameters, config)
+        metrics: dict[str, Scalar] = {
+            "owner": name,
+            "loss": result.final_train_loss,
+            "bytes": sum(a.nbytes for a in arrays),
+        }
+        return arrays, result.tokens, metrics
+
+    def _merged_work(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], TrainResult]:
+        """A router update or the owner's slot, on its copy of the merged model."""
+        merged = MergedModel.open(self.model)
+        state, task = decode_task(parameters, config, stored_dtype(merged.config()))
         if task.kind == "router":
             change, result = router_update(
                 merged, state, task, self.text, device=self.device, cache_dir=self.cache_dir
             )
-            arrays = [change.numpy()]
-        else:
-            with tempfile.TemporaryDirectory() as work:
-                result = slot_update(
-                    merged,
-                    state,
-                    task,
-                    self.text,
-                    Path(work) / "package",
-                    device=self.device,
-                    cache_dir=self.cache_dir,
-                )
-                arrays = package_arrays(Path(work) / "package")
-        sent = sum(a.nbytes for a in arrays)
-        metrics: dict[str, Scalar] = {
-            "owner": name,
-            "loss": result.final_train_loss,
-            "bytes": sent,
-        }
-        return arrays, result.tokens, metrics
+            return [change.numpy()], result
+        with tempfile.TemporaryDirectory() as work:
+            package = Path(work) / "package"
+            result = slot_update(
+                merged,
+                state,
+                task,
+                self.text,
+                package,
+                device=self.device,
+                cache_dir=self.cache_dir,
+            )
+            return package_arrays(package), result
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
@@ -225,12 +180,42 @@ def owner_app(
 # --- the coordinator's side -------------------------------------------------------------
 
 
+class RoundCoordinator(Protocol):
+    """What the rounds need of the coordinator's state: the merged model's
+    (:class:`~flexmoe.federated.rounds.Coordinator`) or the dense baseline's
+    (:class:`~flexmoe.federated.dense.DenseCoordinator`)."""
+
+    excluded: frozenset[str]
+
+    @property
+    def model_path(self) -> Path: ...
+
+    @property
+    def first_round(self) -> int: ...
+
+    def task(self, kind: Kind, round: int, cfg: TrainConfig) -> RoundTask: ...
+
+    def message(self, task: RoundTask) -> tuple[list[np.ndarray], Config]: ...
+
+    def take_updates(
+        self, round: int, updates: dict[str, tuple[list[np.ndarray], int]]
+    ) -> None: ...
+
+    def take_average(
+        self, round: int, average: list[np.ndarray], participants: list[str]
+    ) -> None: ...
+
+    def take_slots(self, round: int, packages: dict[str, Path]) -> None: ...
+
+    def log_round(self, entry: FederatedRound) -> None: ...
+
+
 class RoundStrategy(FedAvg):
     """Sends each phase's task to every owner that is there and takes what comes back."""
 
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: RoundCoordinator,
         plan: RoundPlan,
         owners: int,
         *,
@@ -266,7 +251,7 @@ class RoundStrategy(FedAvg):
         if not clients:
             raise FlexMoEError("round", f"round {number}: no owner is connected")
         task = self.coordinator.task(kind, number, self.plan.cfg(kind))
-        arrays, config = encode_task(self.coordinator.state, task)
+        arrays, config = self.coordinator.message(task)
         fit = FitIns(ndarrays_to_parameters(arrays), config)
         return [(client, fit) for client in clients]
 
@@ -287,32 +272,21 @@ class RoundStrategy(FedAvg):
         if not replies:
             first = f" (first: {self.reasons[kind][0]})" if failures else ""
             raise FlexMoEError("round", f"round {number} ({kind}): every owner failed{first}")
-        if kind == "router" and self.plan.secagg:
-            average = parameters_to_ndarrays(replies[0].parameters)[0]  # the same in every reply
-            self.coordinator.take_average(
-                number, torch.from_numpy(np.asarray(average, dtype=np.float32)), owners
-            )
-        elif kind == "router":
-            self.coordinator.take_router(
-                number,
-                {
-                    str(r.metrics["owner"]): (
-                        torch.from_numpy(parameters_to_ndarrays(r.parameters)[0].copy()),
-                        r.num_examples,
-                    )
-                    for r in replies
-                },
-            )
-        else:
+        arrays = {str(r.metrics["owner"]): parameters_to_ndarrays(r.parameters) for r in replies}
+        if kind == "slot":
             with tempfile.TemporaryDirectory() as work:
                 packages = {
-                    str(r.metrics["owner"]): write_package_arrays(
-                        parameters_to_ndarrays(r.parameters),
-                        Path(work) / str(r.metrics["owner"]),
-                    )
-                    for r in replies
+                    owner: write_package_arrays(found, Path(work) / owner)
+                    for owner, found in arrays.items()
                 }
                 self.coordinator.take_slots(number, packages)
+        elif self.plan.secagg:  # every reply holds the same: the average
+            self.coordinator.take_average(number, arrays[owners[0]], owners)
+        else:
+            tokens = {str(r.metrics["owner"]): r.num_examples for r in replies}
+            self.coordinator.take_updates(
+                number, {owner: (found, tokens[owner]) for owner, found in arrays.items()}
+            )
         return None, {}
 
 
@@ -325,7 +299,7 @@ def _reason(failure: object) -> str:
 
 
 def coordinator_app(
-    coordinator: Coordinator,
+    coordinator: RoundCoordinator,
     plan: RoundPlan,
     owners: int,
     log: Callable[[str], None],
@@ -359,7 +333,7 @@ def _run_rounds(
     grid: Grid,
     legacy: LegacyContext,
     strategy: RoundStrategy,
-    coordinator: Coordinator,
+    coordinator: RoundCoordinator,
     plan: RoundPlan,
     log: Callable[[str], None],
 ) -> None:
@@ -377,7 +351,7 @@ def _run_rounds(
             config[Key.CURRENT_ROUND] = step
             strategy.phase = (kind, number)
             started = time.perf_counter()
-            if kind == "router" and plan.secagg:
+            if kind != "slot" and plan.secagg:
                 secagg(grid, legacy)
             else:
                 default_fit_workflow(grid, legacy)
@@ -408,7 +382,7 @@ def _run_rounds(
 
 
 def simulate(
-    coordinator: Coordinator,
+    coordinator: RoundCoordinator,
     texts: list[OwnerText],
     plan: RoundPlan,
     *,
@@ -423,7 +397,7 @@ def simulate(
 
     errors: list[BaseException] = []
     server = coordinator_app(coordinator, plan, len(texts), log, errors)
-    client = owner_app(coordinator.merged.path, texts, device, cache_dir)
+    client = owner_app(coordinator.model_path, texts, device, cache_dir)
     gpus = 1.0 if device.type == "cuda" else 0.0
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
@@ -49,7 +50,7 @@ from flexmoe.model.checkpoint import moe_layers, stored_dtype
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, train
 
-Kind = Literal["router", "slot"]
+Kind = Literal["router", "slot", "dense"]
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class OwnerText:
     public_fraction: float = 0.25
     key: Path | None = None  # the owner's signing key, for its slot packages
 
-    def stream(self, merged: MergedModel, seq_len: int, cache_dir: Path | None) -> TokenStream:
+    def stream(
+        self, tokenizer: PreTrainedTokenizerBase, seq_len: int, cache_dir: Path | None
+    ) -> TokenStream:
         """The training split of the owner's files, with the public share mixed in."""
         where = ",".join(p for s in self.data for p in s.paths)
-        tokenizer = merged.tokenizer()
         docs = load_splits(list(self.data)).train
         if not docs:
             raise FlexMoEError(where, "no training documents")
@@ -142,9 +144,9 @@ def _trainable(param: torch.nn.Parameter) -> None:
     param.requires_grad_(True)
 
 
-def _train_locally(
+def train_locally(
     model: torch.nn.Module,
-    merged: MergedModel,
+    tokenizer: PreTrainedTokenizerBase,
     task: RoundTask,
     text: OwnerText,
     device: torch.device,
@@ -154,13 +156,13 @@ def _train_locally(
     cfg = task.seeded(text.name)
     return train(
         model,
-        train_stream=text.stream(merged, cfg.seq_len, cache_dir),
+        train_stream=text.stream(tokenizer, cfg.seq_len, cache_dir),
         val_stream=None,
         cfg=cfg,
         device=device,
         progress=False,
         desc=f"{task.kind} round {task.round} ({text.name})",
-        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+        aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 and moe_layers(model) else None,
     )
 
 
@@ -182,7 +184,7 @@ def router_update(
             if on:
                 _trainable(row)
     before = stacked_rows(model)
-    result = _train_locally(model, merged, task, text, device, cache_dir)
+    result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
     return stacked_rows(model) - before, result
 
 
@@ -210,7 +212,7 @@ def slot_update(
         for param in moe.experts[index].parameters():
             _trainable(param)
         _trainable(moe.router.rows[index])
-    result = _train_locally(model, merged, task, text, device, cache_dir)
+    result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
     dtype = stored_dtype(merged.config(table))
     tensors = expert_tensors(
         model.state_dict(), num_layers=len(moe_layers(model)), slot=index, dtype=dtype

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
+from flexmoe.federated.messages import Config, encode_task
 from flexmoe.federated.owner import Kind, ModelState, RoundTask
 from flexmoe.io import sha256_file
 from flexmoe.merge.build import slot_entry
@@ -130,6 +132,10 @@ def revert_for_opt_out(model: Path, *, progress: bool = False) -> Federation | N
         coordinator = Coordinator(merged, Path(work), excluded=excluded)
         coordinator.write(merged.path, progress=progress)
     return coordinator.record
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 def _rows_of(sources: dict[str, TensorSource], layers: int) -> torch.Tensor:
@@ -253,6 +259,24 @@ class Coordinator:
             }
         )
 
+    @property
+    def model_path(self) -> Path:
+        """The model each owner holds a copy of."""
+        return self.merged.path
+
+    def message(self, task: RoundTask) -> tuple[list[np.ndarray], Config]:
+        return encode_task(self.state, task)
+
+    def take_updates(self, round: int, updates: dict[str, tuple[list[np.ndarray], int]]) -> None:
+        """The owners' replies to a router phase: their row changes and token counts."""
+        self.take_router(
+            round,
+            {
+                n: (torch.from_numpy(np.array(a[0], dtype=np.float32)), t)
+                for n, (a, t) in updates.items()
+            },
+        )
+
     def take_router(self, round: int, updates: dict[str, tuple[torch.Tensor, int]]) -> None:
         """Average the owners' row changes (``name -> (change, tokens)``), weighted by tokens,
         in the order of the names; add the average to the rows."""
@@ -263,10 +287,18 @@ class Coordinator:
         for name in sorted(updates):
             change, tokens = updates[name]
             average += change.float() * (tokens / total)
-        self.take_average(round, average, sorted(updates))
+        self.add_average(round, average, sorted(updates))
 
-    def take_average(self, round: int, average: torch.Tensor, participants: list[str]) -> None:
-        """Add an average of row changes (computed here or by secure aggregation)."""
+    def take_average(self, round: int, average: list[np.ndarray], participants: list[str]) -> None:
+        """The average of the owners' row changes, as secure aggregation gives it."""
+        if len(average) != 1:
+            raise FlexMoEError("router round", f"an average of {len(average)} arrays, not 1")
+        self.add_average(
+            round, torch.from_numpy(np.array(average[0], dtype=np.float32)), participants
+        )
+
+    def add_average(self, round: int, average: torch.Tensor, participants: list[str]) -> None:
+        """Add an average of row changes to the rows: a new router version."""
         if average.shape != self.state.rows.shape:
             raise FlexMoEError("router round", f"an update of shape {tuple(average.shape)}")
         if not torch.isfinite(average).all():

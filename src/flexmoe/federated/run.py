@@ -14,7 +14,7 @@ import torch
 from flexmoe.data.documents import DataSpec, expand_paths
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import name_key
-from flexmoe.federated.flower import RoundPlan, simulate
+from flexmoe.federated.flower import RoundCoordinator, RoundPlan, simulate
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.rounds import Coordinator
 from flexmoe.merge.layout import MergedModel
@@ -30,7 +30,7 @@ class Runner(Protocol):
 
     def __call__(
         self,
-        coordinator: Coordinator,
+        coordinator: RoundCoordinator,
         texts: list[OwnerText],
         plan: RoundPlan,
         *,
@@ -100,6 +100,8 @@ def federate(
     Owners that opted out take no part and no token routes to their experts; the rounds start
     from the newest versions they never shaped.
     """
+    if any(p not in ("slot", "router") for p in plan.phases):
+        raise FlexMoEError("--recipe", f"phases must be slot and/or router, got {plan.phases}")
     merged = MergedModel.open(model)
     out = Path(out)
     if out.resolve() == merged.path.resolve():
@@ -116,3 +118,37 @@ def federate(
         runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
         coordinator.write(out, progress=progress)
     return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
+
+
+def fedavg(
+    anchor: Path,
+    texts: list[OwnerText],
+    plan: RoundPlan,
+    out: Path,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    debug: bool = False,
+    runner: Runner = simulate,
+) -> Path:
+    """The ``fedavg`` baseline: ``plan.rounds`` rounds of FedAvg on the anchor's dense model,
+    each owner training every parameter on its own text at home (``plan.dense``)."""
+    from flexmoe.federated.dense import DenseCoordinator
+
+    out = Path(out)
+    if plan.phases != ("dense",):
+        raise FlexMoEError("fedavg", f"its rounds have one dense phase, not {plan.phases}")
+    if out.exists() and not overwrite:
+        raise FlexMoEError(out, "already exists; choose another --out or pass --force")
+    if not texts:
+        raise FlexMoEError("--owner", "give at least one NAME=FILES")
+    if len({name_key(t.name) for t in texts}) != len(texts):
+        raise FlexMoEError("--owner", "an owner is given twice")
+    for text in texts:
+        _check_files(text.data)
+        _check_files(text.public)
+    coordinator = DenseCoordinator(anchor)
+    runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
+    return coordinator.write(out, plan.cfg("dense"), overwrite=overwrite)

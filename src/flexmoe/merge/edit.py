@@ -103,6 +103,7 @@ def add_expert(
     model, package_dir = MergedModel.open(model_dir), Path(package_dir)
     target = edit_target(model.path, out, overwrite)
     table = model.table()
+    _refuse_federated(model, table)
     config, sources = model.config(table), model.sources()
     slot = checked_package(table, config, sources, package_dir, registry, replace)
     layers = config.num_hidden_layers
@@ -172,6 +173,17 @@ def checked_package(
         manifest=m,
         signer=package.signer,
     )
+
+
+def _refuse_federated(model: MergedModel, table: SlotTable) -> None:
+    """Federated rounds keep versions of every slot and router row of this very set of
+    experts; an edit would leave them describing another model."""
+    if table.federation is not None:
+        raise FlexMoEError(
+            model.path,
+            "federated rounds changed this model; merge again, or send a new version of a slot "
+            "through `flexmoe fed simulate`",
+        )
 
 
 def _replaced_slot(table: SlotTable, name: str, package_dir: Path, m: ExpertManifest) -> int:
@@ -294,6 +306,7 @@ def remove_expert(
     model = MergedModel.open(model_dir)
     target = edit_target(model.path, out, overwrite)
     table = model.table()
+    _refuse_federated(model, table)
     config, sources = model.config(table), model.sources()
     slots = table.slots
     index = table.index_of(name)

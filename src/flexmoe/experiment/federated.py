@@ -1,0 +1,117 @@
+"""The demo's federated stages: ``flexmoe:federated`` at the specialists' compute, and the
+``fedavg`` baseline, both on Flower with every owner a client on this machine.
+
+``flexmoe:federated``: each owner trains its expert alone for ``expert_steps`` (fewer than its
+specialist's), the experts are merged, and ``rounds`` federated rounds of slot and router phases
+follow, so that each owner's steps in all equal its specialist's. ``fedavg``: the anchor's dense
+model trained by FedAvg with as many tokens per owner as its expert's training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexmoe.data.documents import DataSpec
+from flexmoe.experiment.corpora import DemoDomain
+from flexmoe.experiment.settings import DemoSettings
+from flexmoe.federated.dense import RECORD_FILE
+from flexmoe.federated.flower import RoundPlan
+from flexmoe.federated.owner import OwnerText
+from flexmoe.federated.run import fedavg, federate
+from flexmoe.io import read_json
+from flexmoe.merge.build import build_merged
+from flexmoe.merge.plan import plan_merge
+
+
+@dataclass(frozen=True)
+class FederatedStages:
+    models: dict[str, Path]  # registry name -> directory, for the evaluation
+    record: dict[str, Any]  # for results.json and the report
+
+
+def owner_texts(owners: tuple[DemoDomain, ...], specs: dict[str, DataSpec]) -> list[OwnerText]:
+    """Each owner's own corpus, with the public corpus as its public share."""
+    return [OwnerText(d.name, (specs[d.name],), (specs["public"],)) for d in owners]
+
+
+def federated_stages(
+    out: Path,
+    anchor_dir: Path,
+    owners: tuple[DemoDomain, ...],
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    train_experts: Callable[[Path, DemoSettings], list[Path]],
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+) -> FederatedStages:
+    """Both stages into ``out/federated`` and ``out/fedavg``; ``train_experts(root, settings)``
+    trains every owner's expert as the demo does."""
+    fed = settings.federated
+    root = out / "federated"
+    first = replace(
+        settings.expert,
+        steps=fed.expert_steps,
+        warmup_steps=max(
+            1, settings.expert.warmup_steps * fed.expert_steps // settings.expert.steps
+        ),
+        eval_every=0,
+        checkpoint_every=0,
+    )
+    log(
+        f"[federated] each owner's expert trained for {fed.expert_steps} steps alone, then "
+        f"{fed.rounds} rounds of {fed.slot.steps} slot and {fed.router.steps} router steps "
+        f"(Flower, every owner a client) -> {root}"
+    )
+    packages = train_experts(root / "experts", replace(settings, expert=first))
+    merged = root / "merged"
+    build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
+    texts = owner_texts(owners, specs)
+    plan = RoundPlan(fed.rounds, ("slot", "router"), fed.slot, fed.router)
+    result = federate(
+        merged,
+        texts,
+        plan,
+        root / "model",
+        device=device,
+        cache_dir=tokens,
+        overwrite=True,
+        log=log,
+        progress=False,
+    )
+    fedavg_dir = out / "fedavg"
+    log(
+        f"[federated] the fedavg baseline: the anchor's dense model, {fed.fedavg_rounds} FedAvg "
+        f"rounds of {fed.fedavg.steps} local steps per owner -> {fedavg_dir}"
+    )
+    dense = RoundPlan(fed.fedavg_rounds, ("dense",), fed.slot, fed.router, dense=fed.fedavg)
+    fedavg(
+        anchor_dir,
+        texts,
+        dense,
+        fedavg_dir,
+        device=device,
+        cache_dir=tokens,
+        overwrite=True,
+        log=log,
+    )
+    per_round = [r.model_dump(mode="json") for r in result.record.rounds]
+    dense_record = read_json(fedavg_dir / RECORD_FILE)
+    record = {
+        "expert_steps": fed.expert_steps,
+        "rounds": fed.rounds,
+        "slot_steps": fed.slot.steps,
+        "router_steps": fed.router.steps,
+        "owner_steps": fed.expert_steps + fed.rounds * (fed.slot.steps + fed.router.steps),
+        "specialist_steps": settings.expert.steps,
+        "per_round": per_round,
+        "fedavg_rounds": fed.fedavg_rounds,
+        "fedavg_steps": fed.fedavg.steps,
+        "fedavg_per_round": dense_record["rounds"],
+    }
+    return FederatedStages({"flexmoe:federated": root / "model", "fedavg": fedavg_dir}, record)

@@ -1,0 +1,115 @@
+"""What travels in a round, as Flower carries it: arrays and a flat config of scalars.
+
+The coordinator sends the model's state (:func:`encode_task`, or the dense model's for the
+``fedavg`` baseline) and the task; an owner replies with its update, or with its slot package as
+byte arrays (:func:`package_arrays`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexmoe.errors import FlexMoEError
+from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.signing import SIGNATURE_FILE
+from flexmoe.federated.owner import ModelState, RoundTask
+from flexmoe.training.config import TrainConfig
+
+PACKAGE_FILES = (MANIFEST_FILE, TENSORS_FILE, SIGNATURE_FILE)
+KINDS = ("slot", "router", "dense")
+Arrays = list[np.ndarray]
+Updates = dict[str, tuple[Arrays, int]]  # owner -> (its arrays, the tokens it trained on)
+Config = dict[str, bool | bytes | float | int | str]  # Flower's config values
+
+
+def task_config(task: RoundTask) -> Config:
+    """The task as Flower config."""
+    return {
+        "kind": task.kind,
+        "round": task.round,
+        "cfg": json.dumps(task.cfg.to_dict()),
+        "excluded": json.dumps(sorted(task.excluded)),
+    }
+
+
+def read_task(config: Config) -> RoundTask:
+    """The inverse of :func:`task_config`."""
+    kind = str(config["kind"])
+    if kind not in KINDS:
+        raise FlexMoEError("round", f"unknown kind of work {kind!r}")
+    return RoundTask(
+        kind=kind,  # type: ignore[arg-type]
+        round=int(config["round"]),
+        cfg=TrainConfig.from_dict(json.loads(str(config["cfg"]))),
+        excluded=frozenset(json.loads(str(config["excluded"]))),
+    )
+
+
+def encode_task(state: ModelState, task: RoundTask) -> tuple[list[np.ndarray], Config]:
+    """The state as arrays (the rows, then each refined slot's tensors in key order) and the
+    task as config."""
+    arrays = [state.rows.numpy()]
+    layout = {}
+    for name in sorted(state.slots):
+        keys = sorted(state.slots[name])
+        layout[name] = keys
+        arrays += [state.slots[name][k].float().numpy() for k in keys]
+    return arrays, {**task_config(task), "slots": json.dumps(layout)}
+
+
+def decode_task(
+    arrays: list[np.ndarray], config: Config, dtype: torch.dtype
+) -> tuple[ModelState, RoundTask]:
+    """The inverse of :func:`encode_task`; slot tensors back in ``dtype`` (the model's)."""
+    rows = torch.from_numpy(np.array(arrays[0], dtype=np.float32))
+    layout: dict[str, list[str]] = json.loads(str(config["slots"]))
+    slots, at = {}, 1
+    for name, keys in layout.items():
+        slots[name] = {
+            k: torch.from_numpy(np.array(arrays[at + i])).to(dtype) for i, k in enumerate(keys)
+        }
+        at += len(keys)
+    return ModelState(rows=rows, slots=slots), read_task(config)
+
+
+def package_arrays(directory: Path) -> list[np.ndarray]:
+    """A package's files as byte arrays, in :data:`PACKAGE_FILES` order (empty if absent)."""
+    out = []
+    for name in PACKAGE_FILES:
+        path = directory / name
+        data = path.read_bytes() if path.is_file() else b""
+        out.append(np.frombuffer(data, dtype=np.uint8))
+    return out
+
+
+def write_package_arrays(arrays: list[np.ndarray], directory: Path) -> Path:
+    """The files of :func:`package_arrays` written back into ``directory``."""
+    if len(arrays) != len(PACKAGE_FILES):
+        raise FlexMoEError("slot round", f"a slot reply of {len(arrays)} arrays, not a package")
+    directory.mkdir(parents=True)
+    for name, data in zip(PACKAGE_FILES, arrays, strict=True):
+        if data.size:
+            (directory / name).write_bytes(np.asarray(data, dtype=np.uint8).tobytes())
+    return directory
+
+
+def encode_dense(
+    state: dict[str, torch.Tensor], task: RoundTask
+) -> tuple[list[np.ndarray], Config]:
+    """A dense model's state as arrays, its names in sorted order."""
+    keys = sorted(state)
+    return [state[k].numpy() for k in keys], {**task_config(task), "keys": json.dumps(keys)}
+
+
+def decode_dense(arrays: list[np.ndarray], config: Config) -> dict[str, torch.Tensor]:
+    keys: list[str] = json.loads(str(config["keys"]))
+    if len(keys) != len(arrays):
+        raise FlexMoEError("round", f"{len(arrays)} arrays for {len(keys)} tensors")
+    return {
+        k: torch.from_numpy(np.array(a, dtype=np.float32))
+        for k, a in zip(keys, arrays, strict=True)
+    }
