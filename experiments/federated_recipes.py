@@ -94,6 +94,11 @@ def main() -> None:
     parser.add_argument("--slot-lr", type=float, default=FULL.expert.lr)
     parser.add_argument("--router-lr", type=float, default=FULL.tune.lr)
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
+    parser.add_argument(
+        "--no-slot-row",
+        action="store_true",
+        help="slot phases train the expert only, not its router row",
+    )
     args = parser.parse_args()
     corpora = corpus_set(args.corpora)
     folder = corpora_dir(args.cache_dir, corpora)
@@ -165,16 +170,31 @@ def main() -> None:
                 **common,
             ),  # type: ignore[arg-type]
         )
-        out = args.run / "federated-recipes" / recipe.replace(":", "-")
+        out = (
+            args.run
+            / "federated-recipes"
+            / (recipe.replace(":", "-") + "-no-row" * args.no_slot_row + "-sgd" * args.router_sgd)
+        )
         started = time.perf_counter()
         federate(
-            merged, texts, plan, out, device=CPU, cache_dir=tokens, overwrite=True, progress=False
+            merged,
+            texts,
+            plan,
+            out,
+            device=CPU,
+            cache_dir=tokens,
+            overwrite=True,
+            progress=False,
+            slot_row=not args.no_slot_row,
+            router_sgd=args.router_sgd,
         )
         bpb = score(out, specs, tokens)
         print(
             json.dumps(
                 {
-                    "recipe": recipe,
+                    "recipe": recipe
+                    + (" (slot phases: expert only)" if args.no_slot_row else "")
+                    + (f" (router: SGD lr {args.router_lr})" if args.router_sgd else ""),
                     "owner_steps": e + r * (s + t),
                     "bpb": bpb,
                     "average": round(sum(bpb.values()) / len(bpb), 4),

@@ -37,7 +37,7 @@ fed_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ROUNDS, RECIPE = 2, "slot,router"
+ROUNDS, RECIPE = 3, "slot,router"
 OwnerOpt = Annotated[
     list[str],
     typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),

@@ -33,6 +33,8 @@ def task_config(task: RoundTask) -> Config:
         "round": task.round,
         "cfg": json.dumps(task.cfg.to_dict()),
         "excluded": json.dumps(sorted(task.excluded)),
+        "slot_row": task.slot_row,
+        "router_sgd": task.router_sgd,
     }
 
 
@@ -46,6 +48,8 @@ def read_task(config: Config) -> RoundTask:
         round=int(config["round"]),
         cfg=TrainConfig.from_dict(json.loads(str(config["cfg"]))),
         excluded=frozenset(json.loads(str(config["excluded"]))),
+        slot_row=bool(config.get("slot_row", True)),
+        router_sgd=bool(config.get("router_sgd", False)),
     )
 
 

@@ -99,6 +99,8 @@ class RoundTask:
     round: int
     cfg: TrainConfig
     excluded: frozenset[str] = frozenset()  # experts no token may route to
+    slot_row: bool = True  # a slot phase also trains the owner's own router row
+    router_sgd: bool = False  # a router phase steps with plain SGD (classic FedAvg), not AdamW
 
     def seeded(self, name: str) -> TrainConfig:
         """The training settings for owner ``name``: its batch order seeded by the round, the
@@ -154,12 +156,17 @@ def train_locally(
 ) -> TrainResult:
     """The task's steps on the owner's text, its batch order the owner's own."""
     cfg = task.seeded(text.name)
+    optimizer = None
+    if task.kind == "router" and task.router_sgd:
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trained, lr=cfg.lr)
     return train(
         model,
         train_stream=text.stream(tokenizer, cfg.seq_len, cache_dir),
         val_stream=None,
         cfg=cfg,
         device=device,
+        optimizer=optimizer,
         progress=False,
         desc=f"{task.kind} round {task.round} ({text.name})",
         aux_loss=router_z_loss(cfg.z_loss) if cfg.z_loss > 0 and moe_layers(model) else None,
@@ -211,7 +218,8 @@ def slot_update(
     for moe in moe_layers(model):
         for param in moe.experts[index].parameters():
             _trainable(param)
-        _trainable(moe.router.rows[index])
+        if task.slot_row:
+            _trainable(moe.router.rows[index])
     result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
     dtype = stored_dtype(merged.config(table))
     tensors = expert_tensors(

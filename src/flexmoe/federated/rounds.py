@@ -154,6 +154,8 @@ class Coordinator:
     work: Path
     registry: KeyRegistry | None = None
     excluded: frozenset[str] = frozenset()
+    slot_row: bool = True  # slot phases also train each owner's own router row
+    router_sgd: bool = False  # router phases step with plain SGD, not AdamW
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
     in_weights: Federation = field(init=False)  # the versions the model's weights hold
@@ -223,7 +225,14 @@ class Coordinator:
         return [s.name for s in self.table.slots[1:] if s.name not in self.excluded]
 
     def task(self, kind: Kind, round: int, cfg: TrainConfig) -> RoundTask:
-        return RoundTask(kind=kind, round=round, cfg=cfg, excluded=self.excluded)
+        return RoundTask(
+            kind=kind,
+            round=round,
+            cfg=cfg,
+            excluded=self.excluded,
+            slot_row=self.slot_row,
+            router_sgd=self.router_sgd,
+        )
 
     def _depends(self, names_: list[str]) -> list[str]:
         """Every expert that the current state and ``names_`` depend on: the active experts

@@ -92,6 +92,8 @@ def federate(
     progress: bool = True,
     debug: bool = False,
     runner: Runner = simulate,
+    slot_row: bool = True,
+    router_sgd: bool = False,
 ) -> FederatedResult:
     """``plan.rounds`` rounds of the owners in ``texts`` on the merged model at ``model``, every
     owner a Flower client on this machine (``runner``); the new model with every version goes
@@ -114,7 +116,7 @@ def federate(
     texts = [replace(t, name=names[name_key(t.name)]) for t in texts]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        coordinator = Coordinator(merged, Path(work), registry, excluded)
+        coordinator = Coordinator(merged, Path(work), registry, excluded, slot_row, router_sgd)
         runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
         coordinator.write(out, progress=progress)
     return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
