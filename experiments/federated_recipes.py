@@ -95,6 +95,11 @@ def main() -> None:
     parser.add_argument("--router-lr", type=float, default=FULL.tune.lr)
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument(
+        "--router-sgd",
+        action="store_true",
+        help="router phases step with plain SGD (use a larger --router-lr)",
+    )
+    parser.add_argument(
         "--no-slot-row",
         action="store_true",
         help="slot phases train the expert only, not its router row",
