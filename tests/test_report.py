@@ -346,3 +346,31 @@ def test_the_demo_report_has_every_section_in_order() -> None:
             assert before.endswith("\n\n") and not before.endswith("\n\n\n")  # one blank line
     assert "top-2 of 3" in text and "| 5 | 5.2000 | 5.3000 |" in text
     assert "| legal | 20.0% | 0.0% |" in text and "- t0 legal opt-out: why" in text
+
+
+def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
+    """With a federated stage, the report has its section: both rows against the untuned
+    merge and btm, public text, and the bytes each owner sent per round."""
+    from flexmoe.experiment.narrative import _federated_section
+
+    evaluation = _results(
+        {"public": 1.0, "code": 2.0, "legal": 2.0},
+        **{
+            "flexmoe:federated": {"public": 0.9, "code": 1.8, "legal": 2.1},
+            "fedavg": {"public": 1.1, "code": 2.4, "legal": 2.4},
+        },
+    )
+    sent = {"code": 2_000_000, "legal": 3_000_000}
+    fed = {
+        "expert_steps": 3, "specialist_steps": 6, "rounds": 1, "slot_steps": 1,
+        "router_steps": 2, "owner_steps": 6, "fedavg_rounds": 2, "fedavg_steps": 3,
+        "per_round": [{"round": 1, "phases": ["slot", "router"], "bytes_sent": sent}],
+        "fedavg_per_round": [{"round": r, "bytes_sent": sent} for r in (1, 2)],
+    }  # fmt: skip
+    text = _federated_section(fed, evaluation)
+    assert text.startswith("## Federated rounds (Flower)")
+    assert "| flexmoe:federated | 1.6000 | -4.0% | -7.7% | 0.9000 |" in text
+    assert "| fedavg | 1.9667 | +18.0% | +13.5% | 1.1000 |" in text
+    assert "| 1 | slot+router | code 2.00 MB, legal 3.00 MB |" in text
+    assert text.count("fedavg (dense)") == 2 and "steps in all: 6" in text
+    assert _federated_section(None, evaluation) == ""
