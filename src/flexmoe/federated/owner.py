@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerBase
+from transformers import FlexOlmoForCausalLM, PreTrainedTokenizerBase
 
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
@@ -45,6 +45,7 @@ from flexmoe.expert.signing import read_private_key
 from flexmoe.expert.train import router_z_loss
 from flexmoe.io import sha256_file, write_json
 from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import SlotTable
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, stored_dtype
 from flexmoe.training.config import TrainConfig
@@ -109,9 +110,16 @@ class RoundTask:
         return replace(self.cfg, seed=seed)
 
 
-def build_model(merged: MergedModel, state: ModelState, task: RoundTask, device: torch.device):  # type: ignore[no-untyped-def]
-    """The merged model at ``state``, every parameter frozen, the excluded experts masked."""
-    table = merged.table()
+def build_model(
+    merged: MergedModel,
+    state: ModelState,
+    task: RoundTask,
+    device: torch.device,
+    table: SlotTable | None = None,
+) -> FlexOlmoForCausalLM:
+    """The merged model at ``state``, every parameter frozen, the excluded experts masked
+    (``table``: the model's slot table, when the caller has read it)."""
+    table = table or merged.table()
     model = merged.load(device=device)
     layers = moe_layers(model)
     if tuple(state.rows.shape) != (len(layers), len(table.slots), model.config.hidden_size):
@@ -185,10 +193,9 @@ def router_update(
     """The change of every active router row after ``task.cfg.steps`` steps on the owner's text
     (every expert frozen): ``(layers, experts, hidden)``, zero for masked experts."""
     model = build_model(merged, state, task, device)
-    active = [s.name not in task.excluded for s in merged.table().slots]
     for moe in moe_layers(model):
-        for row, on in zip(moe.router.rows, active, strict=True):
-            if on:
+        for e, row in enumerate(moe.router.rows):
+            if moe.expert_mask is None or bool(moe.expert_mask[e]):
                 _trainable(row)
     before = stacked_rows(model)
     result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
@@ -214,7 +221,7 @@ def slot_update(
     record = table.slots[index]
     if record.manifest is None:
         raise FlexMoEError(text.name, "the slot has no package manifest")
-    model = build_model(merged, state, task, device)
+    model = build_model(merged, state, task, device, table)
     for moe in moe_layers(model):
         for param in moe.experts[index].parameters():
             _trainable(param)
