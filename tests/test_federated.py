@@ -307,3 +307,112 @@ def test_the_fedavg_baseline_trains_the_dense_anchor_on_flower(
     assert record["rounds"][0]["bytes_sent"] == {"again": floats, "upper": floats}
     listed = _cli("eval", "baselines", "--help")
     assert "fedavg" in listed.stdout and "flexmoe:federated" in listed.stdout
+
+
+ROUND = ("--rounds", "1", "--slot-steps", "2", "--router-steps", "2", "--batch-size", "4",
+         "--seq-len", "32")  # fmt: skip
+
+
+def _flexmoe(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flexmoe", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_deployment_over_loopback_equals_the_simulation(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """`fed serve` (SuperLink + ServerApp) and two `fed join` (SuperNodes) as separate processes
+    over loopback write the same weights, bit for bit, as `fed simulate`; each owner's process
+    leaves by itself after the last phase (--once); no Flower process is left behind."""
+    from flexmoe.federated.deploy import free_port
+
+    public, other = str(corpus_dir / "public.jsonl"), str(corpus_dir / "other.jsonl")
+    address = f"127.0.0.1:{free_port()}"
+    serve = _flexmoe("fed", "serve", str(merged), "--out", str(tmp_path / "deployed"),
+                     "--listen", address, "--wait", "120", *ROUND)  # fmt: skip
+    joining = ("--public-data", public, "--coordinator", address, "--once", "--device", "cpu")
+    owners = [
+        _flexmoe("fed", "join", str(merged), "--owner", f"{name}={data}", *joining)
+        for name, data in (("upper", other), ("again", public))
+    ]
+    try:
+        served = serve.communicate(timeout=400)
+        joined = [o.communicate(timeout=60) for o in owners]
+    finally:
+        for process in (serve, *owners):
+            process.kill()
+    assert serve.returncode == 0, served[1]
+    assert "1 federated rounds (slot,router) with 2 owners" in served[0]
+    assert "round 1 (1/1) router: 2 owners" in served[1]
+    for process, (_, err) in zip(owners, joined, strict=True):
+        assert process.returncode == 0, err
+        assert "round 1 slot: trained on" in err and "rounds are over; leaving" in err
+    done = _cli("fed", "simulate", str(merged), "--owner", f"upper={other}",
+                "--owner", f"again={public}", "--public-data", public,
+                "--out", str(tmp_path / "simulated"), "--device", "cpu", *ROUND)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    deployed, simulated, before = (
+        read_state_dict(p) for p in (tmp_path / "deployed", tmp_path / "simulated", merged)
+    )
+    assert all(torch.equal(deployed[k], simulated[k]) for k in simulated)
+    assert any(not torch.equal(deployed[k], before[k]) for k in before)
+    record = json.loads((tmp_path / "deployed" / SLOTS_FILE).read_text())["federation"]
+    assert record["rounds"][0]["participants"] == {
+        "slot": ["again", "upper"], "router": ["again", "upper"],
+    }  # fmt: skip
+    assert not list(tmp_path.glob(".deployed.*"))  # the coordinator's state went with it
+    assert not _running(address)  # no SuperLink or SuperNode left behind
+
+
+def _running(needle: str) -> list[str]:
+    """Command lines of the processes that hold ``needle`` (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in line and "pytest" not in line:
+            found.append(line)
+    return found
+
+
+def test_fed_serve_and_join_fail_in_one_line(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """No owner joins within --wait: one line, nothing written; `fed join` checks its owner
+    and files before it connects; an owner whose copy of the model differs is refused."""
+    from flexmoe.federated.deploy import free_port, join
+    from flexmoe.federated.messages import MODEL_KEY, check_model
+
+    out = tmp_path / "out"
+    address = f"127.0.0.1:{free_port()}"
+    done = _cli("fed", "serve", str(merged), "--out", str(out), "--listen", address,
+                "--wait", "2", *ROUND)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "flexmoe: error: round: round 1: no owner is connected"
+    )
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    data = str(corpus_dir / "other.jsonl")
+    found = _cli("fed", "join", str(merged), "--coordinator", address, "--owner", f"nobody={data}")
+    assert found.returncode == 2, found.stderr
+    assert found.stderr.strip() == "flexmoe: error: nobody: no such expert in this model " + (
+        "(experts: upper, again)"
+    )
+    (upper, _) = _texts(corpus_dir)
+    missing = replace(upper, data=(DataSpec("upper", ("missing.jsonl",)),))
+    for text, where, message in (
+        (missing, address, "missing.jsonl: file not found"),
+        (upper, "nowhere", "--coordinator: expected HOST:PORT"),
+        (upper, "127.0.0.1:0", "--coordinator: expected HOST:PORT"),
+    ):
+        with pytest.raises(FlexMoEError, match=message):
+            join(merged, text, where, device=CPU, cache_dir=None)
+    check_model({MODEL_KEY: MergedModel.open(merged).fingerprint()}, MergedModel.open(merged))
+    with pytest.raises(FlexMoEError, match="differs from the coordinator's"):
+        check_model({MODEL_KEY: "0" * 64}, MergedModel.open(merged))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -30,7 +30,9 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.training.config import EXPERT_TRAINING, FEDERATED_ROUTER, FEDERATED_SLOT
 
 if TYPE_CHECKING:
+    from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.owner import OwnerText
+    from flexmoe.training.config import TrainConfig
 
 fed_app = typer.Typer(
     help="Federated rounds on Flower: owners improve the merged model on their own text.",
@@ -88,6 +90,56 @@ def _owner_texts(
     return texts
 
 
+RoundsOpt = Annotated[int, typer.Option(help="federated rounds")]
+RecipeOpt = Annotated[
+    str, typer.Option(help="each round's phases, in order: slot, router or slot,router")
+]
+SlotStepsOpt = Annotated[int, typer.Option(help="each owner's steps on its own slot per round")]
+RouterStepsOpt = Annotated[
+    int, typer.Option(help="each owner's steps on the router rows per round")
+]
+SlotLrOpt = Annotated[float, typer.Option(help="learning rate of the slot phase")]
+RouterLrOpt = Annotated[float, typer.Option(help="learning rate of the router phase")]
+BatchOpt = Annotated[int, typer.Option(help="sequences per local step")]
+SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
+SecAggOpt = Annotated[
+    bool,
+    typer.Option(
+        "--secagg",
+        help="router phases under Flower's SecAgg+: the coordinator sees only the average",
+    ),
+]
+
+
+def _plan(
+    rounds: int,
+    recipe: str,
+    slot_steps: int,
+    router_steps: int,
+    slot_lr: float,
+    router_lr: float,
+    batch_size: int,
+    seq_len: int,
+    secagg: bool,
+    seed: int,
+) -> RoundPlan:
+    """The rounds' plan from the command's options."""
+    from flexmoe.federated.flower import RoundPlan
+
+    phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
+
+    def local(cfg: TrainConfig, steps: int, lr: float) -> TrainConfig:
+        return replace(cfg, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+    return RoundPlan(
+        rounds=rounds,
+        phases=phases,  # type: ignore[arg-type]
+        slot=local(FEDERATED_SLOT, slot_steps, slot_lr),
+        router=local(FEDERATED_ROUTER, router_steps, router_lr),
+        secagg=secagg,
+    )
+
+
 @fed_app.command("simulate")
 def fed_simulate(
     model: Annotated[Path, typer.Argument(help="merged model directory (read, never changed)")],
@@ -95,33 +147,15 @@ def fed_simulate(
     out: Annotated[Path, typer.Option(help="the new model directory to write")],
     public_data: SharePublicOpt = None,
     public_fraction: ShareOpt = 0.25,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = ROUNDS,
-    recipe: Annotated[
-        str, typer.Option(help="each round's phases, in order: slot, router or slot,router")
-    ] = RECIPE,
-    slot_steps: Annotated[
-        int, typer.Option(help="each owner's steps on its own slot per round")
-    ] = FEDERATED_SLOT.steps,
-    router_steps: Annotated[
-        int, typer.Option(help="each owner's steps on the router rows per round")
-    ] = FEDERATED_ROUTER.steps,
-    slot_lr: Annotated[float, typer.Option(help="learning rate of the slot phase")] = (
-        FEDERATED_SLOT.lr
-    ),
-    router_lr: Annotated[float, typer.Option(help="learning rate of the router phase")] = (
-        FEDERATED_ROUTER.lr
-    ),
-    batch_size: Annotated[int, typer.Option(help="sequences per local step")] = (
-        FEDERATED_SLOT.batch_size
-    ),
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = FEDERATED_SLOT.seq_len,
-    secagg: Annotated[
-        bool,
-        typer.Option(
-            "--secagg",
-            help="router phases under Flower's SecAgg+: the coordinator sees only the average",
-        ),
-    ] = False,
+    rounds: RoundsOpt = ROUNDS,
+    recipe: RecipeOpt = RECIPE,
+    slot_steps: SlotStepsOpt = FEDERATED_SLOT.steps,
+    router_steps: RouterStepsOpt = FEDERATED_ROUTER.steps,
+    slot_lr: SlotLrOpt = FEDERATED_SLOT.lr,
+    router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
+    batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
+    seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
+    secagg: SecAggOpt = False,
     key: Annotated[
         list[str] | None,
         typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
@@ -139,31 +173,12 @@ def fed_simulate(
     simulation runtime). Each owner's text is read only by its own client; the coordinator
     receives slot packages and router updates, and writes a new model with every version."""
     from flexmoe.device import pick_device
-    from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.run import federate
 
-    phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
-    plan = RoundPlan(
-        rounds=rounds,
-        phases=phases,  # type: ignore[arg-type]
-        slot=replace(
-            FEDERATED_SLOT,
-            steps=slot_steps,
-            lr=slot_lr,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-        ),
-        router=replace(
-            FEDERATED_ROUTER,
-            steps=router_steps,
-            lr=router_lr,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-        ),
-        secagg=secagg,
-    )
+    plan = _plan(
+        rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
+        secagg, seed,
+    )  # fmt: skip
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
         result = federate(
@@ -186,14 +201,129 @@ def fed_simulate(
         "slot_versions": record.current_slots,
         "excluded": sorted(result.excluded),
     }
+    _summary(as_json, payload, recipe, len(texts))
+
+
+def _summary(as_json: bool, payload: dict[str, Any], recipe: str, owners: int) -> None:
+    versions = ", ".join(f"{n} v{v}" for n, v in payload["slot_versions"].items())
     emit(
         as_json,
         payload,
-        f"{rounds} federated rounds ({recipe}) with {len(texts)} owners: router version "
-        f"{record.current_router}, slot versions "
-        + ", ".join(f"{n} v{v}" for n, v in record.current_slots.items())
-        + f" -> {result.out}",
+        f"{len(payload['rounds'])} federated rounds ({recipe}) with {owners} owners: router "
+        f"version {payload['router_version']}, slot versions {versions} -> {payload['out']}",
     )
+
+
+@fed_app.command("serve")
+def fed_serve(
+    model: Annotated[Path, typer.Argument(help="merged model directory (read, never changed)")],
+    out: Annotated[Path, typer.Option(help="the new model directory to write")],
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT the owners' `fed join` connect to")
+    ] = "0.0.0.0:9092",
+    owners: Annotated[
+        int | None,
+        typer.Option(help="owners each phase waits for (default: every owner not opted out)"),
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(help="seconds each phase waits for them; then it goes on")
+    ] = 600.0,
+    rounds: RoundsOpt = ROUNDS,
+    recipe: RecipeOpt = RECIPE,
+    slot_steps: SlotStepsOpt = FEDERATED_SLOT.steps,
+    router_steps: RouterStepsOpt = FEDERATED_ROUTER.steps,
+    slot_lr: SlotLrOpt = FEDERATED_SLOT.lr,
+    router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
+    batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
+    seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
+    secagg: SecAggOpt = False,
+    ca: Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="TLS: this server's certificate")] = None,
+    cert_key: Annotated[Path | None, typer.Option(help="TLS: its private key")] = None,
+    registry: RegistryOpt = None,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Coordinate federated rounds over the network (Flower's deployment runtime): a SuperLink
+    that the owners' `flexmoe fed join` connect to, and the rounds' ServerApp. Each owner's text
+    stays on its machine; the new model, with every version, is written to --out."""
+    from flexmoe.federated.deploy import Tls, serve
+
+    plan = _plan(
+        rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
+        secagg, seed,
+    )  # fmt: skip
+    given = [x for x in (ca, cert, cert_key) if x is not None]
+    if given and len(given) != 3:
+        raise FlexMoEError("--ca/--cert/--cert-key", "TLS needs all three, or none")
+    tls = Tls(ca, cert, cert_key) if ca and cert and cert_key else None
+    status = serve(
+        model,
+        plan,
+        out,
+        listen=listen,
+        owners=owners,
+        wait_s=wait,
+        registry=registry,
+        tls=tls,
+        overwrite=force,
+        log=say,
+        debug=DEBUG["on"],
+    )
+    taking = {o for r in status["rounds"] for p in r["participants"].values() for o in p}
+    _summary(as_json, status, recipe, len(taking))
+
+
+@fed_app.command("join")
+def fed_join(
+    model: Annotated[
+        Path, typer.Argument(help="this owner's copy of the merged model the coordinator serves")
+    ],
+    owner: Annotated[
+        str, typer.Option("--owner", help="this owner's expert and its own text: NAME=FILES")
+    ],
+    coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator's `fed serve`")],
+    public_data: SharePublicOpt = None,
+    public_fraction: ShareOpt = 0.25,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="this owner's signing key for its slot packages")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(help="TLS: the CA certificate the coordinator's is signed by")
+    ] = None,
+    once: Annotated[
+        bool,
+        typer.Option("--once", help="leave after the last phase of the coordinator's rounds"),
+    ] = False,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+) -> None:
+    """Take part in a coordinator's federated rounds as one owner (a Flower SuperNode): the
+    work is done here on this owner's text, and only its slot package and router updates are
+    sent. Runs until interrupted, or with --once until the rounds end."""
+    from flexmoe.device import pick_device
+    from flexmoe.federated.deploy import join
+
+    name = owner.partition("=")[0].strip()
+    keys = [f"{name}={key}"] if key else None
+    (text,) = _owner_texts([owner], keys, public_data, public_fraction, text_field, id_field)
+    try:
+        join(
+            model,
+            text,
+            coordinator,
+            device=pick_device(device),
+            cache_dir=token_cache(cache_dir),
+            ca=ca,
+            once=once,
+            log=say,
+            debug=DEBUG["on"],
+        )
+    except KeyboardInterrupt:
+        say(f"{text.name}: left the coordinator")
 
 
 def baseline_fedavg(

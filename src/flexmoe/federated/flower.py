@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,12 +30,15 @@ from flwr.clientapp import ClientApp
 from flwr.common import (
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import MessageTypeLegacy
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import getpropertiesins_to_recorddict
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -53,6 +56,7 @@ from flexmoe.federated.dense import dense_update
 from flexmoe.federated.messages import (
     KINDS,
     Config,
+    check_model,
     decode_dense,
     decode_task,
     package_arrays,
@@ -89,6 +93,28 @@ class RoundPlan:
             return self.dense or self.router
         return self.slot if kind == "slot" else self.router
 
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rounds": self.rounds,
+            "phases": list(self.phases),
+            "slot": self.slot.to_dict(),
+            "router": self.router.to_dict(),
+            "secagg": self.secagg,
+            "dense": self.dense.to_dict() if self.dense else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundPlan:
+        dense = data.get("dense")
+        return cls(
+            rounds=int(data["rounds"]),
+            phases=tuple(data["phases"]),
+            slot=TrainConfig.from_dict(data["slot"]),
+            router=TrainConfig.from_dict(data["router"]),
+            secagg=bool(data.get("secagg", False)),
+            dense=TrainConfig.from_dict(dense) if dense else None,
+        )
+
     def max_tokens(self) -> int:
         """The most tokens one owner trains on in an averaged phase (SecAgg+'s weight bound)."""
         cfgs = [self.cfg(k) for k in self.phases if k != "slot"] or [self.router]
@@ -98,6 +124,10 @@ class RoundPlan:
 # --- the owner's side -------------------------------------------------------------------
 
 
+FINAL = "leaving"  # how an owner's line ends once the coordinator's rounds are over
+DONE_KEY = "flexmoe-done"
+
+
 class OwnerClient(NumPyClient):
     """One owner: its copy of the merged model and its own text, neither of which leaves."""
 
@@ -105,11 +135,33 @@ class OwnerClient(NumPyClient):
         self, model: Path, text: OwnerText, device: torch.device, cache_dir: Path | None
     ) -> None:
         self.model, self.text, self.device, self.cache_dir = Path(model), text, device, cache_dir
+        self.log: Callable[[str], None] | None = None  # a line per task, on the owner's side
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         task = read_task(config)
+        said = f"round {task.round} {task.kind}"
+        try:
+            arrays, tokens, metrics = self._fit(parameters, config, task)
+        except Exception as e:
+            if self.log:
+                self.log(f"{said}: failed: {e}")
+            raise
+        if self.log:
+            sent = sum(a.nbytes for a in arrays) / 1e6
+            self.log(f"{said}: trained on {tokens:,} tokens, sent {sent:.2f} MB")
+        return arrays, tokens, metrics
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """The coordinator's word that its rounds are over (see :func:`say_done`)."""
+        if config.get(DONE_KEY) and self.log:
+            self.log(f"the coordinator's rounds are over; {FINAL}")
+        return {}
+
+    def _fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar], task: RoundTask
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         name = self.text.name
         if name in task.excluded:
             return [], 0, {"owner": name, "skipped": 1}
@@ -138,6 +190,7 @@ class OwnerClient(NumPyClient):
     ) -> tuple[list[np.ndarray], TrainResult]:
         """A router update or the owner's slot, on its copy of the merged model."""
         merged = MergedModel.open(self.model)
+        check_model(config, merged)
         state, task = decode_task(parameters, config, stored_dtype(merged.config()))
         if task.kind == "router":
             change, result = router_update(
@@ -311,22 +364,54 @@ def coordinator_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = RoundStrategy(coordinator, plan, owners)
-        legacy = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=plan.rounds), strategy=strategy
-        )
-        thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
-        registered.wait()
         try:
-            _run_rounds(grid, legacy, strategy, coordinator, plan, log)
+            coordinate(grid, context, coordinator, plan, owners, log)
         except BaseException as e:
             errors.append(e)
             raise
-        finally:
-            stop.set()
-            thread.join()
 
     return app
+
+
+def coordinate(
+    grid: Grid,
+    context: Context,
+    coordinator: RoundCoordinator,
+    plan: RoundPlan,
+    owners: int,
+    log: Callable[[str], None],
+    *,
+    wait_s: float = 60.0,
+    farewell: bool = False,
+) -> None:
+    """The rounds, inside a ServerApp's main: each phase waits up to ``wait_s`` for ``owners``
+    owners to be connected and goes on with those that are; with ``farewell``, the owners are
+    told when the rounds are over."""
+    strategy = RoundStrategy(coordinator, plan, owners, wait_s=wait_s)
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=plan.rounds), strategy=strategy
+    )
+    thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
+    registered.wait()
+    try:
+        _run_rounds(grid, legacy, strategy, coordinator, plan, log)
+    finally:
+        stop.set()
+        thread.join()
+    if farewell:
+        say_done(grid)
+
+
+def say_done(grid: Grid, timeout_s: float = 30.0) -> None:
+    """Tell every connected owner that the rounds are over, so that an owner's SuperNode
+    leaves only after the coordinator has taken its last reply (a node that leaves earlier
+    turns that reply into an error). Their answers do not matter."""
+    content = getpropertiesins_to_recorddict(GetPropertiesIns({DONE_KEY: 1}))
+    messages = [
+        Message(content, dst_node_id=node, message_type=MessageTypeLegacy.GET_PROPERTIES)
+        for node in grid.get_node_ids()
+    ]
+    grid.send_and_receive(messages, timeout=timeout_s)
 
 
 def _run_rounds(

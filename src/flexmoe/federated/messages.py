@@ -17,6 +17,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.expert.signing import SIGNATURE_FILE
 from flexmoe.federated.owner import ModelState, RoundTask
+from flexmoe.merge.layout import MergedModel
 from flexmoe.training.config import TrainConfig
 
 PACKAGE_FILES = (MANIFEST_FILE, TENSORS_FILE, SIGNATURE_FILE)
@@ -24,6 +25,18 @@ KINDS = ("slot", "router", "dense")
 Arrays = list[np.ndarray]
 Updates = dict[str, tuple[Arrays, int]]  # owner -> (its arrays, the tokens it trained on)
 Config = dict[str, bool | bytes | float | int | str]  # Flower's config values
+MODEL_KEY = "model"  # the fingerprint of the merged model the coordinator's state applies to
+
+
+def check_model(config: Config, merged: MergedModel) -> None:
+    """The owner's copy of the merged model is the one the coordinator's state applies to."""
+    expected = config.get(MODEL_KEY)
+    if expected is not None and expected != merged.fingerprint():
+        raise FlexMoEError(
+            merged.path,
+            "this copy of the merged model differs from the coordinator's "
+            "(fetch the model it serves)",
+        )
 
 
 def task_config(task: RoundTask) -> Config:

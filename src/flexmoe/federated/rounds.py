@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
-from flexmoe.federated.messages import Config, encode_task
+from flexmoe.federated.messages import MODEL_KEY, Config, encode_task
 from flexmoe.federated.owner import Kind, ModelState, RoundTask
 from flexmoe.io import sha256_file
 from flexmoe.merge.build import slot_entry
@@ -160,9 +160,11 @@ class Coordinator:
     record: Federation = field(init=False)
     in_weights: Federation = field(init=False)  # the versions the model's weights hold
     state: ModelState = field(init=False)
+    fingerprint: str = field(init=False)  # of the model every owner holds a copy of
 
     def __post_init__(self) -> None:
         self.table = self.merged.table()
+        self.fingerprint = self.merged.fingerprint()
         self.config = self.merged.config(self.table)
         self.sources = {s.name: s for s in self.merged.sources()}
         if self.table.federation is None:
@@ -274,7 +276,8 @@ class Coordinator:
         return self.merged.path
 
     def message(self, task: RoundTask) -> tuple[list[np.ndarray], Config]:
-        return encode_task(self.state, task)
+        arrays, config = encode_task(self.state, task)
+        return arrays, {**config, MODEL_KEY: self.fingerprint}
 
     def take_updates(self, round: int, updates: dict[str, tuple[list[np.ndarray], int]]) -> None:
         """The owners' replies to a router phase: their row changes and token counts."""
@@ -289,6 +292,9 @@ class Coordinator:
     def take_router(self, round: int, updates: dict[str, tuple[torch.Tensor, int]]) -> None:
         """Average the owners' row changes (``name -> (change, tokens)``), weighted by tokens,
         in the order of the names; add the average to the rows."""
+        for name in updates:
+            if name not in self.active():
+                raise FlexMoEError(name, f"round {round}: an update from no active owner")
         total = sum(tokens for _, tokens in updates.values())
         if not updates or total <= 0:
             raise FlexMoEError("router round", f"round {round}: no owner sent an update")

@@ -4,7 +4,8 @@ is started, the rounds run, the new model written whole or not at all."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -48,9 +49,12 @@ class FederatedResult:
     excluded: frozenset[str]
 
 
-def check_owners(merged: MergedModel, texts: list[OwnerText], excluded: frozenset[str]) -> None:
+def check_owners(
+    merged: MergedModel, texts: list[OwnerText], excluded: frozenset[str]
+) -> list[OwnerText]:
     """Every owner names an owner's expert of this model once, has not opted out, and its files
-    (and the public share's) exist."""
+    (and the public share's) exist; returns them under their experts' names as the model
+    spells them."""
     table = merged.table()
     known = {name_key(s.name): s.name for s in table.slots[1:]}
     if not texts:
@@ -70,6 +74,7 @@ def check_owners(merged: MergedModel, texts: list[OwnerText], excluded: frozense
         _check_files(text.public)
         if text.key is not None and not Path(text.key).is_file():
             raise FlexMoEError(text.key, "signing key not found")
+    return [replace(t, name=known[name_key(t.name)]) for t in texts]
 
 
 def _check_files(specs: tuple[DataSpec, ...]) -> None:
@@ -102,6 +107,18 @@ def federate(
     Owners that opted out take no part and no token routes to their experts; the rounds start
     from the newest versions they never shaped.
     """
+    merged, out = check_rounds(model, plan, out, overwrite)
+    excluded = standing_exclusions(merged.path)
+    texts = check_owners(merged, texts, excluded)
+    with new_model(merged, out, registry, excluded, slot_row, router_sgd, progress) as coordinator:
+        runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
+    return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
+
+
+def check_rounds(
+    model: Path, plan: RoundPlan, out: Path, overwrite: bool
+) -> tuple[MergedModel, Path]:
+    """The merged model, and the new model's directory, checked before any round starts."""
     if any(p not in ("slot", "router") for p in plan.phases):
         raise FlexMoEError("--recipe", f"phases must be slot and/or router, got {plan.phases}")
     merged = MergedModel.open(model)
@@ -110,16 +127,26 @@ def federate(
         raise FlexMoEError(out, "write the new model to a new directory, not over the original")
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
-    excluded = standing_exclusions(merged.path)
-    check_owners(merged, texts, excluded)
-    names = {name_key(s.name): s.name for s in merged.table().slots}
-    texts = [replace(t, name=names[name_key(t.name)]) for t in texts]
+    return merged, out
+
+
+@contextmanager
+def new_model(
+    merged: MergedModel,
+    out: Path,
+    registry: KeyRegistry | None,
+    excluded: frozenset[str],
+    slot_row: bool,
+    router_sgd: bool,
+    progress: bool,
+) -> Iterator[Coordinator]:
+    """A coordinator whose new versions go to a work directory beside ``out``; once the block
+    has run its rounds, the new model is written to ``out`` (whole, or not at all)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         coordinator = Coordinator(merged, Path(work), registry, excluded, slot_row, router_sgd)
-        runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
+        yield coordinator
         coordinator.write(out, progress=progress)
-    return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
 
 
 def fedavg(

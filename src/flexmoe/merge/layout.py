@@ -19,6 +19,7 @@ other file (the tokenizer, anything a person put there) is carried across as it 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -106,6 +107,14 @@ class MergedModel:
 
     def slots(self) -> list[SlotInfo]:
         return self.table().infos()
+
+    def fingerprint(self) -> str:
+        """What tells two copies of this model apart: the sha256 of its config and slot table
+        (which holds every package's sha256 and every federated version's)."""
+        digest = hashlib.sha256()
+        for path in (self.path / CONFIG_FILE, self.slots_file):
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
 
     def config(self, table: SlotTable | None = None) -> FlexOlmoConfig:
         """The FlexOlmo config, checked against the slot table."""
