@@ -33,6 +33,7 @@ from flexmoe.experiment.pipeline import FULL, _train_experts
 from flexmoe.expert.package import load_package
 from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText
+from flexmoe.federated.privacy import UpdatePrivacy
 from flexmoe.federated.run import federate
 from flexmoe.inference.selection import load_selected
 from flexmoe.merge.build import build_merged
@@ -103,6 +104,12 @@ def main() -> None:
         "--no-slot-row",
         action="store_true",
         help="slot phases train the expert only, not its router row",
+    )
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="update-level differential privacy: every owner's epsilon over all its updates",
     )
     args = parser.parse_args()
     corpora = corpus_set(args.corpora)
@@ -175,10 +182,19 @@ def main() -> None:
                 **common,
             ),  # type: ignore[arg-type]
         )
+        if args.dp_epsilon is not None:
+            privacy = UpdatePrivacy.for_budget(args.dp_epsilon, plan.releases(), clip=None)
+            plan = replace(plan, privacy=privacy)
+        dp = "" if args.dp_epsilon is None else f"-dp{args.dp_epsilon:g}"
         out = (
             args.run
             / "federated-recipes"
-            / (recipe.replace(":", "-") + "-no-row" * args.no_slot_row + "-sgd" * args.router_sgd)
+            / (
+                recipe.replace(":", "-")
+                + "-no-row" * args.no_slot_row
+                + "-sgd" * args.router_sgd
+                + dp
+            )
         )
         started = time.perf_counter()
         federate(
@@ -199,7 +215,8 @@ def main() -> None:
                 {
                     "recipe": recipe
                     + (" (slot phases: expert only)" if args.no_slot_row else "")
-                    + (f" (router: SGD lr {args.router_lr})" if args.router_sgd else ""),
+                    + (f" (router: SGD lr {args.router_lr})" if args.router_sgd else "")
+                    + (f" (dp epsilon {args.dp_epsilon:g})" if dp else ""),
                     "owner_steps": e + r * (s + t),
                     "bpb": bpb,
                     "average": round(sum(bpb.values()) / len(bpb), 4),

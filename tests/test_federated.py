@@ -416,3 +416,38 @@ def test_fed_serve_and_join_fail_in_one_line(
     check_model({MODEL_KEY: MergedModel.open(merged).fingerprint()}, MergedModel.open(merged))
     with pytest.raises(FlexMoEError, match="differs from the coordinator's"):
         check_model({MODEL_KEY: "0" * 64}, MergedModel.open(merged))
+
+
+def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """--dp-epsilon: each owner's router change leaves clipped to the norm and noised with the
+    accountant's multiplier; the model records every owner's epsilon; slot phases refuse it."""
+    from flexmoe.federated.privacy import UpdatePrivacy, privatize
+
+    change = {"a": torch.full((10,), 3.0), "b": torch.full((6,), 4.0)}
+    clipped, norm = privatize(change, clip=1.0, noise_multiplier=0.0)
+    assert norm == pytest.approx((90 + 96) ** 0.5)
+    total = sum(float(t.pow(2).sum()) for t in clipped.values()) ** 0.5
+    assert total == pytest.approx(1.0)
+    first, _ = privatize(change, clip=1.0, noise_multiplier=1.0)
+    second, _ = privatize(change, clip=1.0, noise_multiplier=1.0)
+    assert not torch.equal(first["a"], second["a"])  # fresh noise, not a seed anyone knows
+
+    privacy = UpdatePrivacy.for_budget(1.0, 1, clip={"router": 1e-3})
+    with pytest.raises(FlexMoEError, match="--dp-epsilon: only router phases"):
+        RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG, privacy=privacy)
+    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG, privacy=privacy)
+    coordinator = Coordinator(MergedModel.open(merged), tmp_path / "work")
+    before = coordinator.state.rows.clone()
+    simulate(coordinator, _texts(corpus_dir), plan, device=CPU, cache_dir=None)
+    noise = (coordinator.state.rows - before).norm().item()
+    # the token-weighted average of two owners' noise: sigma * clip / sqrt(2) per row value
+    expected = privacy.noise_multiplier * 1e-3 * (before.numel() / 2) ** 0.5
+    assert 0.8 * expected < noise < 1.2 * expected
+    record = coordinator.record
+    assert record.epsilon == {"again": pytest.approx(1.0, abs=0.01),
+                              "upper": pytest.approx(1.0, abs=0.01)}  # fmt: skip
+    assert record.delta == 1e-5
+    (entry,) = record.rounds
+    assert entry.privacy is not None and entry.privacy.clip == {"router": 1e-3}

@@ -27,6 +27,7 @@ from flexmoe.cli.common import (
     token_cache,
 )
 from flexmoe.errors import FlexMoEError
+from flexmoe.federated.privacy import CLIP
 from flexmoe.training.config import EXPERT_TRAINING, FEDERATED_ROUTER, FEDERATED_SLOT
 
 if TYPE_CHECKING:
@@ -102,6 +103,23 @@ SlotLrOpt = Annotated[float, typer.Option(help="learning rate of the slot phase"
 RouterLrOpt = Annotated[float, typer.Option(help="learning rate of the router phase")]
 BatchOpt = Annotated[int, typer.Option(help="sequences per local step")]
 SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
+RouterOptimizerOpt = Annotated[
+    str, typer.Option(help="the router phase's local optimiser: sgd (FedAvg's) or adamw")
+]
+DpEpsilonOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="update-level differential privacy: each owner clips and noises every update it "
+        "sends so that all of them together cost it at most this epsilon"
+    ),
+]
+DpDeltaOpt = Annotated[float, typer.Option(help="the delta of --dp-epsilon")]
+DpClipRouterOpt = Annotated[
+    float, typer.Option(help="with --dp-epsilon: the L2 norm a router update is clipped to")
+]
+DpClipSlotOpt = Annotated[
+    float, typer.Option(help="with --dp-epsilon: the L2 norm a slot's change is clipped to")
+]
 SecAggOpt = Annotated[
     bool,
     typer.Option(
@@ -122,22 +140,36 @@ def _plan(
     seq_len: int,
     secagg: bool,
     seed: int,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-5,
+    dp_clip: dict[str, float] | None = None,
 ) -> RoundPlan:
     """The rounds' plan from the command's options."""
     from flexmoe.federated.flower import RoundPlan
+    from flexmoe.federated.privacy import UpdatePrivacy
 
     phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
 
     def local(cfg: TrainConfig, steps: int, lr: float) -> TrainConfig:
         return replace(cfg, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
 
-    return RoundPlan(
+    plan = RoundPlan(
         rounds=rounds,
         phases=phases,  # type: ignore[arg-type]
         slot=local(FEDERATED_SLOT, slot_steps, slot_lr),
         router=local(FEDERATED_ROUTER, router_steps, router_lr),
         secagg=secagg,
     )
+    if dp_epsilon is None:
+        return plan
+    privacy = UpdatePrivacy.for_budget(dp_epsilon, plan.releases(), delta=dp_delta, clip=dp_clip)
+    return replace(plan, privacy=privacy)
+
+
+def _router_sgd(optimizer: str) -> bool:
+    if optimizer not in ("sgd", "adamw"):
+        raise FlexMoEError("--router-optimizer", f"must be sgd or adamw, got {optimizer!r}")
+    return optimizer == "sgd"
 
 
 @fed_app.command("simulate")
@@ -155,7 +187,12 @@ def fed_simulate(
     router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
     batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
     seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
+    router_optimizer: RouterOptimizerOpt = "sgd",
     secagg: SecAggOpt = False,
+    dp_epsilon: DpEpsilonOpt = None,
+    dp_delta: DpDeltaOpt = 1e-5,
+    dp_clip_router: DpClipRouterOpt = CLIP["router"],
+    dp_clip_slot: DpClipSlotOpt = CLIP["slot"],
     key: Annotated[
         list[str] | None,
         typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
@@ -177,7 +214,7 @@ def fed_simulate(
 
     plan = _plan(
         rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed,
+        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router, "slot": dp_clip_slot},
     )  # fmt: skip
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
@@ -192,6 +229,7 @@ def fed_simulate(
             overwrite=force,
             log=say,
             debug=DEBUG["on"],
+            router_sgd=_router_sgd(router_optimizer),
         )
     record = result.record
     payload = {
@@ -200,17 +238,26 @@ def fed_simulate(
         "router_version": record.current_router,
         "slot_versions": record.current_slots,
         "excluded": sorted(result.excluded),
+        "epsilon": record.epsilon,
+        "delta": record.delta,
     }
     _summary(as_json, payload, recipe, len(texts))
 
 
 def _summary(as_json: bool, payload: dict[str, Any], recipe: str, owners: int) -> None:
     versions = ", ".join(f"{n} v{v}" for n, v in payload["slot_versions"].items())
+    spent = ""
+    if payload.get("epsilon"):
+        each = ", ".join(
+            f"{n} {e if e is not None else 'unbounded'}" for n, e in payload["epsilon"].items()
+        )
+        spent = f"; epsilon at delta {payload['delta']:g}: {each}"
     emit(
         as_json,
         payload,
         f"{len(payload['rounds'])} federated rounds ({recipe}) with {owners} owners: router "
-        f"version {payload['router_version']}, slot versions {versions} -> {payload['out']}",
+        f"version {payload['router_version']}, slot versions {versions}{spent} -> "
+        f"{payload['out']}",
     )
 
 
@@ -236,7 +283,12 @@ def fed_serve(
     router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
     batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
     seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
+    router_optimizer: RouterOptimizerOpt = "sgd",
     secagg: SecAggOpt = False,
+    dp_epsilon: DpEpsilonOpt = None,
+    dp_delta: DpDeltaOpt = 1e-5,
+    dp_clip_router: DpClipRouterOpt = CLIP["router"],
+    dp_clip_slot: DpClipSlotOpt = CLIP["slot"],
     ca: Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM)")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS: this server's certificate")] = None,
     cert_key: Annotated[Path | None, typer.Option(help="TLS: its private key")] = None,
@@ -252,7 +304,7 @@ def fed_serve(
 
     plan = _plan(
         rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed,
+        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router, "slot": dp_clip_slot},
     )  # fmt: skip
     given = [x for x in (ca, cert, cert_key) if x is not None]
     if given and len(given) != 3:
@@ -270,6 +322,7 @@ def fed_serve(
         overwrite=force,
         log=say,
         debug=DEBUG["on"],
+        router_sgd=_router_sgd(router_optimizer),
     )
     taking = {o for r in status["rounds"] for p in r["participants"].values() for o in p}
     _summary(as_json, status, recipe, len(taking))

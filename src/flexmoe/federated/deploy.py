@@ -193,6 +193,8 @@ def _run_job(job: ServeJob, grid: Grid, context: Context) -> dict[str, Any]:
         "router_version": record.current_router,
         "slot_versions": record.current_slots,
         "excluded": sorted(excluded),
+        "epsilon": record.epsilon,
+        "delta": record.delta,
     }
 
 
@@ -390,7 +392,7 @@ def serve(
     tls: Tls | None = None,
     overwrite: bool = False,
     slot_row: bool = True,
-    router_sgd: bool = False,
+    router_sgd: bool = True,
     log: Callable[[str], None] = print,
     debug: bool = False,
 ) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,8 +64,9 @@ from flexmoe.federated.messages import (
     write_package_arrays,
 )
 from flexmoe.federated.owner import Kind, OwnerText, RoundTask, router_update, slot_update
+from flexmoe.federated.privacy import UpdatePrivacy
 from flexmoe.merge.layout import MergedModel
-from flexmoe.merge.slots import FederatedRound
+from flexmoe.merge.slots import FederatedRound, RoundPrivacy
 from flexmoe.model.checkpoint import stored_dtype
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult
@@ -81,12 +82,20 @@ class RoundPlan:
     router: TrainConfig
     secagg: bool = False
     dense: TrainConfig | None = None  # the fedavg baseline's local training
+    privacy: UpdatePrivacy | None = None  # every update clipped and noised at home
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise FlexMoEError("--rounds", f"must be at least 1, got {self.rounds}")
         if not self.phases or any(p not in KINDS for p in self.phases):
             raise FlexMoEError("--recipe", f"phases must be slot, router or dense: {self.phases}")
+        if self.privacy is not None and self.phases != ("router",):
+            raise FlexMoEError(
+                "--dp-epsilon",
+                "only router phases can be noised usefully (--recipe router): the noise on a "
+                "slot's or a dense model's change, millions of values, swamps it at any epsilon "
+                "(an owner protects its documents in its expert with `expert train --dp-epsilon`)",
+            )
 
     def cfg(self, kind: Kind) -> TrainConfig:
         if kind == "dense":
@@ -101,11 +110,12 @@ class RoundPlan:
             "router": self.router.to_dict(),
             "secagg": self.secagg,
             "dense": self.dense.to_dict() if self.dense else None,
+            "privacy": self.privacy.to_dict() if self.privacy else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoundPlan:
-        dense = data.get("dense")
+        dense, privacy = data.get("dense"), data.get("privacy")
         return cls(
             rounds=int(data["rounds"]),
             phases=tuple(data["phases"]),
@@ -113,7 +123,12 @@ class RoundPlan:
             router=TrainConfig.from_dict(data["router"]),
             secagg=bool(data.get("secagg", False)),
             dense=TrainConfig.from_dict(dense) if dense else None,
+            privacy=UpdatePrivacy(**privacy) if privacy else None,
         )
+
+    def releases(self) -> int:
+        """How many updates each owner sends in all: one per phase of every round."""
+        return self.rounds * len(self.phases)
 
     def max_tokens(self) -> int:
         """The most tokens one owner trains on in an averaged phase (SecAgg+'s weight bound)."""
@@ -304,6 +319,9 @@ class RoundStrategy(FedAvg):
         if not clients:
             raise FlexMoEError("round", f"round {number}: no owner is connected")
         task = self.coordinator.task(kind, number, self.plan.cfg(kind))
+        if self.plan.privacy is not None:
+            privacy = self.plan.privacy
+            task = replace(task, dp_clip=privacy.clip[kind], dp_noise=privacy.noise_multiplier)
         arrays, config = self.coordinator.message(task)
         fit = FitIns(ndarrays_to_parameters(arrays), config)
         return [(client, fit) for client in clients]
@@ -459,8 +477,18 @@ def _run_rounds(
                 bytes_sent=dict(strategy.sent),
                 secure_aggregation=plan.secagg,
                 steps={k: plan.cfg(k).steps for k in plan.phases},
+                privacy=_round_privacy(plan),
             )
         )
+
+
+def _round_privacy(plan: RoundPlan) -> RoundPrivacy | None:
+    if plan.privacy is None:
+        return None
+    clip = {str(k): plan.privacy.clip[k] for k in plan.phases}
+    return RoundPrivacy(
+        noise_multiplier=plan.privacy.noise_multiplier, clip=clip, delta=plan.privacy.delta
+    )
 
 
 # --- the simulation ---------------------------------------------------------------------

@@ -48,6 +48,8 @@ def task_config(task: RoundTask) -> Config:
         "excluded": json.dumps(sorted(task.excluded)),
         "slot_row": task.slot_row,
         "router_sgd": task.router_sgd,
+        "dp_clip": task.dp_clip,
+        "dp_noise": task.dp_noise,
     }
 
 
@@ -62,7 +64,9 @@ def read_task(config: Config) -> RoundTask:
         cfg=TrainConfig.from_dict(json.loads(str(config["cfg"]))),
         excluded=frozenset(json.loads(str(config["excluded"]))),
         slot_row=bool(config.get("slot_row", True)),
-        router_sgd=bool(config.get("router_sgd", False)),
+        router_sgd=bool(config.get("router_sgd", True)),
+        dp_clip=float(config.get("dp_clip", 0.0)),
+        dp_noise=float(config.get("dp_noise", 0.0)),
     )
 
 

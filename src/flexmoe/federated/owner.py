@@ -34,7 +34,9 @@ from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import (
     MANIFEST_FILE,
+    PKG_BIAS,
     PKG_PROJ,
+    PKG_ROUTER,
     TENSORS_FILE,
     ExpertManifest,
     TrainingSummary,
@@ -43,6 +45,7 @@ from flexmoe.expert.package import (
 )
 from flexmoe.expert.signing import read_private_key
 from flexmoe.expert.train import router_z_loss
+from flexmoe.federated.privacy import privatize
 from flexmoe.io import sha256_file, write_json
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import SlotTable
@@ -101,7 +104,9 @@ class RoundTask:
     cfg: TrainConfig
     excluded: frozenset[str] = frozenset()  # experts no token may route to
     slot_row: bool = True  # a slot phase also trains the owner's own router row
-    router_sgd: bool = False  # a router phase steps with plain SGD (classic FedAvg), not AdamW
+    router_sgd: bool = True  # a router phase steps with plain SGD (classic FedAvg), not AdamW
+    dp_clip: float = 0.0  # > 0: the update is clipped to this L2 norm and noised (privacy.py)
+    dp_noise: float = 0.0  # the noise multiplier
 
     def seeded(self, name: str) -> TrainConfig:
         """The training settings for owner ``name``: its batch order seeded by the round, the
@@ -199,7 +204,12 @@ def router_update(
                 _trainable(row)
     before = stacked_rows(model)
     result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
-    return stacked_rows(model) - before, result
+    change = stacked_rows(model) - before
+    if task.dp_clip > 0:
+        active = [s.name not in task.excluded for s in merged.table().slots]
+        noised, _ = privatize({"rows": change[:, active]}, task.dp_clip, task.dp_noise)
+        change[:, active] = noised["rows"]
+    return change, result
 
 
 def slot_update(
@@ -222,16 +232,23 @@ def slot_update(
     if record.manifest is None:
         raise FlexMoEError(text.name, "the slot has no package manifest")
     model = build_model(merged, state, task, device, table)
+    layers = len(moe_layers(model))
     for moe in moe_layers(model):
         for param in moe.experts[index].parameters():
             _trainable(param)
         if task.slot_row:
             _trainable(moe.router.rows[index])
+    before = expert_tensors(model.state_dict(), num_layers=layers, slot=index, dtype=torch.float32)
     result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
     dtype = stored_dtype(merged.config(table))
-    tensors = expert_tensors(
-        model.state_dict(), num_layers=len(moe_layers(model)), slot=index, dtype=dtype
-    )
+    tensors = expert_tensors(model.state_dict(), num_layers=layers, slot=index, dtype=dtype)
+    if task.dp_clip > 0:  # what training changed leaves clipped and noised
+        frozen = {PKG_BIAS.format(layer=layer) for layer in range(layers)}
+        if not task.slot_row:
+            frozen |= {PKG_ROUTER.format(layer=layer) for layer in range(layers)}
+        change = {k: tensors[k].float() - before[k] for k in tensors if k not in frozen}
+        noised, _ = privatize(change, task.dp_clip, task.dp_noise)
+        tensors |= {k: (before[k] + noised[k]).to(dtype) for k in noised}
     hyperparameters = {
         **task.seeded(text.name).to_dict(),
         "federated_round": task.round,

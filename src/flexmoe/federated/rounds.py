@@ -19,6 +19,7 @@ starting point of the next rounds (:func:`fallback`).
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
 from flexmoe.federated.messages import MODEL_KEY, Config, encode_task
 from flexmoe.federated.owner import Kind, ModelState, RoundTask
+from flexmoe.federated.privacy import DELTA, spent
 from flexmoe.io import sha256_file
 from flexmoe.merge.build import slot_entry
 from flexmoe.merge.edit import checked_package, replaced_slot_sources, with_router_rows
@@ -155,7 +157,7 @@ class Coordinator:
     registry: KeyRegistry | None = None
     excluded: frozenset[str] = frozenset()
     slot_row: bool = True  # slot phases also train each owner's own router row
-    router_sgd: bool = False  # router phases step with plain SGD, not AdamW
+    router_sgd: bool = True  # router phases step with plain SGD, not AdamW
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
     in_weights: Federation = field(init=False)  # the versions the model's weights hold
@@ -369,7 +371,12 @@ class Coordinator:
         self._next_router(round, "slots", sorted(packages))
 
     def log_round(self, entry: FederatedRound) -> None:
-        self.record = self.record.model_copy(update={"rounds": [*self.record.rounds, entry]})
+        rounds = [*self.record.rounds, entry]
+        update: dict[str, object] = {"rounds": rounds}
+        if entry.privacy is not None or self.record.epsilon:
+            delta = entry.privacy.delta if entry.privacy else self.record.delta
+            update |= {"epsilon": privacy_spent(rounds, delta or DELTA), "delta": delta or DELTA}
+        self.record = self.record.model_copy(update=update)
 
     def _keep_original(self, name: str) -> None:
         """Keep slot ``name``'s version 0 apart (its tensors as a package holds them) before
@@ -416,3 +423,16 @@ class Coordinator:
             progress=progress,
             added=self.work,
         )
+
+
+def privacy_spent(rounds: list[FederatedRound], delta: float) -> dict[str, float | None]:
+    """Each owner's epsilon at ``delta`` over every update it sent in ``rounds`` (None where one
+    of them went without noise)."""
+    sent: dict[str, list[float]] = {}
+    for entry in rounds:
+        sigma = entry.privacy.noise_multiplier if entry.privacy else 0.0
+        for owners in entry.participants.values():
+            for name in owners:
+                sent.setdefault(name, []).append(sigma)
+    epsilon = {name: spent(sigmas, delta) for name, sigmas in sorted(sent.items())}
+    return {name: None if math.isinf(e) else round(e, 4) for name, e in epsilon.items()}

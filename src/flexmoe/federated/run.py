@@ -98,7 +98,7 @@ def federate(
     debug: bool = False,
     runner: Runner = simulate,
     slot_row: bool = True,
-    router_sgd: bool = False,
+    router_sgd: bool = True,
 ) -> FederatedResult:
     """``plan.rounds`` rounds of the owners in ``texts`` on the merged model at ``model``, every
     owner a Flower client on this machine (``runner``); the new model with every version goes

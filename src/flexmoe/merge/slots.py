@@ -105,6 +105,16 @@ class SlotVersion(BaseModel):
     record: SlotRecord  # its row of the slot table while it is current
 
 
+class RoundPrivacy(BaseModel):
+    """The noise every owner added to each update it sent in a round (``--dp-epsilon``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    noise_multiplier: float  # the noise's standard deviation, in units of the clipping norm
+    clip: dict[str, float]  # phase -> the L2 norm each update was clipped to
+    delta: float
+
+
 class FederatedRound(BaseModel):
     """What one round did: who took part in each phase and what each owner sent."""
 
@@ -117,6 +127,7 @@ class FederatedRound(BaseModel):
     bytes_sent: dict[str, int]  # expert -> bytes its owner sent this round
     secure_aggregation: bool
     steps: dict[str, int]  # phase -> local steps per owner
+    privacy: RoundPrivacy | None = None  # None: the updates went without noise
 
 
 class Federation(BaseModel):
@@ -129,6 +140,10 @@ class Federation(BaseModel):
     current_router: int  # the router version in the weights
     current_slots: dict[str, int]  # expert -> its slot version in the weights
     rounds: list[FederatedRound]
+    # expert -> epsilon at ``delta`` over every update its owner sent in these rounds (Opacus's
+    # RDP accountant); None: some of them went without noise
+    epsilon: dict[str, float | None] = {}
+    delta: float | None = None
 
     def slot_version(self, name: str, version: int) -> SlotVersion:
         return next(v for v in self.slot_versions if v.name == name and v.version == version)
