@@ -350,7 +350,8 @@ def test_the_demo_report_has_every_section_in_order() -> None:
 
 def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
     """With a federated stage, the report has its section: both rows against the untuned
-    merge and btm, public text, and the bytes each owner sent per round."""
+    merge and btm, public text, bits per byte after each round, and the bytes each owner sent
+    per round."""
     from flexmoe.experiment.narrative import _federated_section
 
     evaluation = _results(
@@ -366,8 +367,11 @@ def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
         "router_steps": 2, "owner_steps": 6, "fedavg_rounds": 2, "fedavg_steps": 3,
         "per_round": [{"round": 1, "phases": ["slot", "router"], "bytes_sent": sent}],
         "fedavg_per_round": [{"round": r, "bytes_sent": sent} for r in (1, 2)],
+        "bpb_by_round": [{"round": 0, "bpb": {"public": 1.2, "code": 2.2, "legal": 2.2}}],
     }  # fmt: skip
     text = _federated_section(fed, evaluation)
+    assert "| 0 (the merge, before any round) | 1.8667 | 1.2000 |" in text
+    assert "| 1 | 1.6000 | 0.9000 |" in text  # the last round: the flexmoe:federated row
     assert text.startswith("## Federated rounds (Flower)")
     assert "| flexmoe:federated | 1.6000 | -4.0% | -7.7% | 0.9000 |" in text
     assert "| fedavg | 1.9667 | +18.0% | +13.5% | 1.1000 |" in text

@@ -49,9 +49,13 @@ def federated_stages(
     device: torch.device,
     tokens: Path,
     log: Callable[[str], None],
+    score: Callable[[Path], dict[str, float]],
 ) -> FederatedStages:
     """Both stages into ``out/federated`` and ``out/fedavg``; ``train_experts(root, settings)``
-    trains every owner's expert as the demo does."""
+    trains every owner's expert as the demo does; ``score(model)`` is a model's bits per byte
+    per domain on the report's held-out text (the rounds run one at a time, so that the model
+    after each is scored; a round continues from the versions the last one wrote, numbered and
+    seeded as in one run of all of them)."""
     fed = settings.federated
     root = out / "federated"
     first = replace(
@@ -72,18 +76,22 @@ def federated_stages(
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
     texts = owner_texts(owners, specs)
-    plan = RoundPlan(fed.rounds, ("slot", "router"), fed.slot, fed.router)
-    result = federate(
-        merged,
-        texts,
-        plan,
-        root / "model",
-        device=device,
-        cache_dir=tokens,
-        overwrite=True,
-        log=log,
-        progress=False,
-    )
+    one = RoundPlan(1, ("slot", "router"), fed.slot, fed.router)
+    model, curve = merged, []
+    for number in range(1, fed.rounds + 1):  # one at a time, to score the model after each
+        curve.append({"round": number - 1, "bpb": score(model)})
+        result = federate(
+            model,
+            texts,
+            one,
+            root / f"round-{number}",
+            device=device,
+            cache_dir=tokens,
+            overwrite=True,
+            log=log,
+            progress=False,
+        )
+        model = result.out
     fedavg_dir = out / "fedavg"
     log(
         f"[federated] the fedavg baseline: the anchor's dense model, {fed.fedavg_rounds} FedAvg "
@@ -110,8 +118,9 @@ def federated_stages(
         "owner_steps": fed.expert_steps + fed.rounds * (fed.slot.steps + fed.router.steps),
         "specialist_steps": settings.expert.steps,
         "per_round": per_round,
+        "bpb_by_round": curve,  # the last round's model is scored as flexmoe:federated
         "fedavg_rounds": fed.fedavg_rounds,
         "fedavg_steps": fed.fedavg.steps,
         "fedavg_per_round": dense_record["rounds"],
     }
-    return FederatedStages({"flexmoe:federated": root / "model", "fedavg": fedavg_dir}, record)
+    return FederatedStages({"flexmoe:federated": model, "fedavg": fedavg_dir}, record)

@@ -330,6 +330,31 @@ def _federated_section(fed: dict[str, Any] | None, evaluation: Evaluation) -> st
         for phase in ["+".join(r["phases"]) if kind == "rounds" else "fedavg (dense)"]
     )
     table = "\n".join(rows)
+    curve = [
+        (r["round"], sum(r["bpb"].values()) / len(r["bpb"]), r["bpb"].get("public"))
+        for r in fed.get("bpb_by_round", [])
+    ]
+    if curve:
+        curve.append(
+            (fed["rounds"], evaluation.average(FEDERATED), evaluation.bpb(FEDERATED, "public"))
+        )
+    by_round = "\n".join(
+        f"| {number}{' (the merge, before any round)' if number == 0 else ''} | {average:.4f} | "
+        + (f"{public:.4f}" if public is not None else "-")
+        + " |"
+        for number, average, public in curve
+    )
+    rounds_table = (
+        f"""
+Bits per byte after each round (the same held-out text):
+
+| after round | average bpb | public |
+| --- | ---: | ---: |
+{by_round}
+"""
+        if curve
+        else ""
+    )
     return f"""## Federated rounds (Flower)
 
 `{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
@@ -346,7 +371,7 @@ Flower code, {fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps 
 | model | average bpb | vs {FLEXMOE} | vs {BTM} | public |
 | --- | ---: | ---: | ---: | ---: |
 {table}
-
+{rounds_table}
 Bytes each owner sent, per round and phase:
 
 | round | phase | sent |

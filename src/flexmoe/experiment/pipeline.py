@@ -170,6 +170,7 @@ def run_demo(
         device,
         run.tokens,
         log,
+        run.score,
     )
     run.stage("federated")
     models = {**extra, **federated.models}
@@ -272,6 +273,18 @@ class _Run:
         )
         self.stage("evaluation")
         return evaluation
+
+    def score(self, model_dir: Path) -> dict[str, float]:
+        """A merged model's bits per byte per domain on the evaluation's held-out text."""
+        scores = evaluate_loaded(
+            load_merged(model_dir, device=self.device),
+            load_tokenizer(model_dir),
+            list(self.specs.values()),
+            device=self.device,
+            cache_dir=self.tokens,
+            max_bytes=self.settings.eval_bytes,
+        )
+        return {s.domain: round(s.bits_per_byte, 4) for s in scores}
 
     def stage(self, name: str) -> None:
         """Record the time since the previous stage under ``name``."""
