@@ -368,10 +368,18 @@ def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
         "per_round": [{"round": 1, "phases": ["slot", "router"], "bytes_sent": sent}],
         "fedavg_per_round": [{"round": r, "bytes_sent": sent} for r in (1, 2)],
         "bpb_by_round": [{"round": 0, "bpb": {"public": 1.2, "code": 2.2, "legal": 2.2}}],
+        "privacy_cost": [
+            {"epsilon": None, "noise_multiplier": 0.0, "clip": None,
+             "bpb": {"public": 1.1, "code": 2.0, "legal": 2.1}},
+            {"epsilon": 8.0, "noise_multiplier": 1.25, "clip": 0.5,
+             "bpb": {"public": 1.5, "code": 2.5, "legal": 2.5}},
+        ],
     }  # fmt: skip
     text = _federated_section(fed, evaluation)
     assert "| 0 (the merge, before any round) | 1.8667 | 1.2000 |" in text
     assert "| 1 | 1.6000 | 0.9000 |" in text  # the last round: the flexmoe:federated row
+    assert "| no noise | 0.000 | 1.7333 | 1.1000 |" in text
+    assert "| 8 | 1.250 | 2.1667 | 1.5000 |" in text and "L2 norm of 0.5" in text
     assert text.startswith("## Federated rounds (Flower)")
     assert "| flexmoe:federated | 1.6000 | -4.0% | -7.7% | 0.9000 |" in text
     assert "| fedavg | 1.9667 | +18.0% | +13.5% | 1.1000 |" in text

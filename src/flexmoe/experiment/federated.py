@@ -22,6 +22,7 @@ from flexmoe.experiment.settings import DemoSettings
 from flexmoe.federated.dense import RECORD_FILE
 from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText
+from flexmoe.federated.privacy import UpdatePrivacy
 from flexmoe.federated.run import fedavg, federate
 from flexmoe.io import read_json
 from flexmoe.merge.build import build_merged
@@ -50,12 +51,15 @@ def federated_stages(
     tokens: Path,
     log: Callable[[str], None],
     score: Callable[[Path], dict[str, float]],
+    *,
+    privacy: bool = False,
 ) -> FederatedStages:
     """Both stages into ``out/federated`` and ``out/fedavg``; ``train_experts(root, settings)``
     trains every owner's expert as the demo does; ``score(model)`` is a model's bits per byte
     per domain on the report's held-out text (the rounds run one at a time, so that the model
     after each is scored; a round continues from the versions the last one wrote, numbered and
-    seeded as in one run of all of them)."""
+    seeded as in one run of all of them). With ``privacy``, what ``--dp-epsilon`` costs too
+    (:func:`privacy_cost`)."""
     fed = settings.federated
     root = out / "federated"
     first = replace(
@@ -92,6 +96,11 @@ def federated_stages(
             progress=False,
         )
         model = result.out
+    cost = (
+        privacy_cost(merged, texts, settings, root / "privacy", score, device, tokens, log)
+        if privacy
+        else []
+    )
     fedavg_dir = out / "fedavg"
     log(
         f"[federated] the fedavg baseline: the anchor's dense model, {fed.fedavg_rounds} FedAvg "
@@ -119,8 +128,57 @@ def federated_stages(
         "specialist_steps": settings.expert.steps,
         "per_round": per_round,
         "bpb_by_round": curve,  # the last round's model is scored as flexmoe:federated
+        "privacy_cost": cost,
         "fedavg_rounds": fed.fedavg_rounds,
         "fedavg_steps": fed.fedavg.steps,
         "fedavg_per_round": dense_record["rounds"],
     }
     return FederatedStages({"flexmoe:federated": model, "fedavg": fedavg_dir}, record)
+
+
+DP_EPSILONS = (8.0, 1000.0)  # the two values at which the report prices --dp-epsilon
+
+
+def privacy_cost(
+    merged: Path,
+    texts: list[OwnerText],
+    settings: DemoSettings,
+    root: Path,
+    score: Callable[[Path], dict[str, float]],
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Router-only rounds on ``merged`` (the only phase ``--dp-epsilon`` takes), without noise and
+    at each of :data:`DP_EPSILONS`; each model's bits per byte."""
+    fed = settings.federated
+    plain = RoundPlan(fed.rounds, ("router",), fed.slot, fed.router)
+    rows = []
+    for epsilon in (None, *DP_EPSILONS):
+        plan = plain
+        if epsilon is not None:
+            budget = UpdatePrivacy.for_budget(epsilon, plain.releases(), clip=None)
+            plan = replace(plain, privacy=budget)
+        name = "no-noise" if epsilon is None else f"epsilon-{epsilon:g}"
+        log(f"[federated] what --dp-epsilon costs: {fed.rounds} router rounds, {name}")
+        result = federate(
+            merged,
+            texts,
+            plan,
+            root / name,
+            device=device,
+            cache_dir=tokens,
+            overwrite=True,
+            log=log,
+            progress=False,
+        )
+        rows.append(
+            {
+                "epsilon": epsilon,
+                "noise_multiplier": plan.privacy.noise_multiplier if plan.privacy else 0.0,
+                "clip": plan.privacy.clip["router"] if plan.privacy else None,
+                "spent": result.record.epsilon,
+                "bpb": score(result.out),
+            }
+        )
+    return rows

@@ -331,8 +331,7 @@ def _federated_section(fed: dict[str, Any] | None, evaluation: Evaluation) -> st
     )
     table = "\n".join(rows)
     curve = [
-        (r["round"], sum(r["bpb"].values()) / len(r["bpb"]), r["bpb"].get("public"))
-        for r in fed.get("bpb_by_round", [])
+        (r["round"], _mean(r["bpb"]), r["bpb"].get("public")) for r in fed.get("bpb_by_round", [])
     ]
     if curve:
         curve.append(
@@ -355,6 +354,25 @@ Bits per byte after each round (the same held-out text):
         if curve
         else ""
     )
+    cost = fed.get("privacy_cost") or []
+    private = "\n".join(
+        f"| {_budget(c['epsilon'])} | {c['noise_multiplier']:.3f} | {_mean(c['bpb']):.4f} | "
+        f"{c['bpb'].get('public', 0.0):.4f} |"
+        for c in cost
+    )
+    privacy_table = (
+        f"""
+What `--dp-epsilon` costs: {fed["rounds"]} rounds of router phases only (the one phase that takes
+it) on the merge before any round, without noise and at two budgets (each owner's epsilon over
+all its updates, delta 1e-5; every update clipped to an L2 norm of {cost[-1]["clip"]}):
+
+| epsilon | noise multiplier | average bpb | public |
+| --- | ---: | ---: | ---: |
+{private}
+"""
+        if cost
+        else ""
+    )
     return f"""## Federated rounds (Flower)
 
 `{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
@@ -371,7 +389,7 @@ Flower code, {fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps 
 | model | average bpb | vs {FLEXMOE} | vs {BTM} | public |
 | --- | ---: | ---: | ---: | ---: |
 {table}
-{rounds_table}
+{rounds_table}{privacy_table}
 Bytes each owner sent, per round and phase:
 
 | round | phase | sent |
@@ -488,3 +506,11 @@ def refresh_results_page(page: Path, evaluation: Evaluation, made_by: str) -> No
     )
     text = f"{head}{RESULTS_BEGIN}\n{block}\n{RESULTS_END}{tail}"
     atomic_write_bytes(Path(page), text.encode("utf-8"))
+
+
+def _mean(bpb: dict[str, float]) -> float:
+    return sum(bpb.values()) / len(bpb)
+
+
+def _budget(epsilon: float | None) -> str:
+    return "no noise" if epsilon is None else f"{epsilon:g}"

@@ -171,6 +171,7 @@ def run_demo(
         run.tokens,
         log,
         run.score,
+        privacy=ablations,
     )
     run.stage("federated")
     models = {**extra, **federated.models}
