@@ -114,6 +114,8 @@ COMMANDS = {
     "owners list": coordinator.owners_list,
     "ledger": coordinator.ledger,
     "fed simulate": federated.fed_simulate,
+    "fed serve": federated.fed_serve,
+    "fed join": federated.fed_join,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 
