@@ -117,9 +117,6 @@ DpDeltaOpt = Annotated[float, typer.Option(help="the delta of --dp-epsilon")]
 DpClipRouterOpt = Annotated[
     float, typer.Option(help="with --dp-epsilon: the L2 norm a router update is clipped to")
 ]
-DpClipSlotOpt = Annotated[
-    float, typer.Option(help="with --dp-epsilon: the L2 norm a slot's change is clipped to")
-]
 SecAggOpt = Annotated[
     bool,
     typer.Option(
@@ -192,7 +189,6 @@ def fed_simulate(
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
     dp_clip_router: DpClipRouterOpt = CLIP["router"],
-    dp_clip_slot: DpClipSlotOpt = CLIP["slot"],
     key: Annotated[
         list[str] | None,
         typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
@@ -214,7 +210,7 @@ def fed_simulate(
 
     plan = _plan(
         rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router, "slot": dp_clip_slot},
+        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router},
     )  # fmt: skip
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
@@ -288,7 +284,6 @@ def fed_serve(
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
     dp_clip_router: DpClipRouterOpt = CLIP["router"],
-    dp_clip_slot: DpClipSlotOpt = CLIP["slot"],
     ca: Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM)")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS: this server's certificate")] = None,
     cert_key: Annotated[Path | None, typer.Option(help="TLS: its private key")] = None,
@@ -304,7 +299,7 @@ def fed_serve(
 
     plan = _plan(
         rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router, "slot": dp_clip_slot},
+        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router},
     )  # fmt: skip
     given = [x for x in (ca, cert, cert_key) if x is not None]
     if given and len(given) != 3:
