@@ -161,12 +161,11 @@ def _coordinate(grid: Grid, context: Context) -> None:
     (Flower's runtime only logs a ServerApp's error)."""
     job = ServeJob.read(Path(str(context.run_config[JOB_KEY])))
     try:
-        status = _run_job(job, grid, context)
+        write_json(Path(job.status), _run_job(job, grid, context))
     except Exception as e:
-        status = {"error": _one_line(e)}
-        if os.environ.get("FLEXMOE_DEBUG"):
+        write_json(Path(job.status), {"error": _one_line(e)})
+        if os.environ.get("FLEXMOE_DEBUG"):  # the traceback, in Flower's log
             raise
-    write_json(Path(job.status), status)
 
 
 def _run_job(job: ServeJob, grid: Grid, context: Context) -> dict[str, Any]:
