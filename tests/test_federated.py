@@ -322,19 +322,68 @@ def _flexmoe(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _certificates(root: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate it signs for 127.0.0.1 (with its key), as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    import ipaddress
+
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = root / "ca.pem", root / "server.pem", root / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
 def test_a_deployment_over_loopback_equals_the_simulation(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
     """`fed serve` (SuperLink + ServerApp) and two `fed join` (SuperNodes) as separate processes
-    over loopback write the same weights, bit for bit, as `fed simulate`; each owner's process
-    leaves by itself after the last phase (--once); no Flower process is left behind."""
+    over loopback, with TLS, write the same weights, bit for bit, as `fed simulate`; each
+    owner's process leaves by itself after the last phase (--once); no Flower process is left
+    behind."""
     from flexmoe.federated.deploy import free_port
 
     public, other = str(corpus_dir / "public.jsonl"), str(corpus_dir / "other.jsonl")
     address = f"127.0.0.1:{free_port()}"
+    ca, cert, key = _certificates(tmp_path)
     serve = _flexmoe("fed", "serve", str(merged), "--out", str(tmp_path / "deployed"),
-                     "--listen", address, "--wait", "120", *ROUND)  # fmt: skip
-    joining = ("--public-data", public, "--coordinator", address, "--once", "--device", "cpu")
+                     "--listen", address, "--wait", "120", "--ca", str(ca), "--cert", str(cert),
+                     "--cert-key", str(key), *ROUND)  # fmt: skip
+    joining = ("--public-data", public, "--coordinator", address, "--ca", str(ca), "--once",
+               "--device", "cpu")  # fmt: skip
     owners = [
         _flexmoe("fed", "join", str(merged), "--owner", f"{name}={data}", *joining)
         for name, data in (("upper", other), ("again", public))
@@ -347,6 +396,7 @@ def test_a_deployment_over_loopback_equals_the_simulation(
             process.kill()
     assert serve.returncode == 0, served[1]
     assert "1 federated rounds (slot,router) with 2 owners" in served[0]
+    assert f"coordinator on {address} (TLS)" in served[1]
     assert "round 1 (1/1) router: 2 owners" in served[1]
     for process, (_, err) in zip(owners, joined, strict=True):
         assert process.returncode == 0, err
