@@ -197,7 +197,8 @@ def router_update(
 ) -> tuple[torch.Tensor, TrainResult]:
     """The change of every active router row after ``task.cfg.steps`` steps on the owner's text
     (every expert frozen): ``(layers, experts, hidden)``, zero for masked experts."""
-    model = build_model(merged, state, task, device)
+    table = merged.table()
+    model = build_model(merged, state, task, device, table)
     for moe in moe_layers(model):
         for e, row in enumerate(moe.router.rows):
             if moe.expert_mask is None or bool(moe.expert_mask[e]):
@@ -206,7 +207,7 @@ def router_update(
     result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
     change = stacked_rows(model) - before
     if task.dp_clip > 0:
-        active = [s.name not in task.excluded for s in merged.table().slots]
+        active = [s.name not in task.excluded for s in table.slots]
         noised, _ = privatize({"rows": change[:, active]}, task.dp_clip, task.dp_noise)
         change[:, active] = noised["rows"]
     return change, result

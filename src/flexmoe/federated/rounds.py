@@ -294,8 +294,9 @@ class Coordinator:
     def take_router(self, round: int, updates: dict[str, tuple[torch.Tensor, int]]) -> None:
         """Average the owners' row changes (``name -> (change, tokens)``), weighted by tokens,
         in the order of the names; add the average to the rows."""
+        active = set(self.active())
         for name in updates:
-            if name not in self.active():
+            if name not in active:
                 raise FlexMoEError(name, f"round {round}: an update from no active owner")
         total = sum(tokens for _, tokens in updates.values())
         if not updates or total <= 0:
