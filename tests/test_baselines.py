@@ -19,7 +19,8 @@ from flexmoe.evaluate.baselines import (
     merged_variant,
     seq_route,
 )
-from flexmoe.evaluate.perplexity import DocumentRouted, evaluate_loaded
+from flexmoe.evaluate.mixed import alternating
+from flexmoe.evaluate.perplexity import DocumentRouted, eval_documents, evaluate_loaded
 from flexmoe.evaluate.registry import Variant
 from flexmoe.expert.package import PKG_PROJ, load_package
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
@@ -199,20 +200,34 @@ def test_suite_scores_every_model_on_the_same_text(
         DataSpec("public", (str(corpus_dir / "public.jsonl"),)),
         DataSpec("other", (str(corpus_dir / "other.jsonl"),)),
     ]
+    held = {spec.domain: eval_documents(spec) for spec in data}
+    mixed = alternating(
+        "other", held["other"], "public", held["public"], passage_bytes=100, per_document=2
+    )
     results = run_suite(
         anchor_dir=anchor_dir, package_dirs=package_dirs, merged_dir=tmp_path / "m", data=data,
         device=CPU, cache_dir=None, max_bytes=1500, seq_len=32, log=lambda _: None,
+        mixtures=[mixed],
     )  # fmt: skip
     assert list(results.models) == [
         "anchor", "specialist:upper", "specialist:again", "soup", "btm", "seq-route", "flexmoe",
-        "flexmoe:top-1", "flexmoe:top-3", "flexmoe:bias", "flexmoe:without-upper",
-        "flexmoe:without-again",
+        "flexmoe:top-1", "flexmoe:top-3", "flexmoe:bias", "flexmoe:prefix-50",
+        "flexmoe:without-upper", "flexmoe:without-again",
     ]  # fmt: skip
-    for domain in ("public", "other"):
+    assert results.mixtures == ["other+public"] and results.domains == ["public", "other"]
+    cost = results.cost
+    assert cost["anchor"] == cost["soup"] == 1.0
+    assert 1.0 < cost["flexmoe:top-1"] < cost["flexmoe"] < cost["flexmoe:top-3"]
+    assert cost["flexmoe"] == cost["flexmoe:prefix-50"] == cost["flexmoe:without-upper"]
+    assert cost["btm"] > 2 * cost["specialist:upper"] > cost["seq-route"] > cost["anchor"]
+    for domain in ("public", "other", "other+public"):
         sizes = {row[domain].bytes for row in results.models.values()}
         assert len(sizes) == 1 and sizes.pop() <= 1500  # the same text for every model
+    for domain in ("public", "other"):
         shares = results.routing_of()[domain]
         assert set(shares) == {"public", "upper", "again"}
         assert abs(sum(shares.values()) - 1) < 1e-6
-    report = write_report(results, tmp_path / "report")
-    assert "merged better on average than btm" in report.read_text()
+    report = write_report(results, tmp_path / "report").read_text()
+    assert "merged better on average than btm" in report
+    assert "## Text that needs two experts" in report and "| btm | " in report
+    assert (tmp_path / "report" / "cost_vs_quality.png").is_file()

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.registry import DomainScore, Evaluation
 from flexmoe.evaluate.report import PLOTS, checks, plot_files, write_report
 
@@ -32,9 +35,11 @@ def _scores(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, An
         "flexmoe:without-legal": {"public": 1.001, "code": 2.05, "legal": 2.40},
         **extra,
     }
+    cost = {"anchor": 1.0, "soup": 1.0, "btm": 2.6, "seq-route": 2.3, "unrestricted": 1.5}
     return {
         "domains": DOMAINS,
         "experts": ["code", "legal"],
+        "cost": {m: cost.get(m, 1.3 if m.startswith("specialist") else 1.5) for m in table},
         "public_expert": "public",
         "max_bytes": 1000,
         "models": {
@@ -75,7 +80,9 @@ def test_report_files(tmp_path: Path) -> None:
     assert all(data.startswith(b"\x89PNG") for data in files.values())
     report = write_report(results, tmp_path / "r")
     text = report.read_text()
-    assert "| flexmoe | 1.0050 | 2.0500 | 1.8400 | 1.6317 |" in text
+    assert "| flexmoe | 1.0050 | 2.0500 | 1.8400 | 1.6317 | 1.50x |" in text
+    assert "| btm | 1.0000 | 2.2000 | 2.0000 | 1.7333 | 2.60x |" in text
+    assert "Text that needs two experts" not in text  # none was scored
     assert "**no**" in text  # the legal routing claim is missed and says so
     assert json.loads((tmp_path / "r" / "evaluation.json").read_text()) == _scores(
         {"public": 1.005, "code": 2.05, "legal": 1.84}
@@ -386,3 +393,23 @@ def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
     assert "| 1 | slot+router | code 2.00 MB, legal 3.00 MB |" in text
     assert text.count("fedavg (dense)") == 2 and "steps in all: 6" in text
     assert _federated_section(None, evaluation) == ""
+
+
+def test_two_expert_text_says_whether_per_token_routing_wins(tmp_path: Path) -> None:
+    scores = _scores({"public": 1.005, "code": 2.05, "legal": 1.84})
+    mixed = {"flexmoe": (2.0, 1.5), "btm": (2.1, 1.4), "seq-route": (2.2, 1.6)}
+    for model, row in scores["models"].items():
+        a, b = mixed.get(model, (2.5, 2.0))
+        row.update({"code+legal": {"bits_per_byte": a}, "legal+public": {"bits_per_byte": b}})
+    scores["mixtures"] = ["code+legal", "legal+public"]
+    text = write_report(Evaluation.model_validate(scores), tmp_path / "r").read_text()
+    assert "| model | code+legal | legal+public | average | cost |" in text
+    assert "| flexmoe | 2.0000 | 1.5000 | 1.7500 | 1.50x |" in text
+    assert "against `btm`: does not win (1 of 2; code+legal -4.8%, legal+public +7.1%)" in text
+    assert "against `seq-route`: wins (2 of 2; code+legal -9.1%, legal+public -6.2%)" in text
+    found = Evaluation.read(json.loads((tmp_path / "r" / "evaluation.json").read_text()), "e")
+    assert found.mixtures == ["code+legal", "legal+public"]
+    assert found.average("flexmoe") == Evaluation.model_validate(scores).average("flexmoe")
+    del scores["models"]["btm"]["legal+public"]
+    with pytest.raises(FlexMoEError, match=r"field models\.btm\.legal\+public\.bits_per_byte"):
+        Evaluation.read(scores, "e")

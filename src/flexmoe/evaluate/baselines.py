@@ -12,8 +12,9 @@ Registry names:
   (the domain embeddings) are nearest to the document's mean hidden state;
 - ``unrestricted``: an MoE of the merged model's shape trained on all the data at once (see
   :mod:`flexmoe.expert.unrestricted`; needs its directory);
-- ``flexmoe``: the merged model, and its variants ``flexmoe:top-K``, ``flexmoe:bias`` and
-  ``flexmoe:without-NAME`` (options joined by ``:``).
+- ``flexmoe``: the merged model, and its variants ``flexmoe:top-K``, ``flexmoe:bias``,
+  ``flexmoe:without-NAME`` and ``flexmoe:prefix-P`` (document-level routing; options joined
+  by ``:``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def merged_variant(merged_dir: Path, variant: Variant) -> nn.Module:
             raise FlexMoEError(variant.name(), f"top-k must be in 1..{layers[0].num_experts}")
         for layer in layers:
             layer.top_k = variant.top_k
+    if variant.prefix is not None:
+        for layer in moe_layers(model):
+            layer.prefix_mix = variant.prefix / 100
     return model
 
 

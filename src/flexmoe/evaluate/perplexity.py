@@ -24,6 +24,7 @@ from flexmoe.data.split import Split, SplitFractions, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import autocast
 from flexmoe.errors import FlexMoEError
+from flexmoe.evaluate.mixed import HeldOutText
 from flexmoe.inference.selection import Selection, load_selected
 from flexmoe.io import show_progress
 from flexmoe.merge.layout import APPLY_BIAS
@@ -127,6 +128,11 @@ def eval_documents(
         raise FlexMoEError(
             ",".join(spec.paths), f"domain {spec.domain!r} has no documents in the {split} split"
         )
+    return first_bytes(docs, max_bytes)
+
+
+def first_bytes(docs: list[Document], max_bytes: int | None) -> list[Document]:
+    """The documents in order, cut after ``max_bytes`` bytes of text (the last one shortened)."""
     if max_bytes is None:
         return docs
     kept: list[Document] = []
@@ -141,6 +147,11 @@ def eval_documents(
         kept.append(doc)
         left -= size
     return kept
+
+
+def eval_seq_len(config: Any) -> int:
+    """The block length held-out text is scored in when none is given."""
+    return min(1024, int(config.max_position_embeddings))
 
 
 @dataclass(frozen=True)
@@ -161,7 +172,7 @@ Scoreable = torch.nn.Module | DocumentRouted
 def evaluate_loaded(
     model: Scoreable,
     tokenizer: PreTrainedTokenizerBase,
-    data: list[DataSpec],
+    data: list[DataSpec] | list[DataSpec | HeldOutText],
     *,
     split: Split = Split.TEST,
     device: torch.device,
@@ -176,16 +187,22 @@ def evaluate_loaded(
     :func:`eval_documents` for ``max_documents`` and ``max_bytes``).
 
     A :class:`DocumentRouted` model scores each member on the documents routed to it; the
-    domain's score sums over members.
+    domain's score sums over members. A :class:`HeldOutText` is scored on its own documents
+    (the first ``max_bytes`` of them), whatever ``split`` says.
     """
     members = model.members if isinstance(model, DocumentRouted) else [model]
     for member in members:
         member.to(device)  # type: ignore[arg-type]
     config: Any = model.config
-    seq_len = seq_len or min(1024, int(config.max_position_embeddings))
+    seq_len = seq_len or eval_seq_len(config)
     scores = []
     for spec in data:
-        docs = eval_documents(spec, split, fractions, max_documents, max_bytes)
+        if isinstance(spec, HeldOutText):
+            docs = first_bytes(list(spec.documents[:max_documents]), max_bytes)
+            if not docs:
+                raise FlexMoEError(spec.domain, "no held-out documents to score")
+        else:
+            docs = eval_documents(spec, split, fractions, max_documents, max_bytes)
         if isinstance(model, DocumentRouted):
             choice = model.route([d.text for d in docs])
             groups = [

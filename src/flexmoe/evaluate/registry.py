@@ -57,15 +57,18 @@ class Variant:
     bias: bool | None = None  # None: the default (``merge.layout.APPLY_BIAS``)
     without: tuple[str, ...] = ()
     router: RouterVersion | None = None
+    prefix: int | None = None  # % of each router logit taken from its mean over the prefix
 
     def __post_init__(self) -> None:
-        merged_only = (self.top_k, self.bias, self.router)
+        merged_only = (self.top_k, self.bias, self.router, self.prefix)
         if self.base != Base.FLEXMOE and (any(v is not None for v in merged_only) or self.without):
             raise FlexMoEError(self.base.value, "only the merged model takes options")
         if (self.base == Base.SPECIALIST) != bool(self.expert):
             raise FlexMoEError(self.base.value, "a specialist names one expert: specialist:X")
         if self.top_k is not None and self.top_k < 1:
             raise FlexMoEError(f"top-{self.top_k}", "top-k must be at least 1")
+        if self.prefix is not None and not 0 < self.prefix <= 100:
+            raise FlexMoEError(f"prefix-{self.prefix}", "prefix must be a share in 1..100 (%)")
 
     def name(self) -> str:
         if self.base == Base.SPECIALIST:
@@ -75,6 +78,7 @@ class Variant:
             *([] if self.bias is None else ["bias" if self.bias else "no-bias"]),
             *(f"without-{e}" for e in self.without),
             *([self.router.value] if self.router else []),
+            *([f"prefix-{self.prefix}"] if self.prefix is not None else []),
         ]
         return ":".join([self.base.value, *options])
 
@@ -89,10 +93,12 @@ class Variant:
             raise FlexMoEError(name, f"unknown baseline; choose from {known}") from None
         if base == Base.SPECIALIST:
             return cls(base, expert=":".join(options) or None)
-        top_k, bias, without, router = None, None, [], None
+        top_k, bias, without, router, prefix = None, None, [], None, None
         for option in options:
             if option.startswith("top-") and option[4:].isdigit():
                 top_k = int(option[4:])
+            elif option.startswith("prefix-") and option[7:].isdigit():
+                prefix = int(option[7:])
             elif option in ("bias", "no-bias"):
                 bias = option == "bias"
             elif option.startswith("without-") and option[8:]:
@@ -102,10 +108,12 @@ class Variant:
             else:
                 raise FlexMoEError(
                     name,
-                    f"unknown option {option!r}; use top-K, bias, no-bias, without-NAME"
-                    f" or a router version ({', '.join(RouterVersion)})",
+                    f"unknown option {option!r}; use top-K, bias, no-bias, without-NAME,"
+                    f" prefix-P or a router version ({', '.join(RouterVersion)})",
                 )
-        return cls(base, top_k=top_k, bias=bias, without=tuple(without), router=router)
+        return cls(
+            base, top_k=top_k, bias=bias, without=tuple(without), router=router, prefix=prefix
+        )
 
 
 ANCHOR = Variant(Base.ANCHOR).name()
@@ -123,6 +131,7 @@ OWNER_TEXT_TUNED = Variant(Base.FLEXMOE, router=RouterVersion.OWNER_TEXT_TUNED).
 CALIBRATED = Variant(Base.FLEXMOE, router=RouterVersion.CALIBRATED).name()
 ROUTER_CEILING = Variant(Base.FLEXMOE, router=RouterVersion.ROUTER_CEILING).name()
 FEDERATED = Variant(Base.FLEXMOE, router=RouterVersion.FEDERATED).name()
+PREFIX = Variant(Base.FLEXMOE, prefix=50).name()
 MAIN_MODELS = (ANCHOR, SOUP, BTM, SEQ_ROUTE, UNRESTRICTED, FEDAVG, FLEXMOE, FEDERATED, TUNED)
 
 # What each name means, in the words the report uses (X: an owner's expert, K: a number).
@@ -142,6 +151,8 @@ MEANINGS = {
     "flexmoe:top-K": "K experts active per token",
     BIAS: "the owners' learned negative biases on",
     "flexmoe:without-X": "owner X opted out",
+    "flexmoe:prefix-P": "document-level routing: P% of each router logit is its mean over the "
+    "text so far",
     TUNED: "the router tuned on the public documents the owners picked",
     OWNER_TEXT_TUNED: "the router tuned on the owners' own text (an ablation that hands it over)",
     RANDOM_INIT: "every owner's router row started from a random vector",
@@ -169,7 +180,7 @@ def describe(names: list[str] | None = None) -> str:
 
 
 def _any(pattern: str, names: list[str]) -> bool:
-    head = pattern.removesuffix("X").removesuffix("K")
+    head = pattern.removesuffix("X").removesuffix("K").removesuffix("P")
     return any(n == pattern or (head != pattern and n.startswith(head)) for n in names)
 
 
@@ -196,6 +207,8 @@ class Evaluation(BaseModel):
     order: list[str] = Field(default_factory=list)  # the order models were scored in
     routing: dict[str, dict[str, float]] | None = None  # of ``flexmoe``
     routing_tuned: dict[str, dict[str, float]] | None = None  # of ``flexmoe:tuned``
+    mixtures: list[str] = Field(default_factory=list)  # text that needs two experts, scored too
+    cost: dict[str, float] = Field(default_factory=dict)  # inference FLOPs per token / anchor's
     seconds: dict[str, float] = Field(default_factory=dict)  # scoring time per model
 
     def bpb(self, model: str, domain: str) -> float:
@@ -226,7 +239,7 @@ class Evaluation(BaseModel):
             field = ".".join(str(p) for p in first["loc"])
             raise FlexMoEError(where, f"field {field}: {first['msg']}") from None
         for model, row in found.models.items():
-            for domain in found.domains:
+            for domain in [*found.domains, *found.mixtures]:
                 if domain not in row:
                     raise FlexMoEError(
                         where, f"field models.{model}.{domain}.bits_per_byte is missing"

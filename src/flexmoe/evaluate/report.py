@@ -34,6 +34,7 @@ PLOTS = {
     "improvement": "improvement_over_anchor.png",
     "opt_out": "opt_out_effect.png",
     "routing": "routing_shares.png",
+    "cost": "cost_vs_quality.png",
 }
 
 
@@ -248,7 +249,66 @@ def plot_files(results: Evaluation, owners: dict[str, str] | None = None) -> dic
             ax.set_title(f"{model}: % of routing mass, text domain x expert", fontsize=9)
         files[PLOTS["routing"]] = _png(fig)
         plt.close(fig)
+
+    priced = [m for m in models if m in results.cost and not m.startswith(without(""))]
+    if priced:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in priced:
+            main = model in MAIN_MODELS
+            x, y = results.cost[model], results.average(model)
+            ax.scatter([x], [y], s=28 if main else 12, color="C3" if main else "C0")
+            ax.annotate(model, (x, y), fontsize=6 if main else 5, xytext=(3, 2),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("inference FLOPs per token (anchor = 1)")
+        ax.set_ylabel("bits per byte, average over domains (lower is better)")
+        ax.set_title("quality against inference cost", fontsize=9)
+        files[PLOTS["cost"]] = _png(fig)
+        plt.close(fig)
     return files
+
+
+def mixture_section(results: Evaluation) -> str:
+    """Every model on the text that needs two experts, and whether per-token routing (the
+    merged model) beats the document-level baselines there."""
+    if not results.mixtures:
+        return ""
+    mixes, models = results.mixtures, results.model_order()
+    head = "| model | " + " | ".join(mixes) + " | average | cost |"
+    rule = "| --- |" + " ---: |" * (len(mixes) + 2)
+    rows = [
+        f"| {m} | "
+        + " | ".join(f"{results.bpb(m, x):.4f}" for x in mixes)
+        + f" | {sum(results.bpb(m, x) for x in mixes) / len(mixes):.4f} | {_cost(results, m)} |"
+        for m in models
+        if all(x in results.models[m] for x in mixes)
+    ]
+    verdicts = []
+    for rival in (BTM, SEQ_ROUTE):
+        if {FLEXMOE, rival} <= results.models.keys():
+            won = [x for x in mixes if results.bpb(FLEXMOE, x) < results.bpb(rival, x)]
+            gaps = ", ".join(
+                f"{x} {results.bpb(FLEXMOE, x) / results.bpb(rival, x) - 1:+.1%}" for x in mixes
+            )
+            verdicts.append(
+                f"- per-token routing (`{FLEXMOE}`) against `{rival}`: "
+                f"{'wins' if len(won) == len(mixes) else 'does not win'} "
+                f"({len(won)} of {len(mixes)}; {gaps})."
+            )
+    return f"""## Text that needs two experts (bits per byte)
+
+Held-out documents made of alternating passages (about 512 bytes each, six a document) of two
+domains' test text; on one domain's text btm equals that owner's specialist, here it cannot.
+
+{head}
+{rule}
+{chr(10).join(rows)}
+
+{chr(10).join(verdicts)}
+"""
+
+
+def _cost(results: Evaluation, model: str) -> str:
+    return f"{results.cost[model]:.2f}x" if model in results.cost else "-"
 
 
 @dataclass(frozen=True)
@@ -267,14 +327,23 @@ def markdown(
     """The report's experiment section (the plots are referenced by file name), with the
     experiment's ``narrative`` where given."""
     domains, models = results.domains, results.model_order()
-    head = "| model | " + " | ".join(domains) + " | average |"
-    rule = "| --- |" + " ---: |" * (len(domains) + 1)
+    priced = bool(results.cost)
+    head = "| model | " + " | ".join(domains) + " | average |" + (" cost |" if priced else "")
+    rule = "| --- |" + " ---: |" * (len(domains) + 1 + priced)
     rows = [
         f"| {m} | "
         + " | ".join(f"{results.bpb(m, d):.4f}" for d in domains)
         + f" | {results.average(m):.4f} |"
+        + (f" {_cost(results, m)} |" if priced else "")
         for m in models
     ]
+    cost_note = (
+        "\n\ncost: inference FLOPs per token relative to the anchor (every model a baseline "
+        "runs counted; see `flexmoe.evaluate.cost`).\n\n![quality against inference cost]"
+        "(cost_vs_quality.png)"
+        if priced
+        else ""
+    )
     tables = []
     for model in (FLEXMOE, TUNED):
         found = checks(results, owners, model)
@@ -301,6 +370,8 @@ def markdown(
             f"`{model}`:\n\n| domain | {' | '.join(experts)} |\n| --- |"
             f"{' ---: |' * len(experts)}\n{rows_text}\n"
         )
+    two_experts = mixture_section(results).strip()
+    two_experts = f"{two_experts}\n\n" if two_experts else ""
     tried = narrative.misses if narrative else ""
     tried_section = f"## What the variants say about the misses\n\n{tried}\n\n" if tried else ""
     settings = f"## Settings, measured\n\n{narrative.settings}\n\n" if narrative is not None else ""
@@ -313,13 +384,13 @@ def markdown(
 
 {head}
 {rule}
-{chr(10).join(rows)}
+{chr(10).join(rows)}{cost_note}
 
 ![bits per byte](bpb_heatmap.png)
 
 ![improvement over the anchor](improvement_over_anchor.png)
 
-{settings}## The paper's claims, measured
+{two_experts}{settings}## The paper's claims, measured
 
 {chr(10).join(tables)}
 {tried_section}## Opting out, expert by expert

@@ -19,10 +19,13 @@ from transformers import PreTrainedTokenizerBase
 from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.evaluate.baselines import baseline_names, build_baseline
-from flexmoe.evaluate.perplexity import evaluate_loaded
+from flexmoe.evaluate.cost import Shape, relative_cost
+from flexmoe.evaluate.mixed import HeldOutText
+from flexmoe.evaluate.perplexity import eval_seq_len, evaluate_loaded
 from flexmoe.evaluate.registry import (
     BIAS,
     NO_BIAS,
+    PREFIX,
     TUNED,
     DomainScore,
     Evaluation,
@@ -39,10 +42,11 @@ Log = Callable[[str], None]
 
 
 def variant_names(experts: list[str], *, default_top_k: int) -> list[str]:
-    """The merged model's variants: every top-k, the owners' biases, each expert left out."""
+    """The merged model's variants: every top-k, the owners' biases, document-level routing,
+    each expert left out."""
     total = len(experts) + 1
     tops = [top_k(k) for k in range(1, total + 1) if k != default_top_k]
-    return [*tops, NO_BIAS if APPLY_BIAS else BIAS, *(without(name) for name in experts)]
+    return [*tops, NO_BIAS if APPLY_BIAS else BIAS, PREFIX, *(without(name) for name in experts)]
 
 
 def run_suite(
@@ -56,6 +60,7 @@ def run_suite(
     unrestricted_dir: Path | None = None,
     tuned_dir: Path | None = None,
     extra_models: dict[str, Path] | None = None,
+    mixtures: list[HeldOutText] | None = None,
     only: list[str] | None = None,
     max_documents: int | None = None,
     max_bytes: int | None = None,
@@ -65,7 +70,9 @@ def run_suite(
     """Score every model named in ``only`` (default: every baseline, then every variant).
 
     ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
-    merged model directories (ablations), each loaded with the owners' choice applied.
+    merged model directories (ablations), each loaded with the owners' choice applied. Every
+    model is also scored on ``mixtures`` (text that needs two experts) and priced in inference
+    FLOPs per token relative to the anchor (:mod:`flexmoe.evaluate.cost`).
     """
     extra = {**({TUNED: tuned_dir} if tuned_dir else {}), **(extra_models or {})}
     anchor = load_anchor(anchor_dir)
@@ -81,6 +88,9 @@ def run_suite(
     ]
     sample: dict[str, Any] = {"device": device, "cache_dir": cache_dir}  # the same text for all
     sample.update(max_documents=max_documents, max_bytes=max_bytes)
+    mixed = list(mixtures or [])
+    scored: list[DataSpec | HeldOutText] = [*data, *mixed]
+    shape = Shape.of(anchor.model.config, seq_len=seq_len or eval_seq_len(anchor.model.config))
     models: dict[str, dict[str, DomainScore]] = {}
     seconds: dict[str, float] = {}
     for name in names:
@@ -98,7 +108,7 @@ def run_suite(
                 unrestricted_dir=unrestricted_dir,
             )
         )
-        scores = evaluate_loaded(model, anchor.tokenizer, data, seq_len=seq_len, **sample)
+        scores = evaluate_loaded(model, anchor.tokenizer, scored, seq_len=seq_len, **sample)
         models[name] = {s.domain: DomainScore.model_validate(asdict(s)) for s in scores}
         seconds[name] = round(time.perf_counter() - started, 1)
     routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
@@ -114,6 +124,11 @@ def run_suite(
         models=models,
         order=list(models),
         seconds=seconds,
+        mixtures=[m.domain for m in mixed],
+        cost={
+            name: round(relative_cost(name, shape, owners=len(experts), top_k=top_k), 3)
+            for name in models
+        },
         **routings,
     )
 

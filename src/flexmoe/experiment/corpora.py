@@ -72,6 +72,13 @@ class CorpusSet:
     def owners(self) -> tuple[DemoDomain, ...]:
         return self.domains[1:]
 
+    @property
+    def mixtures(self) -> tuple[tuple[str, str], ...]:
+        """The pairs of domains whose held-out passages alternate in the text that needs two
+        experts: the first two owners, and the last owner with the public domain."""
+        first, second, *_, last = (d.name for d in self.owners)
+        return ((first, second), (last, self.public.name))
+
 
 def _zip_members(blob: bytes) -> zipfile.ZipFile:
     return zipfile.ZipFile(io.BytesIO(blob))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flexmoe.anchor import Anchor, AnchorManifest, load_anchor, train_anchor
+from flexmoe.anchor import HISTORY_FILE, Anchor, AnchorManifest, load_anchor, train_anchor
 from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import Split, load_splits
@@ -27,10 +27,13 @@ from flexmoe.device import on_device
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
+from flexmoe.evaluate.mixed import HeldOutText, alternating
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.registry import (
     ANCHOR,
     CALIBRATED,
+    FEDAVG,
+    FEDERATED,
     FLEXMOE,
     OWNER_TEXT_TUNED,
     RANDOM_INIT,
@@ -50,7 +53,7 @@ from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies
 from flexmoe.expert.unrestricted import train_unrestricted
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-from flexmoe.io import atomic_write_bytes, toml_text, write_json
+from flexmoe.io import atomic_write_bytes, read_json, toml_text, write_json
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.layout import load_merged, read_slots
@@ -195,6 +198,41 @@ def run_demo(
     return results
 
 
+def rescore_run(
+    out: Path,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    corpora_set: CorpusSet = DEMO,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score a finished run's models again, as :func:`run_demo` scores them (every baseline and
+    variant, the text that needs two experts, the cost per token), and rewrite its results and
+    report; nothing is trained. For runs made before a row or a measure was added."""
+    results = read_json(out / "results.json")
+    if results["settings"]["corpora"] != corpora_set.name:
+        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
+    settings = QUICK if results["settings"]["quick"] else FULL
+    run = _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+    rounds = results["federated"]["rounds"]
+    found = {
+        RANDOM_INIT: out / "ablation-random-init" / "merged",
+        OWNER_TEXT_TUNED: out / "ablation-owner-text" / "merged-tuned",
+        CALIBRATED: out / "ablation-calibrated",
+        ROUTER_CEILING: out / "ablation-router-ceiling",
+        FEDERATED: out / "federated" / f"round-{rounds}",
+        FEDAVG: out / "fedavg",
+    }
+    extra = {name: path for name, path in found.items() if path.is_dir()}
+    package_dirs = [out / "experts" / d.name for d in corpora_set.owners]
+    evaluation = run.evaluate(
+        out / "anchor", package_dirs, out / "merged", out / "unrestricted", extra
+    )
+    results["evaluation"] = evaluation.model_dump(mode="json", exclude_unset=True)
+    run.write(results, evaluation, read_json(out / "anchor" / HISTORY_FILE))
+    return results
+
+
 @dataclass
 class _Run:
     """One demo run's context: where it writes, its settings and corpora, and its stage times."""
@@ -219,10 +257,14 @@ class _Run:
         settings: DemoSettings,
         corpora_set: CorpusSet,
         log: Callable[[str], None],
+        *,
+        new_anchor: bool = True,
     ) -> _Run:
-        """Fetch the corpora (an earlier run's DP table is dropped: it measured another anchor)."""
+        """Fetch the corpora (with a ``new_anchor``, an earlier run's DP table is dropped: it
+        measured another anchor)."""
         started = time.perf_counter()  # the corpora stage counts from here
-        (Path(out) / DP_RESULTS).unlink(missing_ok=True)
+        if new_anchor:
+            (Path(out) / DP_RESULTS).unlink(missing_ok=True)
         corpora = fetch_corpora(corpora_set, corpora_dir(cache_dir, corpora_set), log=log)
         specs = {
             d.name: DataSpec(domain=d.name, paths=(str(corpora[d.name]),), id_field="id")
@@ -269,11 +311,20 @@ class _Run:
             unrestricted_dir=unrestricted_dir,
             tuned_dir=self.out / "merged-tuned",
             extra_models=extra,
+            mixtures=self.mixtures(),
             max_bytes=self.settings.eval_bytes,
             log=self.log,
         )
         self.stage("evaluation")
         return evaluation
+
+    def mixtures(self) -> list[HeldOutText]:
+        """Held-out text that needs two experts: the corpus set's pairs of domains, their test
+        documents' passages in turn."""
+        held = {
+            d: eval_documents(self.specs[d]) for pair in self.corpora_set.mixtures for d in pair
+        }
+        return [alternating(a, held[a], b, held[b]) for a, b in self.corpora_set.mixtures]
 
     def score(self, model_dir: Path) -> dict[str, float]:
         """A merged model's bits per byte per domain on the evaluation's held-out text."""

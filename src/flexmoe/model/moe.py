@@ -81,6 +81,10 @@ class MoEFeedForward(nn.Module):
         self.capture = False
         self.last_routing: torch.Tensor | None = None  # (B, T, N) routing weights after top-k
         self.last_logits: torch.Tensor | None = None  # (B*T, N) router logits, for the z-loss
+        # Document-level routing (an evaluation mode, for whole sequences; not in the checkpoint,
+        # so transformers runs this model with per-token routing): this share of each token's
+        # router logits is replaced by their mean over the sequence so far.
+        self.prefix_mix = 0.0
 
     @property
     def num_experts(self) -> int:
@@ -91,7 +95,12 @@ class MoEFeedForward(nn.Module):
         x = hidden_states.reshape(-1, hidden)  # (B*T, H)
         # The router and dense experts see (B, T, H): the batch first, as per-sample gradients
         # (DP-SGD) need it.
-        logits = self.router(hidden_states, use_bias=self.use_bias).reshape(-1, self.num_experts)
+        logits = self.router(hidden_states, use_bias=self.use_bias)  # (B, T, N)
+        if self.prefix_mix:
+            seen = torch.arange(1, seq + 1, device=logits.device, dtype=logits.dtype)[:, None]
+            pooled = logits.cumsum(dim=1) / seen  # (B, T, N): mean over positions <= t
+            logits = torch.lerp(logits, pooled, self.prefix_mix)
+        logits = logits.reshape(-1, self.num_experts)  # (B*T, N)
         if self.expert_mask is not None:
             mask = self.expert_mask.to(logits.device)
             if mask.dim() == 2:  # one row of the batch per mask row
