@@ -420,3 +420,66 @@ def test_owner_proxies_rank_public_documents_like_its_own(anchor_dir: Path) -> N
     forged = choice.model_copy(update={"public_sha256": [own[0].text_sha256]})
     with pytest.raises(FlexMoEError, match=r"proxies\.json: 1 hashes are not public documents"):
         resolve_proxies(forged, public, "proxies.json")
+
+
+def test_spread_public_sample_reaches_every_part_of_the_public_text() -> None:
+    import numpy as np
+
+    from flexmoe.data.packing import SPREAD_CHUNK, TokenStream, mix_streams
+
+    own = TokenStream(tokens=np.zeros(3 * SPREAD_CHUNK, dtype=np.uint16), num_bytes=1, num_docs=1)
+    public = TokenStream(
+        tokens=np.arange(1, 20 * SPREAD_CHUNK + 1, dtype=np.uint16) // SPREAD_CHUNK + 1,
+        num_bytes=1,
+        num_docs=1,
+    )  # fmt: skip  (token = 1 + the index of its piece of the public stream)
+    prefix = mix_streams(own, public, 0.5).tokens[3 * SPREAD_CHUNK :]
+    spread = mix_streams(own, public, 0.5, spread=True).tokens[3 * SPREAD_CHUNK :]
+    assert len(prefix) == len(spread) == 3 * SPREAD_CHUNK
+    assert set(np.unique(prefix)) <= {1, 2, 3, 4}  # the first pieces only
+    assert {1, 20} <= set(np.unique(spread).tolist())  # from the start to the end
+    assert np.array_equal(mix_streams(own, public, 0.0, spread=True).tokens, own.tokens)
+
+
+def test_closeness_penalty_is_zero_at_the_copy_and_pulls_back(anchor_dir: Path) -> None:
+    from flexmoe.expert.train import closeness_penalty
+
+    anchor = load_anchor(anchor_dir)
+    model = build_trainable_moe(anchor.model, anchor.public_router, anchor.public_router.clone())
+    penalty = closeness_penalty(2.0)
+    assert float(penalty(model)) == 0.0
+    own = moe_layers(model)[0].experts[1].up_proj.weight
+    with torch.no_grad():
+        own.mul_(2.0)  # moved by |W_0| in one of six projections
+    loss = penalty(model)
+    assert abs(float(loss) - 2.0 / 6) < 1e-5
+    loss.backward()
+    assert own.grad is not None and float((own.grad * own).sum()) > 0  # pulls toward W_0
+
+
+def test_owner_levers_are_recorded_in_the_package(
+    anchor_dir: Path, owner_dir: Path, public_spec: DataSpec, tmp_path: Path
+) -> None:
+    from flexmoe.expert.train import PublicSample
+
+    cfg = replace(CFG, steps=2, eval_every=0)
+    manifest, _ = train_expert(
+        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
+        identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
+        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
+        public_sample=PublicSample.SPREAD, stay_close=0.5, progress=False,
+    )  # fmt: skip
+    found = manifest.training.hyperparameters
+    assert found["public_sample"] == "spread" and found["stay_close"] == 0.5
+    for flag, message in (
+        (["--public-sample", "middle"], "--public-sample: choose prefix or spread"),
+        (["--stay-close", "-1"], "--stay-close: must be >= 0"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "flexmoe", "expert", "train", "--anchor", str(anchor_dir),
+             "--data", str(owner_dir), "--owner", "O", "--license", "MIT",
+             "--out", str(tmp_path / "q"), *flag],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "q").exists()

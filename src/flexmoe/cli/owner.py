@@ -274,6 +274,20 @@ def expert_train(
     public_data: PublicDataOpt = None,
     no_public_data: NoPublicDataOpt = False,
     public_fraction: Annotated[float, typer.Option(help="share of public tokens")] = 0.25,
+    public_sample: Annotated[
+        str,
+        typer.Option(
+            help="which public tokens: prefix (the first, in document-id order) or spread "
+            "(pieces over all of them)"
+        ),
+    ] = "prefix",
+    stay_close: Annotated[
+        float,
+        typer.Option(
+            help="weight of a penalty on the expert's squared distance from the public expert, "
+            "relative to it (0: none)"
+        ),
+    ] = 0.0,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
     tokens: TokensOpt = None,
@@ -299,10 +313,14 @@ def expert_train(
 
     from flexmoe.device import pick_device
     from flexmoe.expert.private import PrivacySettings
-    from flexmoe.expert.train import ExpertIdentity, train_expert
+    from flexmoe.expert.train import ExpertIdentity, PublicSample, train_expert
     from flexmoe.router_init import parse_method
 
     name, spec = _owner_data(data, name, text_field, id_field)
+    if public_sample not in PublicSample._value2member_map_:
+        raise FlexMoEError("--public-sample", f"choose prefix or spread, not {public_sample!r}")
+    if stay_close < 0:
+        raise FlexMoEError("--stay-close", f"must be >= 0, got {stay_close}")
     if public_data and no_public_data:
         raise FlexMoEError("--no-public-data", "contradicts --public-data")
     public = None if no_public_data else public_specs(anchor, public_data, text_field, id_field)
@@ -323,6 +341,8 @@ def expert_train(
         embedder=embedder,
         public_data=public,
         public_fraction=public_fraction,
+        public_sample=PublicSample(public_sample),
+        stay_close=stay_close,
         resume=resume,
         overwrite=force,
         signing_key=signing_key,

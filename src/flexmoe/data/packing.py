@@ -43,8 +43,15 @@ class TokenStream:
         return torch.stack([self.block(i, seq_len) for i in indices])  # (B, L + 1)
 
 
-def mix_streams(primary: TokenStream, secondary: TokenStream, fraction: float) -> TokenStream:
-    """``primary`` followed by a prefix of ``secondary`` making up ``fraction`` of all tokens.
+SPREAD_CHUNK = 2048  # tokens: the pieces a spread sample of a stream is made of
+
+
+def mix_streams(
+    primary: TokenStream, secondary: TokenStream, fraction: float, *, spread: bool = False
+) -> TokenStream:
+    """``primary`` followed by tokens of ``secondary`` making up ``fraction`` of all tokens:
+    its prefix, or with ``spread`` pieces of :data:`SPREAD_CHUNK` tokens evenly spaced over all
+    of it (documents are in id order, so a prefix holds the first sources only).
 
     For training only (byte and document counts describe ``primary``): the training order
     shuffles blocks, so the two sources interleave.
@@ -52,7 +59,12 @@ def mix_streams(primary: TokenStream, secondary: TokenStream, fraction: float) -
     if not 0 <= fraction < 1:
         raise FlexMoEError("--public-fraction", f"must be in [0, 1), got {fraction}")
     wanted = int(len(primary.tokens) * fraction / (1 - fraction))
-    extra = np.asarray(secondary.tokens[:wanted], dtype=primary.tokens.dtype)
+    source = np.asarray(secondary.tokens)
+    if spread and 0 < wanted < len(source):
+        pieces = -(-wanted // SPREAD_CHUNK)
+        starts = np.linspace(0, len(source) - SPREAD_CHUNK, pieces).astype(np.int64)
+        source = np.concatenate([source[max(0, i) : i + SPREAD_CHUNK] for i in starts])
+    extra = np.asarray(source[:wanted], dtype=primary.tokens.dtype)
     tokens = np.concatenate([np.asarray(primary.tokens), extra])
     return TokenStream(tokens=tokens, num_bytes=primary.num_bytes, num_docs=primary.num_docs)
 

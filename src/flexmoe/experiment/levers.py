@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from flexmoe.data.packing import TokenStream
+from flexmoe.evaluate.registry import ANCHOR, BTM, FLEXMOE, Evaluation
 from flexmoe.merge.edit import with_router_rows
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import RouterCalibration
@@ -99,3 +101,57 @@ def write_rows(
         progress=progress,
     )
     return Path(out)
+
+
+# Levers on the owner's side: each a recipe of ``flexmoe expert train`` options, measured by
+# training every owner's expert again with it against the run's anchor (experiments/
+# owner_levers.py) and scoring the merge on the run's held-out text.
+OWNER_LEVERS: dict[str, dict[str, Any]] = {
+    "public-spread": {"public_sample": "spread"},
+    "public-50-spread": {"public_fraction": 0.5, "public_sample": "spread"},
+    "stay-close-0.1": {"stay_close": 0.1},
+    "stay-close-1": {"stay_close": 1.0},
+    "spread-stay-close-0.1": {"public_sample": "spread", "stay_close": 0.1},
+}
+LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
+
+
+def levers_section(found: dict[str, Any], evaluation: Evaluation) -> str:
+    """The owner-side levers as rows beside the run's own merge (the default recipe), btm and
+    the anchor: bits per byte per domain, on average, on the text that needs two experts."""
+    domains, mixes = evaluation.domains, evaluation.mixtures
+
+    def cells(bpb: dict[str, float]) -> str:
+        average = sum(bpb[d] for d in domains) / len(domains)
+        two = [f"{bpb[m]:.4f}" for m in mixes if m in bpb]
+        gap = average / evaluation.average(BTM) - 1 if BTM in evaluation.models else None
+        return " | ".join(
+            [*(f"{bpb[d]:.4f}" for d in domains), f"{average:.4f}", *two]
+            + ([f"{gap:+.1%}"] if gap is not None else [])
+        )
+
+    def scored(model: str) -> dict[str, float]:
+        return {k: v.bits_per_byte for k, v in evaluation.models[model].items()}
+
+    head = "| recipe | options | " + " | ".join([*domains, "average", *mixes, "vs btm"]) + " |"
+    rule = "| --- | --- |" + " ---: |" * (len(domains) + len(mixes) + 2)
+    lines = [head, rule]
+    for model, what in ((FLEXMOE, "the default recipe (the run's merge)"), (BTM, "btm"),
+                        (ANCHOR, "the anchor")):  # fmt: skip
+        if model in evaluation.models:
+            lines.append(f"| `{model}` | {what} | {cells(scored(model))} |")
+    for row in found["rows"]:
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        lines.append(f"| {row['lever']} | {options} | {cells(row['bpb'])} |")
+    return f"""## Levers on the owner's side, measured
+
+Every owner's expert trained again with each recipe (the run's expert settings otherwise, its
+anchor), merged as the run merges, scored on the same held-out text. `public_sample=spread`
+mixes in public tokens spread over the whole public corpus instead of its first ones (the
+documents are in id order, so a prefix holds the first sources only); `public_fraction` is
+the public share; `stay_close` weighs a penalty on the expert's squared distance from the public
+expert, relative to it. Made by `python experiments/owner_levers.py RUN --corpora
+{found["corpora"]}`; "vs btm" compares the average.
+
+{chr(10).join(lines)}
+"""

@@ -8,6 +8,7 @@ the same held-out text -> one owner's opt-out -> extraction audit -> report with
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -41,11 +42,18 @@ from flexmoe.evaluate.registry import (
     Evaluation,
     specialist,
 )
-from flexmoe.evaluate.report import DP_RESULTS, plot_files
+from flexmoe.evaluate.report import DP_RESULTS, plot_files, privacy_section
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
 from flexmoe.experiment.federated import federated_stages
-from flexmoe.experiment.levers import calibrated_rows, ffn_inputs, write_rows
+from flexmoe.experiment.levers import (
+    LEVER_RESULTS,
+    OWNER_LEVERS,
+    calibrated_rows,
+    ffn_inputs,
+    levers_section,
+    write_rows,
+)
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import load_package
@@ -83,9 +91,11 @@ def _train_expert_process(
     device: torch.device,
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> None:
     """One owner, one process: it is handed only its own files, as a config file of the
-    settings any owner would use (the public share is the anchor's own public corpus)."""
+    settings any owner would use (the public share is the anchor's own public corpus), and
+    ``options`` of ``flexmoe expert train`` by name (a lever's recipe)."""
     settings = {
         "anchor": anchor_dir,
         "data": [f"{domain.name}={corpus}"],
@@ -99,6 +109,7 @@ def _train_expert_process(
         "cache_dir": cache_dir,
         "router_init": router_init.value,
         "seed": seed,
+        **(options or {}),
     }
     config = out.parent / f".{out.name}.toml"
     atomic_write_bytes(config, toml_text(settings).encode("utf-8"))
@@ -196,6 +207,56 @@ def run_demo(
     }
     run.write(results, evaluation, anchor_result.history)
     return results
+
+
+def measure_owner_levers(
+    out: Path,
+    levers: list[str],
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    corpora_set: CorpusSet = DEMO,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Each owner-side lever (:data:`OWNER_LEVERS`) on a finished run: every owner's expert
+    trained again with the lever's options against the run's anchor, merged as the run merges,
+    scored on the run's held-out text (the text that needs two experts included). The rows go
+    to ``out/owner_levers.json`` (one per lever, a new measurement replacing an older one) and
+    into the report."""
+    unknown = [name for name in levers if name not in OWNER_LEVERS]
+    if unknown:
+        raise FlexMoEError("--levers", f"unknown {unknown[0]!r}; choose {', '.join(OWNER_LEVERS)}")
+    results = read_json(out / "results.json")
+    if results["settings"]["corpora"] != corpora_set.name:
+        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
+    settings = QUICK if results["settings"]["quick"] else FULL
+    run = _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+    anchor_dir = out / "anchor"
+    data: list[DataSpec | HeldOutText] = [*run.specs.values(), *run.mixtures()]
+    path = out / LEVER_RESULTS
+    found: dict[str, Any] = (
+        read_json(path) if path.is_file() else {"corpora": corpora_set.name, "rows": []}
+    )
+    for name in levers:
+        root, options = out / "owner-levers" / name, OWNER_LEVERS[name]
+        packages = _train_experts(
+            root / "experts", f"[lever {name}]", corpora_set.owners, anchor_dir, run.corpora,
+            settings, device, run.tokens, log, options=options,
+        )  # fmt: skip
+        merged = root / "merged"
+        build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
+        scores = evaluate_loaded(
+            load_merged(merged, device=device), load_tokenizer(merged), data, device=device,
+            cache_dir=run.tokens, max_bytes=settings.eval_bytes,
+        )  # fmt: skip
+        row = {"lever": name, "options": options,
+               "bpb": {s.domain: round(s.bits_per_byte, 4) for s in scores}}  # fmt: skip
+        log(json.dumps(row))
+        found["rows"] = [r for r in found["rows"] if r["lever"] != name] + [row]
+        write_json(path, found)
+    evaluation = Evaluation.read(results["evaluation"], out / "results.json")
+    run.write(results, evaluation, read_json(anchor_dir / HISTORY_FILE))
+    return found
 
 
 def rescore_run(
@@ -407,6 +468,10 @@ class _Run:
         for name, data in plot_files(evaluation).items():
             atomic_write_bytes(self.out / name, data)
         report = demo_report(results, evaluation, history)
+        if (self.out / LEVER_RESULTS).is_file():  # measured on this run's anchor
+            report += "\n" + levers_section(read_json(self.out / LEVER_RESULTS), evaluation)
+        if (self.out / DP_RESULTS).is_file():
+            report += "\n" + privacy_section(self.out / DP_RESULTS)
         atomic_write_bytes(self.out / "report.md", report.encode())
         self.log(summary(evaluation))
         self.log(f"report: {self.out / 'report.md'} ({results['seconds']:.0f} s)")
@@ -544,9 +609,11 @@ def _train_experts(
     tokens: Path,
     log: Callable[[str], None],
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
+    options: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Every owner's expert, one process each, into ``root/<domain>``. Random router rows are
-    seeded by the owner's position so that no two owners start from the same row."""
+    """Every owner's expert, one process each, into ``root/<domain>``, with ``options`` of
+    ``flexmoe expert train``. Random router rows are seeded by the owner's position so that no
+    two owners start from the same row."""
     packages = []
     for i, domain in enumerate(owners, 1):
         package = root / domain.name
@@ -565,6 +632,7 @@ def _train_experts(
             device,
             router_init=router_init,
             seed=seed,
+            options=options,
         )
         packages.append(package)
     return packages

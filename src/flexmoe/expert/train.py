@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -49,6 +51,13 @@ from flexmoe.training.job import TrainingJob, refuse_existing
 from flexmoe.training.loop import TrainResult
 
 EXPERT_DEFAULTS = EXPERT_TRAINING  # the command line's defaults too
+
+
+class PublicSample(StrEnum):
+    """Which of the public tokens an owner mixes in (``--public-sample``)."""
+
+    PREFIX = "prefix"  # the first ones, in document-id order
+    SPREAD = "spread"  # pieces spread evenly over all of them
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,31 @@ def router_z_loss(weight: float):  # type: ignore[no-untyped-def]
         return weight * torch.stack(terms).mean()
 
     return z_loss
+
+
+def closeness_penalty(weight: float):  # type: ignore[no-untyped-def]
+    """``weight`` x the mean over layers and projections of ``|W_1 - W_0|^2 / |W_0|^2``: how
+    far the owner's expert has moved from the public one it was copied from, relative to it."""
+
+    def penalty(model: torch.nn.Module) -> torch.Tensor:
+        terms = []
+        for moe in moe_layers(model):
+            public, own = moe.experts[0], moe.experts[1]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                base = getattr(public, proj).weight.detach().float()
+                moved = getattr(own, proj).weight - base
+                terms.append(moved.pow(2).sum() / base.pow(2).sum().clamp(min=1e-12))
+        return weight * torch.stack(terms).mean()
+
+    return penalty
+
+
+def _summed(*losses: Any) -> Any:
+    """One auxiliary loss: the sum of those given (``None`` where none is)."""
+    found = [loss for loss in losses if loss is not None]
+    if not found:
+        return None
+    return lambda model: sum((loss(model) for loss in found[1:]), found[0](model))
 
 
 def project_biases(model: torch.nn.Module) -> None:
@@ -176,6 +210,7 @@ def _owner_streams(
     public_data: list[DataSpec] | None,
     public_fraction: float,
     *,
+    spread: bool,
     seq_len: int,
     cache_dir: Path | None,
 ) -> tuple[TokenStream, TokenStream | None, list[str]]:
@@ -191,7 +226,7 @@ def _owner_streams(
         public = pack_documents(
             load_splits(public_data).train, anchor.tokenizer, cache_dir=cache_dir
         )
-        train_stream = mix_streams(train_stream, public, public_fraction)
+        train_stream = mix_streams(train_stream, public, public_fraction, spread=spread)
     val_stream = None
     if splits.validation:
         val_stream = pack_documents(splits.validation, anchor.tokenizer, cache_dir=cache_dir)
@@ -256,6 +291,8 @@ def train_expert(
     embedder: Path | None = None,
     public_data: list[DataSpec] | None = None,
     public_fraction: float = 0.25,
+    public_sample: PublicSample = PublicSample.PREFIX,
+    stay_close: float = 0.0,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -267,7 +304,10 @@ def train_expert(
 
     With ``public_data`` (public documents, e.g. the anchor's own corpus), that share of the
     training tokens is public text, so that the router also sees what belongs to the public
-    expert; the package records the fraction, never the files. With ``signing_key`` (the
+    expert; the package records the fraction, never the files. ``public_sample`` says which
+    public tokens: the first ones (``prefix``) or pieces spread over all of them (``spread``).
+    ``stay_close`` weighs a penalty on the expert's distance from the public expert it started
+    as (:func:`closeness_penalty`). With ``signing_key`` (the
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
@@ -276,14 +316,23 @@ def train_expert(
     anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
     train_stream, val_stream, texts = _owner_streams(
-        anchor, data, public_data, public_fraction, seq_len=cfg.seq_len, cache_dir=cache_dir
+        anchor,
+        data,
+        public_data,
+        public_fraction,
+        spread=public_sample is PublicSample.SPREAD,
+        seq_len=cfg.seq_len,
+        cache_dir=cache_dir,
     )
     rows, init_params = owner_router_rows(
         anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
     )
     model = build_trainable_moe(anchor.model, anchor.public_router, rows)
     mode = PrivateMode(privacy) if privacy is not None else None
-    aux = router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None
+    aux = _summed(
+        router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+        closeness_penalty(stay_close) if stay_close > 0 else None,
+    )
     desc = f"expert {identity.name}" + (" (DP)" if mode else "")
     job = TrainingJob(out, cfg, device, desc, resume, progress, log_dir, aux, project_biases, mode)
     info = job.start()
@@ -298,7 +347,12 @@ def train_expert(
             raise FlexMoEError(
                 anchor_dir, "a frozen tensor changed during training; refusing to package"
             )
-        hyperparameters = {**cfg.to_dict(), "public_fraction": public_fraction}
+        hyperparameters = {
+            **cfg.to_dict(),
+            "public_fraction": public_fraction,
+            "public_sample": public_sample.value,
+            "stay_close": stay_close,
+        }
         privacy = mode.record if mode else None
         summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy)
         return write_package(
