@@ -231,3 +231,30 @@ def test_suite_scores_every_model_on_the_same_text(
     assert "merged better on average than btm" in report
     assert "## Text that needs two experts" in report and "| btm | " in report
     assert (tmp_path / "report" / "cost_vs_quality.png").is_file()
+
+
+def test_sparse_deltas_keep_the_largest_differences_from_the_public_expert(
+    anchor_dir: Path, package_dirs: list[Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from flexmoe.experiment.levers import sparse_delta, write_sparse_deltas
+
+    public, own = torch.zeros(4, 5), torch.arange(20.0).reshape(4, 5) - 10
+    kept = sparse_delta(public, own, 0.25)
+    assert int((kept != 0).sum()) == 5 and set(kept[kept != 0].tolist()) == {-10, -9, 9, -8, 8}
+    assert torch.equal(sparse_delta(public, own, 1.0), own)
+    build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
+    write_sparse_deltas(tmp_path / "m", tmp_path / "s", 0.1)
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    before, after = tensors(tmp_path / "m"), tensors(tmp_path / "s")
+    key = "model.layers.1.mlp.experts.{}.up_proj.weight"
+    assert torch.equal(after[key.format(0)], before[key.format(0)])  # the public expert as is
+    moved = after[key.format(2)] != before[key.format(0)]
+    assert abs(moved.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(after[key.format(2)][moved], before[key.format(2)][moved])
+    same = [k for k in before if ".experts." not in k]
+    assert all(torch.equal(after[k], before[k]) for k in same)

@@ -27,6 +27,8 @@ from flexmoe.evaluate.registry import ANCHOR, BTM, FLEXMOE, Evaluation
 from flexmoe.merge.edit import with_router_rows
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import RouterCalibration
+from flexmoe.model import names
+from flexmoe.model.stream import TensorSource
 
 
 @torch.no_grad()
@@ -103,6 +105,54 @@ def write_rows(
     return Path(out)
 
 
+def sparse_delta(public: torch.Tensor, own: torch.Tensor, keep: float) -> torch.Tensor:
+    """``own`` with only the largest ``keep`` fraction (by magnitude) of its difference from
+    ``public`` left; the rest of it is ``public``'s values."""
+    delta = own.float() - public.float()
+    count = max(1, round(keep * delta.numel()))
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - count + 1).values
+    return torch.where(delta.abs() >= threshold, own, public.to(own.dtype))
+
+
+def write_sparse_deltas(merged_dir: Path, out: Path, keep: float) -> Path:
+    """A copy of the merged model whose owners' experts keep only the largest ``keep`` fraction
+    of their difference from the public expert (slot 0), per tensor. Each expert still depends
+    on its own package and the public expert only, so opt-out stays exact."""
+    merged = MergedModel.open(merged_dir)
+    table = merged.table()
+    sources = merged.sources()
+    by_name = {s.name: s for s in sources}
+    layers, experts = merged.config(table).num_hidden_layers, len(table.infos())
+    publics: dict[str, str] = {}
+    for layer in range(layers):
+        for proj in names.PROJECTIONS:
+            public = names.EXPERT.format(layer=layer, expert=0, proj=proj)
+            for k in range(1, experts):
+                publics[names.EXPERT.format(layer=layer, expert=k, proj=proj)] = public
+
+    def thinned(own: TensorSource) -> TensorSource:
+        public = by_name[publics[own.name]]
+        return TensorSource(
+            own.name,
+            own.shape,
+            own.dtype,
+            lambda: sparse_delta(public.load(), own.load(), keep),
+        )
+
+    merged.write(
+        out,
+        sources=[thinned(s) if s.name in publics else s for s in sources],
+        config=merged.config(table),
+        table=table,
+        progress=False,
+    )
+    return Path(out)
+
+
+# Coordinator-side levers on the experts, measured beside the owner-side ones: no training,
+# only the run's merged model, so every row depends on one package and the public expert.
+MERGE_LEVERS: dict[str, float] = {"merge-delta-keep-30": 0.3, "merge-delta-keep-10": 0.1}
+
 # Levers on the owner's side: each a recipe of ``flexmoe expert train`` options, measured by
 # training every owner's expert again with it against the run's anchor (experiments/
 # owner_levers.py) and scoring the merge on the run's held-out text.
@@ -150,8 +200,10 @@ anchor), merged as the run merges, scored on the same held-out text. `public_sam
 mixes in public tokens spread over the whole public corpus instead of its first ones (the
 documents are in id order, so a prefix holds the first sources only); `public_fraction` is
 the public share; `stay_close` weighs a penalty on the expert's squared distance from the public
-expert, relative to it. Made by `python experiments/owner_levers.py RUN --corpora
-{found["corpora"]}`; "vs btm" compares the average.
+expert, relative to it; `delta_keep` (at the coordinator, no training) keeps only that fraction
+of each owner expert's difference from the public expert, the largest values. Made by
+`python experiments/owner_levers.py RUN --corpora {found["corpora"]}`; "vs btm" compares the
+average.
 
 {chr(10).join(lines)}
 """

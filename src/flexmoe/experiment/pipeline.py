@@ -48,11 +48,13 @@ from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir,
 from flexmoe.experiment.federated import federated_stages
 from flexmoe.experiment.levers import (
     LEVER_RESULTS,
+    MERGE_LEVERS,
     OWNER_LEVERS,
     calibrated_rows,
     ffn_inputs,
     levers_section,
     write_rows,
+    write_sparse_deltas,
 )
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
@@ -223,9 +225,10 @@ def measure_owner_levers(
     scored on the run's held-out text (the text that needs two experts included). The rows go
     to ``out/owner_levers.json`` (one per lever, a new measurement replacing an older one) and
     into the report."""
-    unknown = [name for name in levers if name not in OWNER_LEVERS]
+    known = [*OWNER_LEVERS, *MERGE_LEVERS]
+    unknown = [name for name in levers if name not in known]
     if unknown:
-        raise FlexMoEError("--levers", f"unknown {unknown[0]!r}; choose {', '.join(OWNER_LEVERS)}")
+        raise FlexMoEError("--levers", f"unknown {unknown[0]!r}; choose {', '.join(known)}")
     results = read_json(out / "results.json")
     if results["settings"]["corpora"] != corpora_set.name:
         raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
@@ -238,13 +241,19 @@ def measure_owner_levers(
         read_json(path) if path.is_file() else {"corpora": corpora_set.name, "rows": []}
     )
     for name in levers:
-        root, options = out / "owner-levers" / name, OWNER_LEVERS[name]
-        packages = _train_experts(
-            root / "experts", f"[lever {name}]", corpora_set.owners, anchor_dir, run.corpora,
-            settings, device, run.tokens, log, options=options,
-        )  # fmt: skip
-        merged = root / "merged"
-        build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
+        root, merged = out / "owner-levers" / name, out / "owner-levers" / name / "merged"
+        if name in MERGE_LEVERS:  # the run's own experts, thinned at the coordinator
+            options: dict[str, Any] = {"delta_keep": MERGE_LEVERS[name]}
+            log(f"[lever {name}] the run's merge with sparse expert differences -> {merged}")
+            write_sparse_deltas(out / "merged", merged, MERGE_LEVERS[name])
+        else:
+            options = OWNER_LEVERS[name]
+            packages = _train_experts(
+                root / "experts", f"[lever {name}]", corpora_set.owners, anchor_dir, run.corpora,
+                settings, device, run.tokens, log, options=options,
+            )  # fmt: skip
+            plan = plan_merge(anchor_dir, packages, top_k=settings.top_k)
+            build_merged(plan, merged, overwrite=True)
         scores = evaluate_loaded(
             load_merged(merged, device=device), load_tokenizer(merged), data, device=device,
             cache_dir=run.tokens, max_bytes=settings.eval_bytes,
