@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -483,3 +484,42 @@ def test_owner_levers_are_recorded_in_the_package(
         )  # fmt: skip
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert not (tmp_path / "q").exists()
+
+
+def test_router_objective_labels_the_owners_tokens_and_trains_the_margin(
+    anchor_dir: Path, owner_dir: Path, public_spec: DataSpec, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from flexmoe.expert.train import OwnBlocks, router_objective
+
+    stream = OwnBlocks(np.arange(100, dtype=np.uint16), 100, 1, own_tokens=30)
+    stream.batch([0, 3], 10)  # tokens 0-9 (own) and 30-39 (public)
+    assert stream.drawn[0].tolist() == [[True] * 10, [False] * 10]
+    stream.batch([2], 10)
+    assert stream.drawn[0].tolist() == [[True] * 10]
+    anchor = load_anchor(anchor_dir)
+    model = build_trainable_moe(anchor.model, anchor.public_router, anchor.public_router.clone())
+    model.train()
+    mixed = OwnBlocks(np.arange(2, 200, dtype=np.uint16) % 90 + 2, 1, 1, own_tokens=64)
+    batch = mixed.batch([0, 4], 32)  # one own block, one public
+    model(input_ids=batch[:, :-1])
+    loss = router_objective(1.0, mixed)(model)
+    assert abs(float(loss) - math.log(2)) < 1e-4  # r_1 = r_0, b_1 = 0: every margin is 0
+    loss.backward()
+    row = moe_layers(model)[0].router.rows[1]
+    assert row.grad is not None and float(row.grad.abs().sum()) > 0
+    cfg = replace(CFG, steps=2, eval_every=0)
+    identity = ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0")
+    manifest, _ = train_expert(
+        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))], identity=identity,
+        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
+        router_objective_weight=0.5, progress=False,
+    )  # fmt: skip
+    assert manifest.training.hyperparameters["router_objective"] == 0.5
+    with pytest.raises(FlexMoEError, match="--router-objective: cannot be used with no public"):
+        train_expert(
+            anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
+            identity=identity, out=tmp_path / "q", cfg=cfg, device=CPU, cache_dir=None,
+            router_objective_weight=0.5, progress=False,
+        )  # fmt: skip

@@ -430,4 +430,4 @@ def test_owner_levers_are_rows_beside_the_default_recipe_and_btm() -> None:
         "| public-spread | public_sample=spread | 1.0000 | 2.0000 | 1.9000 | 1.6333 | -5.8% |"
         in (text)
     )
-    assert "`python experiments/owner_levers.py RUN --corpora demo`" in text
+    assert "`python experiments/owner_levers.py RUN\n--corpora demo`" in text

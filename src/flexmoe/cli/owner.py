@@ -288,6 +288,13 @@ def expert_train(
             "relative to it (0: none)"
         ),
     ] = 0.0,
+    router_objective: Annotated[
+        float,
+        typer.Option(
+            help="weight of a loss teaching the router the owner's tokens from the public ones "
+            "(0: none; needs public text)"
+        ),
+    ] = 0.0,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
     tokens: TokensOpt = None,
@@ -319,8 +326,9 @@ def expert_train(
     name, spec = _owner_data(data, name, text_field, id_field)
     if public_sample not in PublicSample._value2member_map_:
         raise FlexMoEError("--public-sample", f"choose prefix or spread, not {public_sample!r}")
-    if stay_close < 0:
-        raise FlexMoEError("--stay-close", f"must be >= 0, got {stay_close}")
+    for option, value in (("--stay-close", stay_close), ("--router-objective", router_objective)):
+        if value < 0:
+            raise FlexMoEError(option, f"must be >= 0, got {value}")
     if public_data and no_public_data:
         raise FlexMoEError("--no-public-data", "contradicts --public-data")
     public = None if no_public_data else public_specs(anchor, public_data, text_field, id_field)
@@ -343,6 +351,7 @@ def expert_train(
         public_fraction=public_fraction,
         public_sample=PublicSample(public_sample),
         stay_close=stay_close,
+        router_objective_weight=router_objective,
         resume=resume,
         overwrite=force,
         signing_key=signing_key,

@@ -162,6 +162,8 @@ OWNER_LEVERS: dict[str, dict[str, Any]] = {
     "stay-close-0.1": {"stay_close": 0.1},
     "stay-close-1": {"stay_close": 1.0},
     "spread-stay-close-0.1": {"public_sample": "spread", "stay_close": 0.1},
+    "router-objective-0.1": {"router_objective": 0.1},
+    "spread-router-objective-0.1": {"public_sample": "spread", "router_objective": 0.1},
 }
 LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
 
@@ -200,10 +202,11 @@ anchor), merged as the run merges, scored on the same held-out text. `public_sam
 mixes in public tokens spread over the whole public corpus instead of its first ones (the
 documents are in id order, so a prefix holds the first sources only); `public_fraction` is
 the public share; `stay_close` weighs a penalty on the expert's squared distance from the public
-expert, relative to it; `delta_keep` (at the coordinator, no training) keeps only that fraction
-of each owner expert's difference from the public expert, the largest values. Made by
-`python experiments/owner_levers.py RUN --corpora {found["corpora"]}`; "vs btm" compares the
-average.
+expert, relative to it; `router_objective` weighs a loss teaching each layer's router the
+owner's tokens from the public ones (labels the owner has; the z-loss stays); `delta_keep` (at
+the coordinator, no training) keeps only that fraction of each owner expert's difference from
+the public expert, the largest values. Made by `python experiments/owner_levers.py RUN
+--corpora {found["corpora"]}`; "vs btm" compares the average.
 
 {chr(10).join(lines)}
 """

@@ -11,13 +11,14 @@ construction, so after training it is bit-identical to the anchor (checked befor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
@@ -130,6 +131,41 @@ def closeness_penalty(weight: float):  # type: ignore[no-untyped-def]
     return penalty
 
 
+@dataclass
+class OwnBlocks(TokenStream):
+    """A training stream whose first ``own_tokens`` tokens are the owner's own text and the rest
+    public; each batch drawn notes which of its input tokens are the owner's (``drawn[0]``,
+    ``(B, L)``), the labels of :func:`router_objective`."""
+
+    own_tokens: int = 0
+    drawn: list[torch.Tensor] = field(default_factory=list)
+
+    def batch(self, indices: list[int], seq_len: int) -> torch.Tensor:
+        start = torch.tensor(indices, dtype=torch.long)[:, None] * seq_len
+        self.drawn[:] = [start + torch.arange(seq_len) < self.own_tokens]
+        return super().batch(indices, seq_len)
+
+
+def router_objective(weight: float, stream: OwnBlocks):  # type: ignore[no-untyped-def]
+    """``weight`` x the binary cross-entropy, averaged over layers, of each token's router
+    margin of the owner's expert over the public one (``r_1.h + b_1 - r_0.h``) against whether
+    the token is the owner's own text: labels an owner has at home."""
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        own = stream.drawn[0].flatten()
+        terms = []
+        for moe in moe_layers(model):
+            logits = moe.last_logits  # (B*L, 2), the bias included
+            if logits is None:
+                continue
+            margin = (logits[:, 1] - logits[:, 0]).float()
+            target = own.to(device=margin.device, dtype=margin.dtype)
+            terms.append(F.binary_cross_entropy_with_logits(margin, target))
+        return weight * torch.stack(terms).mean()
+
+    return loss
+
+
 def _summed(*losses: Any) -> Any:
     """One auxiliary loss: the sum of those given (``None`` where none is)."""
     found = [loss for loss in losses if loss is not None]
@@ -226,7 +262,9 @@ def _owner_streams(
         public = pack_documents(
             load_splits(public_data).train, anchor.tokenizer, cache_dir=cache_dir
         )
-        train_stream = mix_streams(train_stream, public, public_fraction, spread=spread)
+        mixed = mix_streams(train_stream, public, public_fraction, spread=spread)
+        own_tokens = len(train_stream.tokens)
+        train_stream = OwnBlocks(mixed.tokens, mixed.num_bytes, mixed.num_docs, own_tokens)
     val_stream = None
     if splits.validation:
         val_stream = pack_documents(splits.validation, anchor.tokenizer, cache_dir=cache_dir)
@@ -293,6 +331,7 @@ def train_expert(
     public_fraction: float = 0.25,
     public_sample: PublicSample = PublicSample.PREFIX,
     stay_close: float = 0.0,
+    router_objective_weight: float = 0.0,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -307,7 +346,8 @@ def train_expert(
     expert; the package records the fraction, never the files. ``public_sample`` says which
     public tokens: the first ones (``prefix``) or pieces spread over all of them (``spread``).
     ``stay_close`` weighs a penalty on the expert's distance from the public expert it started
-    as (:func:`closeness_penalty`). With ``signing_key`` (the
+    as (:func:`closeness_penalty`); ``router_objective_weight`` one on the router telling the
+    owner's tokens from the public ones (:func:`router_objective`). With ``signing_key`` (the
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
@@ -315,6 +355,9 @@ def train_expert(
     key = read_private_key(signing_key) if signing_key is not None else None  # before training
     anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
+    if router_objective_weight > 0 and (public_fraction == 0 or privacy is not None):
+        reason = "DP-SGD" if privacy is not None else "no public text to tell apart"
+        raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
     train_stream, val_stream, texts = _owner_streams(
         anchor,
         data,
@@ -332,6 +375,9 @@ def train_expert(
     aux = _summed(
         router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
         closeness_penalty(stay_close) if stay_close > 0 else None,
+        router_objective(router_objective_weight, train_stream)
+        if router_objective_weight > 0 and isinstance(train_stream, OwnBlocks)
+        else None,
     )
     desc = f"expert {identity.name}" + (" (DP)" if mode else "")
     job = TrainingJob(out, cfg, device, desc, resume, progress, log_dir, aux, project_biases, mode)
@@ -352,6 +398,7 @@ def train_expert(
             "public_fraction": public_fraction,
             "public_sample": public_sample.value,
             "stay_close": stay_close,
+            "router_objective": router_objective_weight,
         }
         privacy = mode.record if mode else None
         summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy)
