@@ -258,3 +258,37 @@ def test_sparse_deltas_keep_the_largest_differences_from_the_public_expert(
     assert torch.equal(after[key.format(2)][moved], before[key.format(2)][moved])
     same = [k for k in before if ".experts." not in k]
     assert all(torch.equal(after[k], before[k]) for k in same)
+
+
+def test_distilled_rows_bring_the_merge_closer_to_btm_on_public_text(
+    anchor_dir: Path, package_dirs: list[Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    from flexmoe.data.packing import pack_documents
+    from flexmoe.data.split import load_splits
+    from flexmoe.experiment.levers import distilled_rows
+    from flexmoe.merge.layout import MergedModel
+
+    anchor = load_anchor(anchor_dir)
+    packages = [load_package(p, anchor) for p in package_dirs]
+    build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
+    teacher = build_baseline("btm", anchor=anchor, packages=packages, device=CPU)
+    public = load_splits([DataSpec("public", (str(corpus_dir / "public.jsonl"),))]).train
+    stream = pack_documents(public, anchor.tokenizer)
+    ids = stream.batch(list(range(6)), 32)[:, :-1]
+
+    def kl(rows: torch.Tensor | None) -> float:
+        model = MergedModel.open(tmp_path / "m").load()
+        if rows is not None:
+            for layer, moe in enumerate(model.model.layers):
+                for k, row in enumerate(moe.mlp.router.rows):
+                    row.data.copy_(rows[layer, k])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+            target = teacher(input_ids=ids).logits.float()
+        return float(torch.nn.functional.kl_div(logp, target, log_target=True, reduction="sum"))
+
+    rows = distilled_rows(tmp_path / "m", teacher, stream, steps=15, batch_size=4, seq_len=32,
+                          lr=0.05, device=CPU)  # fmt: skip
+    assert rows.shape == (2, 3, anchor.model.config.hidden_size)
+    assert torch.equal(rows[:, 0], anchor.public_router.to(rows.dtype))  # the public row stays
+    assert kl(rows) < kl(None)

@@ -28,6 +28,7 @@ from flexmoe.merge.edit import with_router_rows
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import RouterCalibration
 from flexmoe.model import names
+from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.stream import TensorSource
 
 
@@ -149,9 +150,57 @@ def write_sparse_deltas(merged_dir: Path, out: Path, keep: float) -> Path:
     return Path(out)
 
 
-# Coordinator-side levers on the experts, measured beside the owner-side ones: no training,
-# only the run's merged model, so every row depends on one package and the public expert.
-MERGE_LEVERS: dict[str, float] = {"merge-delta-keep-30": 0.3, "merge-delta-keep-10": 0.1}
+def distilled_rows(
+    merged_dir: Path,
+    teacher: torch.nn.Module,
+    stream: TokenStream,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    device: torch.device,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Router rows ``(L, N, H)`` of the merged model fitted so that its next-token distribution
+    on ``stream`` (public text) matches ``teacher``'s (log-probabilities, e.g. btm's): the KL
+    divergence per token, Adam on the owners' rows only (the public row stays the anchor's)."""
+    model: torch.nn.Module = MergedModel.open(merged_dir).load()
+    model.to(device).train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    rows = [moe.router.rows for moe in moe_layers(model)]
+    trained = [row[k] for row in rows for k in range(1, len(row))]
+    for param in trained:
+        param.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=lr)
+    teacher.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    blocks = stream.num_blocks(seq_len)
+    for _ in range(steps):
+        picks = torch.randint(blocks, (batch_size,), generator=generator).tolist()
+        ids = stream.batch(picks, seq_len)[:, :-1].to(device)  # (B, T)
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits.float()  # (B, T, V) log-probabilities
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        loss = torch.nn.functional.kl_div(logp.flatten(0, 1), target.flatten(0, 1),
+                                          log_target=True, reduction="batchmean")  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return torch.stack([torch.stack([p.detach().cpu() for p in row]) for row in rows])
+
+
+# Coordinator-side levers on the experts or the router, measured beside the owner-side ones:
+# only the run's packages and merge (and public text): ``delta_keep`` thins each expert's
+# difference from the public one (every row still depends on one package and the public
+# expert); ``distill_steps`` fits the router rows to btm on public text (rows fitted jointly,
+# as router tuning does: it weakens strict opt-out).
+MERGE_LEVERS: dict[str, dict[str, Any]] = {
+    "merge-delta-keep-30": {"delta_keep": 0.3},
+    "merge-delta-keep-10": {"delta_keep": 0.1},
+    "distill-btm": {"distill_steps": 60},
+}
 
 # Levers on the owner's side: each a recipe of ``flexmoe expert train`` options, measured by
 # training every owner's expert again with it against the run's anchor (experiments/

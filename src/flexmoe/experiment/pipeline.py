@@ -26,7 +26,7 @@ from flexmoe.data.split import Split, load_splits
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.device import on_device
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluate.baselines import build_baseline
+from flexmoe.evaluate.baselines import PosteriorEnsemble, build_baseline
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.mixed import HeldOutText, alternating
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
@@ -51,6 +51,7 @@ from flexmoe.experiment.levers import (
     MERGE_LEVERS,
     OWNER_LEVERS,
     calibrated_rows,
+    distilled_rows,
     ffn_inputs,
     levers_section,
     write_rows,
@@ -58,7 +59,7 @@ from flexmoe.experiment.levers import (
 )
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
-from flexmoe.expert.package import load_package
+from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.expert.unrestricted import train_unrestricted
 from flexmoe.inference.generate import format_attribution, generate
@@ -242,10 +243,13 @@ def measure_owner_levers(
     )
     for name in levers:
         root, merged = out / "owner-levers" / name, out / "owner-levers" / name / "merged"
-        if name in MERGE_LEVERS:  # the run's own experts, thinned at the coordinator
-            options: dict[str, Any] = {"delta_keep": MERGE_LEVERS[name]}
-            log(f"[lever {name}] the run's merge with sparse expert differences -> {merged}")
-            write_sparse_deltas(out / "merged", merged, MERGE_LEVERS[name])
+        if name in MERGE_LEVERS:  # at the coordinator, from the run's own packages
+            options: dict[str, Any] = MERGE_LEVERS[name]
+            log(f"[lever {name}] the run's merge changed at the coordinator -> {merged}")
+            if "delta_keep" in options:
+                write_sparse_deltas(out / "merged", merged, options["delta_keep"])
+            else:
+                _distill_stage(out, merged, run, options["distill_steps"], corpora_set)
         else:
             options = OWNER_LEVERS[name]
             packages = _train_experts(
@@ -266,6 +270,23 @@ def measure_owner_levers(
     evaluation = Evaluation.read(results["evaluation"], out / "results.json")
     run.write(results, evaluation, read_json(anchor_dir / HISTORY_FILE))
     return found
+
+
+def _distill_stage(out: Path, target: Path, run: _Run, steps: int, corpora_set: CorpusSet) -> None:
+    """The run's merge with its router rows fitted to btm (the run's specialists' posterior
+    mixture) on public training text; written to ``target``."""
+    anchor = load_anchor(out / "anchor")
+    packages = [load_package(out / "experts" / d.name, anchor) for d in corpora_set.owners]
+    teacher = PosteriorEnsemble([build_specialist(anchor, p) for p in packages])
+    public = load_splits([run.specs[corpora_set.public.name]]).train
+    stream = pack_documents(public, anchor.tokenizer, cache_dir=run.tokens)
+    tune = run.settings.tune
+    rows = distilled_rows(
+        out / "merged", teacher, stream, steps=steps, batch_size=tune.batch_size,
+        seq_len=tune.seq_len, lr=tune.lr, device=run.device,
+    )  # fmt: skip
+    write_rows(out / "merged", target, rows, method="distilled from btm on public text",
+               public_tokens=steps * tune.batch_size * tune.seq_len)  # fmt: skip
 
 
 def rescore_run(
