@@ -523,3 +523,29 @@ def test_router_objective_labels_the_owners_tokens_and_trains_the_margin(
             identity=identity, out=tmp_path / "q", cfg=cfg, device=CPU, cache_dir=None,
             router_objective_weight=0.5, progress=False,
         )  # fmt: skip
+
+
+def test_an_expert_trains_against_frozen_rivals_at_the_merge_top_k(
+    anchor_dir: Path, owner_dir: Path, public_spec: DataSpec, package: Path, tmp_path: Path
+) -> None:
+    anchor = load_anchor(anchor_dir)
+    rival = load_package(package, anchor)
+    model = build_trainable_moe(
+        anchor.model, anchor.public_router, anchor.public_router.clone(), [rival, rival], 3
+    )
+    moe = moe_layers(model)[1]
+    assert moe.num_experts == 4 and moe.top_k == 3
+    assert torch.equal(moe.experts[3].up_proj.weight, rival.tensors["layers.1.up_proj.weight"])
+    assert torch.equal(moe.router.rows[2], rival.tensors["layers.1.router"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".experts.1." in n or "rows.1" in n or "biases.0" in n for n in trainable)
+    cfg = replace(CFG, steps=2, eval_every=0)
+    manifest, _ = train_expert(
+        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
+        identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
+        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
+        rivals=[package], rival_top_k=2, progress=False,
+    )  # fmt: skip
+    found = manifest.training.hyperparameters
+    assert found["rivals"] == "secret" and found["rival_top_k"] == 2
+    assert verify_package(tmp_path / "p", anchor_dir)  # raises at a failed check

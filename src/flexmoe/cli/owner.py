@@ -295,6 +295,15 @@ def expert_train(
             "(0: none; needs public text)"
         ),
     ] = 0.0,
+    rival: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="a package of the coordinator's public experts to train against (repeatable)"
+        ),
+    ] = None,
+    rival_top_k: Annotated[
+        int, typer.Option(help="experts per token when training against rivals (the merge's)")
+    ] = 3,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
     tokens: TokensOpt = None,
@@ -352,6 +361,8 @@ def expert_train(
         public_sample=PublicSample(public_sample),
         stay_close=stay_close,
         router_objective_weight=router_objective,
+        rivals=rival or [],
+        rival_top_k=rival_top_k,
         resume=resume,
         overwrite=force,
         signing_key=signing_key,

@@ -191,6 +191,25 @@ def distilled_rows(
     return torch.stack([torch.stack([p.detach().cpu() for p in row]) for row in rows])
 
 
+def clusters(points: torch.Tensor, count: int, *, seed: int = 0, rounds: int = 25) -> list[int]:
+    """k-means (cosine) of ``points (D, H)`` into ``count`` clusters: each point's cluster."""
+    unit = torch.nn.functional.normalize(points.float(), dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    centres = unit[torch.randperm(len(unit), generator=generator)[:count]]
+    for _ in range(rounds):
+        chosen = (unit @ centres.T).argmax(-1)
+        for c in range(count):
+            members = unit[chosen == c]
+            if len(members):
+                centres[c] = torch.nn.functional.normalize(members.mean(0), dim=-1)
+    return [int(c) for c in (unit @ centres.T).argmax(-1)]
+
+
+# Public "rival" experts: the coordinator trains this many experts on clusters of the public
+# text; owners train against them at the merge's top-k (``expert train --rival``), and the
+# merge leaves them out or keeps them as slots (two rows).
+RIVALS = 2
+
 # Coordinator-side levers on the experts or the router, measured beside the owner-side ones:
 # only the run's packages and merge (and public text): ``delta_keep`` thins each expert's
 # difference from the public one (every row still depends on one package and the public
@@ -213,6 +232,8 @@ OWNER_LEVERS: dict[str, dict[str, Any]] = {
     "spread-stay-close-0.1": {"public_sample": "spread", "stay_close": 0.1},
     "router-objective-0.1": {"router_objective": 0.1},
     "spread-router-objective-0.1": {"public_sample": "spread", "router_objective": 0.1},
+    "rivals-out": {"rivals": RIVALS, "rivals_in_merge": False},
+    "rivals-in": {"rivals": RIVALS, "rivals_in_merge": True},
 }
 LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
 

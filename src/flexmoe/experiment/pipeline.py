@@ -51,6 +51,7 @@ from flexmoe.experiment.levers import (
     MERGE_LEVERS,
     OWNER_LEVERS,
     calibrated_rows,
+    clusters,
     distilled_rows,
     ffn_inputs,
     levers_section,
@@ -73,6 +74,7 @@ from flexmoe.merge.standing import StandingStore, standing_exclusions
 from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
+from flexmoe.model.probe import document_ffn_inputs
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import MEMORY_FIELDS, TrainConfig
 from flexmoe.training.loop import TrainResult
@@ -250,6 +252,12 @@ def measure_owner_levers(
                 write_sparse_deltas(out / "merged", merged, options["delta_keep"])
             else:
                 _distill_stage(out, merged, run, options["distill_steps"], corpora_set)
+        elif "rivals" in OWNER_LEVERS[name]:  # trained once, merged with or without them
+            options = OWNER_LEVERS[name]
+            rivals, packages = _rivals_stage(out, run, corpora_set, options["rivals"])
+            kept = rivals if options["rivals_in_merge"] else []
+            plan = plan_merge(anchor_dir, [*kept, *packages], top_k=settings.top_k)
+            build_merged(plan, merged, overwrite=True)
         else:
             options = OWNER_LEVERS[name]
             packages = _train_experts(
@@ -270,6 +278,42 @@ def measure_owner_levers(
     evaluation = Evaluation.read(results["evaluation"], out / "results.json")
     run.write(results, evaluation, read_json(anchor_dir / HISTORY_FILE))
     return found
+
+
+def _rivals_stage(
+    out: Path, run: _Run, corpora_set: CorpusSet, count: int
+) -> tuple[list[Path], list[Path]]:
+    """The coordinator's ``count`` public rival experts (each trained like an owner's, on one
+    k-means cluster of the public training documents by their mean hidden state in the anchor)
+    and every owner's expert trained against them at the merge's top-k; each kept under
+    ``out/owner-levers/rivals`` and trained once."""
+    root, anchor_dir = out / "owner-levers" / "rivals", out / "anchor"
+    rival_dirs = [root / "rivals" / f"public-{i}" for i in range(count)]
+    owner_dirs = [root / "experts" / d.name for d in corpora_set.owners]
+    if all((p / "manifest.json").is_file() for p in [*rival_dirs, *owner_dirs]):
+        return rival_dirs, owner_dirs
+    anchor = load_anchor(anchor_dir, device=run.device)
+    docs = load_splits([run.specs[corpora_set.public.name]]).train
+    points = document_ffn_inputs(anchor.model, anchor.tokenizer, [d.text for d in docs],
+                                 device=run.device).mean(1)  # fmt: skip
+    chosen = clusters(points, count)
+    rivals = []
+    for i in range(count):
+        part = [d for d, c in zip(docs, chosen, strict=True) if c == i]
+        run.log(f"[lever rivals] public expert {i}: {len(part)} public documents")
+        corpus = root / "clusters" / f"public-{i}.jsonl"
+        write_jsonl(corpus, ((d.doc_id, d.text) for d in part))
+        rival = DemoDomain(f"public-{i}", "", lambda: iter(()), "coordinator", "CC0-1.0")
+        rivals.append((rival, corpus))
+    for (rival, corpus), target in zip(rivals, rival_dirs, strict=True):
+        _train_expert_process(rival, corpus, anchor_dir, target, run.settings.expert,
+                              run.tokens, run.device)  # fmt: skip
+    options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k}
+    packages = _train_experts(
+        root / "experts", "[lever rivals]", corpora_set.owners, anchor_dir, run.corpora,
+        run.settings, run.device, run.tokens, run.log, options=options,
+    )  # fmt: skip
+    return rival_dirs, packages
 
 
 def _distill_stage(out: Path, target: Path, run: _Run, steps: int, corpora_set: CorpusSet) -> None:

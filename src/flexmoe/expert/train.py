@@ -10,7 +10,7 @@ construction, so after training it is bit-identical to the anchor (checked befor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -32,12 +32,17 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import check_license, check_name, check_owner
 from flexmoe.expert.package import (
     MANIFEST_FILE,
+    PKG_BIAS,
+    PKG_PROJ,
+    PKG_ROUTER,
     TENSORS_FILE,
     ExpertManifest,
+    ExpertPackage,
     ExpertShapes,
     RouterInitRecord,
     TrainingSummary,
     expert_tensors,
+    load_package,
     read_manifest,
     sign_package,
 )
@@ -75,14 +80,21 @@ class ExpertIdentity:
 
 
 def build_trainable_moe(
-    dense: Olmo2ForCausalLM, public_router: torch.Tensor, router_rows: torch.Tensor
+    dense: Olmo2ForCausalLM,
+    public_router: torch.Tensor,
+    router_rows: torch.Tensor,
+    rivals: Sequence[ExpertPackage] = (),
+    rival_top_k: int = 2,
 ) -> FlexOlmoForCausalLM:
     """The 2-expert model upcycled from ``dense`` with only expert 1, r_1 and b_1 trainable.
 
-    Frozen tensors keep ``dense``'s dtype (bf16 on a GPU for a bf16 anchor); the trained ones
-    are float32, the optimiser's master weights.
+    With ``rivals`` (the coordinator's public expert packages), they are experts 2.., frozen,
+    and routing is top-``rival_top_k`` of all, as in the merge. Frozen tensors keep ``dense``'s
+    dtype (bf16 on a GPU for a bf16 anchor); the trained ones are float32, the optimiser's
+    master weights.
     """
-    model = upcycle(dense, num_experts=2, top_k=2)
+    count = 2 + len(rivals)
+    model = upcycle(dense, num_experts=count, top_k=min(count, max(2, rival_top_k)))
     for param in model.parameters():
         param.requires_grad_(False)
     with torch.no_grad():
@@ -96,6 +108,16 @@ def build_trainable_moe(
             ):
                 trained.data = value.to(device=trained.device, dtype=torch.float32).clone()
                 trained.requires_grad_(True)
+            for k, rival in enumerate(rivals, start=2):  # frozen, each its own copy
+                ffn = moe.experts[k]
+                frozen = [
+                    *((getattr(ffn, j).weight, PKG_PROJ.format(layer=layer, proj=j))
+                      for j in names.PROJECTIONS),
+                    (moe.router.rows[k], PKG_ROUTER.format(layer=layer)),
+                    (moe.router.biases[k - 1], PKG_BIAS.format(layer=layer)),
+                ]  # fmt: skip
+                for param, key in frozen:
+                    param.data = rival.tensors[key].to(param.device, param.dtype).clone()
     return model
 
 
@@ -332,6 +354,8 @@ def train_expert(
     public_sample: PublicSample = PublicSample.PREFIX,
     stay_close: float = 0.0,
     router_objective_weight: float = 0.0,
+    rivals: Sequence[Path] = (),
+    rival_top_k: int = 3,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -347,7 +371,9 @@ def train_expert(
     public tokens: the first ones (``prefix``) or pieces spread over all of them (``spread``).
     ``stay_close`` weighs a penalty on the expert's distance from the public expert it started
     as (:func:`closeness_penalty`); ``router_objective_weight`` one on the router telling the
-    owner's tokens from the public ones (:func:`router_objective`). With ``signing_key`` (the
+    owner's tokens from the public ones (:func:`router_objective`). With ``rivals`` (packages
+    of the coordinator's public experts on this anchor), the expert is trained against them at
+    top-``rival_top_k`` (:func:`build_trainable_moe`). With ``signing_key`` (the
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
@@ -358,6 +384,9 @@ def train_expert(
     if router_objective_weight > 0 and (public_fraction == 0 or privacy is not None):
         reason = "DP-SGD" if privacy is not None else "no public text to tell apart"
         raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
+    if rivals and privacy is not None:
+        raise FlexMoEError("--rival", "cannot be used with DP-SGD")
+    rival_packages = [load_package(Path(r), anchor) for r in rivals]
     train_stream, val_stream, texts = _owner_streams(
         anchor,
         data,
@@ -370,7 +399,9 @@ def train_expert(
     rows, init_params = owner_router_rows(
         anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
     )
-    model = build_trainable_moe(anchor.model, anchor.public_router, rows)
+    model = build_trainable_moe(
+        anchor.model, anchor.public_router, rows, rival_packages, rival_top_k
+    )
     mode = PrivateMode(privacy) if privacy is not None else None
     aux = _summed(
         router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
@@ -399,6 +430,8 @@ def train_expert(
             "public_sample": public_sample.value,
             "stay_close": stay_close,
             "router_objective": router_objective_weight,
+            "rivals": ",".join(r.manifest.name for r in rival_packages),
+            "rival_top_k": rival_top_k if rival_packages else 0,
         }
         privacy = mode.record if mode else None
         summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy)
