@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,18 @@ from flexmoe.training.config import TrainConfig
 CPU = torch.device("cpu")
 CFG = TrainConfig(steps=3, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, weight_decay=0.0,
                   eval_every=0, checkpoint_every=0, z_loss=1e-3)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Flower's simulation runs each owner in a Ray worker of one thread (num_cpus=1), and a
+    float sum over two threads rounds differently: every side of a bit-for-bit comparison runs
+    on one (this process and the processes it starts)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
