@@ -214,6 +214,22 @@ def run_demo(
     return results
 
 
+def _finished_run(
+    out: Path,
+    cache_dir: Path,
+    device: torch.device,
+    corpora_set: CorpusSet,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], _Run]:
+    """A finished run's results and its context (its settings, corpora and held-out text),
+    checked to be on ``corpora_set``; the run's own anchor is kept (and its DP table)."""
+    results = read_json(out / "results.json")
+    if results["settings"]["corpora"] != corpora_set.name:
+        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
+    settings = QUICK if results["settings"]["quick"] else FULL
+    return results, _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+
+
 def measure_owner_levers(
     out: Path,
     levers: list[str],
@@ -232,11 +248,8 @@ def measure_owner_levers(
     unknown = [name for name in levers if name not in known]
     if unknown:
         raise FlexMoEError("--levers", f"unknown {unknown[0]!r}; choose {', '.join(known)}")
-    results = read_json(out / "results.json")
-    if results["settings"]["corpora"] != corpora_set.name:
-        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
-    settings = QUICK if results["settings"]["quick"] else FULL
-    run = _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+    results, run = _finished_run(out, cache_dir, device, corpora_set, log)
+    settings = run.settings
     anchor_dir = out / "anchor"
     data: list[DataSpec | HeldOutText] = [*run.specs.values(), *run.mixtures()]
     path = out / LEVER_RESULTS
@@ -344,11 +357,7 @@ def rescore_run(
     """Score a finished run's models again, as :func:`run_demo` scores them (every baseline and
     variant, the text that needs two experts, the cost per token), and rewrite its results and
     report; nothing is trained. For runs made before a row or a measure was added."""
-    results = read_json(out / "results.json")
-    if results["settings"]["corpora"] != corpora_set.name:
-        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
-    settings = QUICK if results["settings"]["quick"] else FULL
-    run = _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+    results, run = _finished_run(out, cache_dir, device, corpora_set, log)
     rounds = results["federated"]["rounds"]
     found = {
         RANDOM_INIT: out / "ablation-random-init" / "merged",
