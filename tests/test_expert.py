@@ -491,7 +491,7 @@ def test_router_objective_labels_the_owners_tokens_and_trains_the_margin(
 ) -> None:
     import numpy as np
 
-    from flexmoe.expert.train import OwnBlocks, router_objective
+    from flexmoe.expert.train import ROUTER_OBJECTIVE, OwnBlocks, router_objective
 
     stream = OwnBlocks(np.arange(100, dtype=np.uint16), 100, 1, own_tokens=30)
     stream.batch([0, 3], 10)  # tokens 0-9 (own) and 30-39 (public)
@@ -523,6 +523,14 @@ def test_router_objective_labels_the_owners_tokens_and_trains_the_margin(
             identity=identity, out=tmp_path / "q", cfg=cfg, device=CPU, cache_dir=None,
             router_objective_weight=0.5, progress=False,
         )  # fmt: skip
+    # By default it is on where public text is mixed in, and off (not refused) where none is.
+    for public, weight in (([public_spec], ROUTER_OBJECTIVE), (None, 0.0)):
+        manifest, _ = train_expert(
+            anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
+            identity=identity, out=tmp_path / "d", cfg=cfg, device=CPU, cache_dir=None,
+            public_data=public, overwrite=True, progress=False,
+        )  # fmt: skip
+        assert manifest.training.hyperparameters["router_objective"] == weight
 
 
 def test_an_expert_trains_against_frozen_rivals_at_the_merge_top_k(

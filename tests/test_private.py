@@ -50,8 +50,10 @@ def dp_package(
 
 
 def test_a_dp_package_records_the_accountants_epsilon(dp_package: Path) -> None:
-    privacy = read_manifest(dp_package).training.privacy
+    training = read_manifest(dp_package).training
+    privacy = training.privacy
     assert privacy is not None
+    assert training.hyperparameters["router_objective"] == 0.0  # off by default under DP-SGD
     assert privacy.target_epsilon == 8 and privacy.delta == 1e-4 and privacy.max_grad_norm == 0.5
     assert privacy.steps == 6 and privacy.noise_multiplier > 0 and privacy.unit_tokens == 33
     # The manifest's epsilon is what a fresh accountant gives for those terms, within budget.

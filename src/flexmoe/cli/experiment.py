@@ -132,8 +132,8 @@ def eval_baselines(
     """Score the merged model, its variants and the paper's baselines on the same held-out text.
 
     Registry names: anchor, specialist:NAME, soup, btm, seq-route, unrestricted, fedavg,
-    flexmoe, flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME, flexmoe:tuned,
-    flexmoe:federated.
+    flexmoe, flexmoe:top-K, flexmoe:bias, flexmoe:no-bias, flexmoe:without-NAME,
+    flexmoe:prefix-P (document-level routing), flexmoe:tuned, flexmoe:federated.
     """
     from flexmoe.device import pick_device
     from flexmoe.evaluate.suite import run_suite

@@ -289,12 +289,12 @@ def expert_train(
         ),
     ] = 0.0,
     router_objective: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="weight of a loss teaching the router the owner's tokens from the public ones "
-            "(0: none; needs public text)"
+            "(default 0.1 where public text is mixed in and DP-SGD is off; 0: none)"
         ),
-    ] = 0.0,
+    ] = None,
     rival: Annotated[
         list[Path] | None,
         typer.Option(
@@ -336,7 +336,7 @@ def expert_train(
     if public_sample not in PublicSample._value2member_map_:
         raise FlexMoEError("--public-sample", f"choose prefix or spread, not {public_sample!r}")
     for option, value in (("--stay-close", stay_close), ("--router-objective", router_objective)):
-        if value < 0:
+        if value is not None and value < 0:
             raise FlexMoEError(option, f"must be >= 0, got {value}")
     if public_data and no_public_data:
         raise FlexMoEError("--no-public-data", "contradicts --public-data")

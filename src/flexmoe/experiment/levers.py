@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from flexmoe.data.packing import TokenStream
 from flexmoe.evaluate.registry import ANCHOR, BTM, FLEXMOE, Evaluation
+from flexmoe.expert.train import ROUTER_OBJECTIVE
 from flexmoe.merge.edit import with_router_rows
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import RouterCalibration
@@ -223,17 +224,30 @@ MERGE_LEVERS: dict[str, dict[str, Any]] = {
 
 # Levers on the owner's side: each a recipe of ``flexmoe expert train`` options, measured by
 # training every owner's expert again with it against the run's anchor (experiments/
-# owner_levers.py) and scoring the merge on the run's held-out text.
+# owner_levers.py) and scoring the merge on the run's held-out text. Each names its router
+# objective weight, so that a row means the same on a run made before or after the objective
+# became the default (``ROUTER_OBJECTIVE``).
 OWNER_LEVERS: dict[str, dict[str, Any]] = {
-    "public-spread": {"public_sample": "spread"},
-    "public-50-spread": {"public_fraction": 0.5, "public_sample": "spread"},
-    "stay-close-0.1": {"stay_close": 0.1},
-    "stay-close-1": {"stay_close": 1.0},
-    "spread-stay-close-0.1": {"public_sample": "spread", "stay_close": 0.1},
+    "public-spread": {"public_sample": "spread", "router_objective": 0.0},
+    "public-50-spread": {
+        "public_fraction": 0.5,
+        "public_sample": "spread",
+        "router_objective": 0.0,
+    },
+    "stay-close-0.1": {"stay_close": 0.1, "router_objective": 0.0},
+    "stay-close-1": {"stay_close": 1.0, "router_objective": 0.0},
+    "spread-stay-close-0.1": {
+        "public_sample": "spread",
+        "stay_close": 0.1,
+        "router_objective": 0.0,
+    },
+    "no-router-objective": {"router_objective": 0.0},
     "router-objective-0.1": {"router_objective": 0.1},
+    "router-objective-0.3": {"router_objective": 0.3},
+    "router-objective-1": {"router_objective": 1.0},
     "spread-router-objective-0.1": {"public_sample": "spread", "router_objective": 0.1},
-    "rivals-out": {"rivals": RIVALS, "rivals_in_merge": False},
-    "rivals-in": {"rivals": RIVALS, "rivals_in_merge": True},
+    "rivals-out": {"rivals": RIVALS, "rivals_in_merge": False, "router_objective": 0.0},
+    "rivals-in": {"rivals": RIVALS, "rivals_in_merge": True, "router_objective": 0.0},
 }
 LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
 
@@ -273,10 +287,12 @@ mixes in public tokens spread over the whole public corpus instead of its first 
 documents are in id order, so a prefix holds the first sources only); `public_fraction` is
 the public share; `stay_close` weighs a penalty on the expert's squared distance from the public
 expert, relative to it; `router_objective` weighs a loss teaching each layer's router the
-owner's tokens from the public ones (labels the owner has; the z-loss stays); `delta_keep` (at
-the coordinator, no training) keeps only that fraction of each owner expert's difference from
-the public expert, the largest values. Made by `python experiments/owner_levers.py RUN
---corpora {found["corpora"]}`; "vs btm" compares the average.
+owner's tokens from the public ones (labels the owner has; the z-loss stays; `expert train`
+uses {ROUTER_OBJECTIVE:g} by default, and the run's own weight is stated at the top of this
+report); `delta_keep` (at the coordinator, no training) keeps only that fraction of each owner
+expert's difference from the public expert, the largest values. Made by
+`python experiments/owner_levers.py RUN --corpora {found["corpora"]}`; "vs btm" compares the
+average.
 
 {chr(10).join(lines)}
 """

@@ -268,6 +268,11 @@ def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
         e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
     }
     public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
+    weights = {
+        e["training"]["hyperparameters"].get("router_objective", 0.0)
+        for e in results["experts"].values()
+    }
+    objective = ", ".join(f"{w:g}" for w in sorted(weights))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
     return f"""Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
 
@@ -275,7 +280,8 @@ The anchor is a tiny OLMo-2 decoder trained only on the public domain. Each owne
 trained one expert alone, in its own process that was handed only its own domain's files and
 the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
 {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
-text), and shipped only the expert. The coordinator merged the anchor and the four
+text; router objective weight {objective}: the router also learns which tokens are the owner's),
+and shipped only the expert. The coordinator merged the anchor and the four
 experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts"]) + 1}
 experts per token, router not tuned after merging; the owners' learned biases are
 {"on" if evaluation.default_bias else "off"} by default.

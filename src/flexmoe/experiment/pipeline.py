@@ -267,7 +267,8 @@ def measure_owner_levers(
                 _distill_stage(out, merged, run, options["distill_steps"], corpora_set)
         elif "rivals" in OWNER_LEVERS[name]:  # trained once, merged with or without them
             options = OWNER_LEVERS[name]
-            rivals, packages = _rivals_stage(out, run, corpora_set, options["rivals"])
+            recipe = {k: v for k, v in options.items() if not k.startswith("rivals")}
+            rivals, packages = _rivals_stage(out, run, corpora_set, options["rivals"], recipe)
             kept = rivals if options["rivals_in_merge"] else []
             plan = plan_merge(anchor_dir, [*kept, *packages], top_k=settings.top_k)
             build_merged(plan, merged, overwrite=True)
@@ -294,12 +295,13 @@ def measure_owner_levers(
 
 
 def _rivals_stage(
-    out: Path, run: _Run, corpora_set: CorpusSet, count: int
+    out: Path, run: _Run, corpora_set: CorpusSet, count: int, recipe: dict[str, Any]
 ) -> tuple[list[Path], list[Path]]:
     """The coordinator's ``count`` public rival experts (each trained like an owner's, on one
     k-means cluster of the public training documents by their mean hidden state in the anchor)
-    and every owner's expert trained against them at the merge's top-k; each kept under
-    ``out/owner-levers/rivals`` and trained once."""
+    and every owner's expert trained against them at the merge's top-k, all with ``recipe``
+    (options of ``flexmoe expert train``); each kept under ``out/owner-levers/rivals`` and
+    trained once."""
     root, anchor_dir = out / "owner-levers" / "rivals", out / "anchor"
     rival_dirs = [root / "rivals" / f"public-{i}" for i in range(count)]
     owner_dirs = [root / "experts" / d.name for d in corpora_set.owners]
@@ -320,8 +322,8 @@ def _rivals_stage(
         rivals.append((rival, corpus))
     for (rival, corpus), target in zip(rivals, rival_dirs, strict=True):
         _train_expert_process(rival, corpus, anchor_dir, target, run.settings.expert,
-                              run.tokens, run.device)  # fmt: skip
-    options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k}
+                              run.tokens, run.device, options=recipe)  # fmt: skip
+    options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k, **recipe}
     packages = _train_experts(
         root / "experts", "[lever rivals]", corpora_set.owners, anchor_dir, run.corpora,
         run.settings, run.device, run.tokens, run.log, options=options,

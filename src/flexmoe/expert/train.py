@@ -168,6 +168,11 @@ class OwnBlocks(TokenStream):
         return super().batch(indices, seq_len)
 
 
+# The router objective's weight by default (measured as the owner_levers rows
+# router-objective-W on the demo and broad sets; docs/results.md).
+ROUTER_OBJECTIVE = 0.1
+
+
 def router_objective(weight: float, stream: OwnBlocks):  # type: ignore[no-untyped-def]
     """``weight`` x the binary cross-entropy, averaged over layers, of each token's router
     margin of the owner's expert over the public one (``r_1.h + b_1 - r_0.h``) against whether
@@ -353,7 +358,7 @@ def train_expert(
     public_fraction: float = 0.25,
     public_sample: PublicSample = PublicSample.PREFIX,
     stay_close: float = 0.0,
-    router_objective_weight: float = 0.0,
+    router_objective_weight: float | None = None,
     rivals: Sequence[Path] = (),
     rival_top_k: int = 3,
     resume: bool = False,
@@ -371,9 +376,10 @@ def train_expert(
     public tokens: the first ones (``prefix``) or pieces spread over all of them (``spread``).
     ``stay_close`` weighs a penalty on the expert's distance from the public expert it started
     as (:func:`closeness_penalty`); ``router_objective_weight`` one on the router telling the
-    owner's tokens from the public ones (:func:`router_objective`). With ``rivals`` (packages
-    of the coordinator's public experts on this anchor), the expert is trained against them at
-    top-``rival_top_k`` (:func:`build_trainable_moe`). With ``signing_key`` (the
+    owner's tokens from the public ones (:func:`router_objective`; by default
+    :data:`ROUTER_OBJECTIVE` where public text is mixed in and DP-SGD is off). With ``rivals``
+    (packages of the coordinator's public experts on this anchor), the expert is trained against
+    them at top-``rival_top_k`` (:func:`build_trainable_moe`). With ``signing_key`` (the
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
     """
@@ -381,6 +387,9 @@ def train_expert(
     key = read_private_key(signing_key) if signing_key is not None else None  # before training
     anchor = load_anchor(anchor_dir, device=device)
     public_fraction = public_fraction if public_data else 0.0
+    if router_objective_weight is None:  # the default: on wherever it can be
+        usable = public_fraction > 0 and privacy is None
+        router_objective_weight = ROUTER_OBJECTIVE if usable else 0.0
     if router_objective_weight > 0 and (public_fraction == 0 or privacy is not None):
         reason = "DP-SGD" if privacy is not None else "no public text to tell apart"
         raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
