@@ -248,6 +248,12 @@ OWNER_LEVERS: dict[str, dict[str, Any]] = {
     "spread-router-objective-0.1": {"public_sample": "spread", "router_objective": 0.1},
     "rivals-out": {"rivals": RIVALS, "rivals_in_merge": False, "router_objective": 0.0},
     "rivals-in": {"rivals": RIVALS, "rivals_in_merge": True, "router_objective": 0.0},
+    "rivals-objective-0.1-out": {
+        "rivals": RIVALS,
+        "rivals_in_merge": False,
+        "router_objective": 0.1,
+    },
+    "rivals-objective-0.1-in": {"rivals": RIVALS, "rivals_in_merge": True, "router_objective": 0.1},
 }
 LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
 

@@ -268,7 +268,8 @@ def measure_owner_levers(
         elif "rivals" in OWNER_LEVERS[name]:  # trained once, merged with or without them
             options = OWNER_LEVERS[name]
             recipe = {k: v for k, v in options.items() if not k.startswith("rivals")}
-            rivals, packages = _rivals_stage(out, run, corpora_set, options["rivals"], recipe)
+            pair = out / "owner-levers" / name.rsplit("-", 1)[0]  # shared by -in and -out
+            rivals, packages = _rivals_stage(pair, run, corpora_set, options["rivals"], recipe)
             kept = rivals if options["rivals_in_merge"] else []
             plan = plan_merge(anchor_dir, [*kept, *packages], top_k=settings.top_k)
             build_merged(plan, merged, overwrite=True)
@@ -295,17 +296,18 @@ def measure_owner_levers(
 
 
 def _rivals_stage(
-    out: Path, run: _Run, corpora_set: CorpusSet, count: int, recipe: dict[str, Any]
+    root: Path, run: _Run, corpora_set: CorpusSet, count: int, recipe: dict[str, Any]
 ) -> tuple[list[Path], list[Path]]:
     """The coordinator's ``count`` public rival experts (each trained like an owner's, on one
     k-means cluster of the public training documents by their mean hidden state in the anchor)
     and every owner's expert trained against them at the merge's top-k, all with ``recipe``
-    (options of ``flexmoe expert train``); each kept under ``out/owner-levers/rivals`` and
-    trained once."""
-    root, anchor_dir = out / "owner-levers" / "rivals", out / "anchor"
+    (options of ``flexmoe expert train``); kept under ``root`` and trained once per recipe."""
+    anchor_dir = root.parent.parent / "anchor"
     rival_dirs = [root / "rivals" / f"public-{i}" for i in range(count)]
     owner_dirs = [root / "experts" / d.name for d in corpora_set.owners]
-    if all((p / "manifest.json").is_file() for p in [*rival_dirs, *owner_dirs]):
+    made = root / "recipe.json"
+    done = all((p / "manifest.json").is_file() for p in [*rival_dirs, *owner_dirs])
+    if done and (not made.is_file() or read_json(made) == recipe):  # older runs wrote none
         return rival_dirs, owner_dirs
     anchor = load_anchor(anchor_dir, device=run.device)
     docs = load_splits([run.specs[corpora_set.public.name]]).train
@@ -328,6 +330,7 @@ def _rivals_stage(
         root / "experts", "[lever rivals]", corpora_set.owners, anchor_dir, run.corpora,
         run.settings, run.device, run.tokens, run.log, options=options,
     )  # fmt: skip
+    write_json(made, recipe)
     return rival_dirs, packages
 
 
