@@ -415,7 +415,7 @@ def test_two_expert_text_says_whether_per_token_routing_wins(tmp_path: Path) -> 
         Evaluation.read(scores, "e")
 
 
-def test_owner_levers_are_rows_beside_the_default_recipe_and_btm() -> None:
+def test_owner_levers_are_rows_beside_the_runs_merge_and_btm() -> None:
     from flexmoe.experiment.levers import levers_section
 
     evaluation = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
@@ -425,9 +425,11 @@ def test_owner_levers_are_rows_beside_the_default_recipe_and_btm() -> None:
                   "bpb": {"public": 1.0, "code": 2.0, "legal": 1.9}}],
     }  # fmt: skip
     text = levers_section(found, evaluation)
-    assert "| `flexmoe` | the default recipe (the run's merge) | 1.0050 | 2.0500 | 1.8400 |" in text
+    assert (
+        "| `flexmoe` | the run's merge (its recipe at the top) | 1.0050 | 2.0500 | 1.8400 |" in text
+    )
     assert (
         "| public-spread | public_sample=spread | 1.0000 | 2.0000 | 1.9000 | 1.6333 | -5.8% |"
         in (text)
     )
-    assert "`python experiments/owner_levers.py RUN\n--corpora demo`" in text
+    assert "`python experiments/owner_levers.py RUN --corpora demo`" in text

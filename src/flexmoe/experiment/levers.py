@@ -278,7 +278,7 @@ def levers_section(found: dict[str, Any], evaluation: Evaluation) -> str:
     head = "| recipe | options | " + " | ".join([*domains, "average", *mixes, "vs btm"]) + " |"
     rule = "| --- | --- |" + " ---: |" * (len(domains) + len(mixes) + 2)
     lines = [head, rule]
-    for model, what in ((FLEXMOE, "the default recipe (the run's merge)"), (BTM, "btm"),
+    for model, what in ((FLEXMOE, "the run's merge (its recipe at the top)"), (BTM, "btm"),
                         (ANCHOR, "the anchor")):  # fmt: skip
         if model in evaluation.models:
             lines.append(f"| `{model}` | {what} | {cells(scored(model))} |")
