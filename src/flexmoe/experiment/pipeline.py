@@ -302,7 +302,7 @@ def _rivals_stage(
     k-means cluster of the public training documents by their mean hidden state in the anchor)
     and every owner's expert trained against them at the merge's top-k, all with ``recipe``
     (options of ``flexmoe expert train``); kept under ``root`` and trained once per recipe."""
-    anchor_dir = root.parent.parent / "anchor"
+    anchor_dir = run.out / "anchor"
     rival_dirs = [root / "rivals" / f"public-{i}" for i in range(count)]
     owner_dirs = [root / "experts" / d.name for d in corpora_set.owners]
     made = root / "recipe.json"
