@@ -37,7 +37,7 @@ from flexmoe.cli.common import (
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.merge import DEFAULT_TOP_K
-from flexmoe.training.config import UNRESTRICTED_TRAINING, TrainConfig
+from flexmoe.training.config import UNRESTRICTED_LEAVE_OUT, UNRESTRICTED_TRAINING, TrainConfig
 
 eval_app = typer.Typer(help="Evaluation.", no_args_is_help=True)
 baseline_app = typer.Typer(help="Baselines that need training.", no_args_is_help=True)
@@ -191,7 +191,7 @@ def report(
 @baseline_app.command("unrestricted")
 @training_options(
     UNRESTRICTED_TRAINING,
-    leave_out=frozenset({"checkpoint_every", "activation_checkpointing", "fsdp"}),
+    leave_out=UNRESTRICTED_LEAVE_OUT,
 )
 def baseline_unrestricted(
     anchor: Annotated[Path, typer.Option(help="the anchor directory")],

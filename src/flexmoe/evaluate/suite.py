@@ -41,12 +41,13 @@ from flexmoe.merge.slots import SlotInfo
 Log = Callable[[str], None]
 
 
-def variant_names(experts: list[str], *, default_top_k: int) -> list[str]:
-    """The merged model's variants: every top-k, the owners' biases, document-level routing,
-    each expert left out."""
+def variant_names(experts: list[str], *, default_top_k: int, every: bool = True) -> list[str]:
+    """The merged model's variants: every top-k and the owners' biases flipped (only with
+    ``every``), document-level routing, each expert left out."""
     total = len(experts) + 1
     tops = [top_k(k) for k in range(1, total + 1) if k != default_top_k]
-    return [*tops, NO_BIAS if APPLY_BIAS else BIAS, PREFIX, *(without(name) for name in experts)]
+    flips = [*tops, NO_BIAS if APPLY_BIAS else BIAS] if every else []
+    return [*flips, PREFIX, *(without(name) for name in experts)]
 
 
 def run_suite(
@@ -65,9 +66,11 @@ def run_suite(
     max_documents: int | None = None,
     max_bytes: int | None = None,
     seq_len: int | None = None,
+    every_variant: bool = True,
     log: Log = print,
 ) -> Evaluation:
-    """Score every model named in ``only`` (default: every baseline, then every variant).
+    """Score every model named in ``only`` (default: every baseline, then every variant, the
+    other top-k and bias ones only with ``every_variant``).
 
     ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
     merged model directories (ablations), each loaded with the owners' choice applied. Every
@@ -83,7 +86,7 @@ def run_suite(
     slots, top_k = table.infos(), int(merged.config(table).num_experts_per_tok)
     names = only or [
         *baseline_names(packages, unrestricted=unrestricted_dir is not None),
-        *variant_names(experts, default_top_k=top_k),
+        *variant_names(experts, default_top_k=top_k, every=every_variant),
         *extra,
     ]
     sample: dict[str, Any] = {"device": device, "cache_dir": cache_dir}  # the same text for all

@@ -40,28 +40,10 @@ def owner_texts(owners: tuple[DemoDomain, ...], specs: dict[str, DataSpec]) -> l
     return [OwnerText(d.name, (specs[d.name],), (specs["public"],)) for d in owners]
 
 
-def federated_stages(
-    out: Path,
-    anchor_dir: Path,
-    owners: tuple[DemoDomain, ...],
-    specs: dict[str, DataSpec],
-    settings: DemoSettings,
-    train_experts: Callable[[Path, DemoSettings], list[Path]],
-    device: torch.device,
-    tokens: Path,
-    log: Callable[[str], None],
-    score: Callable[[Path], dict[str, float]],
-    *,
-    privacy: bool = False,
-) -> FederatedStages:
-    """Both stages into ``out/federated`` and ``out/fedavg``; ``train_experts(root, settings)``
-    trains every owner's expert as the demo does; ``score(model)`` is a model's bits per byte
-    per domain on the report's held-out text (the rounds run one at a time, so that the model
-    after each is scored; a round continues from the versions the last one wrote, numbered and
-    seeded as in one run of all of them). With ``privacy``, what ``--dp-epsilon`` costs too
-    (:func:`privacy_cost`)."""
+def first_experts(settings: DemoSettings) -> DemoSettings:
+    """The demo's settings with each owner's expert trained for the stage's ``expert_steps``
+    alone (its warm-up scaled alike)."""
     fed = settings.federated
-    root = out / "federated"
     first = replace(
         settings.expert,
         steps=fed.expert_steps,
@@ -71,12 +53,42 @@ def federated_stages(
         eval_every=0,
         checkpoint_every=0,
     )
-    log(
+    return replace(settings, expert=first)
+
+
+def announce(settings: DemoSettings, root: Path) -> str:
+    """What the stage does, said as its experts start training."""
+    fed = settings.federated
+    return (
         f"[federated] each owner's expert trained for {fed.expert_steps} steps alone, then "
         f"{fed.rounds} rounds of {fed.slot.steps} slot and {fed.router.steps} router steps "
         f"(Flower, every owner a client) -> {root}"
     )
-    packages = train_experts(root / "experts", replace(settings, expert=first))
+
+
+def federated_stages(
+    out: Path,
+    anchor_dir: Path,
+    owners: tuple[DemoDomain, ...],
+    specs: dict[str, DataSpec],
+    settings: DemoSettings,
+    packages: list[Path],
+    device: torch.device,
+    tokens: Path,
+    log: Callable[[str], None],
+    score: Callable[[Path], dict[str, float]],
+    *,
+    privacy: bool = False,
+) -> FederatedStages:
+    """Both stages into ``out/federated`` and ``out/fedavg``, from ``packages``: every owner's
+    expert trained as the demo trains it, with :func:`first_experts`'s settings, into
+    ``out/federated/experts``. ``score(model)`` is a model's bits per byte per domain on the
+    report's held-out text (the rounds run one at a time, so that the model after each is
+    scored; a round continues from the versions the last one wrote, numbered and seeded as in
+    one run of all of them). With ``privacy``, what ``--dp-epsilon`` costs too
+    (:func:`privacy_cost`)."""
+    fed = settings.federated
+    root = out / "federated"
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
     texts = owner_texts(owners, specs)

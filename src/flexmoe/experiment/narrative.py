@@ -286,21 +286,7 @@ experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts
 experts per token, router not tuned after merging; the owners' learned biases are
 {"on" if evaluation.default_bias else "off"} by default.
 
-As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the public corpus's
-training documents at home with a small classifier (its own documents vs public ones) and sent
-the coordinator only the sha256 of the {results["settings"]["proxy_documents_per_owner"]} public
-documents most like its data (`proxy/NAME.json`); the coordinator tuned only the router rows, every
-expert frozen, on those public documents and as many other public ones
-({results["router_tuning"]["steps"]} steps, {results["router_tuning"]["tokens"]:,} tokens;
-recorded in the tuned model's slot table). No owner text is used, but jointly tuned rows make
-opt-out less strict, so it is not the default. With `--ablations`, `{OWNER_TEXT_TUNED}` is tuned
-instead on {results["settings"]["proxy_bytes_per_domain"]:,} bytes of each owner's own training
-text (one window per document): that hands owner text over, and is shown only for comparison.
-Two more router levers come with `--ablations`: `{CALIBRATED}`, the owners' rows rescaled by the
-coordinator so that each one's margin over the public row has the same spread on public text
-(public text and packages only; opt-out stays exact), and `{ROUTER_CEILING}`, the rows fitted on
-the very held-out text scored below ({results["settings"]["ceiling_steps"]} steps): not a recipe,
-but a bound on every lever that changes only the router.
+{_variants(results)}
 
 - device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
@@ -310,6 +296,33 @@ but a bound on every lever that changes only the router.
   (every parameter trained), as many tokens as the four experts together
 
 """
+
+
+def _variants(results: dict[str, Any]) -> str:
+    """The router variants the run has (router tuning and the router levers: ``--ablations``)."""
+    tuning = results.get("router_tuning")
+    if tuning is None:
+        return (
+            f"Router tuning (`{TUNED}`, the paper's proxy-data recipe) and the router levers "
+            f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`) and the other top-k and "
+            "bias variants run with `--ablations`."
+        )
+    return f"""As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the
+public corpus's training documents at home with a small classifier (its own documents vs public
+ones) and sent the coordinator only the sha256 of the
+{results["settings"]["proxy_documents_per_owner"]} public documents most like its data
+(`proxy/NAME.json`); the coordinator tuned only the router rows, every expert frozen, on those
+public documents and as many other public ones ({tuning["steps"]} steps, {tuning["tokens"]:,}
+tokens; recorded in the tuned model's slot table). No owner text is used, but jointly tuned
+rows make opt-out less strict, so it is not the default. With `--ablations`,
+`{OWNER_TEXT_TUNED}` is tuned instead on {results["settings"]["proxy_bytes_per_domain"]:,}
+bytes of each owner's own training text (one window per document): that hands owner text
+over, and is shown only for comparison. Two more router levers come with `--ablations`:
+`{CALIBRATED}`, the owners' rows rescaled by the coordinator so that each one's margin over the
+public row has the same spread on public text (public text and packages only; opt-out stays
+exact), and `{ROUTER_CEILING}`, the rows fitted on the very held-out text scored below
+({results["settings"]["ceiling_steps"]} steps): not a recipe, but a bound on every lever that
+changes only the router."""
 
 
 def _federated_section(fed: dict[str, Any] | None, evaluation: Evaluation) -> str:

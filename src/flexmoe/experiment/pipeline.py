@@ -1,16 +1,15 @@
 """The demo pipeline, end to end.
 
 corpora -> tokenizer -> anchor -> one expert per owner domain (each trained in its own process
-that is given only that domain's files and the public corpus) -> merge -> the unrestricted
-upper bound (all data in one place, for comparison only) -> every baseline and variant scored on
-the same held-out text -> one owner's opt-out -> extraction audit -> report with plots.
+that is given only that domain's files and the public corpus), side by side with the unrestricted
+upper bound (all data in one place, for comparison only) and the federated stage's experts ->
+merge -> federated rounds -> every baseline and variant scored on the same held-out text -> one
+owner's opt-out -> extraction audit -> report with plots.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -45,7 +44,8 @@ from flexmoe.evaluate.registry import (
 from flexmoe.evaluate.report import DP_RESULTS, plot_files, privacy_section
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
-from flexmoe.experiment.federated import federated_stages
+from flexmoe.experiment.federated import announce, federated_stages, first_experts
+from flexmoe.experiment.jobs import TrainingJob, run_jobs
 from flexmoe.experiment.levers import (
     LEVER_RESULTS,
     MERGE_LEVERS,
@@ -62,10 +62,9 @@ from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
-from flexmoe.expert.unrestricted import train_unrestricted
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
-from flexmoe.io import atomic_write_bytes, read_json, toml_text, write_json
+from flexmoe.io import atomic_write_bytes, read_json, write_json
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.layout import load_merged, read_slots
@@ -76,7 +75,7 @@ from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
 from flexmoe.model.probe import document_ffn_inputs
 from flexmoe.router_init import RouterInitMethod
-from flexmoe.training.config import MEMORY_FIELDS, TrainConfig
+from flexmoe.training.config import MEMORY_FIELDS, UNRESTRICTED_LEAVE_OUT, TrainConfig
 from flexmoe.training.loop import TrainResult
 
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
@@ -86,7 +85,7 @@ FULL = load_settings("full")
 QUICK = load_settings("quick")
 
 
-def _train_expert_process(
+def _owner_job(
     domain: DemoDomain,
     corpus: Path,
     anchor_dir: Path,
@@ -94,13 +93,14 @@ def _train_expert_process(
     cfg: TrainConfig,
     cache_dir: Path,
     device: torch.device,
+    announce: str,
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
     options: dict[str, Any] | None = None,
-) -> None:
-    """One owner, one process: it is handed only its own files, as a config file of the
-    settings any owner would use (the public share is the anchor's own public corpus), and
-    ``options`` of ``flexmoe expert train`` by name (a lever's recipe)."""
+) -> TrainingJob:
+    """One owner's process: it is handed only its own files, as a config file of the settings
+    any owner would use (the public share is the anchor's own public corpus), and ``options`` of
+    ``flexmoe expert train`` by name (a lever's recipe)."""
     settings = {
         "anchor": anchor_dir,
         "data": [f"{domain.name}={corpus}"],
@@ -116,14 +116,7 @@ def _train_expert_process(
         "seed": seed,
         **(options or {}),
     }
-    config = out.parent / f".{out.name}.toml"
-    atomic_write_bytes(config, toml_text(settings).encode("utf-8"))
-    command = [sys.executable, "-m", "flexmoe", "expert", "train", "--config", str(config)]
-    try:
-        if subprocess.run(command, check=False).returncode != 0:
-            raise FlexMoEError(out, f"training the {domain.name} expert failed (see above)")
-    finally:
-        config.unlink(missing_ok=True)
+    return TrainingJob(f"the {domain.name} expert", settings, out, announce)
 
 
 def run_demo(
@@ -145,13 +138,22 @@ def run_demo(
     settings, owners, specs = run.settings, corpora_set.owners, run.specs
     anchor_dir, merged_dir = out / "anchor", out / "merged"
     manifest, anchor_result = run.anchor(anchor_dir, "quick" if quick else "full")
-    package_dirs = _train_experts(
-        out / "experts", "[2/8]", owners, anchor_dir, run.corpora, settings, device, run.tokens, log
+    unrestricted_dir, federated_experts = out / "unrestricted", out / "federated" / "experts"
+    joint, unrestricted = _unrestricted_job(unrestricted_dir, anchor_dir, run)
+    first = first_experts(settings)
+    expert_jobs = _expert_jobs(
+        out / "experts", "[2/6]", owners, anchor_dir, run.corpora, settings, device, run.tokens
     )
+    federated_jobs = _expert_jobs(
+        federated_experts, "[federated]", owners, anchor_dir, run.corpora, first, device, run.tokens
+    )
+    log(announce(settings, federated_experts.parent))
+    run_jobs([unrestricted, *expert_jobs, *federated_jobs], device, log)  # the longest first
+    package_dirs = [job.out for job in expert_jobs]
     experts = _expert_records(owners, package_dirs, load_anchor(anchor_dir))
-    run.stage("experts")
+    run.stage("training")
     log(
-        f"[3/8] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
+        f"[3/6] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
     )
     plan = plan_merge(anchor_dir, package_dirs, top_k=settings.top_k)
     build_merged(plan, merged_dir, overwrite=True)
@@ -171,21 +173,14 @@ def run_demo(
             log,
         )
         run.stage("ablation")
-    tuning = run.tuned(anchor_dir, merged_dir)
-    unrestricted_dir = out / "unrestricted"
-    joint = _unrestricted_stage(
-        unrestricted_dir, anchor_dir, owners, specs, settings, device, run.tokens, log
-    )
-    run.stage("unrestricted")
+    tuning = run.tuned(anchor_dir, merged_dir) if ablations else None
     federated = federated_stages(
         out,
         anchor_dir,
         owners,
         specs,
         settings,
-        lambda root, changed: _train_experts(
-            root, "[federated]", owners, anchor_dir, run.corpora, changed, device, run.tokens, log
-        ),
+        [job.out for job in federated_jobs],
         device,
         run.tokens,
         log,
@@ -194,7 +189,15 @@ def run_demo(
     )
     run.stage("federated")
     models = {**extra, **federated.models}
-    evaluation = run.evaluate(anchor_dir, package_dirs, merged_dir, unrestricted_dir, models)
+    evaluation = run.evaluate(
+        anchor_dir,
+        package_dirs,
+        merged_dir,
+        unrestricted_dir,
+        models,
+        tuned_dir=out / "merged-tuned" if ablations else None,
+        every_variant=ablations,
+    )
     opt_out, audit = run.opt_out_and_audit(anchor_dir, package_dirs, merged_dir)
     results = {
         "settings": _settings_record(
@@ -322,9 +325,12 @@ def _rivals_stage(
         write_jsonl(corpus, ((d.doc_id, d.text) for d in part))
         rival = DemoDomain(f"public-{i}", "", lambda: iter(()), "coordinator", "CC0-1.0")
         rivals.append((rival, corpus))
-    for (rival, corpus), target in zip(rivals, rival_dirs, strict=True):
-        _train_expert_process(rival, corpus, anchor_dir, target, run.settings.expert,
-                              run.tokens, run.device, options=recipe)  # fmt: skip
+    jobs = [
+        _owner_job(rival, corpus, anchor_dir, target, run.settings.expert, run.tokens,
+                   run.device, f"[lever rivals] training {rival.name} -> {target}", options=recipe)
+        for (rival, corpus), target in zip(rivals, rival_dirs, strict=True)
+    ]  # fmt: skip
+    run_jobs(jobs, run.device, run.log)
     options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k, **recipe}
     packages = _train_experts(
         root / "experts", "[lever rivals]", corpora_set.owners, anchor_dir, run.corpora,
@@ -374,9 +380,13 @@ def rescore_run(
     }
     extra = {name: path for name, path in found.items() if path.is_dir()}
     package_dirs = [out / "experts" / d.name for d in corpora_set.owners]
+    tuned = out / "merged-tuned"
+    every = results["settings"].get("ablations", False) or tuned.is_dir()  # as the run was made
     evaluation = run.evaluate(
-        out / "anchor", package_dirs, out / "merged", out / "unrestricted", extra
-    )
+        out / "anchor", package_dirs, out / "merged", out / "unrestricted", extra,
+        tuned_dir=tuned if tuned.is_dir() else None,
+        every_variant=every,
+    )  # fmt: skip
     results["evaluation"] = evaluation.model_dump(mode="json", exclude_unset=True)
     run.write(results, evaluation, read_json(out / "anchor" / HISTORY_FILE))
     return results
@@ -426,7 +436,7 @@ class _Run:
 
     def anchor(self, anchor_dir: Path, kind: str) -> tuple[AnchorManifest, TrainResult]:
         """The anchor, trained on the public corpus."""
-        self.log(f"[1/8] training the anchor ({kind} settings) -> {anchor_dir}")
+        self.log(f"[1/6] training the anchor ({kind} settings) -> {anchor_dir}")
         trained = train_anchor(
             data=[self.specs["public"]],
             out=anchor_dir,
@@ -447,9 +457,13 @@ class _Run:
         merged_dir: Path,
         unrestricted_dir: Path,
         extra: dict[str, Path],
+        *,
+        tuned_dir: Path | None,
+        every_variant: bool = True,
     ) -> Evaluation:
-        """Every baseline and variant on the same held-out text."""
-        self.log("[6/8] scoring every baseline and variant on the same held-out text")
+        """Every baseline and variant on the same held-out text (without ``every_variant``, the
+        merge at its own top-k and bias only, beside document-level routing and opt-outs)."""
+        self.log("[4/6] scoring every baseline and variant on the same held-out text")
         evaluation = run_suite(
             anchor_dir=anchor_dir,
             package_dirs=package_dirs,
@@ -458,8 +472,9 @@ class _Run:
             device=self.device,
             cache_dir=self.tokens,
             unrestricted_dir=unrestricted_dir,
-            tuned_dir=self.out / "merged-tuned",
+            tuned_dir=tuned_dir,
             extra_models=extra,
+            every_variant=every_variant,
             mixtures=self.mixtures(),
             max_bytes=self.settings.eval_bytes,
             log=self.log,
@@ -503,9 +518,9 @@ class _Run:
         """The paper's router tuning on the public documents the owners picked; its record."""
         tuned_dir, settings = self.out / "merged-tuned", self.settings
         self.log(
-            f"[4/8] a variant: each owner picks the {settings.proxy_documents} public documents "
-            f"most like its data and sends their hashes; the router alone is tuned on them "
-            f"({settings.tune.steps} steps) -> {tuned_dir}"
+            f"[ablation] router tuning: each owner picks the {settings.proxy_documents} public "
+            f"documents most like its data and sends their hashes; the router alone is tuned on "
+            f"them ({settings.tune.steps} steps) -> {tuned_dir}"
         )
         public = self.corpora_set.public.name
         tuning = _tune_stage(
@@ -527,7 +542,7 @@ class _Run:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """One owner opts out and back in; the extraction audit of the first owner's text."""
         corpora_set, settings = self.corpora_set, self.settings
-        self.log(f"[7/8] the {corpora_set.opt_out} owner opts out, and back in")
+        self.log(f"[5/6] the {corpora_set.opt_out} owner opts out, and back in")
         opt_out = _opt_out_stage(
             self.out,
             merged_dir,
@@ -541,7 +556,7 @@ class _Run:
         )
         self.stage("opt-out")
         audited = corpora_set.owners[0].name
-        self.log(f"[8/8] extraction audit on the {audited} owner's training documents")
+        self.log(f"[6/6] extraction audit on the {audited} owner's training documents")
         audit = _audit_stage(
             anchor_dir, package_dirs, merged_dir, self.specs, settings, self.device, audited
         )
@@ -627,36 +642,34 @@ def _ablation_stages(
     return extra
 
 
-def _unrestricted_stage(
-    out: Path,
-    anchor_dir: Path,
-    owners: tuple[DemoDomain, ...],
-    specs: dict[str, DataSpec],
-    settings: DemoSettings,
-    device: torch.device,
-    tokens: Path,
-    log: Callable[[str], None],
-) -> TrainConfig:
-    """The unrestricted upper bound, trained on the experts' tokens together; its settings."""
+def _unrestricted_job(out: Path, anchor_dir: Path, run: _Run) -> tuple[TrainConfig, TrainingJob]:
+    """The unrestricted upper bound (``flexmoe baseline unrestricted``), trained on the experts'
+    tokens together; its settings and its job."""
+    settings, owners = run.settings, run.corpora_set.owners
     joint = replace(
         settings.expert, steps=settings.expert.steps * len(owners), eval_every=0, checkpoint_every=0
     )
-    log(
-        f"[5/8] the unrestricted upper bound: the merged shape trained on all domains at once "
-        f"({joint.steps} steps, the experts' tokens together) -> {out}"
+    public = run.corpora_set.public.name
+    options = {
+        "anchor": anchor_dir,
+        "data": [f"{d.name}={run.corpora[d.name]}" for d in owners],
+        "public_data": [f"{public}={run.corpora[public]}"],
+        "id_field": "id",
+        "out": out,
+        "force": True,
+        **{k: v for k, v in joint.to_dict().items() if k not in UNRESTRICTED_LEAVE_OUT},
+        "top_k": settings.top_k,
+        "device": str(run.device),
+        "cache_dir": run.tokens,
+    }
+    announce = (
+        f"[2/6] the unrestricted upper bound: the merged shape trained on all domains at once "
+        f"({joint.steps} steps, the experts' tokens together), in its own process -> {out}"
     )
-    train_unrestricted(
-        anchor_dir=anchor_dir,
-        data=[specs[d.name] for d in owners],
-        public_data=[specs["public"]],
-        out=out,
-        cfg=joint,
-        top_k=settings.top_k,
-        device=device,
-        cache_dir=tokens,
-        overwrite=True,
+    job = TrainingJob(
+        "the unrestricted upper bound", options, out, announce, ("baseline", "unrestricted")
     )
-    return joint
+    return joint, job
 
 
 def _settings_record(
@@ -686,6 +699,47 @@ def _settings_record(
     }
 
 
+def _expert_jobs(
+    root: Path,
+    label: str,
+    owners: tuple[DemoDomain, ...],
+    anchor_dir: Path,
+    corpora: dict[str, Path],
+    settings: DemoSettings,
+    device: torch.device,
+    tokens: Path,
+    router_init: RouterInitMethod = ANCHOR_HIDDEN,
+    options: dict[str, Any] | None = None,
+) -> list[TrainingJob]:
+    """Every owner's expert as a job, into ``root/<domain>``, with ``options`` of ``flexmoe
+    expert train``. Random router rows are seeded by the owner's position so that no two owners
+    start from the same row."""
+    jobs = []
+    for i, domain in enumerate(owners, 1):
+        package = root / domain.name
+        announce = (
+            f"{label} expert {i}/{len(owners)}: {domain.name} ({router_init.value} router row), "
+            f"in its own process -> {package}"
+        )
+        seed = i if router_init is RouterInitMethod.RANDOM else 0
+        jobs.append(
+            _owner_job(
+                domain,
+                corpora[domain.name],
+                anchor_dir,
+                package,
+                settings.expert,
+                tokens,
+                device,
+                announce,
+                router_init=router_init,
+                seed=seed,
+                options=options,
+            )
+        )
+    return jobs
+
+
 def _train_experts(
     root: Path,
     label: str,
@@ -699,31 +753,12 @@ def _train_experts(
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
     options: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Every owner's expert, one process each, into ``root/<domain>``, with ``options`` of
-    ``flexmoe expert train``. Random router rows are seeded by the owner's position so that no
-    two owners start from the same row."""
-    packages = []
-    for i, domain in enumerate(owners, 1):
-        package = root / domain.name
-        log(
-            f"{label} expert {i}/{len(owners)}: {domain.name} ({router_init.value} router row), "
-            f"in its own process -> {package}"
-        )
-        seed = i if router_init is RouterInitMethod.RANDOM else 0
-        _train_expert_process(
-            domain,
-            corpora[domain.name],
-            anchor_dir,
-            package,
-            settings.expert,
-            tokens,
-            device,
-            router_init=router_init,
-            seed=seed,
-            options=options,
-        )
-        packages.append(package)
-    return packages
+    """Every owner's expert (:func:`_expert_jobs`), trained by :func:`run_jobs`."""
+    jobs = _expert_jobs(
+        root, label, owners, anchor_dir, corpora, settings, device, tokens, router_init, options
+    )
+    run_jobs(jobs, device, log)
+    return [job.out for job in jobs]
 
 
 def _random_init_stage(

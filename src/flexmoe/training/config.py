@@ -117,6 +117,7 @@ UNRESTRICTED_TRAINING = TrainConfig(
     checkpoint_every=0,
     z_loss=1e-3,
 )
+UNRESTRICTED_LEAVE_OUT = frozenset({"checkpoint_every", *MEMORY_FIELDS})  # not its options
 # Federated rounds: each owner's local training in a slot phase and in a router phase. Short
 # phases: on the demo corpora (60-step experts) 3 rounds of 5 + 5 steps beat 1 of 15 + 15 and
 # 2 of 8 + 7, and one long router phase hurt (docs/federated.md).
