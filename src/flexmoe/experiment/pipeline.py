@@ -291,6 +291,8 @@ def measure_owner_levers(
         row = {"lever": name, "options": options,
                "bpb": {s.domain: round(s.bits_per_byte, 4) for s in scores}}  # fmt: skip
         log(json.dumps(row))
+        if path.is_file():  # read again: another job on the same run may have added rows
+            found = read_json(path)
         found["rows"] = [r for r in found["rows"] if r["lever"] != name] + [row]
         write_json(path, found)
     evaluation = Evaluation.read(results["evaluation"], out / "results.json")
