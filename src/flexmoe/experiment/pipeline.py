@@ -1,10 +1,11 @@
 """The demo pipeline, end to end.
 
 corpora -> tokenizer -> anchor -> one expert per owner domain (each trained in its own process
-that is given only that domain's files and the public corpus), side by side with the unrestricted
-upper bound (all data in one place, for comparison only) and the federated stage's experts ->
-merge -> federated rounds -> every baseline and variant scored on the same held-out text -> one
-owner's opt-out -> extraction audit -> report with plots.
+that is given only that domain's files and the public corpus; side by side on a CPU) -> the
+unrestricted upper bound (all data in one place, for comparison only) -> merge -> every baseline
+and variant scored on the same held-out text -> one owner's opt-out -> extraction audit -> report
+with plots. With ``--ablations`` also the variants that explain the result: the federated stage
+(its experts trained beside the owners'), router tuning, the router levers, every top-k.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
 
-    ``ablations`` also trains every expert again from random router rows (against a copy of the
-    anchor whose public row is random too) and scores that merge as ``flexmoe:random-init``.
+    ``ablations`` adds the variants: every expert trained again from random router rows
+    (``flexmoe:random-init``), the router levers and ceiling, router tuning on public proxies
+    (``flexmoe:tuned``), every other top-k and the biases flipped, and the federated stage
+    (``flexmoe:federated``, ``fedavg`` and what ``--dp-epsilon`` costs).
     """
     run = _Run.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
     settings, owners, specs = run.settings, corpora_set.owners, run.specs
@@ -147,8 +150,10 @@ def run_demo(
     federated_jobs = _expert_jobs(
         federated_experts, "[federated]", owners, anchor_dir, run.corpora, first, device, run.tokens
     )
-    log(announce(settings, federated_experts.parent))
-    run_jobs([unrestricted, *expert_jobs, *federated_jobs], device, log)  # the longest first
+    if ablations:
+        log(announce(settings, federated_experts.parent))
+    run_jobs([*expert_jobs, *(federated_jobs if ablations else [])], device, log)
+    run_jobs([unrestricted], device, log)  # one model: every thread (1 of 2 takes twice as long)
     package_dirs = [job.out for job in expert_jobs]
     experts = _expert_records(owners, package_dirs, load_anchor(anchor_dir))
     run.stage("training")
@@ -174,21 +179,23 @@ def run_demo(
         )
         run.stage("ablation")
     tuning = run.tuned(anchor_dir, merged_dir) if ablations else None
-    federated = federated_stages(
-        out,
-        anchor_dir,
-        owners,
-        specs,
-        settings,
-        [job.out for job in federated_jobs],
-        device,
-        run.tokens,
-        log,
-        run.score,
-        privacy=ablations,
-    )
-    run.stage("federated")
-    models = {**extra, **federated.models}
+    federated = None
+    if ablations:
+        federated = federated_stages(
+            out,
+            anchor_dir,
+            owners,
+            specs,
+            settings,
+            [job.out for job in federated_jobs],
+            device,
+            run.tokens,
+            log,
+            run.score,
+            privacy=True,
+        )
+        run.stage("federated")
+    models = {**extra, **(federated.models if federated else {})}
     evaluation = run.evaluate(
         anchor_dir,
         package_dirs,
@@ -207,7 +214,7 @@ def run_demo(
         "experts": experts,
         "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
-        "federated": federated.record,
+        "federated": federated.record if federated else None,
         "opt_out": opt_out,
         "audit": audit,
         **run.timing(),
@@ -371,7 +378,7 @@ def rescore_run(
     variant, the text that needs two experts, the cost per token), and rewrite its results and
     report; nothing is trained. For runs made before a row or a measure was added."""
     results, run = _finished_run(out, cache_dir, device, corpora_set, log)
-    rounds = results["federated"]["rounds"]
+    rounds = (results.get("federated") or {}).get("rounds", 0)
     found = {
         RANDOM_INIT: out / "ablation-random-init" / "merged",
         OWNER_TEXT_TUNED: out / "ablation-owner-text" / "merged-tuned",
