@@ -7,7 +7,7 @@ QUICK ?= 0
 ABLATIONS ?= 0
 DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,) $(if $(filter 1,$(ABLATIONS)),--ablations,)
 
-.PHONY: install check test demo clean
+.PHONY: install check browser test demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@# On a CUDA machine whose Python already has torch, the venv sees that torch and keeps it.
@@ -40,7 +40,17 @@ check: install
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(VENV)/bin/mypy src
 
-test: check $(COMPAT)/.installed
+# Headless Chromium from Debian's packages for the page's browser tests (tests/test_ui_browser.py),
+# installed with apt-get (as root, else through sudo). Where that fails, those tests fail and say so.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; } \
+	  || echo "could not install chromium and chromium-driver with apt-get: the browser tests will fail"; \
+	fi
+
+test: check $(COMPAT)/.installed browser
 	$(VENV)/bin/pytest
 
 demo: install

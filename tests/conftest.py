@@ -64,3 +64,21 @@ def anchor_dir(tmp_path_factory: pytest.TempPathFactory, public_spec: DataSpec) 
         device=torch.device("cpu"), cache_dir=root / "cache", vocab_size=400, progress=False,
     )  # fmt: skip
     return root / "anchor"
+
+
+MARKUP = "<img src=x onerror=alert(1)> & co"  # an owner's name the package checks allow
+
+
+@pytest.fixture(scope="session")
+def ui_model(tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir: Path) -> Path:
+    """A merged model ``tiny`` of two tiny experts, ``upper`` (owner ``upper org``) and
+    ``again``, whose owner's name is markup: for the page's tests (copy it before changing)."""
+    from helpers import train_packages
+
+    from flexmoe.merge.build import build_merged
+    from flexmoe.merge.plan import plan_merge
+
+    root = tmp_path_factory.mktemp("ui")
+    packages = train_packages(root, anchor_dir, corpus_dir, owners=("upper org", MARKUP))
+    build_merged(plan_merge(anchor_dir, packages, top_k=2), root / "tiny", progress=False)
+    return root / "tiny"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WORDS = (
@@ -28,10 +30,14 @@ def write_jsonl(path: Path, texts: list[str], *, ids: bool = False) -> Path:
 
 
 def train_packages(
-    root: Path, anchor_dir: Path, corpus_dir: Path, licenses: tuple[str, str] = ("MIT", "MIT")
+    root: Path,
+    anchor_dir: Path,
+    corpus_dir: Path,
+    licenses: tuple[str, str] = ("MIT", "MIT"),
+    owners: tuple[str, str] = ("upper org", "again org"),
 ) -> list[Path]:
     """Two tiny owners' experts against ``anchor_dir``: ``upper`` (the upper-case corpus) and
-    ``again`` (public text again), under ``licenses``; a few steps each."""
+    ``again`` (public text again), under ``licenses``, owned by ``owners``; a few steps each."""
     from dataclasses import replace
 
     import torch
@@ -42,14 +48,54 @@ def train_packages(
     cfg = replace(EXPERT_DEFAULTS, steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1,
                   eval_every=0, checkpoint_every=0)  # fmt: skip
     out = []
-    for name, files, license_id in (
-        ("upper", corpus_dir / "other.jsonl", licenses[0]),
-        ("again", corpus_dir / "public.jsonl", licenses[1]),
+    for name, files, license_id, owner in (
+        ("upper", corpus_dir / "other.jsonl", licenses[0], owners[0]),
+        ("again", corpus_dir / "public.jsonl", licenses[1], owners[1]),
     ):
         train_expert(
             anchor_dir=anchor_dir, data=[DataSpec(name, (str(files),))],
-            identity=ExpertIdentity(name=name, owner=f"{name} org", license=license_id),
+            identity=ExpertIdentity(name=name, owner=owner, license=license_id),
             out=root / name, cfg=cfg, device=torch.device("cpu"), cache_dir=None, progress=False,
         )  # fmt: skip
         out.append(root / name)
     return out
+
+
+ADMIN = "admin-" + "s" * 24  # the admin token of the servers the tests start
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def live(model_dir: Path, **kwargs: object) -> Iterator[str]:
+    """``flexmoe serve``'s app for ``model_dir`` on 127.0.0.1 in a thread; yields its URL."""
+    import threading
+    import time
+
+    import torch
+    import uvicorn
+
+    from flexmoe.serve.app import create_app
+    from flexmoe.serve.http import server_config
+
+    app = create_app(model_dir, device=torch.device("cpu"), admin_token=ADMIN, **kwargs)  # type: ignore[arg-type]
+    server = uvicorn.Server(
+        server_config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

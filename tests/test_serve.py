@@ -12,16 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from helpers import ADMIN, free_port, live
 from openai import OpenAI
 
 from flexmoe.data.tokenizer import load_tokenizer
@@ -30,14 +29,11 @@ from flexmoe.merge.build import build_merged
 from flexmoe.merge.layout import OWNERS_FILE as TOKENS_FILE
 from flexmoe.merge.layout import load_merged, read_slots
 from flexmoe.merge.plan import plan_merge
-from flexmoe.serve.app import create_app
 from flexmoe.serve.auth import OwnerTokens
 from flexmoe.serve.batch import RowRequest, generate_batch
-from flexmoe.serve.http import server_config
 from flexmoe.serve.ledger import Ledger
 
 CPU = torch.device("cpu")
-ADMIN = "admin-" + "s" * 24
 NAME = "tiny"
 
 
@@ -55,32 +51,6 @@ def built(tmp_path_factory: pytest.TempPathFactory, anchor_dir: Path, corpus_dir
 def model_dir(built: Path, tmp_path: Path) -> Path:
     """A fresh copy per test: no opt-outs, no tokens, no ledger."""
     return Path(shutil.copytree(built, tmp_path / NAME))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def live(model_dir: Path, **kwargs: object) -> Iterator[str]:
-    """The app on 127.0.0.1 in a thread; yields its base URL."""
-    app = create_app(model_dir, device=CPU, admin_token=ADMIN, **kwargs)  # type: ignore[arg-type]
-    server = uvicorn.Server(
-        server_config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _client(url: str) -> OpenAI:
@@ -498,7 +468,7 @@ def _ledger_count(model_dir: Path) -> int:
 
 
 def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FLEXMOE_ADMIN_TOKEN": ADMIN}
 
     def start() -> subprocess.Popen[bytes]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexmoe.errors import FlexMoEError
@@ -47,6 +47,8 @@ from flexmoe.serve.protocol import (
     error_response,
 )
 from flexmoe.serve.scheduler import Job, Scheduler
+from flexmoe.serve.ui import SESSION_S, Sessions, error_page
+from flexmoe.serve.ui import router as ui_router
 
 router = APIRouter()
 
@@ -62,8 +64,10 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     read_timeout_s: float = 10.0,
     read_deadline_s: float = MAX_READ_S,
+    ui_session_s: float = SESSION_S,
 ) -> FastAPI:
-    """The app for the merged model at ``model_dir``; the model loads when the app starts."""
+    """The app for the merged model at ``model_dir``; the model loads when the app starts. The
+    owners' and coordinator's page is at ``/ui/`` (:mod:`flexmoe.serve.ui`)."""
     merged = MergedModel.open(model_dir)
 
     @asynccontextmanager
@@ -97,8 +101,10 @@ def create_app(
     app.add_middleware(
         BodyLimit, limit=max_body_bytes, read_timeout_s=read_timeout_s, deadline_s=read_deadline_s
     )
+    app.state.ui_sessions = Sessions(ui_session_s)
     _error_handlers(app)
     app.include_router(router)
+    app.include_router(ui_router)
     return app
 
 
@@ -201,7 +207,9 @@ def _error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, message, None, kind)
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        if request.url.path.startswith("/ui"):  # the page's refusals are pages too
+            return error_page(exc.status, exc.message)
         return error_response(exc.status, exc.message, exc.param, exc.kind, exc.code)
 
     @app.exception_handler(RequestValidationError)

@@ -63,9 +63,23 @@ class ExpertService:
             raise ApiError(400, "the public expert is always active", param="name")
 
     async def authorise(self, token: str, client: str, expert: str) -> str:
-        """Who may change ``expert``'s standing with ``token``: ``admin`` or ``owner:NAME``.
-        Failed attempts are limited per ``client`` address; the scrypt check runs off the
-        event loop."""
+        """Who may change ``expert``'s standing with ``token``: ``admin`` or ``owner:NAME``
+        (:meth:`identify`)."""
+        who = await self.identify(token, client)
+        if who is None:
+            raise ApiError(401, "the token is not valid", kind="authentication_error")
+        owner = who.removeprefix("owner:")
+        if who != "admin" and owner != expert:
+            raise ApiError(
+                403,
+                f"this token belongs to the {owner} expert's owner, not {expert}'s",
+                kind="permission_error",
+            )
+        return who
+
+    async def identify(self, token: str, client: str) -> str | None:
+        """Who ``token`` is: ``admin``, ``owner:NAME`` or None. Failed attempts are limited per
+        ``client`` address; the scrypt check runs off the event loop."""
         self.limiter.begin(client)
         owner: str | None = None
         admin = is_admin(token, self.admin_token)
@@ -74,26 +88,19 @@ class ExpertService:
                 owner = await asyncio.to_thread(self._owner_of, token)
         finally:
             self.limiter.end(client, failed=not admin and owner is None)
-        if admin:
-            return "admin"
-        if owner is None:
-            raise ApiError(401, "the token is not valid", kind="authentication_error")
-        if owner != expert:
-            raise ApiError(
-                403,
-                f"this token belongs to the {owner} expert's owner, not {expert}'s",
-                kind="permission_error",
-            )
-        return f"owner:{owner}"
+        return "admin" if admin else f"owner:{owner}" if owner else None
 
     def _owner_of(self, token: str) -> str | None:
         with OwnerTokens(self.model_dir) as tokens:
             return tokens.owner_of(token)
 
-    def set(self, expert: str, *, opted_out: bool, body: OptRequest, actor: str) -> OptResponse:
-        """Record the change (and its audit row): it applies from the next request on."""
+    def set(
+        self, expert: str, *, opted_out: bool, body: OptRequest, actor: str, via: str = "api"
+    ) -> OptResponse:
+        """Record the change (and its audit row, ``via`` the API or the page): it applies from
+        the next request on."""
         with StandingStore(self.model_dir) as store:
-            store.set(expert, opted_out=opted_out, reason=body.reason, actor=f"api {actor}")
+            store.set(expert, opted_out=opted_out, reason=body.reason, actor=f"{via} {actor}")
         return OptResponse(name=expert, status="opted-out" if opted_out else "active")
 
     def usage(self, expert: str) -> ExpertUsage:

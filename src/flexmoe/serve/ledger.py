@@ -117,3 +117,44 @@ class Ledger(SqliteStore):
             weighted_tokens=float(tokens or 0.0),
             mean_share=float(share or 0.0),
         )
+
+    def expert_days(self, expert: str | None) -> list[UsageRow]:
+        """Per day: the responses that used ``expert`` and their completion tokens weighted by
+        its share (``None``: every response and all its completion tokens)."""
+        if expert is None:
+            return self.summary("day")
+        query = (
+            "SELECT r.day, COUNT(*), SUM(u.tokens), SUM(r.prompt_tokens) FROM usage u "
+            "JOIN responses r ON r.id = u.response WHERE u.expert = ? GROUP BY r.day "
+            "ORDER BY r.day"
+        )
+        return [
+            UsageRow(k, int(n), float(c or 0), int(p or 0))
+            for k, n, c, p in self._current().execute(query, (expert,))
+        ]
+
+    def latest(self, expert: str, count: int) -> list[tuple[str, str, int, float]]:
+        """The last ``count`` responses: time, endpoint, completion tokens and ``expert``'s
+        share of the routing mass (0 where it was not used), newest first."""
+        query = (
+            "SELECT r.time, r.endpoint, r.completion_tokens, COALESCE(u.share, 0) "
+            "FROM responses r LEFT JOIN usage u ON u.response = r.id AND u.expert = ? "
+            "ORDER BY r.time DESC, r.rowid DESC LIMIT ?"
+        )
+        return [
+            (t, e, int(c), float(s))
+            for t, e, c, s in self._current().execute(query, (expert, count))
+        ]
+
+    def rows(self) -> list[tuple[str, str, str, int, int, str, float, float]]:
+        """Every response with each expert it used (one row per pair; a response that used
+        none has one row with an empty expert), oldest first: the ledger as a table."""
+        query = (
+            "SELECT r.id, r.time, r.endpoint, r.prompt_tokens, r.completion_tokens, "
+            "COALESCE(u.expert, ''), COALESCE(u.share, 0), COALESCE(u.tokens, 0) "
+            "FROM responses r LEFT JOIN usage u ON u.response = r.id ORDER BY r.rowid, u.rowid"
+        )
+        return [
+            (i, t, e, int(p), int(c), x, float(s), float(w))
+            for i, t, e, p, c, x, s, w in self._current().execute(query)
+        ]
