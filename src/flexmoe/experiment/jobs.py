@@ -6,9 +6,9 @@ On a CPU the processes run side by side, as many at once as the cores torch may 
 each on two cores), so that the start-up of one overlaps the training of another and many cores
 serve several small models rather than one (on 2 cores the demo's four experts took 272 s side
 by side against 295 s one after the other; one model alone should keep every thread: the
-unrestricted bound on one thread of two took twice as long). On a GPU they run one at a time. Side by side, each
-job's output goes to a log beside its output directory (kept only when it fails) and one line
-says when it starts and when it ends.
+unrestricted bound on one thread of two took twice as long). On a GPU they run one at a time.
+Side by side, each job's output goes to a log beside its output directory (kept only when it
+fails) and one line says when it starts and when it ends.
 """
 
 from __future__ import annotations
