@@ -161,3 +161,14 @@ def test_sessions_expire_and_the_coordinator_sees_every_slot_and_the_ledger(
         assert static.status_code == 200 and "confirm" in static.text
         assert httpx.get(f"{url}/ui/static/../app.py").status_code == 404
         assert httpx.get(f"{url}/ui/static/secret.py").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["<b>x</b>", "a<svg/onload=alert(1)>", 'x"y', "o'k"])
+def test_an_expert_name_cannot_carry_markup_into_the_page(name: str) -> None:
+    """Names are checked when a package is made, so markup never reaches a slot; owners may
+    hold it (the pages escape it: the tests above and the browser tests)."""
+    from flexmoe.errors import FlexMoEError
+    from flexmoe.expert.train import ExpertIdentity
+
+    with pytest.raises(FlexMoEError, match=r"use ASCII letters|path separators"):
+        ExpertIdentity(name=name, owner="an owner", license="MIT")
