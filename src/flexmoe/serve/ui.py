@@ -403,7 +403,9 @@ def _owner_page(service: ExpertService, session: Session) -> HTMLResponse:
     expert = session.expert or ""
     model = MergedModel.open(service.model_dir)
     with StandingStore(service.model_dir) as store:
-        st = next(s for s in store.statuses() if s.slot.name == expert)
+        st = next((s for s in store.statuses() if s.slot.name == expert), None)
+    if st is None:  # removed from the model since this session began
+        return _sign_in_page(f"The expert {expert} is no longer in this model.", status=404)
     versions, changes = _facts(model)
     with Ledger(service.model_dir) as ledger:
         days = ledger.expert_days(expert)
