@@ -303,9 +303,10 @@ def _variants(results: dict[str, Any]) -> str:
     tuning = results.get("router_tuning")
     if tuning is None:
         return (
-            f"Router tuning (`{TUNED}`, the paper's proxy-data recipe) and the router levers "
-            f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`) and the other top-k and "
-            "bias variants run with `--ablations`."
+            f"Router tuning (`{TUNED}`, the paper's proxy-data recipe), the router levers "
+            f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`), the other top-k and "
+            f"bias variants and the federated stage (`{FEDERATED}`, `{FEDAVG}`) run with "
+            "`--ablations`."
         )
     return f"""As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the
 public corpus's training documents at home with a small classifier (its own documents vs public
