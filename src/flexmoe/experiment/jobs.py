@@ -91,7 +91,8 @@ def run_jobs(
                     say(f"{proc.summary()} ({done}/{len(jobs)}, {proc.seconds():.0f} s)")
                 else:
                     failed.append(proc)
-            bar.set_postfix_str(", ".join(r.progress() for r in running))
+            if not bar.disable:  # a terminal's bar only: each job's last step, read from its log
+                bar.set_postfix_str(", ".join(r.progress() for r in running))
     if failed:
         proc = failed[0]
         raise FlexMoEError(

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from flexmoe.merge.layout import MergedModel
+from flexmoe.merge.slots import SlotTable
 from flexmoe.merge.standing import ExpertStatus, StandingStore
 from flexmoe.serve.experts import ExpertService
 from flexmoe.serve.ledger import Ledger, UsageRow
@@ -89,12 +90,6 @@ class Sessions:
 
     def drop(self, sid: str | None) -> None:
         self._by_id.pop(sid or "", None)
-
-    def expire_all(self) -> None:
-        """Every session ends now (tests; a coordinator's emergency)."""
-        self._by_id = {
-            k: Session(s.role, s.expert, s.csrf, time.monotonic()) for k, s in self._by_id.items()
-        }
 
 
 router = APIRouter()
@@ -306,13 +301,17 @@ def _sign_out(session: Session) -> str:
 <button type="submit" class="link">Sign out</button></form>"""
 
 
-def _facts(model: MergedModel) -> tuple[dict[str, int], dict[str, tuple[str, str]]]:
-    """Each expert's slot version (federated rounds) and its latest change: time and actor."""
-    table = model.table()
+def _facts(
+    table: SlotTable, store: StandingStore
+) -> tuple[list[ExpertStatus], dict[str, int], list[tuple[str, str, str, str, str]]]:
+    """Every slot's standing, each expert's slot version (federated rounds), the audit log."""
     versions = dict(table.federation.current_slots) if table.federation else {}
-    with StandingStore(model.path) as store:
-        changes = {name: (t, actor) for t, name, _, _, actor in store.audit()}
-    return versions, changes
+    return store.statuses(), versions, store.audit()
+
+
+def _changes(audit: list[tuple[str, str, str, str, str]]) -> dict[str, tuple[str, str]]:
+    """Each expert's latest change: its time and actor."""
+    return {name: (t, actor) for t, name, _, _, actor in audit}
 
 
 def _status_cell(st: ExpertStatus, changes: dict[str, tuple[str, str]]) -> str:
@@ -401,12 +400,13 @@ def _day_table(rows: list[UsageRow], *, tokens: str) -> str:
 
 def _owner_page(service: ExpertService, session: Session) -> HTMLResponse:
     expert = session.expert or ""
-    model = MergedModel.open(service.model_dir)
+    table = MergedModel.open(service.model_dir).table()
     with StandingStore(service.model_dir) as store:
-        st = next((s for s in store.statuses() if s.slot.name == expert), None)
+        statuses, versions, audit = _facts(table, store)
+    st = next((s for s in statuses if s.slot.name == expert), None)
     if st is None:  # removed from the model since this session began
         return _sign_in_page(f"The expert {expert} is no longer in this model.", status=404)
-    versions, changes = _facts(model)
+    changes = _changes(audit)
     with Ledger(service.model_dir) as ledger:
         days = ledger.expert_days(expert)
         totals = ledger.expert_usage(expert)
@@ -441,10 +441,10 @@ def _owner_page(service: ExpertService, session: Session) -> HTMLResponse:
 def _coordinator_page(service: ExpertService, session: Session) -> HTMLResponse:
     model = MergedModel.open(service.model_dir)
     table = model.table()
-    versions, changes = _facts(model)
     with StandingStore(service.model_dir) as store:
-        statuses = store.statuses()
-        audit = store.audit()[-20:]
+        statuses, versions, audit = _facts(table, store)
+    changes = _changes(audit)
+    audit = audit[-20:]
     with Ledger(service.model_dir) as ledger:
         days = ledger.expert_days(None)
         per_expert = {r.key: r for r in ledger.summary("expert")}
