@@ -81,6 +81,16 @@ def test_costs_counted_by_hand() -> None:
     assert cost["flexmoe:top-3"] == (648 + 192) / 432
     assert cost["btm"] == (2 * 640 + 2 * 20 + 2 * 20) / 432  # both members, then the mixing
     assert cost["seq-route"] == (432 + 640) / 432  # the anchor's pass over the document first
+    # two public rivals in the merge and in every owner's model, top-3: three FFNs of 4 or 5
+    with_rivals = {
+        name: relative_cost(name, shape, owners=2, top_k=3, rivals=2)
+        for name in ("anchor", "specialist:a", "flexmoe", "btm", "unrestricted")
+    }
+    assert with_rivals["anchor"] == 1.0
+    assert with_rivals["specialist:a"] == 848 / 432  # 128 + 32 + 3 * 192 + 2*4*4 + 80
+    assert with_rivals["flexmoe"] == 856 / 432  # five router rows
+    assert with_rivals["unrestricted"] == 840 / 432  # its own three, no rivals
+    assert with_rivals["btm"] == (2 * 848 + 2 * 20 + 2 * 20) / 432
 
 
 def _moe(prefix: float, mask: list[bool] | None = None) -> MoEFeedForward:

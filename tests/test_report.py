@@ -353,6 +353,13 @@ def test_the_demo_report_has_every_section_in_order() -> None:
             assert before.endswith("\n\n") and not before.endswith("\n\n\n")  # one blank line
     assert "top-2 of 3" in text and "| 5 | 5.2000 | 5.3000 |" in text
     assert "| legal | 20.0% | 0.0% |" in text and "- t0 legal opt-out: why" in text
+    assert "shipped no public rival experts" in text and "- unrestricted: 12 steps" in text
+    results["rivals"] = {"public-0": "cluster 1 of 2 (5 documents)", "public-1": "2 of 2"}
+    text = " ".join(demo_report(results, evaluation, history).split())
+    assert (
+        "with 2 public rival experts" in text and "public-0: cluster 1 of 2 (5 documents)" in text
+    )
+    assert "top-2 of 5 experts per token" in text
 
 
 def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:

@@ -84,6 +84,7 @@ COMMANDS = {
     "tokenizer train": owner.tokenizer_train,
     "anchor train": owner.anchor_train,
     "anchor import": owner.anchor_import,
+    "anchor rivals": owner.anchor_rivals,
     "expert train": owner.expert_train,
     "expert verify": owner.expert_verify,
     "expert sign": owner.expert_sign,

@@ -73,25 +73,34 @@ def merge(
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    no_rivals: Annotated[
+        bool,
+        typer.Option("--no-rivals", help="leave out the public rival experts the anchor ships"),
+    ] = False,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Merge the anchor and expert packages into one FlexOlmo MoE checkpoint.
 
-    `flexmoe merge add` and `flexmoe merge remove` then change one slot of a merged model.
+    The public rival experts the anchor ships (`flexmoe anchor rivals`) become slots too,
+    unless --no-rivals. `flexmoe merge add` and `flexmoe merge remove` then change one slot of
+    a merged model.
     """
     if ctx.invoked_subcommand is not None:
         return
+    from flexmoe.expert.rivals import shipped_rivals
     from flexmoe.merge.build import build_merged
     from flexmoe.merge.plan import format_plan, plan_dict, plan_merge
 
     if anchor is None or out is None:
         raise FlexMoEError("--anchor/--out", "both are required to merge")
+    given = [Path(p).resolve() for p in expert or []]
+    rivals = [] if no_rivals else [p for p in shipped_rivals(anchor) if p.resolve() not in given]
     if out.exists() and not force and not dry_run:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
     with open_registry(registry) as keys:
-        plan = plan_merge(anchor, expert or [], top_k=top_k, registry=keys)
+        plan = plan_merge(anchor, [*rivals, *(expert or [])], top_k=top_k, registry=keys)
     if not as_json:
         typer.echo(format_plan(plan))
     if not dry_run:

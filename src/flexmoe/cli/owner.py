@@ -198,6 +198,55 @@ def anchor_import(
     )
 
 
+@anchor_app.command("rivals")
+@training_options(EXPERT_TRAINING)
+def anchor_rivals(
+    anchor: Annotated[
+        Path, typer.Option(help="the anchor directory (rivals go to ANCHOR/rivals/)")
+    ],
+    license: Annotated[
+        str, typer.Option("--license", help="SPDX license identifier of the public text")
+    ],
+    training: TrainConfig,
+    count: Annotated[int, typer.Option(help="how many rivals (clusters of the public text)")] = 2,
+    public_data: PublicDataOpt = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheOpt = None,
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = None,
+    signing_key: SigningKeyOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Train the coordinator's public rival experts and ship them with the anchor.
+
+    The public text is split into --count clusters; one expert is trained on each, as an owner
+    trains hers. Owners' `expert train` then trains against them and `merge` keeps them as
+    slots (both by default, with --no-rivals to leave them out).
+    """
+    from flexmoe.device import pick_device
+    from flexmoe.expert.rivals import RIVALS_DIR, train_rivals
+
+    manifests = train_rivals(
+        anchor,
+        public_specs(anchor, public_data, text_field, id_field),
+        count=count,
+        license=license,
+        cfg=training,
+        device=pick_device(device),
+        cache_dir=token_cache(cache_dir),
+        signing_key=signing_key,
+        overwrite=force,
+    )
+    names = [m.name for m in manifests]
+    target = Path(anchor) / RIVALS_DIR
+    emit(
+        as_json,
+        {"out": str(target), "rivals": names},
+        f"rivals {', '.join(names)} -> {target}",
+    )
+
+
 def public_specs(
     anchor: Path, given: list[str] | None, text_field: str, id_field: str | None
 ) -> list[DataSpec]:
@@ -298,9 +347,18 @@ def expert_train(
     rival: Annotated[
         list[Path] | None,
         typer.Option(
-            help="a package of the coordinator's public experts to train against (repeatable)"
+            help="a package of the coordinator's public experts to train against (repeatable; "
+            "default: those the anchor ships in ANCHOR/rivals/, where DP-SGD is off)"
         ),
     ] = None,
+    no_rivals: Annotated[
+        bool,
+        typer.Option(
+            "--no-rivals",
+            help="train against the public expert alone, not the anchor's rivals (measured: "
+            "the merged model does worse)",
+        ),
+    ] = False,
     rival_top_k: Annotated[
         int, typer.Option(help="experts per token when training against rivals (the merge's)")
     ] = 3,
@@ -340,6 +398,8 @@ def expert_train(
             raise FlexMoEError(option, f"must be >= 0, got {value}")
     if public_data and no_public_data:
         raise FlexMoEError("--no-public-data", "contradicts --public-data")
+    if rival and no_rivals:
+        raise FlexMoEError("--no-rivals", "contradicts --rival")
     public = None if no_public_data else public_specs(anchor, public_data, text_field, id_field)
     identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
     privacy = None if dp_epsilon is None else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm)
@@ -361,7 +421,7 @@ def expert_train(
         public_sample=PublicSample(public_sample),
         stay_close=stay_close,
         router_objective_weight=router_objective,
-        rivals=rival or [],
+        rivals=[] if no_rivals else rival,
         rival_top_k=rival_top_k,
         resume=resume,
         overwrite=force,

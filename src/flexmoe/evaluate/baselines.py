@@ -3,7 +3,7 @@
 Registry names:
 
 - ``anchor``: the public model alone;
-- ``specialist:NAME``: one owner's 2-expert model, as its owner trained and scored it;
+- ``specialist:NAME``: one owner's own model, as its owner trained and scored it;
 - ``soup``: the anchor with its MLP replaced by the uniform average of every expert's FFN (the
   public one included);
 - ``btm``: Branch-Train-Merge: the specialists' next-token distributions mixed by the posterior

@@ -7,9 +7,10 @@ every member it runs plus the mixing of their distributions. Embedding lookups, 
 softmaxes are left out (a few per cent at these sizes, the same for every model).
 
 - ``anchor``, ``soup``, ``fedavg``: one dense model.
-- ``specialist:X``: the anchor with two feed-forwards, both visited (top-2 of 2) and a router.
-- ``flexmoe`` and its variants, ``unrestricted``: ``top_k`` feed-forwards of ``N + 1`` and a
-  router over them.
+- ``specialist:X``: the anchor with two feed-forwards, both visited (top-2 of 2) and a router;
+  trained against the coordinator's ``R`` rivals, ``2 + R`` feed-forwards at the merge's top-k.
+- ``flexmoe`` and its variants: ``top_k`` feed-forwards of ``N + R + 1`` and a router over
+  them; ``unrestricted``: of ``N + 1``.
 - ``btm``: every owner's specialist over the whole context (the posterior needs each member's
   likelihood of the prefix), then a log-softmax per member and the top-2 mixture.
 - ``seq-route``: the anchor once over the document (its mean hidden state picks the member),
@@ -66,12 +67,14 @@ class Shape:
         return self.layers * per_layer + 2 * self.hidden * self.vocab
 
 
-def relative_cost(name: str, shape: Shape, *, owners: int, top_k: int) -> float:
+def relative_cost(name: str, shape: Shape, *, owners: int, top_k: int, rivals: int = 0) -> float:
     """Inference FLOPs per token of the model registered as ``name``, in anchors; ``owners``
-    experts besides the public one, ``top_k`` the merged model's own."""
+    experts besides the public one and ``rivals`` public rivals (in the merged model and in
+    every owner's), ``top_k`` the merged model's own."""
     variant = Variant.parse(name)
     anchor = shape.forward()
-    specialist = shape.forward(ffns=2, router_rows=2)
+    members = 2 + rivals  # the public expert, the owner's, the rivals it was trained against
+    specialist = shape.forward(ffns=min(members, max(2, top_k)), router_rows=members)
     if variant.base in (Base.ANCHOR, Base.SOUP, Base.FEDAVG):
         flops = anchor
     elif variant.base == Base.SPECIALIST:
@@ -81,7 +84,7 @@ def relative_cost(name: str, shape: Shape, *, owners: int, top_k: int) -> float:
         flops = owners * specialist + mixing
     elif variant.base == Base.SEQ_ROUTE:
         flops = anchor + specialist
-    else:  # the merged model, its variants and router versions; unrestricted has its shape
-        k = min(variant.top_k or top_k, owners + 1)
-        flops = shape.forward(ffns=k, router_rows=owners + 1)
+    else:  # the merged model, its variants and router versions; unrestricted has no rivals
+        slots = owners + 1 + (0 if variant.base == Base.UNRESTRICTED else rivals)
+        flops = shape.forward(ffns=min(variant.top_k or top_k, slots), router_rows=slots)
     return flops / anchor

@@ -137,7 +137,7 @@ MAIN_MODELS = (ANCHOR, SOUP, BTM, SEQ_ROUTE, UNRESTRICTED, FEDAVG, FLEXMOE, FEDE
 # What each name means, in the words the report uses (X: an owner's expert, K: a number).
 MEANINGS = {
     ANCHOR: "the public model",
-    "specialist:X": "owner X's 2-expert model",
+    "specialist:X": "owner X's own model (the anchor, its expert, the rivals it trained against)",
     SOUP: "the anchor with the average of all FFNs",
     BTM: "Branch-Train-Merge (the specialists' next-token distributions mixed by their "
     "posterior given the context, top 2)",

@@ -41,10 +41,13 @@ from flexmoe.merge.slots import SlotInfo
 Log = Callable[[str], None]
 
 
-def variant_names(experts: list[str], *, default_top_k: int, every: bool = True) -> list[str]:
-    """The merged model's variants: every top-k and the owners' biases flipped (only with
-    ``every``), document-level routing, each expert left out."""
-    total = len(experts) + 1
+def variant_names(
+    experts: list[str], *, default_top_k: int, every: bool = True, slots: int | None = None
+) -> list[str]:
+    """The merged model's variants: every top-k of its ``slots`` (default: the owners' and the
+    public expert) and the owners' biases flipped (only with ``every``), document-level
+    routing, each owner's expert left out."""
+    total = slots or len(experts) + 1
     tops = [top_k(k) for k in range(1, total + 1) if k != default_top_k]
     flips = [*tops, NO_BIAS if APPLY_BIAS else BIAS] if every else []
     return [*flips, PREFIX, *(without(name) for name in experts)]
@@ -86,13 +89,14 @@ def run_suite(
     slots, top_k = table.infos(), int(merged.config(table).num_experts_per_tok)
     names = only or [
         *baseline_names(packages, unrestricted=unrestricted_dir is not None),
-        *variant_names(experts, default_top_k=top_k, every=every_variant),
+        *variant_names(experts, default_top_k=top_k, every=every_variant, slots=len(slots)),
         *extra,
     ]
     sample: dict[str, Any] = {"device": device, "cache_dir": cache_dir}  # the same text for all
     sample.update(max_documents=max_documents, max_bytes=max_bytes)
     mixed = list(mixtures or [])
     scored: list[DataSpec | HeldOutText] = [*data, *mixed]
+    rivals = max(0, len(slots) - 1 - len(experts))  # the coordinator's, kept in the merge
     shape = Shape.of(anchor.model.config, seq_len=seq_len or eval_seq_len(anchor.model.config))
     models: dict[str, dict[str, DomainScore]] = {}
     seconds: dict[str, float] = {}
@@ -129,7 +133,9 @@ def run_suite(
         seconds=seconds,
         mixtures=[m.domain for m in mixed],
         cost={
-            name: round(relative_cost(name, shape, owners=len(experts), top_k=top_k), 3)
+            name: round(
+                relative_cost(name, shape, owners=len(experts), top_k=top_k, rivals=rivals), 3
+            )
             for name in models
         },
         **routings,

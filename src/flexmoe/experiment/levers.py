@@ -192,20 +192,6 @@ def distilled_rows(
     return torch.stack([torch.stack([p.detach().cpu() for p in row]) for row in rows])
 
 
-def clusters(points: torch.Tensor, count: int, *, seed: int = 0, rounds: int = 25) -> list[int]:
-    """k-means (cosine) of ``points (D, H)`` into ``count`` clusters: each point's cluster."""
-    unit = torch.nn.functional.normalize(points.float(), dim=-1)
-    generator = torch.Generator().manual_seed(seed)
-    centres = unit[torch.randperm(len(unit), generator=generator)[:count]]
-    for _ in range(rounds):
-        chosen = (unit @ centres.T).argmax(-1)
-        for c in range(count):
-            members = unit[chosen == c]
-            if len(members):
-                centres[c] = torch.nn.functional.normalize(members.mean(0), dim=-1)
-    return [int(c) for c in (unit @ centres.T).argmax(-1)]
-
-
 # Public "rival" experts: the coordinator trains this many experts on clusters of the public
 # text; owners train against them at the merge's top-k (``expert train --rival``), and the
 # merge leaves them out or keeps them as slots (two rows).

@@ -274,16 +274,26 @@ def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
     }
     objective = ", ".join(f"{w:g}" for w in sorted(weights))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
+    rivals = results.get("rivals") or {}
+    shipped = (
+        f"The coordinator shipped it with {len(rivals)} public rival experts, each trained like "
+        f"an owner's on one cluster of the public text ("
+        + "; ".join(f"{name}: {about}" for name, about in rivals.items())
+        + "), and every owner trained against them at the merge's top-k."
+        if rivals
+        else "The coordinator shipped no public rival experts with it."
+    )
+    slots = len(results["experts"]) + len(rivals) + 1
     return f"""Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
 
-The anchor is a tiny OLMo-2 decoder trained only on the public domain. Each owner then
+The anchor is a tiny OLMo-2 decoder trained only on the public domain. {shipped} Each owner
 trained one expert alone, in its own process that was handed only its own domain's files and
 the public corpus, against the frozen anchor ({expert_cfg["steps"]} steps of
 {expert_cfg["batch_size"]} x {expert_cfg["seq_len"]} tokens, {public_share} of them public
 text; router objective weight {objective}: the router also learns which tokens are the owner's),
-and shipped only the expert. The coordinator merged the anchor and the four
-experts into one FlexOlmo model, top-{evaluation.top_k} of {len(results["experts"]) + 1}
-experts per token, router not tuned after merging; the owners' learned biases are
+and shipped only the expert. The coordinator merged the anchor, its rivals and the four
+experts into one FlexOlmo model, top-{evaluation.top_k} of {slots} experts per token, router not
+tuned after merging; the owners' learned biases are
 {"on" if evaluation.default_bias else "off"} by default.
 
 {_variants(results)}
@@ -292,10 +302,19 @@ experts per token, router not tuned after merging; the owners' learned biases ar
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
   {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
 - anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
-- unrestricted: {results["settings"]["unrestricted"]["steps"]} steps on all domains at once
-  (every parameter trained), as many tokens as the four experts together
+{_unrestricted_line(results, evaluation)}
 
 """
+
+
+def _unrestricted_line(results: dict[str, Any], evaluation: Evaluation) -> str:
+    if UNRESTRICTED not in evaluation.models:
+        return ""
+    steps = results["settings"]["unrestricted"]["steps"]
+    return (
+        f"- unrestricted: {steps} steps on all domains at once (every parameter trained), as "
+        "many tokens as the four experts together"
+    )
 
 
 def _variants(results: dict[str, Any]) -> str:
@@ -303,7 +322,8 @@ def _variants(results: dict[str, Any]) -> str:
     tuning = results.get("router_tuning")
     if tuning is None:
         return (
-            f"Router tuning (`{TUNED}`, the paper's proxy-data recipe), the router levers "
+            f"The unrestricted upper bound (`{UNRESTRICTED}`), router tuning (`{TUNED}`, the "
+            "paper's proxy-data recipe), the router levers "
             f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`), the other top-k and "
             f"bias variants and the federated stage (`{FEDERATED}`, `{FEDAVG}`) run with "
             "`--ablations`."

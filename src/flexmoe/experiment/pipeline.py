@@ -1,11 +1,12 @@
 """The demo pipeline, end to end.
 
-corpora -> tokenizer -> anchor -> one expert per owner domain (each trained in its own process
-that is given only that domain's files and the public corpus; side by side on a CPU) -> the
-unrestricted upper bound (all data in one place, for comparison only) -> merge -> every baseline
-and variant scored on the same held-out text -> one owner's opt-out -> extraction audit -> report
-with plots. With ``--ablations`` also the variants that explain the result: the federated stage
-(its experts trained beside the owners'), router tuning, the router levers, every top-k.
+corpora -> tokenizer -> anchor and the coordinator's public rival experts -> one expert per
+owner domain (each trained in its own process that is given only that domain's files and the
+public corpus; side by side on a CPU) -> merge -> every baseline and variant scored on the same
+held-out text -> one owner's opt-out -> extraction audit -> report with plots. With
+``--ablations`` also the variants that explain the result: the unrestricted upper bound (all
+data in one place, for comparison only), the federated stage (its experts trained beside the
+owners'), router tuning, the router levers, every top-k.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from flexmoe.experiment.levers import (
     MERGE_LEVERS,
     OWNER_LEVERS,
     calibrated_rows,
-    clusters,
     distilled_rows,
     ffn_inputs,
     levers_section,
@@ -61,8 +61,16 @@ from flexmoe.experiment.levers import (
 )
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import RIVALS_DIR, build_specialist, load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
+from flexmoe.expert.rivals import (
+    RIVAL_OWNER,
+    public_clusters,
+    rival_name,
+    shipped_rivals,
+    train_rivals,
+    write_clusters,
+)
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, read_json, write_json
@@ -74,7 +82,6 @@ from flexmoe.merge.standing import StandingStore, standing_exclusions
 from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.config import PRESETS, Preset
-from flexmoe.model.probe import document_ffn_inputs
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import MEMORY_FIELDS, UNRESTRICTED_LEAVE_OUT, TrainConfig
 from flexmoe.training.loop import TrainResult
@@ -84,6 +91,8 @@ ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
 FULL = load_settings("full")
 QUICK = load_settings("quick")
+RIVAL_LICENSE = "CC0-1.0"  # what the demo's coordinator declares for its public rivals
+NO_RIVALS = {"no_rivals": True}  # stages measured against the public expert alone
 
 
 def _owner_job(
@@ -141,6 +150,7 @@ def run_demo(
     settings, owners, specs = run.settings, corpora_set.owners, run.specs
     anchor_dir, merged_dir = out / "anchor", out / "merged"
     manifest, anchor_result = run.anchor(anchor_dir, "quick" if quick else "full")
+    rivals = run.rivals(anchor_dir)
     unrestricted_dir, federated_experts = out / "unrestricted", out / "federated" / "experts"
     joint, unrestricted = _unrestricted_job(unrestricted_dir, anchor_dir, run)
     first = first_experts(settings)
@@ -148,19 +158,22 @@ def run_demo(
         out / "experts", "[2/6]", owners, anchor_dir, run.corpora, settings, device, run.tokens
     )
     federated_jobs = _expert_jobs(
-        federated_experts, "[federated]", owners, anchor_dir, run.corpora, first, device, run.tokens
-    )
+        federated_experts, "[federated]", owners, anchor_dir, run.corpora, first, device,
+        run.tokens, options=NO_RIVALS,
+    )  # fmt: skip
     if ablations:
         log(announce(settings, federated_experts.parent))
     run_jobs([*expert_jobs, *(federated_jobs if ablations else [])], device, log)
-    run_jobs([unrestricted], device, log)  # one model: every thread (1 of 2 takes twice as long)
+    if ablations:  # one model: every thread (1 of 2 takes twice as long)
+        run_jobs([unrestricted], device, log)
     package_dirs = [job.out for job in expert_jobs]
     experts = _expert_records(owners, package_dirs, load_anchor(anchor_dir))
     run.stage("training")
     log(
-        f"[3/6] merging the anchor and {len(owners)} experts (top-{settings.top_k}) -> {merged_dir}"
+        f"[3/6] merging the anchor, {len(rivals)} public rivals and {len(owners)} owners' experts "
+        f"(top-{settings.top_k}) -> {merged_dir}"
     )
-    plan = plan_merge(anchor_dir, package_dirs, top_k=settings.top_k)
+    plan = plan_merge(anchor_dir, [*rivals, *package_dirs], top_k=settings.top_k)
     build_merged(plan, merged_dir, overwrite=True)
     run.stage("merge")
     extra: dict[str, Path] = {}
@@ -200,7 +213,7 @@ def run_demo(
         anchor_dir,
         package_dirs,
         merged_dir,
-        unrestricted_dir,
+        unrestricted_dir if ablations else None,
         models,
         tuned_dir=out / "merged-tuned" if ablations else None,
         every_variant=ablations,
@@ -212,6 +225,7 @@ def run_demo(
         ),
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
+        "rivals": {p.name: read_json(p / "manifest.json")["description"] for p in rivals},
         "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
         "federated": federated.record if federated else None,
@@ -287,7 +301,7 @@ def measure_owner_levers(
             options = OWNER_LEVERS[name]
             packages = _train_experts(
                 root / "experts", f"[lever {name}]", corpora_set.owners, anchor_dir, run.corpora,
-                settings, device, run.tokens, log, options=options,
+                settings, device, run.tokens, log, options={**NO_RIVALS, **options},
             )  # fmt: skip
             plan = plan_merge(anchor_dir, packages, top_k=settings.top_k)
             build_merged(plan, merged, overwrite=True)
@@ -315,30 +329,23 @@ def _rivals_stage(
     and every owner's expert trained against them at the merge's top-k, all with ``recipe``
     (options of ``flexmoe expert train``); kept under ``root`` and trained once per recipe."""
     anchor_dir = run.out / "anchor"
-    rival_dirs = [root / "rivals" / f"public-{i}" for i in range(count)]
+    rival_dirs = [root / "rivals" / rival_name(i) for i in range(count)]
     owner_dirs = [root / "experts" / d.name for d in corpora_set.owners]
     made = root / "recipe.json"
     done = all((p / "manifest.json").is_file() for p in [*rival_dirs, *owner_dirs])
     if done and (not made.is_file() or read_json(made) == recipe):  # older runs wrote none
         return rival_dirs, owner_dirs
-    anchor = load_anchor(anchor_dir, device=run.device)
-    docs = load_splits([run.specs[corpora_set.public.name]]).train
-    points = document_ffn_inputs(anchor.model, anchor.tokenizer, [d.text for d in docs],
-                                 device=run.device).mean(1)  # fmt: skip
-    chosen = clusters(points, count)
-    rivals = []
-    for i in range(count):
-        part = [d for d, c in zip(docs, chosen, strict=True) if c == i]
-        run.log(f"[lever rivals] public expert {i}: {len(part)} public documents")
-        corpus = root / "clusters" / f"public-{i}.jsonl"
-        write_jsonl(corpus, ((d.doc_id, d.text) for d in part))
-        rival = DemoDomain(f"public-{i}", "", lambda: iter(()), "coordinator", "CC0-1.0")
-        rivals.append((rival, corpus))
-    jobs = [
-        _owner_job(rival, corpus, anchor_dir, target, run.settings.expert, run.tokens,
-                   run.device, f"[lever rivals] training {rival.name} -> {target}", options=recipe)
-        for (rival, corpus), target in zip(rivals, rival_dirs, strict=True)
-    ]  # fmt: skip
+    parts = public_clusters(anchor_dir, [run.specs[corpora_set.public.name]], count, run.device)
+    jobs = []
+    for part, spec, target in zip(parts, write_clusters(parts, root / "clusters"), rival_dirs,
+                                  strict=True):  # fmt: skip
+        run.log(f"[lever rivals] {spec.domain}: {len(part)} public documents")
+        rival = DemoDomain(spec.domain, "", lambda: iter(()), RIVAL_OWNER, RIVAL_LICENSE)
+        jobs.append(_owner_job(
+            rival, Path(spec.paths[0]), anchor_dir, target, run.settings.expert, run.tokens,
+            run.device, f"[lever rivals] training {rival.name} -> {target}",
+            options={**NO_RIVALS, **recipe},
+        ))  # fmt: skip
     run_jobs(jobs, run.device, run.log)
     options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k, **recipe}
     packages = _train_experts(
@@ -392,7 +399,8 @@ def rescore_run(
     tuned = out / "merged-tuned"
     every = results["settings"].get("ablations", False) or tuned.is_dir()  # as the run was made
     evaluation = run.evaluate(
-        out / "anchor", package_dirs, out / "merged", out / "unrestricted", extra,
+        out / "anchor", package_dirs, out / "merged",
+        out / "unrestricted" if (out / "unrestricted").is_dir() else None, extra,
         tuned_dir=tuned if tuned.is_dir() else None,
         every_variant=every,
     )  # fmt: skip
@@ -459,12 +467,30 @@ class _Run:
         self.stage("anchor")
         return trained
 
+    def rivals(self, anchor_dir: Path) -> list[Path]:
+        """The coordinator's public rival experts, trained on clusters of the public text and
+        shipped in the anchor: every owner's ``expert train`` trains against them, the merge
+        keeps them."""
+        count = self.settings.rivals
+        if count:
+            self.log(
+                f"[1/6] training the coordinator's {count} public rival experts on clusters of "
+                f"the public text -> {anchor_dir / RIVALS_DIR}"
+            )
+            train_rivals(
+                anchor_dir, [self.specs["public"]], count=count, license=RIVAL_LICENSE,
+                cfg=self.settings.expert, device=self.device, cache_dir=self.tokens,
+                overwrite=True,
+            )  # fmt: skip
+        self.stage("rivals")
+        return shipped_rivals(anchor_dir)
+
     def evaluate(
         self,
         anchor_dir: Path,
         package_dirs: list[Path],
         merged_dir: Path,
-        unrestricted_dir: Path,
+        unrestricted_dir: Path | None,
         extra: dict[str, Path],
         *,
         tuned_dir: Path | None,
@@ -723,7 +749,7 @@ def _expert_jobs(
     """Every owner's expert as a job, into ``root/<domain>``, with ``options`` of ``flexmoe
     expert train``. Random router rows are seeded by the owner's position so that no two owners
     start from the same row."""
-    jobs = []
+    jobs, options = [], {"rival_top_k": settings.top_k, **(options or {})}
     for i, domain in enumerate(owners, 1):
         package = root / domain.name
         announce = (
@@ -796,7 +822,8 @@ def _random_init_stage(
         router_init=RouterInitMethod.RANDOM,
     )
     merged = root / "merged"
-    build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
+    plan = plan_merge(anchor_dir, [*shipped_rivals(anchor_dir), *packages], top_k=settings.top_k)
+    build_merged(plan, merged, overwrite=True)
     return merged
 
 

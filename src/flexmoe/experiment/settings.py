@@ -10,6 +10,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.extraction import AuditSettings
+from flexmoe.expert.rivals import DEFAULT_RIVALS
 from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import TrainConfig
 
@@ -46,7 +47,8 @@ class DemoSettings:
     proxy_bytes: int  # the ablation that hands over owner text: bytes of it per domain
     ceiling_steps: int  # the router-ceiling ablation: router steps on the scored text itself
     federated: FederatedSettings
-    top_k: int = DEFAULT_TOP_K  # experts active per token in the merged model (of 5)
+    top_k: int = DEFAULT_TOP_K  # experts active per token in the merged model
+    rivals: int = DEFAULT_RIVALS  # the coordinator's public rival experts shipped with the anchor
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> DemoSettings:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from flexmoe.training.loop import TrainResult
 
 MANIFEST_FILE = "manifest.json"
+RIVALS_DIR = "rivals"  # the coordinator's public rival packages, in the anchor directory
 TENSORS_FILE = "expert.safetensors"
 PKG_PROJ = "layers.{layer}.{proj}.weight"
 PKG_ROUTER = "layers.{layer}.router"
@@ -422,21 +423,42 @@ def check_compatible(
         )
 
 
+def trained_rivals(anchor: Anchor, package: ExpertPackage) -> list[ExpertPackage]:
+    """The coordinator's rival packages ``package`` was trained against (its manifest names
+    them), read from the anchor's ``rivals/`` folder."""
+    named = str(package.manifest.training.hyperparameters.get("rivals") or "")
+    found = []
+    for name in filter(None, named.split(",")):
+        path = Path(anchor.path) / RIVALS_DIR / name
+        if not (path / MANIFEST_FILE).is_file():
+            raise FlexMoEError(
+                package.path, f"trained against the rival {name!r}, which the anchor does not ship"
+            )
+        found.append(load_package(path, anchor))
+    return found
+
+
 def build_specialist(
     anchor: Anchor, package: ExpertPackage, *, use_bias: bool = True
 ) -> FlexOlmoForCausalLM:
-    """The owner's 2-expert model: the anchor (slot 0) plus this expert (slot 1), top-2 of 2."""
-    model = upcycle(anchor.model, num_experts=2, top_k=2)
+    """The owner's model as it was trained: the anchor (slot 0) plus this expert (slot 1),
+    top-2 of 2; or, for an expert trained against the coordinator's rivals, those as slots
+    2.. at the top-k it was trained at."""
+    rivals = trained_rivals(anchor, package)
+    count = 2 + len(rivals)
+    trained_k = int(package.manifest.training.hyperparameters.get("rival_top_k") or 2)
+    model = upcycle(anchor.model, num_experts=count, top_k=min(count, max(2, trained_k)))
     with torch.no_grad():
         for layer, moe in enumerate(moe_layers(model)):
             moe.use_bias = use_bias
             moe.router.rows[0].copy_(anchor.public_router[layer])
-            moe.router.rows[1].copy_(package.tensors[PKG_ROUTER.format(layer=layer)])
-            moe.router.biases[0].copy_(package.tensors[PKG_BIAS.format(layer=layer)])
-            for proj in names.PROJECTIONS:
-                getattr(moe.experts[1], proj).weight.copy_(
-                    package.tensors[PKG_PROJ.format(layer=layer, proj=proj)]
-                )
+            for slot, member in enumerate([package, *rivals], start=1):
+                moe.router.rows[slot].copy_(member.tensors[PKG_ROUTER.format(layer=layer)])
+                moe.router.biases[slot - 1].copy_(member.tensors[PKG_BIAS.format(layer=layer)])
+                for proj in names.PROJECTIONS:
+                    getattr(moe.experts[slot], proj).weight.copy_(
+                        member.tensors[PKG_PROJ.format(layer=layer, proj=proj)]
+                    )
     return model.eval()
 
 

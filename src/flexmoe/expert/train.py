@@ -47,6 +47,7 @@ from flexmoe.expert.package import (
     sign_package,
 )
 from flexmoe.expert.private import PrivacySettings, PrivateMode
+from flexmoe.expert.rivals import resolve_rivals
 from flexmoe.expert.signing import read_private_key
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
@@ -359,7 +360,7 @@ def train_expert(
     public_sample: PublicSample = PublicSample.PREFIX,
     stay_close: float = 0.0,
     router_objective_weight: float | None = None,
-    rivals: Sequence[Path] = (),
+    rivals: Sequence[Path] | None = None,
     rival_top_k: int = 3,
     resume: bool = False,
     overwrite: bool = False,
@@ -378,7 +379,8 @@ def train_expert(
     as (:func:`closeness_penalty`); ``router_objective_weight`` one on the router telling the
     owner's tokens from the public ones (:func:`router_objective`; by default
     :data:`ROUTER_OBJECTIVE` where public text is mixed in and DP-SGD is off). With ``rivals``
-    (packages of the coordinator's public experts on this anchor), the expert is trained against
+    (packages of the coordinator's public experts on this anchor; by default those the anchor
+    ships, :mod:`flexmoe.expert.rivals`, where DP-SGD is off), the expert is trained against
     them at top-``rival_top_k`` (:func:`build_trainable_moe`). With ``signing_key`` (the
     owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
     (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
@@ -393,9 +395,10 @@ def train_expert(
     if router_objective_weight > 0 and (public_fraction == 0 or privacy is not None):
         reason = "DP-SGD" if privacy is not None else "no public text to tell apart"
         raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
+    rivals = resolve_rivals(anchor_dir, rivals, private=privacy is not None)
     if rivals and privacy is not None:
         raise FlexMoEError("--rival", "cannot be used with DP-SGD")
-    rival_packages = [load_package(Path(r), anchor) for r in rivals]
+    rival_packages = [load_package(r, anchor) for r in rivals]
     train_stream, val_stream, texts = _owner_streams(
         anchor,
         data,
