@@ -54,6 +54,8 @@ def _scores(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, An
 
 
 def test_claims_follow_the_numbers() -> None:
+    from flexmoe.experiment.narrative import investigation
+
     good = checks(_results({"public": 1.005, "code": 2.05, "legal": 1.84}))
     by_claim = {c.claim: c for c in good}
     assert by_claim["on code, merged within 3% of the code specialist"].passed
@@ -71,6 +73,20 @@ def test_claims_follow_the_numbers() -> None:
     assert not bad["merged better on average than seq-route"].passed
     # the opt-out moved code by more than 1% relative to this merged model
     assert not bad["opting out of legal moves every other domain by at most 1%"].passed
+    # a public rival expert in the merge is public, not an owner that takes the lead
+    scores = _scores({"public": 1.05, "code": 2.05, "legal": 1.84})
+    scores["routing"]["code"] = {"public": 0.1, "public-0": 0.5, "code": 0.3, "legal": 0.1}
+    scores["routing"]["public"] = {"public": 0.3, "public-0": 0.5, "code": 0.1, "legal": 0.1}
+    for name, worse in (("specialist:code", 1.02), ("specialist:legal", 1.03)):
+        scores["models"][name]["public"]["bits_per_byte"] = worse
+    evaluation = Evaluation.model_validate(scores)
+    rival = {c.claim: c for c in checks(evaluation)}
+    assert rival["on code, code has the largest non-public routing share"].passed
+    assert (
+        "code 30.0%, largest code 30.0%"
+        in rival["on code, code has the largest non-public routing share"].measured
+    )
+    assert "they take 80%." in investigation(evaluation)
 
 
 def test_report_files(tmp_path: Path) -> None:
@@ -183,7 +199,10 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
     results.models["flexmoe"]["public"].bits_per_byte = 1.02
     text = investigation(results)
     assert "every specialist is already +3.0% to +5.0% worse than the anchor on public" in text
-    assert "the public expert to take nearly all the routing mass there; it takes 80%." in text
+    assert (
+        "(the anchor's and any rivals) to take nearly all the routing mass there; they take 80%."
+        in text
+    )
 
 
 def test_router_levers_are_reported_from_their_rows() -> None:

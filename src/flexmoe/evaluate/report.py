@@ -113,9 +113,8 @@ def checks(
             )
     found += _opt_out_checks(results, owners, model)
     routing = results.routing_of(model)
-    public_name = results.public_expert
-    for expert, domain in owners.items():
-        shares = {e: s for e, s in routing.get(domain, {}).items() if e != public_name}
+    for expert, domain in owners.items():  # among the owners' experts: not public, not rivals
+        shares = {e: s for e, s in routing.get(domain, {}).items() if e in owners}
         if shares:
             lead = max(shares, key=lambda e: shares[e])
             found.append(

@@ -130,12 +130,13 @@ def _public_note(results: Evaluation, owners: dict[str, str]) -> str | None:
     worst = [results.bpb(k, public) for k in specialists]
     if min(worst) <= anchor or results.bpb(FLEXMOE, public) <= 1.01 * anchor:
         return None
-    share = results.routing_of().get(public, {}).get(results.public_expert or "")
+    shares = results.routing_of().get(public, {})
+    share = sum(v for e, v in shares.items() if e not in owners) if shares else None
     return (
         f"- Public text: every specialist is already {_pct(min(worst), anchor)} to "
         f"{_pct(max(worst), anchor)} worse than the anchor on {public}, so staying within 1% "
-        "needs the public expert to take nearly all the routing mass there"
-        + (f"; it takes {share:.0%}." if share is not None else ".")
+        "needs the public experts (the anchor's and any rivals) to take nearly all the routing "
+        "mass there" + (f"; they take {share:.0%}." if share is not None else ".")
     )
 
 
@@ -168,10 +169,9 @@ def investigation(results: Evaluation, owners: dict[str, str] | None = None) -> 
     built from the scores (empty when there is nothing to say)."""
     owners = owner_domains(results, owners)
     models, lines = results.models, []
-    routing, public_name = results.routing_of(), results.public_expert
-    stolen = []
+    routing, stolen = results.routing_of(), []
     for expert, domain in owners.items():
-        shares = {e: v for e, v in routing.get(domain, {}).items() if e != public_name}
+        shares = {e: v for e, v in routing.get(domain, {}).items() if e in owners}
         top = max(shares, key=lambda e: shares[e]) if shares else expert
         if top != expert:
             stolen.append(f"{domain} ({top} {shares[top]:.0%}, {expert} {shares[expert]:.0%})")
@@ -179,7 +179,7 @@ def investigation(results: Evaluation, owners: dict[str, str] | None = None) -> 
         lines.append(
             "- Routing, not the experts: on " + ", ".join(stolen) + " text another owner's "
             "expert takes more routing mass than the text's own. Each owner trained its router "
-            "row only against the public row, so every row learned 'not public' rather than "
+            "row only against the public rows, so every row learned 'not public' rather than "
             "'mine'; merged, the row most aligned with that shared direction wins on other "
             "owners' text."
         )
