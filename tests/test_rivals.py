@@ -14,7 +14,7 @@ from flexmoe.anchor import load_anchor
 from flexmoe.cli import main
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, build_specialist, load_package
+from flexmoe.expert.package import MANIFEST_FILE, build_specialist, load_package, rival_version
 from flexmoe.expert.rivals import RIVALS_DIR, resolve_rivals, shipped_rivals
 from flexmoe.merge.layout import read_slots
 from flexmoe.model.checkpoint import moe_layers
@@ -107,6 +107,8 @@ def test_owners_train_against_the_shipped_rivals_unless_told_not_to(
     assert code == 0, said
     used = _manifest(tmp_path / "with")["training"]["hyperparameters"]
     assert used["rivals"] == "public-0,public-1" and used["rival_top_k"] == 3
+    shipped = [(p / MANIFEST_FILE).read_bytes() for p in shipped_rivals(shipping)]
+    assert used["rival_manifests"] == ",".join(rival_version(raw) for raw in shipped)
     code, said = _cli([*owner, "--out", str(tmp_path / "without"), "--no-rivals"], capsys)
     assert code == 0, said
     used = _manifest(tmp_path / "without")["training"]["hyperparameters"]
@@ -147,3 +149,26 @@ def test_owners_train_against_the_shipped_rivals_unless_told_not_to(
     assert code == 0, said
     assert sorted(_names(read_slots(tmp_path / "named"))) == ["public", "public-0", "public-1",
                                                               "upper"]  # fmt: skip
+    assert "warning" not in said
+
+    # the coordinator trains its rivals again: the owner's model no longer matches them
+    moved = tmp_path / "moved"
+    shutil.copytree(shipping, moved)
+    code, said = _cli(["anchor", "rivals", "--anchor", str(moved), "--license", "CC0-1.0",
+                       *TINY, "--steps", "3", "--force"], capsys)  # fmt: skip
+    assert code == 0, said
+    with pytest.raises(FlexMoEError, match="another version of the rival 'public-0' than the"):
+        build_specialist(load_anchor(moved), package)
+    code, said = _cli(["merge", "--anchor", str(moved), "--expert", str(tmp_path / "with"),
+                       "--out", str(tmp_path / "stale")], capsys)  # fmt: skip
+    assert (
+        code == 0
+        and (
+            f"flexmoe: warning: {tmp_path / 'with'}: trained against another version of the rival "
+            "'public-0' than the anchor ships; the merge keeps the anchor's (--no-rivals: none)"
+        )
+        in said
+    )
+    code, said = _cli(["merge", "--anchor", str(moved), "--expert", str(tmp_path / "without"),
+                       "--out", str(tmp_path / "older")], capsys)  # fmt: skip
+    assert code == 0 and "trained against rivals [], the anchor ships [public-0, public-1]" in said

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -89,14 +90,24 @@ def merge(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from flexmoe.expert.package import read_manifest, rival_mismatch, rival_versions
     from flexmoe.expert.rivals import shipped_rivals
     from flexmoe.merge.build import build_merged
     from flexmoe.merge.plan import format_plan, plan_dict, plan_merge
 
     if anchor is None or out is None:
         raise FlexMoEError("--anchor/--out", "both are required to merge")
+    shipped = [] if no_rivals else shipped_rivals(anchor)
     given = [Path(p).resolve() for p in expert or []]
-    rivals = [] if no_rivals else [p for p in shipped_rivals(anchor) if p.resolve() not in given]
+    rivals = [p for p in shipped if p.resolve() not in given]
+    owners = [p for p in expert or [] if Path(p).resolve() not in {r.resolve() for r in shipped}]
+    versions = rival_versions(shipped)
+    for path in owners if shipped else []:  # trained against other rivals: merged, with a warning
+        why = rival_mismatch(read_manifest(path), versions)
+        if why is not None:
+            warnings.warn(
+                f"{path}: {why}; the merge keeps the anchor's (--no-rivals: none)", stacklevel=1
+            )
     if out.exists() and not force and not dry_run:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
     with open_registry(registry) as keys:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -423,19 +423,52 @@ def check_compatible(
         )
 
 
+def rival_version(raw_manifest: bytes) -> str:
+    """What an expert trained against a rival records of it: the first 16 hex digits of the
+    sha256 of the rival's manifest (which pins its tensors' sha256)."""
+    return hashlib.sha256(raw_manifest).hexdigest()[:16]
+
+
+def rival_versions(paths: Sequence[Path]) -> dict[str, str]:
+    """Each rival package's name and version, from its manifest alone."""
+    found = {}
+    for path in paths:
+        raw, manifest = _read_manifest(path)
+        found[manifest.name] = rival_version(raw)
+    return found
+
+
+def rival_mismatch(manifest: ExpertManifest, shipped: Mapping[str, str]) -> str | None:
+    """Why the expert of ``manifest`` was not trained against the rivals ``shipped`` (name to
+    version), or None."""
+    used = manifest.training.hyperparameters
+    names = [n for n in str(used.get("rivals") or "").split(",") if n]
+    versions = [v for v in str(used.get("rival_manifests") or "").split(",") if v]
+    if sorted(names) != sorted(shipped):
+        return (
+            f"trained against rivals [{', '.join(names)}], the anchor ships [{', '.join(shipped)}]"
+        )
+    for name, version in zip(names, versions, strict=False):  # older packages record none
+        if shipped[name] != version:
+            return f"trained against another version of the rival {name!r} than the anchor ships"
+    return None
+
+
 def trained_rivals(anchor: Anchor, package: ExpertPackage) -> list[ExpertPackage]:
     """The coordinator's rival packages ``package`` was trained against (its manifest names
-    them), read from the anchor's ``rivals/`` folder."""
+    them and their versions), read from the anchor's ``rivals/`` folder."""
     named = str(package.manifest.training.hyperparameters.get("rivals") or "")
-    found = []
-    for name in filter(None, named.split(",")):
-        path = Path(anchor.path) / RIVALS_DIR / name
+    paths = [Path(anchor.path) / RIVALS_DIR / name for name in filter(None, named.split(","))]
+    for path in paths:
         if not (path / MANIFEST_FILE).is_file():
             raise FlexMoEError(
-                package.path, f"trained against the rival {name!r}, which the anchor does not ship"
+                package.path,
+                f"trained against the rival {path.name!r}, which the anchor does not ship",
             )
-        found.append(load_package(path, anchor))
-    return found
+    why = rival_mismatch(package.manifest, rival_versions(paths)) if paths else None
+    if why is not None:
+        raise FlexMoEError(package.path, why)
+    return [load_package(path, anchor) for path in paths]
 
 
 def build_specialist(
