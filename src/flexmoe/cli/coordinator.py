@@ -97,12 +97,11 @@ def merge(
 
     if anchor is None or out is None:
         raise FlexMoEError("--anchor/--out", "both are required to merge")
-    shipped = [] if no_rivals else shipped_rivals(anchor)
-    given = [Path(p).resolve() for p in expert or []]
-    rivals = [p for p in shipped if p.resolve() not in given]
-    owners = [p for p in expert or [] if Path(p).resolve() not in {r.resolve() for r in shipped}]
-    versions = rival_versions(shipped)
-    for path in owners if shipped else []:  # trained against other rivals: merged, with a warning
+    rivals = [] if no_rivals else shipped_rivals(anchor)
+    shipped = {r.resolve() for r in rivals}  # a rival also named with --expert is one slot
+    owners = [p for p in expert or [] if Path(p).resolve() not in shipped]
+    versions = rival_versions(rivals)
+    for path in owners if rivals else []:  # trained against other rivals: merged, with a warning
         why = rival_mismatch(read_manifest(path), versions)
         if why is not None:
             warnings.warn(
@@ -111,7 +110,7 @@ def merge(
     if out.exists() and not force and not dry_run:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
     with open_registry(registry) as keys:
-        plan = plan_merge(anchor, [*rivals, *(expert or [])], top_k=top_k, registry=keys)
+        plan = plan_merge(anchor, [*rivals, *owners], top_k=top_k, registry=keys)
     if not as_json:
         typer.echo(format_plan(plan))
     if not dry_run:

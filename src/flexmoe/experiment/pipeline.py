@@ -61,7 +61,7 @@ from flexmoe.experiment.levers import (
 )
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
-from flexmoe.expert.package import RIVALS_DIR, build_specialist, load_package
+from flexmoe.expert.package import RIVALS_DIR, build_specialist, load_package, read_manifest
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.expert.rivals import (
     RIVAL_OWNER,
@@ -225,7 +225,7 @@ def run_demo(
         ),
         "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
         "experts": experts,
-        "rivals": {p.name: read_json(p / "manifest.json")["description"] for p in rivals},
+        "rivals": {p.name: read_manifest(p).description for p in rivals},
         "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
         "federated": federated.record if federated else None,

@@ -423,10 +423,10 @@ def check_compatible(
         )
 
 
-def rival_version(raw_manifest: bytes) -> str:
+def rival_version(manifest_sha256: str) -> str:
     """What an expert trained against a rival records of it: the first 16 hex digits of the
     sha256 of the rival's manifest (which pins its tensors' sha256)."""
-    return hashlib.sha256(raw_manifest).hexdigest()[:16]
+    return manifest_sha256[:16]
 
 
 def rival_versions(paths: Sequence[Path]) -> dict[str, str]:
@@ -434,7 +434,7 @@ def rival_versions(paths: Sequence[Path]) -> dict[str, str]:
     found = {}
     for path in paths:
         raw, manifest = _read_manifest(path)
-        found[manifest.name] = rival_version(raw)
+        found[manifest.name] = rival_version(hashlib.sha256(raw).hexdigest())
     return found
 
 
@@ -465,10 +465,12 @@ def trained_rivals(anchor: Anchor, package: ExpertPackage) -> list[ExpertPackage
                 package.path,
                 f"trained against the rival {path.name!r}, which the anchor does not ship",
             )
-    why = rival_mismatch(package.manifest, rival_versions(paths)) if paths else None
+    rivals = [load_package(path, anchor) for path in paths]
+    versions = {r.manifest.name: rival_version(r.manifest_sha256) for r in rivals}
+    why = rival_mismatch(package.manifest, versions) if rivals else None
     if why is not None:
         raise FlexMoEError(package.path, why)
-    return [load_package(path, anchor) for path in paths]
+    return rivals
 
 
 def build_specialist(

@@ -11,6 +11,7 @@ closest to btm of every owner-side lever on all three.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,9 +125,7 @@ def train_rivals(
                 progress=progress, signing_key=signing_key,
             )  # fmt: skip
             manifests.append(manifest)
-        for path in (tmp / ".clusters").iterdir():  # the public text stays where it was
-            path.unlink()
-        (tmp / ".clusters").rmdir()
+        shutil.rmtree(tmp / ".clusters")  # the public text stays where it was
     return manifests
 
 

@@ -44,7 +44,7 @@ from flexmoe.expert.package import (
     expert_tensors,
     load_package,
     read_manifest,
-    rival_versions,
+    rival_version,
     sign_package,
 )
 from flexmoe.expert.private import PrivacySettings, PrivateMode
@@ -444,7 +444,7 @@ def train_expert(
             "stay_close": stay_close,
             "router_objective": router_objective_weight,
             "rivals": ",".join(r.manifest.name for r in rival_packages),
-            "rival_manifests": ",".join(rival_versions(rivals).values()),
+            "rival_manifests": ",".join(rival_version(r.manifest_sha256) for r in rival_packages),
             "rival_top_k": rival_top_k if rival_packages else 0,
         }
         privacy = mode.record if mode else None
