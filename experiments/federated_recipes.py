@@ -1,16 +1,18 @@
 """Federated recipes measured on a finished demo run: one JSON line per recipe.
 
-Each recipe is ``E:R:S:T``: every owner's expert first trained for E steps alone (as the demo
-trains it, against the run's anchor), merged, then R federated rounds (``flexmoe fed
-simulate``, every owner a Flower client) of S slot steps and T router steps per owner. An
-owner's compute is E + R (S + T) steps of the demo's batch; the run's btm specialists trained
-for the demo's expert steps. Every model is scored on the same held-out text as the report
-(bits per byte per domain, the public domain included); the first line of each expert-step
-count is its untuned merge.
+Each recipe is ``E:R:S:T[:K]``: every owner's expert first trained for E steps alone (as the demo
+trains it, against the run's anchor and its public rival experts), merged as the demo merges
+(the rivals kept), then R federated rounds (``flexmoe fed simulate``, every owner a Flower
+client) of S slot steps, T router steps and K trunk steps per owner. An owner's compute is
+E + R (S + T + K) steps of the demo's batch (every step the same tokens, the public share
+included); btm's specialists trained for the demo's expert steps. Every model is scored on the
+same held-out text as the report (bits per byte per domain, the public domain included); the
+first line of each expert-step count is its untuned merge.
 
 Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
 
-    python experiments/federated_recipes.py RUN --corpora demo --recipes 30:1:15:15,30:2:8:7
+    python experiments/federated_recipes.py RUN --corpora demo --recipes 30:6:0:0:5 \\
+        --server-optimizer fedadam --server-lr 1e-3 [--lora-rank 8] [--btm] [--fedavg]
 """
 
 from __future__ import annotations
@@ -31,21 +33,24 @@ from flexmoe.evaluate.perplexity import evaluate_loaded
 from flexmoe.experiment.corpora import corpora_dir, corpus_set
 from flexmoe.experiment.pipeline import FULL, _train_experts
 from flexmoe.expert.package import load_package
+from flexmoe.expert.rivals import shipped_rivals
 from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.privacy import UpdatePrivacy
-from flexmoe.federated.run import federate
+from flexmoe.federated.run import fedavg, federate
+from flexmoe.federated.server import ServerOptimizer
 from flexmoe.inference.selection import load_selected
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
-from flexmoe.training.config import FEDERATED_SLOT
+from flexmoe.training.config import FEDERATED_ROUTER, FEDERATED_SLOT, FEDERATED_TRUNK
 
 CPU = torch.device("cpu")
 
 
 def merged_at(run: Path, steps: int, corpora: dict[str, Path], names: object, tokens: Path) -> Path:
     """The run's own merged model when ``steps`` is the demo's, else experts trained for
-    ``steps`` and merged (kept under ``run/federated-recipes``)."""
+    ``steps`` (against the anchor's rivals) and merged with the rivals (kept under
+    ``run/federated-recipes``)."""
     if steps == FULL.expert.steps:
         return run / "merged"
     root = run / "federated-recipes" / f"experts-{steps}"
@@ -67,9 +72,9 @@ def merged_at(run: Path, steps: int, corpora: dict[str, Path], names: object, to
         tokens,
         print,
     )
-    build_merged(
-        plan_merge(run / "anchor", packages, top_k=FULL.top_k), root / "merged", progress=False
-    )
+    rivals = shipped_rivals(run / "anchor")
+    plan = plan_merge(run / "anchor", [*rivals, *packages], top_k=FULL.top_k)
+    build_merged(plan, root / "merged", progress=False)
     return root / "merged"
 
 
@@ -86,41 +91,92 @@ def score(model: Path, specs: list[DataSpec], tokens: Path) -> dict[str, float]:
     return {s.domain: round(s.bits_per_byte, 4) for s in scores}
 
 
-def main() -> None:
+def emit(recipe: str, owner_steps: int, bpb: dict[str, float], **extra: object) -> None:
+    average = round(sum(bpb.values()) / len(bpb), 4)
+    line = {"recipe": recipe, "owner_steps": owner_steps, "bpb": bpb, "average": average}
+    print(json.dumps(line | extra), flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished demo output directory")
     parser.add_argument("--corpora", default="demo")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmoe")
-    parser.add_argument("--recipes", default="30:1:15:15")
-    parser.add_argument("--slot-lr", type=float, default=FULL.expert.lr)
-    parser.add_argument("--router-lr", type=float, default=FULL.tune.lr)
+    parser.add_argument("--recipes", default="30:6:0:0:5")
+    parser.add_argument("--slot-lr", type=float, default=FEDERATED_SLOT.lr)
+    parser.add_argument("--router-lr", type=float, default=FEDERATED_ROUTER.lr)
+    parser.add_argument("--trunk-lr", type=float, default=FEDERATED_TRUNK.lr)
+    parser.add_argument("--server-optimizer", default="fedavg")
+    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
-    parser.add_argument(
-        "--router-sgd",
-        action="store_true",
-        help="router phases step with plain SGD (use a larger --router-lr)",
-    )
-    parser.add_argument(
-        "--no-slot-row",
-        action="store_true",
-        help="slot phases train the expert only, not its router row",
-    )
+    parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
+    parser.add_argument("--router-adamw", action="store_true", help="router phases with AdamW")
     parser.add_argument(
         "--dp-epsilon",
         type=float,
         default=None,
         help="update-level differential privacy: every owner's epsilon over all its updates",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def plan_of(recipe: str, args: argparse.Namespace) -> tuple[int, RoundPlan | None]:
+    """A recipe's expert steps and its rounds (None: no rounds)."""
+    e, r, s, t, k = ([int(x) for x in recipe.split(":")] + [0])[:5]
+    if r == 0:
+        return e, None
+    size = {"batch_size": FULL.expert.batch_size, "seq_len": FULL.expert.seq_len}
+
+    def local(cfg: object, steps: int, lr: float) -> object:
+        warmup = max(1, steps // 10)
+        return replace(cfg, steps=max(steps, 1), lr=lr, warmup_steps=warmup, **size)  # type: ignore[type-var]
+
+    phases = tuple(p for p, n in (("slot", s), ("router", t), ("trunk", k)) if n)
+    plan = RoundPlan(
+        rounds=r,
+        phases=phases,  # type: ignore[arg-type]
+        slot=local(FEDERATED_SLOT, s, args.slot_lr),  # type: ignore[arg-type]
+        router=local(FEDERATED_ROUTER, t, args.router_lr),  # type: ignore[arg-type]
+        trunk=local(FEDERATED_TRUNK, k, args.trunk_lr),  # type: ignore[arg-type]
+        server=ServerOptimizer.from_dict({"name": args.server_optimizer, "lr": args.server_lr}),
+        lora_rank=args.lora_rank,
+        secagg=args.secagg,
+    )
+    if args.dp_epsilon is not None:
+        privacy = UpdatePrivacy.for_budget(args.dp_epsilon, plan.releases(), clip=None)
+        plan = replace(plan, privacy=privacy)
+    return e + r * (s + t + k), plan
+
+
+def label(recipe: str, args: argparse.Namespace) -> str:
+    said = [recipe]
+    if ":" in recipe and len(recipe.split(":")) == 5 and recipe.split(":")[4] != "0":
+        said.append(
+            f"trunk lr {args.trunk_lr:g}, server {args.server_optimizer} lr {args.server_lr:g}"
+        )
+        if args.lora_rank:
+            said.append(f"lora rank {args.lora_rank}")
+    if args.router_adamw:
+        said.append("router AdamW")
+    if args.secagg:
+        said.append("SecAgg+")
+    if args.dp_epsilon is not None:
+        said.append(f"dp epsilon {args.dp_epsilon:g}")
+    return "; ".join(said)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     corpora = corpus_set(args.corpora)
     folder = corpora_dir(args.cache_dir, corpora)
     files = {d.name: folder / f"{d.name}.jsonl" for d in corpora.domains}
     specs = [DataSpec(n, (str(p),), id_field="id") for n, p in files.items()]
-    public = (specs[0],)
     tokens = args.cache_dir / "tokens"
     owners = corpora.domains[1:]
     texts = [
-        OwnerText(d.name, (DataSpec(d.name, (str(files[d.name]),), id_field="id"),), public)
+        OwnerText(d.name, (DataSpec(d.name, (str(files[d.name]),), id_field="id"),), (specs[0],))
         for d in owners
     ]
     if args.btm:
@@ -130,74 +186,42 @@ def main() -> None:
         scores = evaluate_loaded(
             btm, anchor.tokenizer, specs, device=CPU, cache_dir=tokens, max_bytes=FULL.eval_bytes
         )
-        bpb = {s.domain: round(s.bits_per_byte, 4) for s in scores}
-        print(
-            json.dumps(
-                {
-                    "recipe": "btm",
-                    "owner_steps": FULL.expert.steps,
-                    "bpb": bpb,
-                    "average": round(sum(bpb.values()) / len(bpb), 4),
-                }
-            ),
-            flush=True,
+        emit("btm", FULL.expert.steps, {s.domain: round(s.bits_per_byte, 4) for s in scores})
+    if args.fedavg:
+        fedavg_dir = args.run / "federated-recipes" / "fedavg"
+        fed = FULL.federated
+        dense = RoundPlan(fed.fedavg_rounds, ("dense",), fed.slot, fed.router, dense=fed.fedavg)
+        started = time.perf_counter()
+        fedavg(
+            args.run / "anchor",
+            texts,
+            dense,
+            fedavg_dir,
+            device=CPU,
+            cache_dir=tokens,
+            overwrite=True,
+        )
+        steps = fed.fedavg_rounds * fed.fedavg.steps
+        emit(
+            "fedavg",
+            steps,
+            score(fedavg_dir, specs, tokens),
+            seconds=round(time.perf_counter() - started, 1),
         )
     scored: set[int] = set()
     for recipe in args.recipes.split(","):
-        e, r, s, t = (int(x) for x in recipe.split(":"))
+        owner_steps, plan = plan_of(recipe, args)
+        e = int(recipe.split(":")[0])
         merged = merged_at(args.run, e, files, owners, tokens)
         if e not in scored:
             scored.add(e)
-            bpb = score(merged, specs, tokens)
-            print(
-                json.dumps(
-                    {
-                        "recipe": f"{e}:0:0:0",
-                        "owner_steps": e,
-                        "bpb": bpb,
-                        "average": round(sum(bpb.values()) / len(bpb), 4),
-                    }
-                ),
-                flush=True,
-            )
-        if r == 0:
+            emit(f"{e}:0:0:0", e, score(merged, specs, tokens))
+        if plan is None:
             continue
-        phases = tuple(p for p, n in (("slot", s), ("router", t)) if n)
-        common = {"batch_size": FULL.expert.batch_size, "seq_len": FULL.expert.seq_len}
-        plan = RoundPlan(
-            rounds=r,
-            phases=phases,  # type: ignore[arg-type]
-            slot=replace(
-                FEDERATED_SLOT,
-                steps=max(s, 1),
-                lr=args.slot_lr,
-                warmup_steps=max(1, s // 10),
-                **common,
-            ),  # type: ignore[arg-type]
-            router=replace(
-                FEDERATED_SLOT,
-                steps=max(t, 1),
-                lr=args.router_lr,
-                warmup_steps=max(1, t // 10),
-                **common,
-            ),  # type: ignore[arg-type]
-        )
-        if args.dp_epsilon is not None:
-            privacy = UpdatePrivacy.for_budget(args.dp_epsilon, plan.releases(), clip=None)
-            plan = replace(plan, privacy=privacy)
-        dp = "" if args.dp_epsilon is None else f"-dp{args.dp_epsilon:g}"
-        out = (
-            args.run
-            / "federated-recipes"
-            / (
-                recipe.replace(":", "-")
-                + "-no-row" * args.no_slot_row
-                + "-sgd" * args.router_sgd
-                + dp
-            )
-        )
+        name = label(recipe, args).replace(":", "-").replace("; ", "_").replace(" ", "-")
+        out = args.run / "federated-recipes" / name
         started = time.perf_counter()
-        federate(
+        result = federate(
             merged,
             texts,
             plan,
@@ -206,24 +230,16 @@ def main() -> None:
             cache_dir=tokens,
             overwrite=True,
             progress=False,
-            slot_row=not args.no_slot_row,
-            router_sgd=args.router_sgd,
+            router_sgd=not args.router_adamw,
         )
-        bpb = score(out, specs, tokens)
-        print(
-            json.dumps(
-                {
-                    "recipe": recipe
-                    + (" (slot phases: expert only)" if args.no_slot_row else "")
-                    + (f" (router: SGD lr {args.router_lr})" if args.router_sgd else "")
-                    + (f" (dp epsilon {args.dp_epsilon:g})" if dp else ""),
-                    "owner_steps": e + r * (s + t),
-                    "bpb": bpb,
-                    "average": round(sum(bpb.values()) / len(bpb), 4),
-                    "seconds": round(time.perf_counter() - started, 1),
-                }
-            ),
-            flush=True,
+        rounds = result.record.rounds[-plan.rounds :]
+        sent = {n: sum(r.bytes_sent.get(n, 0) for r in rounds) for n in rounds[0].bytes_sent}
+        emit(
+            label(recipe, args),
+            owner_steps,
+            score(out, specs, tokens),
+            seconds=round(time.perf_counter() - started, 1),
+            mb_sent_per_owner=round(max(sent.values()) / 1e6, 2),
         )
 
 

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.flower import RoundPlan, simulate
-from flexmoe.federated.owner import OwnerText, router_update, slot_update
+from flexmoe.federated.owner import OwnerText, router_update, slot_update, trunk_update
 from flexmoe.federated.rounds import VERSIONS_DIR, Coordinator
+from flexmoe.federated.trunk import ROWS
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.layout import SLOTS_FILE, MergedModel
 from flexmoe.merge.plan import plan_merge
@@ -75,8 +76,8 @@ def _direct(merged: Path, texts: list[OwnerText], work: Path, out: Path) -> None
         task = coordinator.task("router", 1, CFG)
         change, result = router_update(coordinator.merged, coordinator.state, task, text,
                                        device=CPU, cache_dir=None)  # fmt: skip
-        updates[text.name] = (change, result.tokens)
-    coordinator.take_router(1, updates)
+        updates[text.name] = ({ROWS: change}, result.tokens)
+    coordinator.take_changes(1, "router", updates)
     coordinator.write(out, progress=False)
 
 
@@ -122,29 +123,34 @@ def test_a_simulated_round_equals_the_owners_work_done_directly_and_records_vers
 def test_secure_aggregation_gives_the_coordinator_only_the_average(
     merged: Path, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under SecAgg+ the coordinator never takes one owner's row change: it receives the
-    token-weighted average (equal to the plain one up to SecAgg+'s quantization)."""
+    """Under SecAgg+ the coordinator never takes one owner's change, of the rows or the trunk:
+    it receives the token-weighted average (equal to the plain one up to SecAgg+'s
+    quantization)."""
     texts = _texts(corpus_dir)
-    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG)
+    plan = RoundPlan(rounds=1, phases=("router", "trunk"), slot=CFG, router=CFG, trunk=CFG)
     plain = Coordinator(MergedModel.open(merged), tmp_path / "plain")
     simulate(plain, texts, plan, device=CPU, cache_dir=None)
 
     def refuse(*args: object) -> None:
         raise AssertionError("the coordinator took the owners' separate updates")
 
-    monkeypatch.setattr(Coordinator, "take_router", refuse)
+    monkeypatch.setattr(Coordinator, "take_changes", refuse)
     secure = Coordinator(MergedModel.open(merged), tmp_path / "secure")
-    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG, secagg=True)
-    simulate(secure, texts, plan, device=CPU, cache_dir=None)
+    simulate(secure, texts, replace(plan, secagg=True), device=CPU, cache_dir=None)
     start = plain._rows(0)
     average = secure.state.rows - start
     assert (average - (plain.state.rows - start)).abs().max() < 1e-4
     assert average.abs().max() > 1e-3
+    key = "model.layers.1.self_attn.o_proj.weight"
+    stored = plain.sources[key].load().float()
+    trunk = secure.state.trunk[key] - stored
+    assert (trunk - (plain.state.trunk[key] - stored)).abs().max() < 1e-4
+    assert trunk.abs().max() > 1e-3
     for text in texts:  # no saved state is one owner's update
         task = plain.task("router", 1, CFG)
         state = type(plain.state)(rows=start, slots={})
         own, _ = router_update(plain.merged, state, task, text, device=CPU, cache_dir=None)
-        assert (own - average).abs().max() > 1e-3
+        assert (own - secure._rows(1) + start).abs().max() > 1e-3
     assert secure.record.rounds[0].secure_aggregation
 
 
@@ -208,27 +214,39 @@ def _inline(coordinator: Coordinator, texts: list[OwnerText], plan: RoundPlan, *
                                 packages[t.name], device=device, cache_dir=cache_dir)  # fmt: skip
                 coordinator.take_slots(number, packages)
             else:
+                update = trunk_update if kind == "trunk" else router_update
                 updates = {}
                 for t in texts:
-                    change, result = router_update(coordinator.merged, coordinator.state, task,
-                                                   t, device=device, cache_dir=cache_dir)  # fmt: skip
-                    updates[t.name] = (change, result.tokens)
-                coordinator.take_router(number, updates)
+                    change, result = update(
+                        coordinator.merged,
+                        coordinator.state,
+                        task,
+                        t,
+                        device=device,
+                        cache_dir=cache_dir,
+                    )
+                    changes = change if isinstance(change, dict) else {ROWS: change}
+                    updates[t.name] = (changes, result.tokens)
+                coordinator.take_changes(number, kind, updates)
 
 
 def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_them_exactly(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
-    """Rounds 1 and 2 without ``again`` (opted out) are the reference. Round 1 without it,
-    ``again`` opting in for round 2 and out again: the weights go back to round 1's, bit for
-    bit; round 2 rebuilt without it gives the reference's weights, bit for bit."""
+    """Rounds of slot, router and trunk phases (FedAdam on the trunk). Rounds 1 and 2 without
+    ``again`` (opted out) are the reference. Round 1 without it, ``again`` opting in for round 2
+    and out again: the weights go back to round 1's, bit for bit; round 2 rebuilt without it
+    gives the reference's weights, bit for bit (the server optimiser's state included)."""
     import shutil
 
     from flexmoe.cli.coordinator import experts_opt_in, experts_opt_out
     from flexmoe.federated.run import federate
+    from flexmoe.federated.server import ServerOptimizer, ServerOptimizerName
 
     upper, again = _texts(corpus_dir)
-    plan = RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG)
+    adam = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=1e-2)
+    phases = ("slot", "router", "trunk")
+    plan = RoundPlan(rounds=1, phases=phases, slot=CFG, router=CFG, trunk=CFG, server=adam)
     start = tmp_path / "start"
     shutil.copytree(merged, start)
     experts_opt_out(start, "again")
@@ -245,14 +263,17 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
     second = run(first, tmp_path / "second", [upper, again])
     shaped = json.loads((second / SLOTS_FILE).read_text())["federation"]
     assert "again" in shaped["router_versions"][-1]["shaped_by"]
-    assert "again" not in shaped["router_versions"][2]["shaped_by"]
+    assert "again" not in shaped["router_versions"][3]["shaped_by"]
+    assert "again" in shaped["trunk_versions"][2]["shaped_by"]
 
     experts_opt_out(second, "again")  # back to round 1's versions, in place
     table = json.loads((second / SLOTS_FILE).read_text())["federation"]
-    assert table["current_router"] == 2 and table["current_slots"] == {"upper": 1, "again": 0}
+    assert table["current_router"] == 3 and table["current_slots"] == {"upper": 1, "again": 0}
+    assert table["current_trunk"] == 1
     assert _same_weights(second, first)
     listed = _cli("experts", "list", str(second))
-    assert "router version 2 (round 1, depends on upper)" in listed.stdout
+    assert "router version 3 (round 1, depends on upper)" in listed.stdout
+    assert "trunk version 1 (round 1, depends on upper)" in listed.stdout
 
     rebuilt = run(second, tmp_path / "rebuilt", [upper])
     assert _same_weights(rebuilt, reference)
@@ -322,8 +343,10 @@ def test_the_fedavg_baseline_trains_the_dense_anchor_on_flower(
     assert "fedavg" in listed.stdout and "flexmoe:federated" in listed.stdout
 
 
-ROUND = ("--rounds", "1", "--slot-steps", "2", "--router-steps", "2", "--batch-size", "4",
-         "--seq-len", "32")  # fmt: skip
+ROUND = tuple(
+    "--rounds 1 --recipe slot,router,trunk --slot-steps 2 --router-steps 2 --trunk-steps 2 "
+    "--server-optimizer fedadam --server-lr 0.01 --batch-size 4 --seq-len 32".split()
+)
 
 
 def _flexmoe(*args: str) -> subprocess.Popen[str]:
@@ -384,22 +407,38 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
     """`fed serve` (SuperLink + ServerApp) and two `fed join` (SuperNodes) as separate processes
-    over loopback, with TLS, write the same weights, bit for bit, as `fed simulate`; each
+    over loopback, with TLS and each owner's node key registered, write the same weights, bit for
+    bit, as `fed simulate`, for a round of slot, router and trunk phases with FedAdam on the
+    trunk; a node whose key the coordinator did not register is refused in one line; each
     owner's process leaves by itself after the last phase (--once); no Flower process is left
     behind."""
     from flexmoe.federated.deploy import free_port
+    from flexmoe.federated.nodes import generate_node_key
 
     public, other = str(corpus_dir / "public.jsonl"), str(corpus_dir / "other.jsonl")
     address = f"127.0.0.1:{free_port()}"
     ca, cert, key = _certificates(tmp_path)
-    serve = _flexmoe("fed", "serve", str(merged), "--out", str(tmp_path / "deployed"),
-                     "--listen", address, "--wait", "120", "--ca", str(ca), "--cert", str(cert),
-                     "--cert-key", str(key), *ROUND)  # fmt: skip
-    joining = ("--public-data", public, "--coordinator", address, "--ca", str(ca), "--once",
-               "--device", "cpu")  # fmt: skip
+    names = ("upper", "again", "stranger")
+    keys = {n: tmp_path / f"{n}.key" for n in names}
+    registered = [f"--node-key={n}={generate_node_key(keys[n])}" for n in names[:2]]
+    generate_node_key(keys["stranger"])
+    serve = _flexmoe(
+        *("fed", "serve", str(merged), "--out", str(tmp_path / "deployed"), "--listen", address),
+        *("--wait", "120", "--ca", str(ca), "--cert", str(cert), "--cert-key", str(key)),
+        *registered,
+        *ROUND,
+    )
+    joining = ("--public-data", public, "--coordinator", address, "--ca", str(ca), "--once")
     owners = [
-        _flexmoe("fed", "join", str(merged), "--owner", f"{name}={data}", *joining)
-        for name, data in (("upper", other), ("again", public))
+        _flexmoe(
+            *("fed", "join", str(merged), "--owner", f"{name}={data}", *joining),
+            *("--node-key", str(keys[node]), "--device", "cpu"),
+        )
+        for name, data, node in (
+            ("upper", other, "upper"),
+            ("again", public, "again"),
+            ("upper", other, "stranger"),
+        )
     ]
     try:
         served = serve.communicate(timeout=400)
@@ -407,10 +446,16 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     finally:
         for process in (serve, *owners):
             process.kill()
+    stranger = owners.pop()
+    assert stranger.returncode == 2
+    assert joined.pop()[1].strip().splitlines()[-1] == (
+        "flexmoe: error: fed join: the coordinator refused this node: Failed to activate "
+        "SuperNode. (is this --node-key's .pub registered there?)"
+    )
     assert serve.returncode == 0, served[1]
-    assert "1 federated rounds (slot,router) with 2 owners" in served[0]
+    assert "1 federated rounds (slot,router,trunk) with 2 owners" in served[0]
     assert f"coordinator on {address} (TLS)" in served[1]
-    assert "round 1 (1/1) router: 2 owners" in served[1]
+    assert "round 1 (1/1) trunk: 2 owners" in served[1]
     for process, (_, err) in zip(owners, joined, strict=True):
         assert process.returncode == 0, err
         assert "round 1 slot: trained on" in err and "rounds are over; leaving" in err
@@ -425,8 +470,9 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     assert any(not torch.equal(deployed[k], before[k]) for k in before)
     record = json.loads((tmp_path / "deployed" / SLOTS_FILE).read_text())["federation"]
     assert record["rounds"][0]["participants"] == {
-        "slot": ["again", "upper"], "router": ["again", "upper"],
+        "slot": ["again", "upper"], "router": ["again", "upper"], "trunk": ["again", "upper"],
     }  # fmt: skip
+    assert record["trunk_versions"][1]["optimizer"]["name"] == "fedadam"
     assert not list(tmp_path.glob(".deployed.*"))  # the coordinator's state went with it
     assert not _running(address)  # no SuperLink or SuperNode left behind
 
@@ -497,20 +543,66 @@ def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
     second, _ = privatize(change, clip=1.0, noise_multiplier=1.0)
     assert not torch.equal(first["a"], second["a"])  # fresh noise, not a seed anyone knows
 
-    privacy = UpdatePrivacy.for_budget(1.0, 1, clip={"router": 1e-3})
-    with pytest.raises(FlexMoEError, match="--dp-epsilon: only router phases"):
+    clip = {"router": 1e-3, "trunk": 1e-3}
+    privacy = UpdatePrivacy.for_budget(1.0, 2, clip=clip)
+    with pytest.raises(FlexMoEError, match="--dp-epsilon: only router and trunk phases"):
         RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG, privacy=privacy)
-    plan = RoundPlan(rounds=1, phases=("router",), slot=CFG, router=CFG, privacy=privacy)
+    phases = ("router", "trunk")
+    plan = RoundPlan(rounds=1, phases=phases, slot=CFG, router=CFG, trunk=CFG, privacy=privacy)
     coordinator = Coordinator(MergedModel.open(merged), tmp_path / "work")
     before = coordinator.state.rows.clone()
     simulate(coordinator, _texts(corpus_dir), plan, device=CPU, cache_dir=None)
+    # each phase: the token-weighted average of two owners' noise, sigma * clip / sqrt(2) per
+    # value; the rows took two such averages, the trunk one
+    sigma = privacy.noise_multiplier * 1e-3 / 2**0.5
     noise = (coordinator.state.rows - before).norm().item()
-    # the token-weighted average of two owners' noise: sigma * clip / sqrt(2) per row value
-    expected = privacy.noise_multiplier * 1e-3 * (before.numel() / 2) ** 0.5
-    assert 0.8 * expected < noise < 1.2 * expected
+    assert 0.8 < noise / (sigma * (2 * before.numel()) ** 0.5) < 1.2
+    key = "model.layers.1.self_attn.o_proj.weight"
+    trunk = coordinator.state.trunk[key] - coordinator.sources[key].load().float()
+    assert 0.8 < trunk.norm().item() / (sigma * trunk.numel() ** 0.5) < 1.2
     record = coordinator.record
-    assert record.epsilon == {"again": pytest.approx(1.0, abs=0.01),
-                              "upper": pytest.approx(1.0, abs=0.01)}  # fmt: skip
+    assert record.epsilon == {
+        "again": pytest.approx(1.0, abs=0.01),
+        "upper": pytest.approx(1.0, abs=0.01),
+    }
     assert record.delta == 1e-5
     (entry,) = record.rounds
-    assert entry.privacy is not None and entry.privacy.clip == {"router": 1e-3}
+    assert entry.privacy is not None and entry.privacy.clip == clip
+
+
+def test_a_trunk_phase_trains_what_every_owner_shares_through_the_server_optimiser(
+    merged: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A trunk phase changes attention, norms, the public expert and the router rows, never an
+    owner's expert or the embeddings; the server optimiser's state travels with the version, so
+    two rounds in one run equal one round and then another from the written model."""
+    from flexmoe.federated.run import federate
+    from flexmoe.federated.server import ServerOptimizer, ServerOptimizerName
+
+    adam = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=1e-2)
+    plan = RoundPlan(rounds=2, phases=("trunk",), slot=CFG, router=CFG, trunk=CFG, server=adam)
+
+    def run(model: Path, out: Path, rounds: int) -> Path:
+        texts, plan_ = _texts(corpus_dir), replace(plan, rounds=rounds)
+        federate(model, texts, plan_, out, device=CPU, cache_dir=None, runner=_inline)
+        return out
+
+    two = run(merged, tmp_path / "two", 2)
+    one = run(merged, tmp_path / "one", 1)
+    assert _same_weights(run(one, tmp_path / "one-more", 1), two)
+    before, after = read_state_dict(merged), read_state_dict(two)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    shared = (".self_attn.", "norm", ".experts.0.", "mlp.gate.weight")
+    assert changed == {k for k in before if any(part in k for part in shared)}
+    record = json.loads((two / SLOTS_FILE).read_text())["federation"]
+    trunk = record["trunk_versions"]
+    expected = [(0, 0, None), (1, 1, 0), (2, 2, 1)]
+    assert [(v["version"], v["round"], v["parent"]) for v in trunk] == expected
+    assert record["current_trunk"] == 2 and trunk[2]["optimizer"]["step"] == 2
+    assert trunk[2]["shaped_by"] == ["again", "upper"]
+    assert trunk[1]["file"] is None  # superseded by version 2, shaped by the same owners
+    assert [v["phase"] for v in record["router_versions"]] == ["merge", "trunk", "trunk"]
+    stored = load_file(two / VERSIONS_DIR / trunk[2]["file"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(stored[f"trunk.{key}"], after[key].float())
+    assert f"m.{key}" in stored and "v.rows" in stored

@@ -117,6 +117,7 @@ COMMANDS = {
     "fed simulate": federated.fed_simulate,
     "fed serve": federated.fed_serve,
     "fed join": federated.fed_join,
+    "fed keygen": federated.fed_keygen,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 

@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -38,6 +38,9 @@ from flexmoe.cli.common import (
 from flexmoe.errors import FlexMoEError, printable
 from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import ROUTER_TUNING, TrainConfig
+
+if TYPE_CHECKING:
+    from flexmoe.merge.slots import Federation
 
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 router_app = typer.Typer(help="The merged model's router.", no_args_is_help=True)
@@ -302,6 +305,7 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
             versions = {
                 "router": router.model_dump(mode="json"),
                 "slots": federation.current_slots,
+                "trunk": federation.current_trunk,
                 "rounds": len(federation.rounds),
             }
         emit(True, {"experts": rows, "router_tuning": record, "versions": versions}, "")
@@ -335,8 +339,16 @@ def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
         typer.echo(
             f"federated rounds: {len(federation.rounds)}; router version {router.version} "
             f"(round {router.round}, depends on {shaped}); slot versions "
-            f"{_versions(federation.current_slots)}"
+            f"{_versions(federation.current_slots)}; {_trunk_said(federation)}"
         )
+
+
+def _trunk_said(federation: Federation) -> str:
+    if not federation.trunk_versions:
+        return "trunk as merged"
+    trunk = federation.trunk_versions[federation.current_trunk]
+    shaped = ", ".join(trunk.shaped_by) or "no owner's text"
+    return f"trunk version {trunk.version} (round {trunk.round}, depends on {shaped})"
 
 
 def _set_standing(model: Path, name: str, opted_out: bool, reason: str, as_json: bool) -> None:
@@ -355,9 +367,11 @@ def _set_standing(model: Path, name: str, opted_out: bool, reason: str, as_json:
         if record is not None:
             payload["router_version"] = record.current_router
             payload["slot_versions"] = record.current_slots
+            payload["trunk_version"] = record.current_trunk
             text += (
-                f"; the model is back at router version {record.current_router} and slot "
-                f"versions {_versions(record.current_slots)}, which {name} never shaped "
+                f"; the model is back at router version {record.current_router}, slot "
+                f"versions {_versions(record.current_slots)} and trunk version "
+                f"{record.current_trunk}, which {name} never shaped "
                 "(`flexmoe fed simulate` without it rebuilds them)"
             )
     emit(as_json, payload, text)

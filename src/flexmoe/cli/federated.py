@@ -3,7 +3,7 @@ text, and only their updates leave (Flower)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,12 +28,18 @@ from flexmoe.cli.common import (
 )
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.privacy import CLIP
-from flexmoe.training.config import EXPERT_TRAINING, FEDERATED_ROUTER, FEDERATED_SLOT
+from flexmoe.federated.server import ServerOptimizer
+from flexmoe.training.config import (
+    EXPERT_TRAINING,
+    FEDERATED_ROUTER,
+    FEDERATED_SLOT,
+    FEDERATED_TRUNK,
+    TrainConfig,
+)
 
 if TYPE_CHECKING:
     from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.owner import OwnerText
-    from flexmoe.training.config import TrainConfig
 
 fed_app = typer.Typer(
     help="Federated rounds on Flower: owners improve the merged model on their own text.",
@@ -41,6 +47,7 @@ fed_app = typer.Typer(
 )
 
 ROUNDS, RECIPE = 3, "slot,router"
+SERVER = ServerOptimizer()
 OwnerOpt = Annotated[
     list[str],
     typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
@@ -126,17 +133,63 @@ SecAggOpt = Annotated[
 ]
 
 
+TrunkStepsOpt = Annotated[
+    int, typer.Option(help="each owner's steps on the shared trunk per round (trunk phases)")
+]
+TrunkLrOpt = Annotated[float, typer.Option(help="learning rate of the trunk phase (AdamW)")]
+ServerOptimizerOpt = Annotated[
+    str,
+    typer.Option(
+        help="how the coordinator applies a trunk phase's average: fedavg (adds it), fedadam or "
+        "fedyogi (a pseudo-gradient step, its state kept with each trunk version)"
+    ),
+]
+ServerLrOpt = Annotated[float, typer.Option(help="the server optimiser's learning rate")]
+LoraRankOpt = Annotated[
+    int,
+    typer.Option(
+        help="trunk phases train and send rank-R factors of the trunk's matrices (0: in full)"
+    ),
+]
+DpClipTrunkOpt = Annotated[
+    float, typer.Option(help="with --dp-epsilon: the L2 norm a trunk update is clipped to")
+]
+
+
+@dataclass(frozen=True)
+class PhaseOptions:
+    """Each phase's local training and the coordinator's settings, as the command gives them."""
+
+    slot_steps: int
+    router_steps: int
+    trunk_steps: int
+    slot_lr: float
+    router_lr: float
+    trunk_lr: float
+    batch_size: int
+    seq_len: int
+    seed: int
+    server_optimizer: str
+    server_lr: float
+    lora_rank: int
+
+    def local(self, cfg: TrainConfig, kind: str) -> TrainConfig:
+        steps, lr = getattr(self, f"{kind}_steps"), getattr(self, f"{kind}_lr")
+        return replace(
+            cfg,
+            steps=steps,
+            lr=lr,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+        )
+
+
 def _plan(
     rounds: int,
     recipe: str,
-    slot_steps: int,
-    router_steps: int,
-    slot_lr: float,
-    router_lr: float,
-    batch_size: int,
-    seq_len: int,
+    options: PhaseOptions,
     secagg: bool,
-    seed: int,
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
     dp_clip: dict[str, float] | None = None,
@@ -144,17 +197,18 @@ def _plan(
     """The rounds' plan from the command's options."""
     from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.privacy import UpdatePrivacy
+    from flexmoe.federated.server import ServerOptimizer
 
     phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
-
-    def local(cfg: TrainConfig, steps: int, lr: float) -> TrainConfig:
-        return replace(cfg, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed)
-
+    server = ServerOptimizer.from_dict({"name": options.server_optimizer, "lr": options.server_lr})
     plan = RoundPlan(
         rounds=rounds,
         phases=phases,  # type: ignore[arg-type]
-        slot=local(FEDERATED_SLOT, slot_steps, slot_lr),
-        router=local(FEDERATED_ROUTER, router_steps, router_lr),
+        slot=options.local(FEDERATED_SLOT, "slot"),
+        router=options.local(FEDERATED_ROUTER, "router"),
+        trunk=options.local(FEDERATED_TRUNK, "trunk"),
+        server=server,
+        lora_rank=options.lora_rank,
         secagg=secagg,
     )
     if dp_epsilon is None:
@@ -180,15 +234,21 @@ def fed_simulate(
     recipe: RecipeOpt = RECIPE,
     slot_steps: SlotStepsOpt = FEDERATED_SLOT.steps,
     router_steps: RouterStepsOpt = FEDERATED_ROUTER.steps,
+    trunk_steps: TrunkStepsOpt = FEDERATED_TRUNK.steps,
     slot_lr: SlotLrOpt = FEDERATED_SLOT.lr,
     router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
+    trunk_lr: TrunkLrOpt = FEDERATED_TRUNK.lr,
     batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
     seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
     router_optimizer: RouterOptimizerOpt = "sgd",
+    server_optimizer: ServerOptimizerOpt = SERVER.name.value,
+    server_lr: ServerLrOpt = SERVER.lr,
+    lora_rank: LoraRankOpt = 0,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
     dp_clip_router: DpClipRouterOpt = CLIP["router"],
+    dp_clip_trunk: DpClipTrunkOpt = CLIP["trunk"],
     key: Annotated[
         list[str] | None,
         typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
@@ -208,10 +268,22 @@ def fed_simulate(
     from flexmoe.device import pick_device
     from flexmoe.federated.run import federate
 
-    plan = _plan(
-        rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router},
-    )  # fmt: skip
+    options = PhaseOptions(
+        slot_steps,
+        router_steps,
+        trunk_steps,
+        slot_lr,
+        router_lr,
+        trunk_lr,
+        batch_size,
+        seq_len,
+        seed,
+        server_optimizer,
+        server_lr,
+        lora_rank,
+    )
+    clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
+    plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
         result = federate(
@@ -275,18 +347,32 @@ def fed_serve(
     recipe: RecipeOpt = RECIPE,
     slot_steps: SlotStepsOpt = FEDERATED_SLOT.steps,
     router_steps: RouterStepsOpt = FEDERATED_ROUTER.steps,
+    trunk_steps: TrunkStepsOpt = FEDERATED_TRUNK.steps,
     slot_lr: SlotLrOpt = FEDERATED_SLOT.lr,
     router_lr: RouterLrOpt = FEDERATED_ROUTER.lr,
+    trunk_lr: TrunkLrOpt = FEDERATED_TRUNK.lr,
     batch_size: BatchOpt = FEDERATED_SLOT.batch_size,
     seq_len: SeqLenOpt = FEDERATED_SLOT.seq_len,
     router_optimizer: RouterOptimizerOpt = "sgd",
+    server_optimizer: ServerOptimizerOpt = SERVER.name.value,
+    server_lr: ServerLrOpt = SERVER.lr,
+    lora_rank: LoraRankOpt = 0,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
     dp_clip_router: DpClipRouterOpt = CLIP["router"],
+    dp_clip_trunk: DpClipTrunkOpt = CLIP["trunk"],
     ca: Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM)")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS: this server's certificate")] = None,
     cert_key: Annotated[Path | None, typer.Option(help="TLS: its private key")] = None,
+    node_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node-key",
+            help="an owner's public node key (`flexmoe fed keygen`): NAME=PATH; repeatable. "
+            "Then only SuperNodes with these keys may join, each for its own owner",
+        ),
+    ] = None,
     registry: RegistryOpt = None,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -297,10 +383,22 @@ def fed_serve(
     stays on its machine; the new model, with every version, is written to --out."""
     from flexmoe.federated.deploy import Tls, serve
 
-    plan = _plan(
-        rounds, recipe, slot_steps, router_steps, slot_lr, router_lr, batch_size, seq_len,
-        secagg, seed, dp_epsilon, dp_delta, {"router": dp_clip_router},
-    )  # fmt: skip
+    options = PhaseOptions(
+        slot_steps,
+        router_steps,
+        trunk_steps,
+        slot_lr,
+        router_lr,
+        trunk_lr,
+        batch_size,
+        seq_len,
+        seed,
+        server_optimizer,
+        server_lr,
+        lora_rank,
+    )
+    clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
+    plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
     given = [x for x in (ca, cert, cert_key) if x is not None]
     if given and len(given) != 3:
         raise FlexMoEError("--ca/--cert/--cert-key", "TLS needs all three, or none")
@@ -314,6 +412,7 @@ def fed_serve(
         wait_s=wait,
         registry=registry,
         tls=tls,
+        node_keys={n: Path(v) for n, v in _owner_option(node_key, "--node-key").items()},
         overwrite=force,
         log=say,
         debug=DEBUG["on"],
@@ -339,6 +438,12 @@ def fed_join(
     ] = None,
     ca: Annotated[
         Path | None, typer.Option(help="TLS: the CA certificate the coordinator's is signed by")
+    ] = None,
+    node_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--node-key", help="this owner's private node key, when the coordinator asks for one"
+        ),
     ] = None,
     once: Annotated[
         bool,
@@ -366,12 +471,35 @@ def fed_join(
             device=pick_device(device),
             cache_dir=token_cache(cache_dir),
             ca=ca,
+            node_key=node_key,
             once=once,
             log=say,
             debug=DEBUG["on"],
         )
     except KeyboardInterrupt:
         say(f"{text.name}: left the coordinator")
+
+
+@fed_app.command("keygen")
+def fed_keygen(
+    out: Annotated[
+        Path, typer.Option(help="private node key file to write; the public key goes to *.pub")
+    ],
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Make an owner's node key pair for `fed join --node-key` (EC P-384, OpenSSH format, as
+    Flower's SuperNode authentication takes it). Keep the private key; send the .pub file to
+    the coordinator, who names it in `fed serve --node-key NAME=PATH`."""
+    from flexmoe.federated.nodes import generate_node_key
+
+    public = generate_node_key(out, force=force)
+    emit(
+        as_json,
+        {"private_key": str(out), "public_key": str(public)},
+        f"private node key -> {out} (keep it; readable by you only)\n"
+        f"public node key  -> {public} (send it to the coordinator)",
+    )
 
 
 def baseline_fedavg(

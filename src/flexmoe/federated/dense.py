@@ -98,7 +98,7 @@ class DenseCoordinator:
     def take_slots(self, round: int, packages: dict[str, Path]) -> None:
         raise FlexMoEError("--recipe", "the fedavg baseline has no slots")
 
-    def take_updates(self, round: int, updates: Updates) -> None:
+    def take_updates(self, round: int, kind: Kind, updates: Updates) -> None:
         total = sum(tokens for _, tokens in updates.values())
         if not updates or total <= 0:
             raise FlexMoEError("fedavg", f"round {round}: no owner sent an update")
@@ -108,9 +108,11 @@ class DenseCoordinator:
             arrays, tokens = updates[name]
             for i, array in enumerate(arrays):
                 average[i] += np.asarray(array, dtype=np.float32) * np.float32(tokens / total)
-        self.take_average(round, average, sorted(updates))
+        self.take_average(round, kind, average, sorted(updates))
 
-    def take_average(self, round: int, average: Arrays, participants: list[str]) -> None:
+    def take_average(
+        self, round: int, kind: Kind, average: Arrays, participants: list[str]
+    ) -> None:
         keys = sorted(self.state)
         if len(average) != len(keys):
             raise FlexMoEError("fedavg", f"an update of {len(average)} tensors, not {len(keys)}")

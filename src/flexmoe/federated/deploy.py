@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from flexmoe import __version__
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
+from flexmoe.expert.identity import name_key
 from flexmoe.federated.flower import (
     FINAL,
     OwnerClient,
@@ -47,6 +48,7 @@ from flexmoe.federated.flower import (
     coordinate,
     secagg_when_asked,
 )
+from flexmoe.federated.nodes import check_private_node_key, check_public_node_key, register_nodes
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.run import check_owners, check_rounds, new_model
 from flexmoe.io import write_json
@@ -98,6 +100,7 @@ class ServeJob:
     slot_row: bool
     router_sgd: bool
     status: str  # where the ServerApp writes how it ended
+    nodes: dict[str, str] | None = None  # node id -> the owner its registered key is for
 
     @classmethod
     def read(cls, path: Path) -> ServeJob:
@@ -177,10 +180,19 @@ def _run_job(job: ServeJob, grid: Grid, context: Context) -> dict[str, Any]:
     registry = KeyRegistry(Path(job.registry)) if job.registry else None
     try:
         with new_model(
-            merged, Path(job.out), registry, excluded, job.slot_row, job.router_sgd, False
+            merged, Path(job.out), plan, registry, excluded, job.slot_row, job.router_sgd, False
         ) as rounds:
+            nodes = {int(k): v for k, v in job.nodes.items()} if job.nodes is not None else None
             coordinate(
-                grid, context, rounds, plan, job.owners, _mark, wait_s=job.wait_s, farewell=True
+                grid,
+                context,
+                rounds,
+                plan,
+                job.owners,
+                _mark,
+                wait_s=job.wait_s,
+                farewell=True,
+                nodes=nodes,
             )
     finally:
         if registry is not None:
@@ -326,17 +338,23 @@ def _relay(
     return tail
 
 
-class _LastReply:
-    """Meets the SuperNode's line that it sent a reply, once the owner's last phase is done."""
+class _Watch:
+    """Meets the SuperNode's line that it sent a reply once the owner's last phase is done
+    (with ``once``), or Flower's reason when the SuperLink turns the node away."""
 
     SENT = "Sent successfully"  # Flower's SuperNode logs this once a reply has gone
+    REFUSED = "Failed to initialize the connection to the SuperLink"  # then "[code: N] why"
 
-    def __init__(self) -> None:
-        self.final = False
+    def __init__(self, once: bool) -> None:
+        self.once, self.final, self.failing = once, False, False
+        self.refused: str | None = None
 
     def __call__(self, line: str) -> bool:
         self.final = self.final or (MARK in line and FINAL in line)
-        return self.final and self.SENT in line
+        if self.failing and line.strip().startswith("[code:"):
+            self.refused = line.strip().split("]", 1)[-1].strip()
+        self.failing = self.failing or self.REFUSED in line
+        return self.refused is not None or (self.once and self.final and self.SENT in line)
 
 
 def _reason(tail: list[str]) -> str:
@@ -389,6 +407,7 @@ def serve(
     wait_s: float = 600.0,
     registry: Path | None = None,
     tls: Tls | None = None,
+    node_keys: dict[str, Path] | None = None,
     overwrite: bool = False,
     slot_row: bool = True,
     router_sgd: bool = True,
@@ -398,7 +417,8 @@ def serve(
     """The coordinator: a SuperLink listening on ``listen`` for the owners' SuperNodes, and the
     rounds' ServerApp submitted to it; returns the ServerApp's summary once the new model is at
     ``out``. Each phase waits up to ``wait_s`` for ``owners`` owners (default: every owner that
-    has not opted out) and goes on with those connected."""
+    has not opted out) and goes on with those connected. With ``node_keys`` (owner -> its
+    public node key) only SuperNodes with those keys may connect, each for its own owner."""
     merged, out = check_rounds(model, plan, out, overwrite)
     excluded = standing_exclusions(merged.path)
     active = [s.name for s in merged.table().slots[1:] if s.name not in excluded]
@@ -409,6 +429,12 @@ def serve(
         raise FlexMoEError(registry, "key registry not found")
     if tls is not None:
         tls.check()
+    node_keys = _checked_node_keys(node_keys, active)
+    if node_keys and tls is None:
+        raise FlexMoEError(
+            "--node-key",
+            "Flower authenticates nodes over TLS only: give --ca, --cert and --cert-key",
+        )
     host, port = parse_address(listen, "--listen")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.serve-", dir=out.parent) as state:
@@ -429,7 +455,6 @@ def serve(
             router_sgd=router_sgd,
             status=str(root / "status.json"),
         )
-        write_json(root / "job.json", asdict(job))
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         _write_connection(home, f"{local}:{port}", tls)
         env = _environment(home, debug)
@@ -440,11 +465,18 @@ def serve(
         else:
             link += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
             link += ["--ssl-keyfile", str(tls.key)]
+        if node_keys:
+            link.append("--enable-supernode-auth")
         with _process(link, env) as superlink:
             _wait_for(local, port, superlink, "the SuperLink")
+            if node_keys:
+                nodes = register_nodes(_flower("flwr"), FEDERATION, node_keys, env)
+                job = replace(job, nodes={str(k): v for k, v in nodes.items()})
+            write_json(root / "job.json", asdict(job))
             log(
                 f"coordinator on {host}:{port}"
                 + (" (TLS)" if tls else " (no TLS: use it on a trusted network only)")
+                + (f", {len(node_keys)} owners' node keys registered" if node_keys else "")
                 + f": each phase waits up to {wait_s:.0f} s for {owners} owners (flexmoe fed join)"
             )
             submit = [_flower("flwr"), "run", str(app), FEDERATION, "--stream"]
@@ -459,6 +491,24 @@ def serve(
     if "error" in status:
         raise FlexMoEError(None, status["error"])
     return status
+
+
+def _checked_node_keys(
+    node_keys: dict[str, Path] | None, active: list[str]
+) -> dict[str, Path] | None:
+    """Each owner's public node key, under its expert's name as the model spells it."""
+    if not node_keys:
+        return None
+    known = {name_key(n): n for n in active}
+    checked = {}
+    for name, path in node_keys.items():
+        if name_key(name) not in known:
+            raise FlexMoEError(
+                name, f"--node-key: no active expert of this model ({', '.join(active)})"
+            )
+        check_public_node_key(path)
+        checked[known[name_key(name)]] = Path(path)
+    return checked
 
 
 def _write_connection(home: Path, address: str, tls: Tls | None) -> None:
@@ -483,19 +533,23 @@ def join(
     device: torch.device,
     cache_dir: Path | None,
     ca: Path | None = None,
+    node_key: Path | None = None,
     once: bool = False,
     log: Callable[[str], None] = print,
     debug: bool = False,
 ) -> None:
     """One owner: a SuperNode connected to the coordinator's SuperLink, whose ClientApp does
     this owner's work on its copy of the merged model at ``model``. Runs until interrupted, or
-    with ``once`` until the last phase of the coordinator's rounds."""
+    with ``once`` until the last phase of the coordinator's rounds. With ``node_key`` (its
+    private node key) it authenticates to a coordinator that registered the public half."""
     merged = MergedModel.open(model)
     excluded = standing_exclusions(merged.path)
     (text,) = check_owners(merged, [text], excluded)
     host, port = parse_address(coordinator, "--coordinator")
     if ca is not None and not Path(ca).is_file():
         raise FlexMoEError("--ca", f"{ca}: file not found")
+    if node_key is not None:
+        check_private_node_key(node_key)
     with tempfile.TemporaryDirectory(prefix="flexmoe-owner-") as state:
         root = Path(state)
         (root / "flwr").mkdir()
@@ -509,8 +563,35 @@ def join(
             f"{OWNER_KEY}={json.dumps(str(setup))}",
         ]
         node += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
-        with _process(node, _environment(root / "flwr", debug)) as supernode:
-            log(f"{text.name}: joined the coordinator at {host}:{port}; its text stays here")
-            tail = _relay(supernode, log, debug, until=_LastReply() if once else None)
-            if supernode.poll() is not None and supernode.returncode not in (0, -signal.SIGTERM):
-                raise FlexMoEError("fed join", f"the SuperNode stopped: {_reason(tail)}")
+        if node_key is not None:
+            node += ["--auth-supernode-private-key", str(Path(node_key).resolve())]
+        log(f"{text.name}: joined the coordinator at {host}:{port}; its text stays here")
+        refused = None
+        for attempt in range(1 + REFUSED_RETRIES):
+            if attempt:
+                log(f"the coordinator refused this node ({refused}); trying again")
+                time.sleep(REFUSED_WAIT_S)
+            refused = _supernode(node, _environment(root / "flwr", debug), once, log, debug)
+            if refused is None:
+                return
+        hint = "is this --node-key's .pub registered there?" if node_key else "--node-key?"
+        raise FlexMoEError("fed join", f"the coordinator refused this node: {refused} ({hint})")
+
+
+# A coordinator registers the owners' node keys just after its SuperLink starts: a node that
+# arrives in between is turned away, and tries again.
+REFUSED_RETRIES, REFUSED_WAIT_S = 3, 5.0
+
+
+def _supernode(
+    command: list[str], env: dict[str, str], once: bool, log: Callable[[str], None], debug: bool
+) -> str | None:
+    """Run the SuperNode until it leaves; Flower's reason when the SuperLink refused it."""
+    with _process(command, env) as supernode:
+        watch = _Watch(once)
+        tail = _relay(supernode, log, debug, until=watch)
+        if watch.refused is not None:
+            return watch.refused
+        if supernode.poll() is not None and supernode.returncode not in (0, -signal.SIGTERM):
+            raise FlexMoEError("fed join", f"the SuperNode stopped: {_reason(tail)}")
+    return None

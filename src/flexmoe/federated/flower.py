@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,22 +59,32 @@ from flexmoe.federated.messages import (
     check_model,
     decode_dense,
     decode_task,
+    encode_trunk_update,
     package_arrays,
     read_task,
     write_package_arrays,
 )
-from flexmoe.federated.owner import Kind, OwnerText, RoundTask, router_update, slot_update
+from flexmoe.federated.owner import (
+    Kind,
+    OwnerText,
+    RoundTask,
+    router_update,
+    slot_update,
+    trunk_update,
+)
 from flexmoe.federated.privacy import UpdatePrivacy
+from flexmoe.federated.server import ServerOptimizer
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import FederatedRound, RoundPrivacy
 from flexmoe.model.checkpoint import stored_dtype
-from flexmoe.training.config import TrainConfig
+from flexmoe.training.config import FEDERATED_TRUNK, TrainConfig
 from flexmoe.training.loop import TrainResult
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """How many rounds, which phases each has, and each phase's local training."""
+    """How many rounds, which phases each has, each phase's local training, and how the
+    coordinator applies a trunk phase's average."""
 
     rounds: int
     phases: tuple[Kind, ...]
@@ -83,24 +93,31 @@ class RoundPlan:
     secagg: bool = False
     dense: TrainConfig | None = None  # the fedavg baseline's local training
     privacy: UpdatePrivacy | None = None  # every update clipped and noised at home
+    trunk: TrainConfig = FEDERATED_TRUNK
+    server: ServerOptimizer = field(default_factory=ServerOptimizer)
+    lora_rank: int = 0  # > 0: trunk phases train and send rank-R factors of the matrices
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise FlexMoEError("--rounds", f"must be at least 1, got {self.rounds}")
         if not self.phases or any(p not in KINDS for p in self.phases):
-            raise FlexMoEError("--recipe", f"phases must be slot, router or dense: {self.phases}")
-        if self.privacy is not None and self.phases != ("router",):
+            raise FlexMoEError(
+                "--recipe", f"phases must be slot, router, trunk or dense: {self.phases}"
+            )
+        if self.lora_rank < 0:
+            raise FlexMoEError("--lora-rank", f"must be 0 (full) or positive, got {self.lora_rank}")
+        if self.privacy is not None and not set(self.phases) <= {"router", "trunk"}:
             raise FlexMoEError(
                 "--dp-epsilon",
-                "only router phases can be noised usefully (--recipe router): the noise on a "
-                "slot's or a dense model's change, millions of values, swamps it at any epsilon "
+                "only router and trunk phases take noise (--recipe router or trunk): the noise on "
+                "a slot's or a dense model's change, millions of values, swamps it at any epsilon "
                 "(an owner protects its documents in its expert with `expert train --dp-epsilon`)",
             )
 
     def cfg(self, kind: Kind) -> TrainConfig:
         if kind == "dense":
             return self.dense or self.router
-        return self.slot if kind == "slot" else self.router
+        return {"slot": self.slot, "trunk": self.trunk}.get(kind, self.router)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -108,6 +125,9 @@ class RoundPlan:
             "phases": list(self.phases),
             "slot": self.slot.to_dict(),
             "router": self.router.to_dict(),
+            "trunk": self.trunk.to_dict(),
+            "server": self.server.to_dict(),
+            "lora_rank": self.lora_rank,
             "secagg": self.secagg,
             "dense": self.dense.to_dict() if self.dense else None,
             "privacy": self.privacy.to_dict() if self.privacy else None,
@@ -121,6 +141,9 @@ class RoundPlan:
             phases=tuple(data["phases"]),
             slot=TrainConfig.from_dict(data["slot"]),
             router=TrainConfig.from_dict(data["router"]),
+            trunk=TrainConfig.from_dict(data.get("trunk") or FEDERATED_TRUNK.to_dict()),
+            server=ServerOptimizer.from_dict(data.get("server") or {}),
+            lora_rank=int(data.get("lora_rank", 0)),
             secagg=bool(data.get("secagg", False)),
             dense=TrainConfig.from_dict(dense) if dense else None,
             privacy=UpdatePrivacy(**privacy) if privacy else None,
@@ -212,6 +235,11 @@ class OwnerClient(NumPyClient):
                 merged, state, task, self.text, device=self.device, cache_dir=self.cache_dir
             )
             return [change.numpy()], result
+        if task.kind == "trunk":
+            changes, result = trunk_update(
+                merged, state, task, self.text, device=self.device, cache_dir=self.cache_dir
+            )
+            return encode_trunk_update(changes), result
         with tempfile.TemporaryDirectory() as work:
             package = Path(work) / "package"
             result = slot_update(
@@ -266,11 +294,11 @@ class RoundCoordinator(Protocol):
     def message(self, task: RoundTask) -> tuple[list[np.ndarray], Config]: ...
 
     def take_updates(
-        self, round: int, updates: dict[str, tuple[list[np.ndarray], int]]
+        self, round: int, kind: Kind, updates: dict[str, tuple[list[np.ndarray], int]]
     ) -> None: ...
 
     def take_average(
-        self, round: int, average: list[np.ndarray], participants: list[str]
+        self, round: int, kind: Kind, average: list[np.ndarray], participants: list[str]
     ) -> None: ...
 
     def take_slots(self, round: int, packages: dict[str, Path]) -> None: ...
@@ -288,6 +316,7 @@ class RoundStrategy(FedAvg):
         owners: int,
         *,
         wait_s: float = 60.0,
+        nodes: dict[int, str] | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -298,10 +327,12 @@ class RoundStrategy(FedAvg):
             accept_failures=True,
         )
         self.coordinator, self.plan, self.owners, self.wait_s = coordinator, plan, owners, wait_s
+        self.nodes = nodes  # node id -> the owner its registered key is for (None: no keys)
         self.phase: tuple[Kind, int] = ("slot", 0)
         self.replies: dict[str, list[str]] = {}
         self.failures: dict[str, int] = {}
         self.sent: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
         self.reasons: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
@@ -333,15 +364,16 @@ class RoundStrategy(FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         kind, number = self.phase
-        replies = [r for _, r in results if not r.metrics.get("skipped")]
+        replies, refused = self._authentic(results)
         owners = sorted(str(r.metrics["owner"]) for r in replies)
-        self.replies[kind], self.failures[kind] = owners, len(failures)
-        self.reasons[kind] = [_reason(f) for f in failures]
+        self.replies[kind], self.failures[kind] = owners, len(failures) + len(refused)
+        self.reasons[kind] = [_reason(f) for f in failures] + refused
         for reply in replies:
             owner = str(reply.metrics["owner"])
             self.sent[owner] = self.sent.get(owner, 0) + int(reply.metrics.get("bytes", 0))
+            self.tokens[owner] = self.tokens.get(owner, 0) + int(reply.num_examples)
         if not replies:
-            first = f" (first: {self.reasons[kind][0]})" if failures else ""
+            first = f" (first: {self.reasons[kind][0]})" if self.reasons[kind] else ""
             raise FlexMoEError("round", f"round {number} ({kind}): every owner failed{first}")
         arrays = {str(r.metrics["owner"]): parameters_to_ndarrays(r.parameters) for r in replies}
         if kind == "slot":
@@ -352,13 +384,33 @@ class RoundStrategy(FedAvg):
                 }
                 self.coordinator.take_slots(number, packages)
         elif self.plan.secagg:  # every reply holds the same: the average
-            self.coordinator.take_average(number, arrays[owners[0]], owners)
+            self.coordinator.take_average(number, kind, arrays[owners[0]], owners)
         else:
             tokens = {str(r.metrics["owner"]): r.num_examples for r in replies}
             self.coordinator.take_updates(
-                number, {owner: (found, tokens[owner]) for owner, found in arrays.items()}
+                number, kind, {owner: (found, tokens[owner]) for owner, found in arrays.items()}
             )
         return None, {}
+
+    def _authentic(
+        self, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[list[FitRes], list[str]]:
+        """The replies that are not skipped, and why each reply from a node that answered for
+        another owner than its registered key's was refused."""
+        replies, refused = [], []
+        for proxy, reply in results:
+            if reply.metrics.get("skipped"):
+                continue
+            claimed = str(reply.metrics["owner"])
+            known = claimed if self.nodes is None else self.nodes.get(int(proxy.node_id))
+            if known != claimed:
+                refused.append(
+                    f"node {proxy.node_id}, whose key is registered for {known}, answered for "
+                    f"{claimed}: refused"
+                )
+                continue
+            replies.append(reply)
+        return replies, refused
 
 
 def _reason(failure: object) -> str:
@@ -401,11 +453,13 @@ def coordinate(
     *,
     wait_s: float = 60.0,
     farewell: bool = False,
+    nodes: dict[int, str] | None = None,
 ) -> None:
     """The rounds, inside a ServerApp's main: each phase waits up to ``wait_s`` for ``owners``
     owners to be connected and goes on with those that are; with ``farewell``, the owners are
-    told when the rounds are over."""
-    strategy = RoundStrategy(coordinator, plan, owners, wait_s=wait_s)
+    told when the rounds are over; with ``nodes`` (node id -> owner), a node's replies count
+    only for the owner its key was registered for."""
+    strategy = RoundStrategy(coordinator, plan, owners, wait_s=wait_s, nodes=nodes)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=plan.rounds), strategy=strategy
     )
@@ -448,7 +502,7 @@ def _run_rounds(
     )
     step, first = 0, coordinator.first_round
     for number in range(first, first + plan.rounds):
-        strategy.replies, strategy.failures, strategy.sent = {}, {}, {}
+        strategy.replies, strategy.failures, strategy.sent, strategy.tokens = {}, {}, {}, {}
         for kind in plan.phases:
             step += 1
             config[Key.CURRENT_ROUND] = step
@@ -477,6 +531,7 @@ def _run_rounds(
                 bytes_sent=dict(strategy.sent),
                 secure_aggregation=plan.secagg,
                 steps={k: plan.cfg(k).steps for k in plan.phases},
+                tokens=dict(strategy.tokens),
                 privacy=_round_privacy(plan),
             )
         )

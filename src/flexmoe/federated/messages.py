@@ -17,11 +17,12 @@ from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.expert.signing import SIGNATURE_FILE
 from flexmoe.federated.owner import ModelState, RoundTask
+from flexmoe.federated.trunk import ROWS
 from flexmoe.merge.layout import MergedModel
 from flexmoe.training.config import TrainConfig
 
 PACKAGE_FILES = (MANIFEST_FILE, TENSORS_FILE, SIGNATURE_FILE)
-KINDS = ("slot", "router", "dense")
+KINDS = ("slot", "router", "trunk", "dense")
 Arrays = list[np.ndarray]
 Updates = dict[str, tuple[Arrays, int]]  # owner -> (its arrays, the tokens it trained on)
 Config = dict[str, bool | bytes | float | int | str]  # Flower's config values
@@ -50,6 +51,7 @@ def task_config(task: RoundTask) -> Config:
         "router_sgd": task.router_sgd,
         "dp_clip": task.dp_clip,
         "dp_noise": task.dp_noise,
+        "lora_rank": task.lora_rank,
     }
 
 
@@ -67,34 +69,63 @@ def read_task(config: Config) -> RoundTask:
         router_sgd=bool(config.get("router_sgd", True)),
         dp_clip=float(config.get("dp_clip", 0.0)),
         dp_noise=float(config.get("dp_noise", 0.0)),
+        lora_rank=int(config.get("lora_rank", 0)),
     )
 
 
 def encode_task(state: ModelState, task: RoundTask) -> tuple[list[np.ndarray], Config]:
-    """The state as arrays (the rows, then each refined slot's tensors in key order) and the
-    task as config."""
+    """The state as arrays (the rows, each refined slot's tensors in key order, then the trunk's
+    in key order) and the task as config."""
     arrays = [state.rows.numpy()]
     layout = {}
     for name in sorted(state.slots):
         keys = sorted(state.slots[name])
         layout[name] = keys
         arrays += [state.slots[name][k].float().numpy() for k in keys]
-    return arrays, {**task_config(task), "slots": json.dumps(layout)}
+    trunk = sorted(state.trunk)
+    arrays += [state.trunk[k].float().numpy() for k in trunk]
+    config = {**task_config(task), "slots": json.dumps(layout), "trunk": json.dumps(trunk)}
+    return arrays, config
 
 
 def decode_task(
     arrays: list[np.ndarray], config: Config, dtype: torch.dtype
 ) -> tuple[ModelState, RoundTask]:
-    """The inverse of :func:`encode_task`; slot tensors back in ``dtype`` (the model's)."""
-    rows = torch.from_numpy(np.array(arrays[0], dtype=np.float32))
+    """The inverse of :func:`encode_task`; slot tensors back in ``dtype`` (the model's), the
+    trunk in float32."""
+    rows = _float32(arrays[0])
     layout: dict[str, list[str]] = json.loads(str(config["slots"]))
+    trunk_keys: list[str] = json.loads(str(config.get("trunk", "[]")))
+    expected = 1 + sum(len(keys) for keys in layout.values()) + len(trunk_keys)
+    if len(arrays) != expected:
+        raise FlexMoEError("round", f"a task of {len(arrays)} arrays, not {expected}")
     slots, at = {}, 1
     for name, keys in layout.items():
         slots[name] = {
             k: torch.from_numpy(np.array(arrays[at + i])).to(dtype) for i, k in enumerate(keys)
         }
         at += len(keys)
-    return ModelState(rows=rows, slots=slots), read_task(config)
+    trunk = {k: _float32(arrays[at + i]) for i, k in enumerate(trunk_keys)}
+    return ModelState(rows=rows, slots=slots, trunk=trunk), read_task(config)
+
+
+def _float32(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def encode_trunk_update(change: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """An owner's trunk update as arrays: the rows' change, then every trunk key's in key
+    order (the coordinator knows the keys)."""
+    return [change[ROWS].numpy()] + [change[k].numpy() for k in sorted(change) if k != ROWS]
+
+
+def decode_trunk_update(arrays: list[np.ndarray], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`encode_trunk_update` for the trunk of ``keys`` (sorted)."""
+    if len(arrays) != 1 + len(keys):
+        raise FlexMoEError("trunk round", f"an update of {len(arrays)} arrays, not {1 + len(keys)}")
+    return {ROWS: _float32(arrays[0])} | {
+        k: _float32(a) for k, a in zip(keys, arrays[1:], strict=True)
+    }
 
 
 def package_arrays(directory: Path) -> list[np.ndarray]:

@@ -8,7 +8,13 @@ text plus the usual public share and returns one of:
   ``router tune`` does; the update is the rows' change, ``(layers, experts, hidden)``;
 - **its slot** (``slot`` rounds): its own expert's feed-forward and its own router row train,
   everything else frozen; the result is an expert package (the same manifest and format as the
-  owner's first one, its training record this round's), signed when the owner has a key.
+  owner's first one, its training record this round's), signed when the owner has a key;
+- **a trunk update** (``trunk`` rounds): the parameters every owner shares (:mod:`.trunk`) and
+  every active router row train, every owner's expert frozen; the update is their change, in
+  full or as low-rank factors.
+
+The merged model stays loaded between phases (one per process, reset to the copy on disk before
+each task), so that rounds are cheap.
 
 Experts that opted out are masked: no token routes to them, so nothing learned here depends on
 them. Every number that sets the work (steps, seed, learning rate) comes with the task, and the
@@ -19,13 +25,16 @@ same owner does the same work whoever else takes part.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors.torch import save_file
+from torch.nn.utils import parametrize
 from transformers import FlexOlmoForCausalLM, PreTrainedTokenizerBase
 
 from flexmoe.data.documents import DataSpec
@@ -46,6 +55,7 @@ from flexmoe.expert.package import (
 from flexmoe.expert.signing import read_private_key
 from flexmoe.expert.train import router_z_loss
 from flexmoe.federated.privacy import privatize
+from flexmoe.federated.trunk import ROWS, LowRank, LowRankDelta, trunk_keys
 from flexmoe.io import sha256_file, write_json
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import SlotTable
@@ -54,7 +64,7 @@ from flexmoe.model.checkpoint import moe_layers, stored_dtype
 from flexmoe.training.config import TrainConfig
 from flexmoe.training.loop import TrainResult, train
 
-Kind = Literal["router", "slot", "dense"]
+Kind = Literal["router", "slot", "trunk", "dense"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class ModelState:
 
     rows: torch.Tensor  # (layers, experts, hidden), float32
     slots: dict[str, dict[str, torch.Tensor]]
+    trunk: dict[str, torch.Tensor] = field(default_factory=dict)  # float32; empty: the weights'
 
 
 @dataclass(frozen=True)
@@ -107,12 +118,33 @@ class RoundTask:
     router_sgd: bool = True  # a router phase steps with plain SGD (classic FedAvg), not AdamW
     dp_clip: float = 0.0  # > 0: the update is clipped to this L2 norm and noised (privacy.py)
     dp_noise: float = 0.0  # the noise multiplier
+    lora_rank: int = 0  # > 0: a trunk phase trains and sends rank-R factors of its matrices
 
     def seeded(self, name: str) -> TrainConfig:
         """The training settings for owner ``name``: its batch order seeded by the round, the
         kind of work and its name, whoever else takes part."""
         seed = zlib.crc32(f"{self.cfg.seed}:{self.round}:{self.kind}:{name}".encode())
         return replace(self.cfg, seed=seed)
+
+
+_LOADED: dict[tuple[str, str, str], tuple[FlexOlmoForCausalLM, dict[str, torch.Tensor]]] = {}
+
+
+def _loaded(merged: MergedModel, device: torch.device) -> FlexOlmoForCausalLM:
+    """The merged model on ``device``, loaded once per process and reset, before each task, to
+    its parameters on disk (every value and dtype), every parameter frozen."""
+    key = (str(merged.path.resolve()), merged.fingerprint(), str(device))
+    if key not in _LOADED:
+        _LOADED.clear()  # one model per process
+        model = merged.load(device=device)
+        disk = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        _LOADED[key] = (model, disk)
+    model, disk = _LOADED[key]
+    for name, param in model.named_parameters():
+        param.data = disk[name].to(device, copy=True)
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 def build_model(
@@ -125,11 +157,12 @@ def build_model(
     """The merged model at ``state``, every parameter frozen, the excluded experts masked
     (``table``: the model's slot table, when the caller has read it)."""
     table = table or merged.table()
-    model = merged.load(device=device)
+    model = _loaded(merged, device)
     layers = moe_layers(model)
     if tuple(state.rows.shape) != (len(layers), len(table.slots), model.config.hidden_size):
         raise FlexMoEError(merged.path, f"router state of shape {tuple(state.rows.shape)}")
     active = torch.tensor([s.name not in task.excluded for s in table.slots])
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for layer, moe in enumerate(layers):
             for e, row in enumerate(moe.router.rows):
@@ -144,7 +177,10 @@ def build_model(
                 for proj in names.PROJECTIONS:
                     weight = getattr(expert, proj).weight
                     weight.copy_(tensors[PKG_PROJ.format(layer=layer, proj=proj)])
-    model.requires_grad_(False)
+        for key, tensor in state.trunk.items():
+            if key not in params or params[key].shape != tensor.shape:
+                raise FlexMoEError(key, "the coordinator's trunk does not fit this model")
+            params[key].copy_(tensor)
     return model
 
 
@@ -199,18 +235,92 @@ def router_update(
     (every expert frozen): ``(layers, experts, hidden)``, zero for masked experts."""
     table = merged.table()
     model = build_model(merged, state, task, device, table)
+    _train_active_rows(model)
+    before = stacked_rows(model)
+    result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
+    change = stacked_rows(model) - before
+    return _noised({ROWS: change}, table, task)[ROWS], result
+
+
+def _train_active_rows(model: torch.nn.Module) -> None:
     for moe in moe_layers(model):
         for e, row in enumerate(moe.router.rows):
             if moe.expert_mask is None or bool(moe.expert_mask[e]):
                 _trainable(row)
-    before = stacked_rows(model)
-    result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
-    change = stacked_rows(model) - before
-    if task.dp_clip > 0:
-        active = [s.name not in task.excluded for s in table.slots]
-        noised, _ = privatize({"rows": change[:, active]}, task.dp_clip, task.dp_noise)
-        change[:, active] = noised["rows"]
-    return change, result
+
+
+def _noised(
+    change: dict[str, torch.Tensor], table: SlotTable, task: RoundTask
+) -> dict[str, torch.Tensor]:
+    """``change`` as it leaves: with ``task.dp_clip``, clipped to that norm and noised at home
+    (:func:`~flexmoe.federated.privacy.privatize`), the masked experts' rows left at zero."""
+    if task.dp_clip <= 0:
+        return change
+    active = [s.name not in task.excluded for s in table.slots]
+    noised, _ = privatize({**change, ROWS: change[ROWS][:, active]}, task.dp_clip, task.dp_noise)
+    rows = change[ROWS].clone()
+    rows[:, active] = noised[ROWS]
+    return {**noised, ROWS: rows}
+
+
+def trunk_update(
+    merged: MergedModel,
+    state: ModelState,
+    task: RoundTask,
+    text: OwnerText,
+    *,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """What ``task.cfg.steps`` steps on the owner's text change in the trunk and the active
+    router rows, every owner's expert frozen: ``{ROWS: (layers, experts, hidden), key: change}``
+    for every trunk key, float32 on the CPU; with ``task.lora_rank`` each trunk matrix's entry
+    is its factor ``B`` (:class:`~flexmoe.federated.trunk.LowRank`)."""
+    table = merged.table()
+    model = build_model(merged, state, task, device, table)
+    params = dict(model.named_parameters())
+    keys = trunk_keys(params, table)
+    for key in keys:  # float32 master copies: the coordinator's own values where it sent them
+        params[key].data = state.trunk.get(key, params[key].data).float().to(device, copy=True)
+    _train_active_rows(model)
+    before = {k: params[k].detach().cpu().clone() for k in keys}
+    rows = stacked_rows(model)
+    low = LowRank(task.lora_rank, task.round, task.cfg.seed) if task.lora_rank else None
+    with _adapted(model, keys, low) as factors:
+        result = train_locally(model, merged.tokenizer(), task, text, device, cache_dir)
+        change = {ROWS: stacked_rows(model) - rows}
+        for key in keys:
+            if key in factors:
+                change[key] = factors[key].low.detach().float().cpu().clone()
+            else:
+                change[key] = params[key].detach().float().cpu() - before[key]
+    return _noised(change, table, task), result
+
+
+@contextmanager
+def _adapted(
+    model: torch.nn.Module, keys: list[str], low: LowRank | None
+) -> Iterator[dict[str, LowRankDelta]]:
+    """The trunk made trainable: in full, or with ``low`` its matrices through rank-R factors
+    (``name -> parametrization``; removed again when the block ends) and its vectors in full."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    factors: dict[str, LowRankDelta] = {}
+    for key in keys:
+        if low is None or not low.applies(params[key]):
+            _trainable(params[key])
+            continue
+        owner = modules[key.removesuffix(".weight")]
+        factor = low.factor(key, tuple(params[key].shape)).to(params[key].device)
+        factors[key] = LowRankDelta(factor, params[key].shape[0]).to(params[key].device)
+        parametrize.register_parametrization(owner, "weight", factors[key])
+    try:
+        yield factors
+    finally:
+        for key in factors:
+            parametrize.remove_parametrizations(
+                modules[key.removesuffix(".weight")], "weight", leave_parametrized=False
+            )
 
 
 def slot_update(

@@ -27,7 +27,7 @@ DELTA = 1e-5
 # the default recipe (router changes 0.16-0.20 averaged over the owners), so that clipping
 # rarely bites and the noise is what the privacy costs. Only router phases take noise
 # (flower.RoundPlan says why).
-CLIP = {"router": 0.5}
+CLIP = {"router": 0.5, "trunk": 1.0}
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,17 @@ A round has up to two phases, in this order:
   owner's slot, its row included;
 - ``router``: each owner trains every active router row at home and sends the change; the
   changes are averaged, weighted by the tokens each owner trained on (FedAvg), in the order of
-  the experts' names. With secure aggregation the coordinator receives only that average.
+  the experts' names. With secure aggregation the coordinator receives only that average;
+- ``trunk``: each owner trains the shared trunk (:mod:`.trunk`) and every active router row at
+  home and sends the change; the token-weighted average goes through the server optimiser
+  (FedAvg, FedAdam or FedYogi) into a new trunk version and a new router version.
 
 Versions live in ``flexmoe_versions/`` of the merged model: ``router-vN.safetensors`` (every row,
-float32) and ``slots/NAME-vN/`` (a package). Version 0 of each is the merge's own, read from the
-model. Each version records the experts whose owners' text or weights it depends on
-(``shaped_by``); an expert that opts out makes the newest versions that do not depend on it the
-starting point of the next rounds (:func:`fallback`).
+float32), ``slots/NAME-vN/`` (a package) and ``trunk-vN.safetensors`` (the trunk, float32, and
+the server optimiser's state). Version 0 of each is the merge's own, read from the model. Each
+version records the experts whose owners' text or weights it depends on (``shaped_by``); an
+expert that opts out makes the newest versions that do not depend on it the starting point of the
+next rounds (:func:`fallback`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,12 +36,25 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
-from flexmoe.federated.messages import MODEL_KEY, Config, encode_task
+from flexmoe.federated.messages import (
+    MODEL_KEY,
+    Config,
+    Updates,
+    decode_trunk_update,
+    encode_task,
+)
 from flexmoe.federated.owner import Kind, ModelState, RoundTask
 from flexmoe.federated.privacy import DELTA, spent
+from flexmoe.federated.server import ServerOptimizer
+from flexmoe.federated.trunk import ROWS, LowRank, trunk_keys
 from flexmoe.io import sha256_file
 from flexmoe.merge.build import slot_entry
-from flexmoe.merge.edit import checked_package, replaced_slot_sources, with_router_rows
+from flexmoe.merge.edit import (
+    checked_package,
+    replaced_slot_sources,
+    with_router_rows,
+    with_tensors,
+)
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import (
     FederatedRound,
@@ -45,6 +62,7 @@ from flexmoe.merge.slots import (
     RouterVersion,
     SlotTable,
     SlotVersion,
+    TrunkVersion,
 )
 from flexmoe.merge.standing import standing_exclusions
 from flexmoe.model import names
@@ -57,6 +75,8 @@ if TYPE_CHECKING:
 VERSIONS_DIR = "flexmoe_versions"
 ROUTER_FILE = "router-v{version}.safetensors"
 SLOT_DIR = "slots/{name}-v{version}"
+TRUNK_FILE = "trunk-v{version}.safetensors"
+TRUNK, MOMENTS = "trunk.", ("m.", "v.")  # the prefixes of a trunk file's tensors
 
 
 def initial_record(table: SlotTable, rows_sha256: str) -> Federation:
@@ -114,7 +134,20 @@ def fallback(record: Federation, excluded: frozenset[str]) -> Federation:
             if v.name == name and name not in excluded and not excluded & set(v.shaped_by)
         ]
         slots[name] = max(clean, default=0)
-    return record.model_copy(update={"current_router": router.version, "current_slots": slots})
+    trunk = max(
+        (v for v in record.trunk_versions if not excluded & set(v.shaped_by)),
+        key=lambda v: v.version,
+        default=None,
+    )
+    if trunk is not None and trunk.file is None:
+        raise FlexMoEError(f"trunk version {trunk.version}", "its file was dropped")
+    return record.model_copy(
+        update={
+            "current_router": router.version,
+            "current_slots": slots,
+            "current_trunk": trunk.version if trunk else record.current_trunk,
+        }
+    )
 
 
 def revert_for_opt_out(model: Path, *, progress: bool = False) -> Federation | None:
@@ -128,7 +161,7 @@ def revert_for_opt_out(model: Path, *, progress: bool = False) -> Federation | N
     excluded = standing_exclusions(merged.path)
     target = fallback(table.federation, excluded)
     now = table.federation
-    if (target.current_router, target.current_slots) == (now.current_router, now.current_slots):
+    if _current(target) == _current(now):
         return None
     with tempfile.TemporaryDirectory(prefix=".revert-", dir=merged.path.parent) as work:
         coordinator = Coordinator(merged, Path(work), excluded=excluded)
@@ -136,8 +169,8 @@ def revert_for_opt_out(model: Path, *, progress: bool = False) -> Federation | N
     return coordinator.record
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, dtype=np.float32))
+def _current(record: Federation) -> tuple[int, dict[str, int], int]:
+    return record.current_router, record.current_slots, record.current_trunk
 
 
 def _rows_of(sources: dict[str, TensorSource], layers: int) -> torch.Tensor:
@@ -158,10 +191,13 @@ class Coordinator:
     excluded: frozenset[str] = frozenset()
     slot_row: bool = True  # slot phases also train each owner's own router row
     router_sgd: bool = True  # router phases step with plain SGD, not AdamW
+    server: ServerOptimizer = field(default_factory=ServerOptimizer)  # applies trunk averages
+    lora_rank: int = 0  # > 0: trunk phases train rank-R factors of the trunk's matrices
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
     in_weights: Federation = field(init=False)  # the versions the model's weights hold
     state: ModelState = field(init=False)
+    moments: dict[str, torch.Tensor] = field(init=False)  # the server optimiser's state
     fingerprint: str = field(init=False)  # of the model every owner holds a copy of
 
     def __post_init__(self) -> None:
@@ -185,7 +221,13 @@ class Coordinator:
             for name, version in self.record.current_slots.items()
             if version != self.in_weights.current_slots[name]
         }
-        self.state = ModelState(rows=self._rows(self.record.current_router), slots=slots)
+        self.trunk_names = trunk_keys(self.sources, self.table)
+        trunk: dict[str, torch.Tensor] = {}
+        self.moments = {}
+        if self.record.current_trunk or self.in_weights.current_trunk:
+            trunk, self.moments = self._trunk(self.record.current_trunk)
+        rows = self._rows(self.record.current_router)
+        self.state = ModelState(rows=rows, slots=slots, trunk=trunk)
 
     def _new_file(self, relative: str) -> Path:
         path = self.work / VERSIONS_DIR / relative
@@ -209,6 +251,17 @@ class Coordinator:
         entry = self.record.router_versions[version]
         return load_file(self._checked(entry.file, entry.sha256))["rows"]
 
+    def _trunk(self, version: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Trunk version ``version``: its tensors and the server optimiser's state."""
+        entry = self.record.trunk_versions[version]
+        if entry.file is None:
+            raise FlexMoEError(f"trunk version {version}", "its file was dropped")
+        found = load_file(self._checked(entry.file, entry.sha256))
+        trunk = {k.removeprefix(TRUNK): v for k, v in found.items() if k.startswith(TRUNK)}
+        if sorted(trunk) != self.trunk_names:
+            raise FlexMoEError(entry.file, "does not hold this model's trunk")
+        return trunk, {k: v for k, v in found.items() if k.startswith(MOMENTS)}
+
     def _tensors(self, name: str, version: int) -> Path:
         entry = self.record.slot_version(name, version)
         return self._checked(f"{entry.package}/{TENSORS_FILE}", entry.tensors_sha256)
@@ -222,6 +275,8 @@ class Coordinator:
         rounds += [
             self.record.slot_version(n, v).round for n, v in self.record.current_slots.items()
         ]
+        if self.record.trunk_versions:
+            rounds.append(self.record.trunk_versions[self.record.current_trunk].round)
         return 1 + max(rounds)
 
     def active(self) -> list[str]:
@@ -236,6 +291,7 @@ class Coordinator:
             excluded=self.excluded,
             slot_row=self.slot_row,
             router_sgd=self.router_sgd,
+            lora_rank=self.lora_rank if kind == "trunk" else 0,
         )
 
     def _depends(self, names_: list[str]) -> list[str]:
@@ -243,6 +299,8 @@ class Coordinator:
         (their weights take part), the current versions' own dependencies, and ``names_``."""
         found = set(names_) | set(self.active())
         found |= set(self.record.router_versions[self.record.current_router].shaped_by)
+        if self.record.trunk_versions:
+            found |= set(self.record.trunk_versions[self.record.current_trunk].shaped_by)
         for name, version in self.record.current_slots.items():
             if name not in self.excluded:
                 found |= set(self.record.slot_version(name, version).shaped_by)
@@ -261,6 +319,7 @@ class Coordinator:
             participants=sorted(participants),
             shaped_by=self._depends(participants),
             trained_against={n: self.record.current_slots[n] for n in self.active()},
+            trunk_version=self.record.current_trunk,
             parent=self.record.current_router,
             file=relative,
             sha256=sha256_file(path),
@@ -281,39 +340,54 @@ class Coordinator:
         arrays, config = encode_task(self.state, task)
         return arrays, {**config, MODEL_KEY: self.fingerprint}
 
-    def take_updates(self, round: int, updates: dict[str, tuple[list[np.ndarray], int]]) -> None:
-        """The owners' replies to a router phase: their row changes and token counts."""
-        self.take_router(
-            round,
-            {
-                n: (torch.from_numpy(np.array(a[0], dtype=np.float32)), t)
-                for n, (a, t) in updates.items()
-            },
+    def take_updates(self, round: int, kind: Kind, updates: Updates) -> None:
+        """The owners' replies to a router or trunk phase: their changes and token counts."""
+        self.take_changes(
+            round, kind, {n: (self._decode(kind, a), t) for n, (a, t) in updates.items()}
         )
 
-    def take_router(self, round: int, updates: dict[str, tuple[torch.Tensor, int]]) -> None:
-        """Average the owners' row changes (``name -> (change, tokens)``), weighted by tokens,
-        in the order of the names; add the average to the rows."""
+    def _decode(self, kind: Kind, arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        if kind == "trunk":
+            return decode_trunk_update(arrays, self.trunk_names)
+        if len(arrays) != 1:
+            raise FlexMoEError(f"{kind} round", f"an update of {len(arrays)} arrays, not 1")
+        return {ROWS: torch.from_numpy(np.array(arrays[0], dtype=np.float32))}
+
+    def take_changes(
+        self, round: int, kind: Kind, updates: dict[str, tuple[dict[str, torch.Tensor], int]]
+    ) -> None:
+        """Average the owners' changes (``name -> (change, tokens)``), weighted by tokens, in
+        the order of the names, and apply the average."""
         active = set(self.active())
         for name in updates:
             if name not in active:
                 raise FlexMoEError(name, f"round {round}: an update from no active owner")
         total = sum(tokens for _, tokens in updates.values())
         if not updates or total <= 0:
-            raise FlexMoEError("router round", f"round {round}: no owner sent an update")
-        average = torch.zeros_like(self.state.rows)
+            raise FlexMoEError(f"{kind} round", f"round {round}: no owner sent an update")
+        keys = set(next(iter(updates.values()))[0])
+        if any(set(change) != keys for change, _ in updates.values()):
+            raise FlexMoEError(f"{kind} round", f"round {round}: updates of different tensors")
+        average = {k: torch.zeros_like(v) for k, v in next(iter(updates.values()))[0].items()}
         for name in sorted(updates):
             change, tokens = updates[name]
-            average += change.float() * (tokens / total)
-        self.add_average(round, average, sorted(updates))
+            for key in average:
+                average[key] += change[key].float() * (tokens / total)
+        self.apply_average(round, kind, average, sorted(updates))
 
-    def take_average(self, round: int, average: list[np.ndarray], participants: list[str]) -> None:
-        """The average of the owners' row changes, as secure aggregation gives it."""
-        if len(average) != 1:
-            raise FlexMoEError("router round", f"an average of {len(average)} arrays, not 1")
-        self.add_average(
-            round, torch.from_numpy(np.array(average[0], dtype=np.float32)), participants
-        )
+    def take_average(
+        self, round: int, kind: Kind, average: list[np.ndarray], participants: list[str]
+    ) -> None:
+        """The average of the owners' changes, as secure aggregation gives it."""
+        self.apply_average(round, kind, self._decode(kind, average), participants)
+
+    def apply_average(
+        self, round: int, kind: Kind, average: dict[str, torch.Tensor], participants: list[str]
+    ) -> None:
+        if kind == "trunk":
+            self.add_trunk(round, average, participants)
+        else:
+            self.add_average(round, average[ROWS], participants)
 
     def add_average(self, round: int, average: torch.Tensor, participants: list[str]) -> None:
         """Add an average of row changes to the rows: a new router version."""
@@ -323,8 +397,108 @@ class Coordinator:
             raise FlexMoEError("router round", f"round {round}: the averaged update is not finite")
         excluded = [i for i, s in enumerate(self.table.slots) if s.name in self.excluded]
         average[:, excluded] = 0  # the masked experts' rows stay as they are
-        self.state = ModelState(rows=self.state.rows + average, slots=self.state.slots)
+        self.state = replace(self.state, rows=self.state.rows + average)
         self._next_router(round, "router", participants)
+
+    def _masked(self) -> list[int]:
+        return [i for i, s in enumerate(self.table.slots) if s.name in self.excluded]
+
+    def add_trunk(
+        self, round: int, average: dict[str, torch.Tensor], participants: list[str]
+    ) -> None:
+        """Apply an average of trunk updates through the server optimiser: a new trunk version
+        and a new router version."""
+        change = self._dense_change(round, average)
+        if not self.record.trunk_versions:
+            self._keep_trunk_original()
+        rows = self.state.rows
+        moments, step = self._server_state()
+        weights = {ROWS: rows, **(self.state.trunk or self._stored_trunk())}
+        new, self.moments = self.server.step(weights, change, moments, step + 1)
+        new_rows = new.pop(ROWS)
+        new_rows[:, self._masked()] = rows[:, self._masked()]  # the masked experts' stay
+        self.state = replace(self.state, rows=new_rows, trunk=new)
+        self._next_trunk(round, participants, step + 1)
+        self._next_router(round, "trunk", participants)
+
+    def _dense_change(
+        self, round: int, average: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The averaged change of every trunk tensor and the rows (low-rank factors expanded),
+        checked."""
+        shapes = {ROWS: tuple(self.state.rows.shape)}
+        shapes |= {k: tuple(self.sources[k].shape) for k in self.trunk_names}
+        if set(average) != set(shapes):
+            raise FlexMoEError("trunk round", f"round {round}: an update of other tensors")
+        low = LowRank(self.lora_rank, round) if self.lora_rank else None
+        change = {}
+        for key, sent in average.items():
+            dense = sent if low is None or key == ROWS else low.dense(key, sent, shapes[key])
+            if tuple(dense.shape) != shapes[key]:
+                raise FlexMoEError(key, f"round {round}: an update of shape {tuple(dense.shape)}")
+            if not torch.isfinite(dense).all():
+                raise FlexMoEError(key, f"round {round}: the averaged update is not finite")
+            change[key] = dense.float()
+        change[ROWS][:, self._masked()] = 0
+        return change
+
+    def _stored_trunk(self) -> dict[str, torch.Tensor]:
+        """The trunk the model's weights hold, float32."""
+        return {k: self.sources[k].load().float() for k in self.trunk_names}
+
+    def _server_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The server optimiser's state and steps so far: the current trunk version's, when it
+        was made by this very optimiser; else a fresh start."""
+        if not self.record.trunk_versions:
+            return {}, 0
+        made = self.record.trunk_versions[self.record.current_trunk].optimizer
+        if made is None or ServerOptimizer.of(made) != self.server:
+            return {}, 0
+        return self.moments, made.step
+
+    def _keep_trunk_original(self) -> None:
+        """Trunk version 0, the merge's own, kept apart before the weights stop holding it."""
+        self._add_trunk_version(self._stored_trunk(), {}, round=0, participants=[], step=None)
+
+    def _next_trunk(self, round: int, participants: list[str], step: int) -> None:
+        self._add_trunk_version(self.state.trunk, self.moments, round, participants, step)
+
+    def _add_trunk_version(
+        self,
+        trunk: dict[str, torch.Tensor],
+        moments: dict[str, torch.Tensor],
+        round: int,
+        participants: list[str],
+        step: int | None,
+    ) -> None:
+        version = len(self.record.trunk_versions)
+        relative = TRUNK_FILE.format(version=version)
+        path = self._new_file(relative)
+        tensors = {TRUNK + k: v.contiguous() for k, v in trunk.items()}
+        save_file(tensors | {k: v.contiguous() for k, v in moments.items()}, str(path))
+        first = version == 0
+        entry = TrunkVersion(
+            version=version,
+            round=round,
+            participants=sorted(participants),
+            shaped_by=[] if first else self._depends(participants),
+            trained_against={}
+            if first
+            else {n: self.record.current_slots[n] for n in self.active()},
+            router_version=None if first else self.record.current_router,
+            parent=None if first else self.record.current_trunk,
+            adapters=f"lora-{self.lora_rank}" if self.lora_rank and not first else "full",
+            optimizer=None if step is None else self.server.record(step),
+            parameters=sum(t.numel() for t in trunk.values()),
+            file=relative,
+            sha256=sha256_file(path),
+        )
+        self.record = self.record.model_copy(
+            update={
+                "trunk_versions": [*self.record.trunk_versions, entry],
+                "current_trunk": version,
+            }
+        )
 
     def take_slots(self, round: int, packages: dict[str, Path]) -> None:
         """Check each owner's package (``name -> directory``) and make it that slot's new
@@ -356,6 +530,7 @@ class Coordinator:
                         n: v for n, v in self.record.current_slots.items() if n in self.active()
                     },
                     router_version=self.record.current_router,
+                    trunk_version=self.record.current_trunk,
                     package=relative,
                     tensors_sha256=sha256_file(dest / TENSORS_FILE),
                     record=slot_entry(slot, self.config.num_hidden_layers),
@@ -368,7 +543,7 @@ class Coordinator:
                 "current_slots": current,
             }
         )
-        self.state = ModelState(rows=rows, slots=slots)
+        self.state = replace(self.state, rows=rows, slots=slots)
         self._next_router(round, "slots", sorted(packages))
 
     def log_round(self, entry: FederatedRound) -> None:
@@ -401,6 +576,29 @@ class Coordinator:
         versions = [kept if v is entry else v for v in self.record.slot_versions]
         self.record = self.record.model_copy(update={"slot_versions": versions})
 
+    def _drop_superseded(self) -> None:
+        """Drop the files of the trunk versions made here that a newer version shaped by the
+        same experts supersedes: no opt-out can fall back to them (the newer one is as clean
+        and newer), so only the merge's own, the current one and each last version before a
+        change of who shapes the trunk keep their tensors."""
+        versions = self.record.trunk_versions
+        kept = []
+        for v in versions:
+            new = self.work / VERSIONS_DIR / str(v.file)
+            superseded = any(
+                c.parent == v.version and set(c.shaped_by) == set(v.shaped_by) for c in versions
+            )
+            if (
+                v.version
+                and v.version != self.record.current_trunk
+                and superseded
+                and new.is_file()
+            ):
+                new.unlink()
+                v = v.model_copy(update={"file": None, "sha256": None})
+            kept.append(v)
+        self.record = self.record.model_copy(update={"trunk_versions": kept})
+
     def write(self, out: Path, *, progress: bool = True) -> MergedModel:
         """The model at the current versions, written to ``out`` with every version file."""
         sources = list(self.sources.values())
@@ -415,6 +613,9 @@ class Coordinator:
             sources = replaced_slot_sources(sources, tensors, entry.record.slot)
             records[entry.record.slot] = entry.record
         sources = with_router_rows(sources, list(self.state.rows.unbind(0)))
+        if self.record.current_trunk != self.in_weights.current_trunk:
+            sources = with_tensors(sources, self.state.trunk)
+        self._drop_superseded()
         table = self.table.model_copy(update={"slots": records, "federation": self.record})
         return self.merged.write(
             out,

@@ -110,7 +110,9 @@ def federate(
     merged, out = check_rounds(model, plan, out, overwrite)
     excluded = standing_exclusions(merged.path)
     texts = check_owners(merged, texts, excluded)
-    with new_model(merged, out, registry, excluded, slot_row, router_sgd, progress) as coordinator:
+    with new_model(
+        merged, out, plan, registry, excluded, slot_row, router_sgd, progress
+    ) as coordinator:
         runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
     return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
 
@@ -119,8 +121,8 @@ def check_rounds(
     model: Path, plan: RoundPlan, out: Path, overwrite: bool
 ) -> tuple[MergedModel, Path]:
     """The merged model, and the new model's directory, checked before any round starts."""
-    if any(p not in ("slot", "router") for p in plan.phases):
-        raise FlexMoEError("--recipe", f"phases must be slot and/or router, got {plan.phases}")
+    if any(p not in ("slot", "router", "trunk") for p in plan.phases):
+        raise FlexMoEError("--recipe", f"phases must be slot, router or trunk, got {plan.phases}")
     merged = MergedModel.open(model)
     out = Path(out)
     if out.resolve() == merged.path.resolve():
@@ -134,6 +136,7 @@ def check_rounds(
 def new_model(
     merged: MergedModel,
     out: Path,
+    plan: RoundPlan,
     registry: KeyRegistry | None,
     excluded: frozenset[str],
     slot_row: bool,
@@ -144,7 +147,16 @@ def new_model(
     has run its rounds, the new model is written to ``out`` (whole, or not at all)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        coordinator = Coordinator(merged, Path(work), registry, excluded, slot_row, router_sgd)
+        coordinator = Coordinator(
+            merged,
+            Path(work),
+            registry,
+            excluded,
+            slot_row,
+            router_sgd,
+            server=plan.server,
+            lora_rank=plan.lora_rank,
+        )
         yield coordinator
         coordinator.write(out, progress=progress)
 

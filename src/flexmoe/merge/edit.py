@@ -62,13 +62,21 @@ def with_router_rows(sources: list[TensorSource], rows: list[torch.Tensor]) -> l
     """``sources`` with each layer's router replaced by ``rows[layer] (N, H)``, rounded to the
     stored router's dtype."""
     gates = {names.ROUTER_ON_DISK.format(layer=i): r.detach() for i, r in enumerate(rows)}
+    return with_tensors(sources, gates)
+
+
+def with_tensors(
+    sources: list[TensorSource], tensors: dict[str, torch.Tensor]
+) -> list[TensorSource]:
+    """``sources`` with the tensors named in ``tensors`` replaced, each rounded to the stored
+    tensor's dtype."""
 
     def constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: tensor
 
     return [
-        TensorSource(s.name, s.shape, s.dtype, constant(gates[s.name].to(s.dtype)))
-        if s.name in gates
+        TensorSource(s.name, s.shape, s.dtype, constant(tensors[s.name].to(s.dtype)))
+        if s.name in tensors
         else s
         for s in sources
     ]

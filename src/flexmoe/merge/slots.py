@@ -80,10 +80,11 @@ class RouterVersion(BaseModel):
 
     version: int  # 0: the rows as merged
     round: int
-    phase: Literal["merge", "slots", "router"]
+    phase: Literal["merge", "slots", "router", "trunk"]
     participants: list[str]  # the experts whose owners' text trained it in this phase
     shaped_by: list[str]  # every expert whose text or weights it depends on, its parents' too
     trained_against: dict[str, int]  # expert -> the slot version it was computed with
+    trunk_version: int = 0  # the shared trunk it was computed inside
     parent: int | None
     file: str  # under flexmoe_versions/: the rows, float32
     sha256: str
@@ -100,9 +101,45 @@ class SlotVersion(BaseModel):
     shaped_by: list[str]
     trained_against: dict[str, int]  # the other experts' slot versions it was refined with
     router_version: int | None  # the rows it was refined with
+    trunk_version: int = 0  # the shared trunk it was refined inside
     package: str  # its directory under flexmoe_versions/ (version 0: the tensors alone)
     tensors_sha256: str | None  # None: version 0, still in the weights and not yet kept apart
     record: SlotRecord  # its row of the slot table while it is current
+
+
+class ServerOptimizerRecord(BaseModel):
+    """How the coordinator applied the owners' averaged change (FedOpt, Reddi et al. 2021):
+    ``fedavg`` adds it; ``fedadam`` and ``fedyogi`` treat it as a pseudo-gradient."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Literal["fedavg", "fedadam", "fedyogi"]
+    lr: float
+    beta1: float
+    beta2: float
+    tau: float
+    step: int  # server steps taken so far, this one included (its state is in the file)
+
+
+class TrunkVersion(BaseModel):
+    """One version of the shared trunk: every parameter all owners share (attention, norms, the
+    public and the coordinator's rival experts), and the server optimiser's state."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int  # 0: the trunk as merged
+    round: int
+    participants: list[str]
+    shaped_by: list[str]
+    trained_against: dict[str, int]  # expert -> the slot version it was computed with
+    router_version: int | None  # the rows it was trained with (None: version 0)
+    parent: int | None
+    adapters: str  # "full", or "lora-R": each owner trained rank-R adapters of the matrices
+    optimizer: ServerOptimizerRecord | None  # None: version 0
+    parameters: int  # values in the trunk (what an update of it carries)
+    file: str | None  # under flexmoe_versions/: the tensors, float32, and the optimiser state;
+    # None: dropped, since a newer version shaped by the same experts supersedes it
+    sha256: str | None
 
 
 class RoundPrivacy(BaseModel):
@@ -127,6 +164,7 @@ class FederatedRound(BaseModel):
     bytes_sent: dict[str, int]  # expert -> bytes its owner sent this round
     secure_aggregation: bool
     steps: dict[str, int]  # phase -> local steps per owner
+    tokens: dict[str, int] = {}  # expert -> tokens its owner trained on this round, all phases
     privacy: RoundPrivacy | None = None  # None: the updates went without noise
 
 
@@ -140,6 +178,8 @@ class Federation(BaseModel):
     current_router: int  # the router version in the weights
     current_slots: dict[str, int]  # expert -> its slot version in the weights
     rounds: list[FederatedRound]
+    trunk_versions: list[TrunkVersion] = []  # empty: no trunk phase yet (the weights' own)
+    current_trunk: int = 0
     # expert -> epsilon at ``delta`` over every update its owner sent in these rounds (Opacus's
     # RDP accountant); None: some of them went without noise
     epsilon: dict[str, float | None] = {}

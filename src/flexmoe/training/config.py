@@ -133,3 +133,6 @@ FEDERATED_SLOT = TrainConfig(
 # A router phase steps with plain SGD (classic FedAvg's local optimiser): on both corpus sets it
 # beat AdamW (docs/federated.md); lr 0.5 was the best of 0.2, 0.5 and 1.5 on the demo set.
 FEDERATED_ROUTER = replace(FEDERATED_SLOT, steps=5, lr=0.5)
+# A trunk phase: each owner's local training of the parameters every owner shares (attention,
+# norms, the public and rival experts) and the router rows, with AdamW, fresh each round.
+FEDERATED_TRUNK = replace(FEDERATED_SLOT, steps=5, lr=1e-3)

@@ -1,0 +1,124 @@
+"""The coordinator's server optimiser: how the owners' averaged change of a trunk phase is
+applied to the trunk (FedOpt: Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+
+The averaged change is a pseudo-gradient; the optimiser's state is kept with each trunk version
+(``merge.slots.TrunkVersion``), so that a rebuild after an opt-out continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from flexmoe.errors import FlexMoEError
+
+if TYPE_CHECKING:  # both heavy to import: the command line reads this module's defaults
+    import torch
+
+    from flexmoe.merge.slots import ServerOptimizerRecord
+
+
+class ServerOptimizerName(StrEnum):
+    FEDAVG = "fedavg"  # add the average (times lr)
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """How the coordinator applies the averaged change ``d`` of a trunk phase to the trunk ``x``:
+
+    - ``fedavg``: ``x + lr * d`` (lr 1: plain FedAvg);
+    - ``fedadam``: ``m = b1 m + (1 - b1) d``, ``v = b2 v + (1 - b2) d^2``,
+      ``x + lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + tau)``;
+    - ``fedyogi``: ``m`` as Adam's, ``v = v - (1 - b2) d^2 sign(v - d^2)``,
+      ``x + lr * m / (sqrt(v) + tau)``.
+
+    These are Flower's ``FedAdam`` and ``FedYogi`` (``flwr.server.strategy``), element by
+    element, with ``t`` the server step counted from 1 (Flower's FedAdam counts its bias
+    correction from the round number plus one); ``m`` and ``v`` start at zero.
+    """
+
+    name: ServerOptimizerName = ServerOptimizerName.FEDAVG
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in ServerOptimizerName._value2member_map_:
+            known = ", ".join(ServerOptimizerName)
+            raise FlexMoEError("--server-optimizer", f"must be one of {known}, got {self.name!r}")
+        if not self.lr > 0:
+            raise FlexMoEError("--server-lr", f"must be positive, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise FlexMoEError("--server-optimizer", "its betas must be in [0, 1)")
+        if not self.tau > 0:
+            raise FlexMoEError("--server-tau", f"must be positive, got {self.tau}")
+
+    @property
+    def stateful(self) -> bool:
+        return self.name != ServerOptimizerName.FEDAVG
+
+    def record(self, step: int) -> ServerOptimizerRecord:
+        from flexmoe.merge.slots import ServerOptimizerRecord
+
+        return ServerOptimizerRecord(
+            name=self.name.value,
+            lr=self.lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            tau=self.tau,
+            step=step,
+        )
+
+    @classmethod
+    def of(cls, record: ServerOptimizerRecord) -> ServerOptimizer:
+        return cls(
+            ServerOptimizerName(record.name), record.lr, record.beta1, record.beta2, record.tau
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServerOptimizer:
+        """The inverse of :meth:`to_dict` (missing fields take their defaults)."""
+        name = ServerOptimizerName(data.get("name", ServerOptimizerName.FEDAVG.value))
+        return cls(name, **{k: float(v) for k, v in data.items() if k != "name"})
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name.value,
+            "lr": self.lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+        }
+
+    def step(
+        self,
+        weights: dict[str, torch.Tensor],
+        change: dict[str, torch.Tensor],
+        state: dict[str, torch.Tensor],
+        t: int,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Server step ``t`` (from 1): the new weights and the new state (``m.KEY``, ``v.KEY``;
+        empty for fedavg), every tensor float32."""
+        import torch
+
+        if self.name == ServerOptimizerName.FEDAVG:
+            return {k: weights[k] + self.lr * change[k] for k in weights}, {}
+        new, moments = {}, {}
+        scale = self.lr
+        if self.name == ServerOptimizerName.FEDADAM:
+            scale *= (1 - self.beta2**t) ** 0.5 / (1 - self.beta1**t)
+        for key, x in weights.items():
+            d = change[key]
+            m = state.get(f"m.{key}", torch.zeros_like(d)) * self.beta1 + (1 - self.beta1) * d
+            v = state.get(f"v.{key}", torch.zeros_like(d))
+            if self.name == ServerOptimizerName.FEDADAM:
+                v = self.beta2 * v + (1 - self.beta2) * d * d
+            else:
+                v = v - (1 - self.beta2) * d * d * torch.sign(v - d * d)
+            new[key] = x + scale * m / (v.sqrt() + self.tau)
+            moments[f"m.{key}"], moments[f"v.{key}"] = m, v
+        return new, moments
