@@ -42,7 +42,12 @@ from flexmoe.federated.server import ServerOptimizer
 from flexmoe.inference.selection import load_selected
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
-from flexmoe.training.config import FEDERATED_ROUTER, FEDERATED_SLOT, FEDERATED_TRUNK
+from flexmoe.training.config import (
+    FEDERATED_ROUTER,
+    FEDERATED_SLOT,
+    FEDERATED_TRUNK,
+    TrainConfig,
+)
 
 CPU = torch.device("cpu")
 
@@ -91,7 +96,7 @@ def score(model: Path, specs: list[DataSpec], tokens: Path) -> dict[str, float]:
     return {s.domain: round(s.bits_per_byte, 4) for s in scores}
 
 
-def emit(recipe: str, owner_steps: int, bpb: dict[str, float], **extra: object) -> None:
+def emit(recipe: str, owner_steps: float, bpb: dict[str, float], **extra: object) -> None:
     average = round(sum(bpb.values()) / len(bpb), 4)
     line = {"recipe": recipe, "owner_steps": owner_steps, "bpb": bpb, "average": average}
     print(json.dumps(line | extra), flush=True)
@@ -108,7 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trunk-lr", type=float, default=FEDERATED_TRUNK.lr)
     parser.add_argument("--server-optimizer", default="fedavg")
     parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--server-tau", type=float, default=1e-3)
+    parser.add_argument("--server-decay", action="store_true", help="cosine over the rounds")
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--trunk-sgd", action="store_true", help="trunk phases step with SGD")
+    parser.add_argument(
+        "--trunk-batch", type=int, default=None, help="sequences per trunk step (default: 16)"
+    )
+    parser.add_argument("--server-beta2", type=float, default=0.99)
     parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
@@ -122,32 +134,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_of(recipe: str, args: argparse.Namespace) -> tuple[int, RoundPlan | None]:
-    """A recipe's expert steps and its rounds (None: no rounds)."""
+def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | None]:
+    """A recipe's owner compute, in steps of the demo's batch, and its rounds (None: none)."""
     e, r, s, t, k = ([int(x) for x in recipe.split(":")] + [0])[:5]
     if r == 0:
         return e, None
     size = {"batch_size": FULL.expert.batch_size, "seq_len": FULL.expert.seq_len}
 
-    def local(cfg: object, steps: int, lr: float) -> object:
+    def local(cfg: TrainConfig, steps: int, lr: float) -> TrainConfig:
         warmup = max(1, steps // 10)
-        return replace(cfg, steps=max(steps, 1), lr=lr, warmup_steps=warmup, **size)  # type: ignore[type-var]
+        return replace(cfg, steps=max(steps, 1), lr=lr, warmup_steps=warmup, **size)  # type: ignore[arg-type]
 
     phases = tuple(p for p, n in (("slot", s), ("router", t), ("trunk", k)) if n)
     plan = RoundPlan(
         rounds=r,
         phases=phases,  # type: ignore[arg-type]
         slot=local(FEDERATED_SLOT, s, args.slot_lr),  # type: ignore[arg-type]
-        router=local(FEDERATED_ROUTER, t, args.router_lr),  # type: ignore[arg-type]
-        trunk=local(FEDERATED_TRUNK, k, args.trunk_lr),  # type: ignore[arg-type]
-        server=ServerOptimizer.from_dict({"name": args.server_optimizer, "lr": args.server_lr}),
+        router=local(FEDERATED_ROUTER, t, args.router_lr),
+        trunk=replace(
+            local(FEDERATED_TRUNK, k, args.trunk_lr),  # type: ignore[arg-type]
+            batch_size=args.trunk_batch or FULL.expert.batch_size,
+        ),
+        server=ServerOptimizer.from_dict(
+            {
+                "name": args.server_optimizer,
+                "lr": args.server_lr,
+                "tau": args.server_tau,
+                "beta2": args.server_beta2,
+                "decay_steps": r if args.server_decay else 0,
+            }
+        ),
         lora_rank=args.lora_rank,
+        trunk_sgd=args.trunk_sgd,
         secagg=args.secagg,
     )
     if args.dp_epsilon is not None:
         privacy = UpdatePrivacy.for_budget(args.dp_epsilon, plan.releases(), clip=None)
         plan = replace(plan, privacy=privacy)
-    return e + r * (s + t + k), plan
+    trunk_steps = k * plan.trunk.batch_size / FULL.expert.batch_size  # in full-batch steps
+    return round(e + r * (s + t + trunk_steps), 2), plan
 
 
 def label(recipe: str, args: argparse.Namespace) -> str:
@@ -158,6 +183,10 @@ def label(recipe: str, args: argparse.Namespace) -> str:
         )
         if args.lora_rank:
             said.append(f"lora rank {args.lora_rank}")
+        if args.trunk_batch:
+            said.append(f"trunk batch {args.trunk_batch}")
+        if args.server_beta2 != 0.99:
+            said.append(f"server beta2 {args.server_beta2:g}")
     if args.router_adamw:
         said.append("router AdamW")
     if args.secagg:

@@ -381,10 +381,12 @@ def test_the_demo_report_has_every_section_in_order() -> None:
     assert "top-2 of 5 experts per token" in text
 
 
-def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
-    """With a federated stage, the report has its section: both rows against the untuned
-    merge and btm, public text, bits per byte after each round, and the bytes each owner sent
-    per round."""
+def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
+    """With a federated stage, the report has its section: every way of training together at
+    what it costs one owner (tokens, bytes sent, inference cost, exact opt-out), the federated
+    model against the untuned merge, btm and fedavg, the curve over the rounds and what
+    --dp-epsilon costs."""
+    from flexmoe.evaluate.accounting import OwnerCost
     from flexmoe.experiment.narrative import _federated_section
 
     evaluation = _results(
@@ -394,31 +396,60 @@ def test_the_demo_report_shows_the_federated_rows_and_bytes() -> None:
             "fedavg": {"public": 1.1, "code": 2.4, "legal": 2.4},
         },
     )
-    sent = {"code": 2_000_000, "legal": 3_000_000}
     fed = {
-        "expert_steps": 3, "specialist_steps": 6, "rounds": 1, "slot_steps": 1,
-        "router_steps": 2, "owner_steps": 6, "fedavg_rounds": 2, "fedavg_steps": 3,
-        "per_round": [{"round": 1, "phases": ["slot", "router"], "bytes_sent": sent}],
-        "fedavg_per_round": [{"round": r, "bytes_sent": sent} for r in (1, 2)],
-        "bpb_by_round": [{"round": 0, "bpb": {"public": 1.2, "code": 2.2, "legal": 2.2}}],
-        "privacy_cost": [
-            {"epsilon": None, "noise_multiplier": 0.0, "clip": None,
-             "bpb": {"public": 1.1, "code": 2.0, "legal": 2.1}},
-            {"epsilon": 8.0, "noise_multiplier": 1.25, "clip": 0.5,
-             "bpb": {"public": 1.5, "code": 2.5, "legal": 2.5}},
+        "expert_steps": 3,
+        "specialist_steps": 6,
+        "rounds": 3,
+        "phase_steps": {"trunk": 1},
+        "server": {"name": "fedadam", "lr": 0.003},
+        "owner_steps": 6,
+        "fedavg_rounds": 2,
+        "fedavg_steps": 3,
+        "curve_every": 2,
+        "bpb_by_round": [
+            {"round": 0, "bpb": {"public": 1.2, "code": 2.2, "legal": 2.2}},
+            {"round": 3, "bpb": {"public": 0.9, "code": 1.8, "legal": 2.1}},
         ],
-    }  # fmt: skip
-    text = _federated_section(fed, evaluation)
-    assert "| 0 (the merge, before any round) | 1.8667 | 1.2000 |" in text
-    assert "| 1 | 1.6000 | 0.9000 |" in text  # the last round: the flexmoe:federated row
-    assert "| no noise | 0.000 | 1.7333 | 1.1000 |" in text
-    assert "| 8 | 1.250 | 2.1667 | 1.5000 |" in text and "L2 norm of 0.5" in text
+        "privacy_cost": [
+            {
+                "epsilon": 8.0,
+                "noise_multiplier": 1.25,
+                "clip": {"router": 0.5, "trunk": 1.0},
+                "bpb": {"public": 1.5, "code": 2.5, "legal": 2.5},
+            },
+        ],
+    }
+    costs = [
+        OwnerCost(
+            model="flexmoe",
+            owner_tokens=6000,
+            bytes_sent=2_000_000,
+            inference=1.5,
+            exact_opt_out=True,
+            how="trains its expert alone",
+        ),
+        OwnerCost(
+            model="fedavg",
+            owner_tokens=6000,
+            bytes_sent=40_000_000,
+            inference=1.0,
+            exact_opt_out=False,
+            how="trains the dense model",
+        ),
+    ]
+    results = {"federated": fed, "accounting": [c.model_dump() for c in costs]}
+    text = _federated_section(results, evaluation)
     assert text.startswith("## Federated rounds (Flower)")
-    assert "| flexmoe:federated | 1.6000 | -4.0% | -7.7% | 0.9000 |" in text
-    assert "| fedavg | 1.9667 | +18.0% | +13.5% | 1.1000 |" in text
-    assert "| 1 | slot+router | code 2.00 MB, legal 3.00 MB |" in text
-    assert text.count("fedavg (dense)") == 2 and "steps in all: 6" in text
-    assert _federated_section(None, evaluation) == ""
+    assert "| flexmoe | 1.6667 | 6,000 | 2.00 MB | 1.50x | yes | trains its expert alone |" in text
+    assert "| fedavg | 1.9667 | 6,000 | 40.00 MB | 1.00x | no | trains the dense model |" in text
+    said = " ".join(text.split())
+    assert "-4.0% against `flexmoe`, -7.7% against `btm`, -18.6% against `fedavg`" in said
+    assert "public text 0.9000 against the merge's 1.0000" in said
+    assert "| 0 (the merge, before any round) | 1.8667 | 1.2000 |" in text
+    assert "| 3 | 1.6000 | 0.9000 |" in text
+    assert "| 8 | 1.250 | 2.1667 | 1.5000 |" in text
+    assert "steps in all: 6" in said and "with fedadam (lr 0.003)" in said
+    assert _federated_section({}, evaluation) == ""
 
 
 def test_two_expert_text_says_whether_per_token_routing_wins(tmp_path: Path) -> None:

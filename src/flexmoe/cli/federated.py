@@ -3,7 +3,7 @@ text, and only their updates leave (Flower)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -145,6 +145,13 @@ ServerOptimizerOpt = Annotated[
     ),
 ]
 ServerLrOpt = Annotated[float, typer.Option(help="the server optimiser's learning rate")]
+ServerTauOpt = Annotated[
+    float, typer.Option(help="fedadam and fedyogi: the constant added to sqrt(v) (adaptivity)")
+]
+TrunkOptimizerOpt = Annotated[
+    str,
+    typer.Option(help="the trunk phase's local optimiser: adamw, or sgd (FedOpt's, for fedadam)"),
+]
 LoraRankOpt = Annotated[
     int,
     typer.Option(
@@ -171,7 +178,14 @@ class PhaseOptions:
     seed: int
     server_optimizer: str
     server_lr: float
+    server_tau: float
     lora_rank: int
+    trunk_optimizer: str
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> PhaseOptions:
+        """The fields of a command's options (its ``locals()``), by name."""
+        return cls(**{f.name: options[f.name] for f in fields(cls)})
 
     def local(self, cfg: TrainConfig, kind: str) -> TrainConfig:
         steps, lr = getattr(self, f"{kind}_steps"), getattr(self, f"{kind}_lr")
@@ -200,7 +214,13 @@ def _plan(
     from flexmoe.federated.server import ServerOptimizer
 
     phases = tuple(p.strip() for p in recipe.split(",") if p.strip())
-    server = ServerOptimizer.from_dict({"name": options.server_optimizer, "lr": options.server_lr})
+    server = ServerOptimizer.from_dict(
+        {"name": options.server_optimizer, "lr": options.server_lr, "tau": options.server_tau}
+    )
+    if options.trunk_optimizer not in ("sgd", "adamw"):
+        raise FlexMoEError(
+            "--trunk-optimizer", f"must be sgd or adamw, got {options.trunk_optimizer!r}"
+        )
     plan = RoundPlan(
         rounds=rounds,
         phases=phases,  # type: ignore[arg-type]
@@ -209,6 +229,7 @@ def _plan(
         trunk=options.local(FEDERATED_TRUNK, "trunk"),
         server=server,
         lora_rank=options.lora_rank,
+        trunk_sgd=options.trunk_optimizer == "sgd",
         secagg=secagg,
     )
     if dp_epsilon is None:
@@ -243,7 +264,9 @@ def fed_simulate(
     router_optimizer: RouterOptimizerOpt = "sgd",
     server_optimizer: ServerOptimizerOpt = SERVER.name.value,
     server_lr: ServerLrOpt = SERVER.lr,
+    server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
+    trunk_optimizer: TrunkOptimizerOpt = "adamw",
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
@@ -268,20 +291,7 @@ def fed_simulate(
     from flexmoe.device import pick_device
     from flexmoe.federated.run import federate
 
-    options = PhaseOptions(
-        slot_steps,
-        router_steps,
-        trunk_steps,
-        slot_lr,
-        router_lr,
-        trunk_lr,
-        batch_size,
-        seq_len,
-        seed,
-        server_optimizer,
-        server_lr,
-        lora_rank,
-    )
+    options = PhaseOptions.of(locals())
     clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
     plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
@@ -356,7 +366,9 @@ def fed_serve(
     router_optimizer: RouterOptimizerOpt = "sgd",
     server_optimizer: ServerOptimizerOpt = SERVER.name.value,
     server_lr: ServerLrOpt = SERVER.lr,
+    server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
+    trunk_optimizer: TrunkOptimizerOpt = "adamw",
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
@@ -383,20 +395,7 @@ def fed_serve(
     stays on its machine; the new model, with every version, is written to --out."""
     from flexmoe.federated.deploy import Tls, serve
 
-    options = PhaseOptions(
-        slot_steps,
-        router_steps,
-        trunk_steps,
-        slot_lr,
-        router_lr,
-        trunk_lr,
-        batch_size,
-        seq_len,
-        seed,
-        server_optimizer,
-        server_lr,
-        lora_rank,
-    )
+    options = PhaseOptions.of(locals())
     clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
     plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
     given = [x for x in (ca, cert, cert_key) if x is not None]

@@ -36,6 +36,7 @@ PLOTS = {
     "routing": "routing_shares.png",
     "cost": "cost_vs_quality.png",
 }
+ROUNDS_PLOT = "federated_rounds.png"  # the federated stage's curve (:func:`rounds_plot`)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,27 @@ def plot_files(results: Evaluation, owners: dict[str, str] | None = None) -> dic
         files[PLOTS["cost"]] = _png(fig)
         plt.close(fig)
     return files
+
+
+def rounds_plot(curve: list[tuple[int, float]], references: dict[str, float]) -> bytes:
+    """PNG bytes: bits per byte after each scored round (``curve``: round, average), with each
+    of ``references`` (name -> average) as a level line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([r for r, _ in curve], [b for _, b in curve], marker="o", label="flexmoe:federated")
+    for i, (name, level) in enumerate(references.items()):
+        ax.axhline(level, linestyle="--", linewidth=1, color=f"C{i + 1}", label=name)
+    ax.set_xlabel("federated round (0: the merge of the first experts)")
+    ax.set_ylabel("bits per byte, average over domains")
+    ax.set_title("bits per byte after each round (lower is better)", fontsize=9)
+    ax.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def mixture_section(results: Evaluation) -> str:

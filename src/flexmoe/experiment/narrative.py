@@ -10,6 +10,7 @@ from typing import Any
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate import report
+from flexmoe.evaluate.accounting import OwnerCost, accounting_table
 from flexmoe.evaluate.registry import (
     ANCHOR,
     BIAS,
@@ -32,7 +33,7 @@ from flexmoe.evaluate.registry import (
     specialist,
     without,
 )
-from flexmoe.evaluate.report import Narrative, checks, owner_domains, public_domain
+from flexmoe.evaluate.report import ROUNDS_PLOT, Narrative, checks, owner_domains, public_domain
 from flexmoe.io import atomic_write_bytes
 
 
@@ -253,7 +254,7 @@ def demo_report(
         _how_made(results, evaluation),
         f"Model names: {describe(list(evaluation.models))}",
         markdown(evaluation),
-        _federated_section(results.get("federated"), evaluation),
+        _federated_section(results, evaluation),
         _opt_out_section(results["opt_out"]),
         _audit_section(results["audit"], results),
         _curve_section(history),
@@ -325,7 +326,7 @@ def _variants(results: dict[str, Any]) -> str:
             f"The unrestricted upper bound (`{UNRESTRICTED}`), router tuning (`{TUNED}`, the "
             "paper's proxy-data recipe), the router levers "
             f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`), the other top-k and "
-            f"bias variants and the federated stage (`{FEDERATED}`, `{FEDAVG}`) run with "
+            "bias variants and what `--dp-epsilon` costs in the federated rounds run with "
             "`--ablations`."
         )
     return f"""As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the
@@ -346,96 +347,87 @@ exact), and `{ROUTER_CEILING}`, the rows fitted on the very held-out text scored
 changes only the router."""
 
 
-def _federated_section(fed: dict[str, Any] | None, evaluation: Evaluation) -> str:
-    """``flexmoe:federated`` and ``fedavg`` against the untuned merge and btm, and the bytes
-    each owner sent per round."""
-    if not fed or FEDERATED not in evaluation.models or "public" not in evaluation.domains:
+def _federated_section(results: dict[str, Any], evaluation: Evaluation) -> str:
+    """``flexmoe:federated`` beside the other ways of training together, at what each costs one
+    owner; the curve over the rounds; what ``--dp-epsilon`` costs."""
+    fed, costs = results.get("federated"), results.get("accounting") or []
+    if not fed or FEDERATED not in evaluation.models:
         return ""
-    rows = []
-    for name in (FLEXMOE, FEDERATED, FEDAVG, BTM):
-        if name in evaluation.models:
-            average = evaluation.average(name)
-            rows.append(
-                f"| {name} | {average:.4f} | "
-                f"{_pct(average, evaluation.average(FLEXMOE))} | "
-                f"{_pct(average, evaluation.average(BTM))} | "
-                f"{evaluation.bpb(name, 'public'):.4f} |"
-            )
-    sent = "\n".join(
-        f"| {r['round']} | {phase} | "
-        + ", ".join(f"{o} {b / 1e6:.2f} MB" for o, b in sorted(r["bytes_sent"].items()))
-        + " |"
-        for kind, per_round in (("rounds", fed["per_round"]), ("fedavg", fed["fedavg_per_round"]))
-        for r in per_round
-        for phase in ["+".join(r["phases"]) if kind == "rounds" else "fedavg (dense)"]
-    )
-    table = "\n".join(rows)
-    curve = [
-        (r["round"], _mean(r["bpb"]), r["bpb"].get("public")) for r in fed.get("bpb_by_round", [])
+    scores = {m: evaluation.average(m) for m in evaluation.models}
+    table = accounting_table([OwnerCost.model_validate(c) for c in costs], scores)
+    phases = " and ".join(f"{n} {p}" for p, n in fed["phase_steps"].items())
+    server = fed["server"]
+
+    def public(model: str) -> str:
+        return f"{evaluation.bpb(model, 'public'):.4f}" if "public" in evaluation.domains else "-"
+
+    versus = [
+        f"{_pct(scores[FEDERATED], scores[m])} against `{m}`"
+        for m in (FLEXMOE, BTM, FEDAVG)
+        if m in scores
     ]
-    if curve:
-        curve.append(
-            (fed["rounds"], evaluation.average(FEDERATED), evaluation.bpb(FEDERATED, "public"))
-        )
-    by_round = "\n".join(
-        f"| {number}{' (the merge, before any round)' if number == 0 else ''} | {average:.4f} | "
-        + (f"{public:.4f}" if public is not None else "-")
-        + " |"
-        for number, average, public in curve
+    return f"""## Federated rounds (Flower)
+
+`{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
+specialist, which btm uses, trained {fed["specialist_steps"]}) against the coordinator's rivals,
+the experts were merged as the default merge is, and {fed["rounds"]} federated rounds followed on
+Flower (`flexmoe fed simulate`, every owner a client on this machine, its text read by its own
+client only). In each round every owner took {phases} step(s) at home: a trunk step trains the
+parameters every owner shares (attention, norms, the public and rival experts) and the router
+rows, its own and the other owners' experts frozen, and sends the change; the coordinator applies
+the token-weighted average with {server["name"]} (lr {server["lr"]:g}), its state kept with each
+trunk version. Each owner's steps in all: {fed["owner_steps"]}, the same as its specialist's.
+`{FEDAVG}`: the anchor's dense model trained by FedAvg through the same Flower code,
+{fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps per owner.
+
+`{FEDERATED}` is {", ".join(versus)} (average bits per byte); public text
+{public(FEDERATED)} against the merge's {public(FLEXMOE)}.
+
+What one owner pays for each choice (the most any owner paid: every token it trained on, every
+byte it sent; inference FLOPs per token against the anchor; whether its opt-out gives a model it
+never shaped). The unrestricted bound, which hands every owner's text over, runs with
+`--ablations`.
+
+{table}
+{_rounds_table(fed, evaluation)}{_privacy_table(fed)}"""
+
+
+def _rounds_table(fed: dict[str, Any], evaluation: Evaluation) -> str:
+    curve = fed.get("bpb_by_round") or []
+    if not curve:
+        return ""
+    rows = "\n".join(
+        f"| {c['round']}{' (the merge, before any round)' if c['round'] == 0 else ''} | "
+        f"{_mean(c['bpb']):.4f} | {c['bpb'].get('public', 0.0):.4f} |"
+        for c in curve
     )
-    rounds_table = (
-        f"""
-Bits per byte after each round (the same held-out text):
+    return f"""
+Bits per byte after every {fed.get("curve_every", 1)} rounds (the same held-out text;
+`{ROUNDS_PLOT}`):
 
 | after round | average bpb | public |
 | --- | ---: | ---: |
-{by_round}
+{rows}
 """
-        if curve
-        else ""
-    )
+
+
+def _privacy_table(fed: dict[str, Any]) -> str:
     cost = fed.get("privacy_cost") or []
-    private = "\n".join(
+    if not cost:
+        return ""
+    rows = "\n".join(
         f"| {_budget(c['epsilon'])} | {c['noise_multiplier']:.3f} | {_mean(c['bpb']):.4f} | "
         f"{c['bpb'].get('public', 0.0):.4f} |"
         for c in cost
     )
-    privacy_table = (
-        f"""
-What `--dp-epsilon` costs: {fed["rounds"]} rounds of router phases only (the one phase that takes
-it) on the merge before any round, without noise and at two budgets (each owner's epsilon over
-all its updates, delta 1e-5; every update clipped to an L2 norm of {cost[-1]["clip"]}):
+    return f"""
+What `--dp-epsilon` costs: the same rounds on the same merge with every router and trunk update
+clipped and noised at home (each owner's epsilon over all its updates, delta 1e-5; clipping
+norms {cost[-1]["clip"]}):
 
 | epsilon | noise multiplier | average bpb | public |
 | --- | ---: | ---: | ---: |
-{private}
-"""
-        if cost
-        else ""
-    )
-    return f"""## Federated rounds (Flower)
-
-`{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
-specialist, which btm uses, trained {fed["specialist_steps"]}), the experts were merged, and
-{fed["rounds"]} federated rounds followed on Flower (`flexmoe fed simulate`, every owner a client
-on this machine, its text read by its own client only). In each round every owner refined its
-own slot ({fed["slot_steps"]} steps: its expert and its router row, everything else frozen) and
-sent it as a package, then trained the router rows ({fed["router_steps"]} steps, every expert
-frozen) and sent the change; the coordinator checked and took the slots and added the
-token-weighted average of the changes. Each owner's steps in all: {fed["owner_steps"]}, the same
-as its specialist's. `{FEDAVG}`: the anchor's dense model trained by FedAvg through the same
-Flower code, {fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps per owner.
-
-| model | average bpb | vs {FLEXMOE} | vs {BTM} | public |
-| --- | ---: | ---: | ---: | ---: |
-{table}
-{rounds_table}{privacy_table}
-Bytes each owner sent, per round and phase:
-
-| round | phase | sent |
-| --- | --- | --- |
-{sent}
-
+{rows}
 """
 
 

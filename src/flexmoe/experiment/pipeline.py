@@ -33,6 +33,7 @@ from flexmoe.evaluate.mixed import HeldOutText, alternating
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.registry import (
     ANCHOR,
+    BTM,
     CALIBRATED,
     FEDAVG,
     FEDERATED,
@@ -43,10 +44,22 @@ from flexmoe.evaluate.registry import (
     Evaluation,
     specialist,
 )
-from flexmoe.evaluate.report import DP_RESULTS, plot_files, privacy_section
+from flexmoe.evaluate.report import (
+    DP_RESULTS,
+    ROUNDS_PLOT,
+    plot_files,
+    privacy_section,
+    rounds_plot,
+)
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
-from flexmoe.experiment.federated import announce, federated_stages, first_experts
+from flexmoe.experiment.federated import (
+    announce,
+    federated_stages,
+    first_experts,
+    owner_costs,
+    rounds_curve,
+)
 from flexmoe.experiment.jobs import TrainingJob, run_jobs
 from flexmoe.experiment.levers import (
     LEVER_RESULTS,
@@ -141,10 +154,11 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
 
-    ``ablations`` adds the variants: every expert trained again from random router rows
-    (``flexmoe:random-init``), the router levers and ceiling, router tuning on public proxies
-    (``flexmoe:tuned``), every other top-k and the biases flipped, and the federated stage
-    (``flexmoe:federated``, ``fedavg`` and what ``--dp-epsilon`` costs).
+    The federated stage (``flexmoe:federated`` at the specialists' compute, and ``fedavg``)
+    runs with the rest. ``ablations`` adds the variants: every expert trained again from random
+    router rows (``flexmoe:random-init``), the router levers and ceiling, router tuning on public
+    proxies (``flexmoe:tuned``), every other top-k and the biases flipped, the unrestricted
+    bound, and what ``--dp-epsilon`` costs in the federated rounds.
     """
     run = _Run.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
     settings, owners, specs = run.settings, corpora_set.owners, run.specs
@@ -158,12 +172,17 @@ def run_demo(
         out / "experts", "[2/6]", owners, anchor_dir, run.corpora, settings, device, run.tokens
     )
     federated_jobs = _expert_jobs(
-        federated_experts, "[federated]", owners, anchor_dir, run.corpora, first, device,
-        run.tokens, options=NO_RIVALS,
-    )  # fmt: skip
-    if ablations:
-        log(announce(settings, federated_experts.parent))
-    run_jobs([*expert_jobs, *(federated_jobs if ablations else [])], device, log)
+        federated_experts,
+        "[federated]",
+        owners,
+        anchor_dir,
+        run.corpora,
+        first,
+        device,
+        run.tokens,
+    )
+    log(announce(settings, federated_experts.parent))
+    run_jobs([*expert_jobs, *federated_jobs], device, log)
     if ablations:  # one model: every thread (1 of 2 takes twice as long)
         run_jobs([unrestricted], device, log)
     package_dirs = [job.out for job in expert_jobs]
@@ -192,23 +211,21 @@ def run_demo(
         )
         run.stage("ablation")
     tuning = run.tuned(anchor_dir, merged_dir) if ablations else None
-    federated = None
-    if ablations:
-        federated = federated_stages(
-            out,
-            anchor_dir,
-            owners,
-            specs,
-            settings,
-            [job.out for job in federated_jobs],
-            device,
-            run.tokens,
-            log,
-            run.score,
-            privacy=True,
-        )
-        run.stage("federated")
-    models = {**extra, **(federated.models if federated else {})}
+    federated = federated_stages(
+        out,
+        anchor_dir,
+        owners,
+        specs,
+        settings,
+        [*rivals, *(job.out for job in federated_jobs)],
+        device,
+        run.tokens,
+        log,
+        run.score,
+        privacy=ablations,
+    )
+    run.stage("federated")
+    models = {**extra, **federated.models}
     evaluation = run.evaluate(
         anchor_dir,
         package_dirs,
@@ -219,6 +236,7 @@ def run_demo(
         every_variant=ablations,
     )
     opt_out, audit = run.opt_out_and_audit(anchor_dir, package_dirs, merged_dir)
+    costs = owner_costs(out, package_dirs, federated.record, evaluation)
     results = {
         "settings": _settings_record(
             corpora_set, settings, joint, quick=quick, ablations=ablations
@@ -228,7 +246,8 @@ def run_demo(
         "rivals": {p.name: read_manifest(p).description for p in rivals},
         "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
         "router_tuning": tuning,
-        "federated": federated.record if federated else None,
+        "federated": federated.record,
+        "accounting": [c.model_dump(mode="json") for c in costs],
         "opt_out": opt_out,
         "audit": audit,
         **run.timing(),
@@ -385,13 +404,12 @@ def rescore_run(
     variant, the text that needs two experts, the cost per token), and rewrite its results and
     report; nothing is trained. For runs made before a row or a measure was added."""
     results, run = _finished_run(out, cache_dir, device, corpora_set, log)
-    rounds = (results.get("federated") or {}).get("rounds", 0)
     found = {
         RANDOM_INIT: out / "ablation-random-init" / "merged",
         OWNER_TEXT_TUNED: out / "ablation-owner-text" / "merged-tuned",
         CALIBRATED: out / "ablation-calibrated",
         ROUTER_CEILING: out / "ablation-router-ceiling",
-        FEDERATED: out / "federated" / f"round-{rounds}",
+        FEDERATED: out / "federated" / "model",
         FEDAVG: out / "fedavg",
     }
     extra = {name: path for name, path in found.items() if path.is_dir()}
@@ -525,15 +543,16 @@ class _Run:
         }
         return [alternating(a, held[a], b, held[b]) for a, b in self.corpora_set.mixtures]
 
-    def score(self, model_dir: Path) -> dict[str, float]:
-        """A merged model's bits per byte per domain on the evaluation's held-out text."""
+    def score(self, model_dir: Path, max_bytes: int | None = None) -> dict[str, float]:
+        """A merged model's bits per byte per domain on the evaluation's held-out text (its
+        first ``max_bytes`` per domain, when fewer than the evaluation's)."""
         scores = evaluate_loaded(
             load_merged(model_dir, device=self.device),
             load_tokenizer(model_dir),
             list(self.specs.values()),
             device=self.device,
             cache_dir=self.tokens,
-            max_bytes=self.settings.eval_bytes,
+            max_bytes=max_bytes or self.settings.eval_bytes,
         )
         return {s.domain: round(s.bits_per_byte, 4) for s in scores}
 
@@ -605,6 +624,11 @@ class _Run:
         write_json(self.out / "results.json", results)
         for name, data in plot_files(evaluation).items():
             atomic_write_bytes(self.out / name, data)
+        curve = rounds_curve(results.get("federated"))
+        if curve:
+            shown = [m for m in (FLEXMOE, BTM, FEDAVG) if m in evaluation.models]
+            plot = rounds_plot(curve, {m: evaluation.average(m) for m in shown})
+            atomic_write_bytes(self.out / ROUNDS_PLOT, plot)
         report = demo_report(results, evaluation, history)
         if (self.out / LEVER_RESULTS).is_file():  # measured on this run's anchor
             report += "\n" + levers_section(read_json(self.out / LEVER_RESULTS), evaluation)

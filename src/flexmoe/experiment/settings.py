@@ -11,6 +11,7 @@ from typing import Any
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.extraction import AuditSettings
 from flexmoe.expert.rivals import DEFAULT_RIVALS
+from flexmoe.federated.server import ServerOptimizer
 from flexmoe.merge import DEFAULT_TOP_K
 from flexmoe.training.config import TrainConfig
 
@@ -20,19 +21,36 @@ SETTINGS_FILE = Path(__file__).with_name("settings.json")
 @dataclass(frozen=True)
 class FederatedSettings:
     """The federated stage: each owner's first training (shorter than its specialist's), then
-    rounds, so that its steps in all equal the specialist's; and the fedavg baseline."""
+    rounds of the stage's phases, so that its steps in all equal the specialist's; the curve
+    scored along the way; and the fedavg baseline."""
 
     expert_steps: int  # each owner's first training, alone
     rounds: int
+    phases: tuple[str, ...]  # each round's phases, in order (slot, router, trunk)
     slot: TrainConfig  # each owner's local training in a slot phase
-    router: TrainConfig  # ... and in a router phase
+    router: TrainConfig  # ... in a router phase
+    trunk: TrainConfig  # ... in a trunk phase
+    trunk_sgd: bool  # trunk phases step with plain SGD (the server optimiser adapts)
+    server: ServerOptimizer  # how the coordinator applies a trunk phase's average
+    curve_every: int  # the model is scored every this many rounds ...
+    curve_bytes: int  # ... on this many held-out bytes per domain
     fedavg_rounds: int
     fedavg: TrainConfig  # each owner's local training of the dense model per fedavg round
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FederatedSettings:
-        configs = {k: TrainConfig.from_dict(data[k]) for k in ("slot", "router", "fedavg")}
-        return cls(**{**data, **configs})
+        configs = {k: TrainConfig.from_dict(data[k]) for k in ("slot", "router", "trunk", "fedavg")}
+        server = ServerOptimizer.from_dict(data["server"])
+        return cls(**{**data, **configs, "phases": tuple(data["phases"]), "server": server})
+
+    def steps(self, phase: str) -> int:
+        """Each owner's local steps in one ``phase`` of a round."""
+        return {"slot": self.slot, "router": self.router, "trunk": self.trunk}[phase].steps
+
+    @property
+    def owner_steps(self) -> int:
+        """Each owner's steps in all: its first training and every round's."""
+        return self.expert_steps + self.rounds * sum(self.steps(p) for p in self.phases)
 
 
 @dataclass(frozen=True)

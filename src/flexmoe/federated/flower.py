@@ -96,6 +96,7 @@ class RoundPlan:
     trunk: TrainConfig = FEDERATED_TRUNK
     server: ServerOptimizer = field(default_factory=ServerOptimizer)
     lora_rank: int = 0  # > 0: trunk phases train and send rank-R factors of the matrices
+    trunk_sgd: bool = False  # trunk phases step with plain SGD (FedOpt's local optimiser)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -128,6 +129,7 @@ class RoundPlan:
             "trunk": self.trunk.to_dict(),
             "server": self.server.to_dict(),
             "lora_rank": self.lora_rank,
+            "trunk_sgd": self.trunk_sgd,
             "secagg": self.secagg,
             "dense": self.dense.to_dict() if self.dense else None,
             "privacy": self.privacy.to_dict() if self.privacy else None,
@@ -144,6 +146,7 @@ class RoundPlan:
             trunk=TrainConfig.from_dict(data.get("trunk") or FEDERATED_TRUNK.to_dict()),
             server=ServerOptimizer.from_dict(data.get("server") or {}),
             lora_rank=int(data.get("lora_rank", 0)),
+            trunk_sgd=bool(data.get("trunk_sgd", False)),
             secagg=bool(data.get("secagg", False)),
             dense=TrainConfig.from_dict(dense) if dense else None,
             privacy=UpdatePrivacy(**privacy) if privacy else None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,6 +194,8 @@ class Coordinator:
     router_sgd: bool = True  # router phases step with plain SGD, not AdamW
     server: ServerOptimizer = field(default_factory=ServerOptimizer)  # applies trunk averages
     lora_rank: int = 0  # > 0: trunk phases train rank-R factors of the trunk's matrices
+    trunk_sgd: bool = False  # trunk phases step with plain SGD, not AdamW
+    after_round: Callable[[Coordinator], None] | None = None  # called once each round is logged
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
     in_weights: Federation = field(init=False)  # the versions the model's weights hold
@@ -292,6 +295,7 @@ class Coordinator:
             slot_row=self.slot_row,
             router_sgd=self.router_sgd,
             lora_rank=self.lora_rank if kind == "trunk" else 0,
+            trunk_sgd=self.trunk_sgd,
         )
 
     def _depends(self, names_: list[str]) -> list[str]:
@@ -452,7 +456,7 @@ class Coordinator:
         if not self.record.trunk_versions:
             return {}, 0
         made = self.record.trunk_versions[self.record.current_trunk].optimizer
-        if made is None or ServerOptimizer.of(made) != self.server:
+        if made is None or not self.server.continues(ServerOptimizer.of(made)):
             return {}, 0
         return self.moments, made.step
 
@@ -553,6 +557,8 @@ class Coordinator:
             delta = entry.privacy.delta if entry.privacy else self.record.delta
             update |= {"epsilon": privacy_spent(rounds, delta or DELTA), "delta": delta or DELTA}
         self.record = self.record.model_copy(update=update)
+        if self.after_round is not None:
+            self.after_round(self)
 
     def _keep_original(self, name: str) -> None:
         """Keep slot ``name``'s version 0 apart (its tensors as a package holds them) before

@@ -99,13 +99,15 @@ def federate(
     runner: Runner = simulate,
     slot_row: bool = True,
     router_sgd: bool = True,
+    after_round: Callable[[Coordinator], None] | None = None,
 ) -> FederatedResult:
     """``plan.rounds`` rounds of the owners in ``texts`` on the merged model at ``model``, every
     owner a Flower client on this machine (``runner``); the new model with every version goes
     to ``out``.
 
     Owners that opted out take no part and no token routes to their experts; the rounds start
-    from the newest versions they never shaped.
+    from the newest versions they never shaped. ``after_round`` sees the coordinator after each
+    round (to score the model as it goes).
     """
     merged, out = check_rounds(model, plan, out, overwrite)
     excluded = standing_exclusions(merged.path)
@@ -113,6 +115,7 @@ def federate(
     with new_model(
         merged, out, plan, registry, excluded, slot_row, router_sgd, progress
     ) as coordinator:
+        coordinator.after_round = after_round
         runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
     return FederatedResult(out=out, record=coordinator.record, excluded=excluded)
 
@@ -156,6 +159,7 @@ def new_model(
             router_sgd,
             server=plan.server,
             lora_rank=plan.lora_rank,
+            trunk_sgd=plan.trunk_sgd,
         )
         yield coordinator
         coordinator.write(out, progress=progress)

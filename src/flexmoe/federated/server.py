@@ -7,6 +7,7 @@ The averaged change is a pseudo-gradient; the optimiser's state is kept with eac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    decay_steps: int = 0  # > 0: lr follows a cosine to lr / 10 at this server step, then stays
 
     def __post_init__(self) -> None:
         if self.name not in ServerOptimizerName._value2member_map_:
@@ -56,6 +58,25 @@ class ServerOptimizer:
             raise FlexMoEError("--server-optimizer", "its betas must be in [0, 1)")
         if not self.tau > 0:
             raise FlexMoEError("--server-tau", f"must be positive, got {self.tau}")
+        if self.decay_steps < 0:
+            raise FlexMoEError("--server-decay", f"must not be negative, got {self.decay_steps}")
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate of server step ``t`` (from 1)."""
+        if not self.decay_steps:
+            return self.lr
+        progress = min(1.0, (t - 1) / max(1, self.decay_steps - 1))
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def continues(self, other: ServerOptimizer) -> bool:
+        """Whether ``other``'s state carries over to this optimiser (the same kind and betas;
+        its learning rate and schedule may change between runs)."""
+        return (self.name, self.beta1, self.beta2, self.tau) == (
+            other.name,
+            other.beta1,
+            other.beta2,
+            other.tau,
+        )
 
     @property
     def stateful(self) -> bool:
@@ -70,6 +91,7 @@ class ServerOptimizer:
             beta1=self.beta1,
             beta2=self.beta2,
             tau=self.tau,
+            decay_steps=self.decay_steps,
             step=step,
         )
 
@@ -83,7 +105,8 @@ class ServerOptimizer:
     def from_dict(cls, data: dict[str, Any]) -> ServerOptimizer:
         """The inverse of :meth:`to_dict` (missing fields take their defaults)."""
         name = ServerOptimizerName(data.get("name", ServerOptimizerName.FEDAVG.value))
-        return cls(name, **{k: float(v) for k, v in data.items() if k != "name"})
+        values = {k: float(v) for k, v in data.items() if k not in ("name", "decay_steps")}
+        return cls(name, decay_steps=int(data.get("decay_steps", 0)), **values)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -92,6 +115,7 @@ class ServerOptimizer:
             "beta1": self.beta1,
             "beta2": self.beta2,
             "tau": self.tau,
+            "decay_steps": self.decay_steps,
         }
 
     def step(
@@ -105,10 +129,11 @@ class ServerOptimizer:
         empty for fedavg), every tensor float32."""
         import torch
 
+        lr = self.lr_at(t)
         if self.name == ServerOptimizerName.FEDAVG:
-            return {k: weights[k] + self.lr * change[k] for k in weights}, {}
+            return {k: weights[k] + lr * change[k] for k in weights}, {}
         new, moments = {}, {}
-        scale = self.lr
+        scale = lr
         if self.name == ServerOptimizerName.FEDADAM:
             scale *= (1 - self.beta2**t) ** 0.5 / (1 - self.beta1**t)
         for key, x in weights.items():

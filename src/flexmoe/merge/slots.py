@@ -118,6 +118,7 @@ class ServerOptimizerRecord(BaseModel):
     beta1: float
     beta2: float
     tau: float
+    decay_steps: int = 0  # > 0: the lr's cosine decay to lr / 10 at this step
     step: int  # server steps taken so far, this one included (its state is in the file)
 
 
