@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "--trunk-batch", type=int, default=None, help="sequences per trunk step (default: 16)"
     )
     parser.add_argument("--server-beta2", type=float, default=0.99)
+    parser.add_argument("--trunk-embeddings", action="store_true", help="embeddings in the trunk")
     parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
@@ -166,6 +167,7 @@ def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | N
         ),
         lora_rank=args.lora_rank,
         trunk_sgd=args.trunk_sgd,
+        trunk_embeddings=args.trunk_embeddings,
         secagg=args.secagg,
     )
     if args.dp_epsilon is not None:
@@ -178,13 +180,17 @@ def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | N
 def label(recipe: str, args: argparse.Namespace) -> str:
     said = [recipe]
     if ":" in recipe and len(recipe.split(":")) == 5 and recipe.split(":")[4] != "0":
+        local = "SGD" if args.trunk_sgd else "AdamW"
         said.append(
-            f"trunk lr {args.trunk_lr:g}, server {args.server_optimizer} lr {args.server_lr:g}"
+            f"trunk {local} lr {args.trunk_lr:g}, server {args.server_optimizer} lr "
+            f"{args.server_lr:g} tau {args.server_tau:g}" + (" cosine" if args.server_decay else "")
         )
         if args.lora_rank:
             said.append(f"lora rank {args.lora_rank}")
         if args.trunk_batch:
             said.append(f"trunk batch {args.trunk_batch}")
+        if args.trunk_embeddings:
+            said.append("embeddings in the trunk")
         if args.server_beta2 != 0.99:
             said.append(f"server beta2 {args.server_beta2:g}")
     if args.router_adamw:

@@ -61,6 +61,11 @@ def test_the_trunk_is_what_every_owner_shares() -> None:
             "model.layers.0.mlp.experts.3.up_proj.weight",
         ]
     )
+    with_embeddings = trunk_keys(names, table, embeddings=True)
+    assert set(with_embeddings) - set(trunk_keys(names, table)) == {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    }
 
 
 def _fit(weights: list[np.ndarray]) -> FitRes:
@@ -169,3 +174,13 @@ def test_a_node_answers_only_for_the_owner_its_key_is_registered_for(tmp_path: P
     replies, refused = strategy._authentic(results)  # type: ignore[arg-type]
     assert [r.metrics["owner"] for r in replies] == ["upper"]
     assert refused == ["node 8, whose key is registered for again, answered for upper: refused"]
+
+
+def test_the_server_learning_rate_can_decay_along_a_cosine() -> None:
+    steady = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=1e-2)
+    assert steady.lr_at(1) == steady.lr_at(50) == 1e-2
+    decaying = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=1e-2, decay_steps=11)
+    assert decaying.lr_at(1) == pytest.approx(1e-2)
+    assert decaying.lr_at(6) == pytest.approx(0.55e-2)
+    assert decaying.lr_at(11) == decaying.lr_at(40) == pytest.approx(1e-3)
+    assert steady.continues(decaying) and not steady.continues(ServerOptimizer())

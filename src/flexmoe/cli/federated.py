@@ -28,7 +28,7 @@ from flexmoe.cli.common import (
 )
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.privacy import CLIP
-from flexmoe.federated.server import ServerOptimizer
+from flexmoe.federated.server import FEDERATED_SERVER
 from flexmoe.training.config import (
     EXPERT_TRAINING,
     FEDERATED_ROUTER,
@@ -46,8 +46,8 @@ fed_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ROUNDS, RECIPE = 3, "slot,router"
-SERVER = ServerOptimizer()
+ROUNDS, RECIPE = 40, "trunk"
+SERVER = FEDERATED_SERVER
 OwnerOpt = Annotated[
     list[str],
     typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
@@ -100,7 +100,7 @@ def _owner_texts(
 
 RoundsOpt = Annotated[int, typer.Option(help="federated rounds")]
 RecipeOpt = Annotated[
-    str, typer.Option(help="each round's phases, in order: slot, router or slot,router")
+    str, typer.Option(help="each round's phases, in order, of trunk, slot and router")
 ]
 SlotStepsOpt = Annotated[int, typer.Option(help="each owner's steps on its own slot per round")]
 RouterStepsOpt = Annotated[
@@ -136,7 +136,9 @@ SecAggOpt = Annotated[
 TrunkStepsOpt = Annotated[
     int, typer.Option(help="each owner's steps on the shared trunk per round (trunk phases)")
 ]
-TrunkLrOpt = Annotated[float, typer.Option(help="learning rate of the trunk phase (AdamW)")]
+TrunkLrOpt = Annotated[
+    float, typer.Option(help="learning rate of the trunk phase's local optimiser")
+]
 ServerOptimizerOpt = Annotated[
     str,
     typer.Option(
@@ -147,6 +149,13 @@ ServerOptimizerOpt = Annotated[
 ServerLrOpt = Annotated[float, typer.Option(help="the server optimiser's learning rate")]
 ServerTauOpt = Annotated[
     float, typer.Option(help="fedadam and fedyogi: the constant added to sqrt(v) (adaptivity)")
+]
+TrunkEmbeddingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trunk-embeddings/--no-trunk-embeddings",
+        help="the trunk holds the input embeddings and the output layer too",
+    ),
 ]
 TrunkOptimizerOpt = Annotated[
     str,
@@ -181,6 +190,7 @@ class PhaseOptions:
     server_tau: float
     lora_rank: int
     trunk_optimizer: str
+    trunk_embeddings: bool
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> PhaseOptions:
@@ -230,6 +240,7 @@ def _plan(
         server=server,
         lora_rank=options.lora_rank,
         trunk_sgd=options.trunk_optimizer == "sgd",
+        trunk_embeddings=options.trunk_embeddings,
         secagg=secagg,
     )
     if dp_epsilon is None:
@@ -266,7 +277,8 @@ def fed_simulate(
     server_lr: ServerLrOpt = SERVER.lr,
     server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
-    trunk_optimizer: TrunkOptimizerOpt = "adamw",
+    trunk_optimizer: TrunkOptimizerOpt = "sgd",
+    trunk_embeddings: TrunkEmbeddingsOpt = False,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
@@ -368,7 +380,8 @@ def fed_serve(
     server_lr: ServerLrOpt = SERVER.lr,
     server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
-    trunk_optimizer: TrunkOptimizerOpt = "adamw",
+    trunk_optimizer: TrunkOptimizerOpt = "sgd",
+    trunk_embeddings: TrunkEmbeddingsOpt = False,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,

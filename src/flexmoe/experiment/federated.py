@@ -77,6 +77,7 @@ def round_plan(fed: FederatedSettings) -> RoundPlan:
         trunk=fed.trunk,
         server=fed.server,
         trunk_sgd=fed.trunk_sgd,
+        trunk_embeddings=fed.trunk_embeddings,
     )
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,7 +73,7 @@ from flexmoe.federated.owner import (
     trunk_update,
 )
 from flexmoe.federated.privacy import UpdatePrivacy
-from flexmoe.federated.server import ServerOptimizer
+from flexmoe.federated.server import FEDERATED_SERVER, ServerOptimizer
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import FederatedRound, RoundPrivacy
 from flexmoe.model.checkpoint import stored_dtype
@@ -94,9 +94,10 @@ class RoundPlan:
     dense: TrainConfig | None = None  # the fedavg baseline's local training
     privacy: UpdatePrivacy | None = None  # every update clipped and noised at home
     trunk: TrainConfig = FEDERATED_TRUNK
-    server: ServerOptimizer = field(default_factory=ServerOptimizer)
+    server: ServerOptimizer = FEDERATED_SERVER
     lora_rank: int = 0  # > 0: trunk phases train and send rank-R factors of the matrices
-    trunk_sgd: bool = False  # trunk phases step with plain SGD (FedOpt's local optimiser)
+    trunk_sgd: bool = True  # trunk phases step with plain SGD (FedOpt's local optimiser)
+    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -130,6 +131,7 @@ class RoundPlan:
             "server": self.server.to_dict(),
             "lora_rank": self.lora_rank,
             "trunk_sgd": self.trunk_sgd,
+            "trunk_embeddings": self.trunk_embeddings,
             "secagg": self.secagg,
             "dense": self.dense.to_dict() if self.dense else None,
             "privacy": self.privacy.to_dict() if self.privacy else None,
@@ -146,7 +148,8 @@ class RoundPlan:
             trunk=TrainConfig.from_dict(data.get("trunk") or FEDERATED_TRUNK.to_dict()),
             server=ServerOptimizer.from_dict(data.get("server") or {}),
             lora_rank=int(data.get("lora_rank", 0)),
-            trunk_sgd=bool(data.get("trunk_sgd", False)),
+            trunk_sgd=bool(data.get("trunk_sgd", True)),
+            trunk_embeddings=bool(data.get("trunk_embeddings", False)),
             secagg=bool(data.get("secagg", False)),
             dense=TrainConfig.from_dict(dense) if dense else None,
             privacy=UpdatePrivacy(**privacy) if privacy else None,

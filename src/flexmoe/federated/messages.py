@@ -53,6 +53,7 @@ def task_config(task: RoundTask) -> Config:
         "dp_clip": task.dp_clip,
         "dp_noise": task.dp_noise,
         "lora_rank": task.lora_rank,
+        "trunk_embeddings": task.trunk_embeddings,
     }
 
 
@@ -72,6 +73,7 @@ def read_task(config: Config) -> RoundTask:
         dp_clip=float(config.get("dp_clip", 0.0)),
         dp_noise=float(config.get("dp_noise", 0.0)),
         lora_rank=int(config.get("lora_rank", 0)),
+        trunk_embeddings=bool(config.get("trunk_embeddings", False)),
     )
 
 

@@ -120,6 +120,7 @@ class RoundTask:
     dp_clip: float = 0.0  # > 0: the update is clipped to this L2 norm and noised (privacy.py)
     dp_noise: float = 0.0  # the noise multiplier
     lora_rank: int = 0  # > 0: a trunk phase trains and sends rank-R factors of its matrices
+    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
 
     def seeded(self, name: str) -> TrainConfig:
         """The training settings for owner ``name``: its batch order seeded by the round, the
@@ -280,7 +281,7 @@ def trunk_update(
     table = merged.table()
     model = build_model(merged, state, task, device, table)
     params = dict(model.named_parameters())
-    keys = trunk_keys(params, table)
+    keys = trunk_keys(params, table, embeddings=task.trunk_embeddings)
     for key in keys:  # float32 master copies: the coordinator's own values where it sent them
         params[key].data = state.trunk.get(key, params[key].data).float().to(device, copy=True)
     _train_active_rows(model)

@@ -195,6 +195,7 @@ class Coordinator:
     server: ServerOptimizer = field(default_factory=ServerOptimizer)  # applies trunk averages
     lora_rank: int = 0  # > 0: trunk phases train rank-R factors of the trunk's matrices
     trunk_sgd: bool = False  # trunk phases step with plain SGD, not AdamW
+    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
     after_round: Callable[[Coordinator], None] | None = None  # called once each round is logged
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
@@ -224,7 +225,7 @@ class Coordinator:
             for name, version in self.record.current_slots.items()
             if version != self.in_weights.current_slots[name]
         }
-        self.trunk_names = trunk_keys(self.sources, self.table)
+        self.trunk_names = trunk_keys(self.sources, self.table, embeddings=self.trunk_embeddings)
         trunk: dict[str, torch.Tensor] = {}
         self.moments = {}
         if self.record.current_trunk or self.in_weights.current_trunk:
@@ -262,7 +263,10 @@ class Coordinator:
         found = load_file(self._checked(entry.file, entry.sha256))
         trunk = {k.removeprefix(TRUNK): v for k, v in found.items() if k.startswith(TRUNK)}
         if sorted(trunk) != self.trunk_names:
-            raise FlexMoEError(entry.file, "does not hold this model's trunk")
+            raise FlexMoEError(
+                entry.file,
+                "holds another trunk than these rounds train (--trunk-embeddings differs?)",
+            )
         return trunk, {k: v for k, v in found.items() if k.startswith(MOMENTS)}
 
     def _tensors(self, name: str, version: int) -> Path:
@@ -296,6 +300,7 @@ class Coordinator:
             router_sgd=self.router_sgd,
             lora_rank=self.lora_rank if kind == "trunk" else 0,
             trunk_sgd=self.trunk_sgd,
+            trunk_embeddings=self.trunk_embeddings,
         )
 
     def _depends(self, names_: list[str]) -> list[str]:

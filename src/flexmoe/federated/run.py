@@ -160,6 +160,7 @@ def new_model(
             server=plan.server,
             lora_rank=plan.lora_rank,
             trunk_sgd=plan.trunk_sgd,
+            trunk_embeddings=plan.trunk_embeddings,
         )
         yield coordinator
         coordinator.write(out, progress=progress)

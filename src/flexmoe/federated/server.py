@@ -147,3 +147,8 @@ class ServerOptimizer:
             new[key] = x + scale * m / (v.sqrt() + self.tau)
             moments[f"m.{key}"], moments[f"v.{key}"] = m, v
         return new, moments
+
+
+# The rounds' default (docs/federated.md): FedAdam, lr 0.003, tau small enough that the step is
+# Adam's on the owners' pooled gradient.
+FEDERATED_SERVER = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=3e-3, tau=1e-8)

@@ -39,13 +39,15 @@ def shared_slots(table: SlotTable) -> list[int]:
     return [0, *(s.slot for s in table.slots[1:] if s.owner == RIVAL_OWNER)]
 
 
-def trunk_keys(names: Iterable[str], table: SlotTable) -> list[str]:
+def trunk_keys(names: Iterable[str], table: SlotTable, *, embeddings: bool = False) -> list[str]:
     """The trunk's tensors among ``names`` (runtime or on-disk names: they agree outside the
-    router), sorted."""
+    router), sorted; with ``embeddings``, the input embeddings and the output layer too."""
     shared = set(shared_slots(table))
     keys = []
     for name in names:
-        if name.startswith(_FROZEN_PREFIXES) or ".mlp.router." in name or ".mlp.gate." in name:
+        if ".mlp.router." in name or ".mlp.gate." in name:
+            continue
+        if name.startswith(_FROZEN_PREFIXES) and not embeddings:
             continue
         expert = _EXPERT.fullmatch(name)
         if expert is not None and int(expert.group(1)) not in shared:
