@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "--trunk-batch", type=int, default=None, help="sequences per trunk step (default: 16)"
     )
     parser.add_argument("--server-beta2", type=float, default=0.99)
-    parser.add_argument("--trunk-embeddings", action="store_true", help="embeddings in the trunk")
+    parser.add_argument("--trunk-embeddings", default="none", help="none, output or all")
     parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
@@ -189,8 +189,8 @@ def label(recipe: str, args: argparse.Namespace) -> str:
             said.append(f"lora rank {args.lora_rank}")
         if args.trunk_batch:
             said.append(f"trunk batch {args.trunk_batch}")
-        if args.trunk_embeddings:
-            said.append("embeddings in the trunk")
+        if args.trunk_embeddings != "none":
+            said.append(f"vocabulary tensors in the trunk: {args.trunk_embeddings}")
         if args.server_beta2 != 0.99:
             said.append(f"server beta2 {args.server_beta2:g}")
     if args.router_adamw:

@@ -277,6 +277,9 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
 
     rebuilt = run(second, tmp_path / "rebuilt", [upper])
     assert _same_weights(rebuilt, reference)
+    with pytest.raises(FlexMoEError, match="--trunk-embeddings differs"):  # the model's: output
+        federate(rebuilt, [upper], replace(plan, trunk_embeddings="none"), tmp_path / "other",
+                 device=CPU, cache_dir=None, progress=False, runner=_inline)  # fmt: skip
     assert not _same_weights(rebuilt, first)
 
     from flexmoe.merge.edit import remove_expert
@@ -573,8 +576,8 @@ def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
 def test_a_trunk_phase_trains_what_every_owner_shares_through_the_server_optimiser(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
-    """A trunk phase changes attention, norms, the public expert and the router rows, never an
-    owner's expert or the embeddings; the server optimiser's state travels with the version, so
+    """A trunk phase changes attention, norms, the public expert, the output layer (by default)
+    and the router rows, never an owner's expert or the input embeddings; the server optimiser's state travels with the version, so
     two rounds in one run equal one round and then another from the written model."""
     from flexmoe.federated.run import federate
     from flexmoe.federated.server import ServerOptimizer, ServerOptimizerName
@@ -592,7 +595,7 @@ def test_a_trunk_phase_trains_what_every_owner_shares_through_the_server_optimis
     assert _same_weights(run(one, tmp_path / "one-more", 1), two)
     before, after = read_state_dict(merged), read_state_dict(two)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    shared = (".self_attn.", "norm", ".experts.0.", "mlp.gate.weight")
+    shared = (".self_attn.", "norm", ".experts.0.", "mlp.gate.weight", "lm_head.")
     assert changed == {k for k in before if any(part in k for part in shared)}
     record = json.loads((two / SLOTS_FILE).read_text())["federation"]
     trunk = record["trunk_versions"]

@@ -61,11 +61,16 @@ def test_the_trunk_is_what_every_owner_shares() -> None:
             "model.layers.0.mlp.experts.3.up_proj.weight",
         ]
     )
-    with_embeddings = trunk_keys(names, table, embeddings=True)
+    with_embeddings = trunk_keys(names, table, embeddings="all")
     assert set(with_embeddings) - set(trunk_keys(names, table)) == {
         "model.embed_tokens.weight",
         "lm_head.weight",
     }
+    assert set(trunk_keys(names, table, embeddings="output")) - set(trunk_keys(names, table)) == {
+        "lm_head.weight"
+    }
+    with pytest.raises(FlexMoEError, match="--trunk-embeddings"):
+        trunk_keys(names, table, embeddings="some")
 
 
 def _fit(weights: list[np.ndarray]) -> FitRes:

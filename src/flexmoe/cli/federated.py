@@ -46,7 +46,7 @@ fed_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ROUNDS, RECIPE = 40, "trunk"
+ROUNDS, RECIPE = 50, "trunk"
 SERVER = FEDERATED_SERVER
 OwnerOpt = Annotated[
     list[str],
@@ -151,10 +151,12 @@ ServerTauOpt = Annotated[
     float, typer.Option(help="fedadam and fedyogi: the constant added to sqrt(v) (adaptivity)")
 ]
 TrunkEmbeddingsOpt = Annotated[
-    bool,
+    str | None,
     typer.Option(
-        "--trunk-embeddings/--no-trunk-embeddings",
-        help="the trunk holds the input embeddings and the output layer too",
+        help="the vocabulary's tensors in the trunk: none, output (the output layer) or all "
+        "(the input embeddings too, whose update tells which tokens a batch held: use --secagg); "
+        "default: as the model's trunk versions hold them, else output",
+        show_default=False,
     ),
 ]
 TrunkOptimizerOpt = Annotated[
@@ -190,7 +192,7 @@ class PhaseOptions:
     server_tau: float
     lora_rank: int
     trunk_optimizer: str
-    trunk_embeddings: bool
+    trunk_embeddings: str | None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> PhaseOptions:
@@ -278,7 +280,7 @@ def fed_simulate(
     server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
     trunk_optimizer: TrunkOptimizerOpt = "sgd",
-    trunk_embeddings: TrunkEmbeddingsOpt = False,
+    trunk_embeddings: TrunkEmbeddingsOpt = None,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,
@@ -381,7 +383,7 @@ def fed_serve(
     server_tau: ServerTauOpt = SERVER.tau,
     lora_rank: LoraRankOpt = 0,
     trunk_optimizer: TrunkOptimizerOpt = "sgd",
-    trunk_embeddings: TrunkEmbeddingsOpt = False,
+    trunk_embeddings: TrunkEmbeddingsOpt = None,
     secagg: SecAggOpt = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = 1e-5,

@@ -145,6 +145,7 @@ def federated_stages(
         "phases": list(fed.phases),
         "phase_steps": {p: fed.steps(p) for p in fed.phases},
         "server": fed.server.to_dict(),
+        "trunk_embeddings": fed.trunk_embeddings,
         "owner_steps": fed.owner_steps,
         "specialist_steps": settings.expert.steps,
         "per_round": [r.model_dump(mode="json") for r in result.record.rounds],

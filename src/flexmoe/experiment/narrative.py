@@ -373,7 +373,7 @@ specialist, which btm uses, trained {fed["specialist_steps"]}) against the coord
 the experts were merged as the default merge is, and {fed["rounds"]} federated rounds followed on
 Flower (`flexmoe fed simulate`, every owner a client on this machine, its text read by its own
 client only). In each round every owner took {phases} step(s) at home: a trunk step trains the
-parameters every owner shares (attention, norms, the public and rival experts) and the router
+parameters every owner shares ({_trunk_parts(fed)}) and the router
 rows, its own and the other owners' experts frozen, and sends the change; the coordinator applies
 the token-weighted average with {server["name"]} (lr {server["lr"]:g}), its state kept with each
 trunk version. Each owner's steps in all: {fed["owner_steps"]}, the same as its specialist's.
@@ -390,6 +390,14 @@ never shaped). The unrestricted bound, which hands every owner's text over, runs
 
 {table}
 {_rounds_table(fed, evaluation)}{_privacy_table(fed)}"""
+
+
+def _trunk_parts(fed: dict[str, Any]) -> str:
+    vocabulary = {
+        "output": ", the output layer",
+        "all": ", the input embeddings and the output layer",
+    }.get(fed.get("trunk_embeddings", "none"), "")
+    return f"attention, norms, the public and rival experts{vocabulary}"
 
 
 def _rounds_table(fed: dict[str, Any], evaluation: Evaluation) -> str:

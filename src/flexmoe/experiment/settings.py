@@ -31,7 +31,7 @@ class FederatedSettings:
     router: TrainConfig  # ... in a router phase
     trunk: TrainConfig  # ... in a trunk phase
     trunk_sgd: bool  # trunk phases step with plain SGD (the server optimiser adapts)
-    trunk_embeddings: bool  # the trunk holds the embeddings and the output layer too
+    trunk_embeddings: str  # the vocabulary's tensors in the trunk: none, output or all
     server: ServerOptimizer  # how the coordinator applies a trunk phase's average
     curve_every: int  # the model is scored every this many rounds ...
     curve_bytes: int  # ... on this many held-out bytes per domain

@@ -74,6 +74,7 @@ from flexmoe.federated.owner import (
 )
 from flexmoe.federated.privacy import UpdatePrivacy
 from flexmoe.federated.server import FEDERATED_SERVER, ServerOptimizer
+from flexmoe.federated.trunk import EMBEDDINGS
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import FederatedRound, RoundPrivacy
 from flexmoe.model.checkpoint import stored_dtype
@@ -97,7 +98,9 @@ class RoundPlan:
     server: ServerOptimizer = FEDERATED_SERVER
     lora_rank: int = 0  # > 0: trunk phases train and send rank-R factors of the matrices
     trunk_sgd: bool = True  # trunk phases step with plain SGD (FedOpt's local optimiser)
-    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
+    # the vocabulary's tensors in the trunk (none, output, all); None: as the model's trunk
+    # versions hold them, else output
+    trunk_embeddings: str | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -106,6 +109,8 @@ class RoundPlan:
             raise FlexMoEError(
                 "--recipe", f"phases must be slot, router, trunk or dense: {self.phases}"
             )
+        if self.trunk_embeddings not in (None, *EMBEDDINGS):
+            raise FlexMoEError("--trunk-embeddings", f"must be one of {', '.join(EMBEDDINGS)}")
         if self.lora_rank < 0:
             raise FlexMoEError("--lora-rank", f"must be 0 (full) or positive, got {self.lora_rank}")
         if self.privacy is not None and not set(self.phases) <= {"router", "trunk"}:
@@ -149,7 +154,7 @@ class RoundPlan:
             server=ServerOptimizer.from_dict(data.get("server") or {}),
             lora_rank=int(data.get("lora_rank", 0)),
             trunk_sgd=bool(data.get("trunk_sgd", True)),
-            trunk_embeddings=bool(data.get("trunk_embeddings", False)),
+            trunk_embeddings=data.get("trunk_embeddings"),
             secagg=bool(data.get("secagg", False)),
             dense=TrainConfig.from_dict(dense) if dense else None,
             privacy=UpdatePrivacy(**privacy) if privacy else None,

@@ -73,7 +73,7 @@ def read_task(config: Config) -> RoundTask:
         dp_clip=float(config.get("dp_clip", 0.0)),
         dp_noise=float(config.get("dp_noise", 0.0)),
         lora_rank=int(config.get("lora_rank", 0)),
-        trunk_embeddings=bool(config.get("trunk_embeddings", False)),
+        trunk_embeddings=str(config.get("trunk_embeddings", "none")),
     )
 
 

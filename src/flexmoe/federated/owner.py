@@ -120,7 +120,7 @@ class RoundTask:
     dp_clip: float = 0.0  # > 0: the update is clipped to this L2 norm and noised (privacy.py)
     dp_noise: float = 0.0  # the noise multiplier
     lora_rank: int = 0  # > 0: a trunk phase trains and sends rank-R factors of its matrices
-    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
+    trunk_embeddings: str = "none"  # the vocabulary's tensors in the trunk: none, output, all
 
     def seeded(self, name: str) -> TrainConfig:
         """The training settings for owner ``name``: its batch order seeded by the round, the

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexMoEError
@@ -47,7 +48,7 @@ from flexmoe.federated.messages import (
 from flexmoe.federated.owner import Kind, ModelState, RoundTask
 from flexmoe.federated.privacy import DELTA, spent
 from flexmoe.federated.server import ServerOptimizer
-from flexmoe.federated.trunk import ROWS, LowRank, trunk_keys
+from flexmoe.federated.trunk import ROWS, LowRank, embeddings_in, trunk_keys
 from flexmoe.io import sha256_file
 from flexmoe.merge.build import slot_entry
 from flexmoe.merge.edit import (
@@ -195,7 +196,9 @@ class Coordinator:
     server: ServerOptimizer = field(default_factory=ServerOptimizer)  # applies trunk averages
     lora_rank: int = 0  # > 0: trunk phases train rank-R factors of the trunk's matrices
     trunk_sgd: bool = False  # trunk phases step with plain SGD, not AdamW
-    trunk_embeddings: bool = False  # the trunk holds the embeddings and the output layer too
+    # the vocabulary's tensors in the trunk (none, output, all); None: as the model's trunk
+    # versions hold them, else output
+    trunk_embeddings: str | None = None
     after_round: Callable[[Coordinator], None] | None = None  # called once each round is logged
     table: SlotTable = field(init=False)
     record: Federation = field(init=False)
@@ -203,6 +206,7 @@ class Coordinator:
     state: ModelState = field(init=False)
     moments: dict[str, torch.Tensor] = field(init=False)  # the server optimiser's state
     fingerprint: str = field(init=False)  # of the model every owner holds a copy of
+    embeddings: str = field(init=False)  # trunk_embeddings, resolved
 
     def __post_init__(self) -> None:
         self.table = self.merged.table()
@@ -225,7 +229,8 @@ class Coordinator:
             for name, version in self.record.current_slots.items()
             if version != self.in_weights.current_slots[name]
         }
-        self.trunk_names = trunk_keys(self.sources, self.table, embeddings=self.trunk_embeddings)
+        self.embeddings = self._embeddings()
+        self.trunk_names = trunk_keys(self.sources, self.table, embeddings=self.embeddings)
         trunk: dict[str, torch.Tensor] = {}
         self.moments = {}
         if self.record.current_trunk or self.in_weights.current_trunk:
@@ -237,6 +242,17 @@ class Coordinator:
         path = self.work / VERSIONS_DIR / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _embeddings(self) -> str:
+        """The vocabulary's tensors in the trunk: as asked, else as the stored trunk has them."""
+        if self.trunk_embeddings is not None or not self.in_weights.trunk_versions:
+            return self.trunk_embeddings or "output"
+        entry = self.in_weights.trunk_versions[0]
+        if entry.file is None:
+            raise FlexMoEError(f"trunk version {entry.version}", "its file was dropped")
+        with safe_open(str(self._version_path(entry.file)), "pt") as stored:
+            held = stored.keys()
+        return embeddings_in(k.removeprefix(TRUNK) for k in held)
 
     def _version_path(self, relative: str) -> Path:
         """A version file: new ones are in ``work``, earlier ones in the model."""
@@ -300,7 +316,7 @@ class Coordinator:
             router_sgd=self.router_sgd,
             lora_rank=self.lora_rank if kind == "trunk" else 0,
             trunk_sgd=self.trunk_sgd,
-            trunk_embeddings=self.trunk_embeddings,
+            trunk_embeddings=self.embeddings,
         )
 
     def _depends(self, names_: list[str]) -> list[str]:

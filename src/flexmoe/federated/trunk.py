@@ -39,15 +39,30 @@ def shared_slots(table: SlotTable) -> list[int]:
     return [0, *(s.slot for s in table.slots[1:] if s.owner == RIVAL_OWNER)]
 
 
-def trunk_keys(names: Iterable[str], table: SlotTable, *, embeddings: bool = False) -> list[str]:
+EMBEDDINGS = ("none", "output", "all")  # which of the vocabulary's tensors the trunk holds
+
+
+def embeddings_in(keys: Iterable[str]) -> str:
+    """Which of the vocabulary's tensors a stored trunk holds: none, output or all."""
+    held = set(keys)
+    if any(k.startswith("model.embed_tokens.") for k in held):
+        return "all"
+    return "output" if any(k.startswith("lm_head.") for k in held) else "none"
+
+
+def trunk_keys(names: Iterable[str], table: SlotTable, *, embeddings: str = "none") -> list[str]:
     """The trunk's tensors among ``names`` (runtime or on-disk names: they agree outside the
-    router), sorted; with ``embeddings``, the input embeddings and the output layer too."""
+    router), sorted. ``embeddings``: ``output`` adds the output layer, ``all`` the input
+    embeddings too (whose update, seen alone, tells which tokens an owner's batch held)."""
+    if embeddings not in EMBEDDINGS:
+        raise FlexMoEError("--trunk-embeddings", f"must be one of {', '.join(EMBEDDINGS)}")
+    kept = {"none": (), "output": ("lm_head.",), "all": _FROZEN_PREFIXES}[embeddings]
     shared = set(shared_slots(table))
     keys = []
     for name in names:
         if ".mlp.router." in name or ".mlp.gate." in name:
             continue
-        if name.startswith(_FROZEN_PREFIXES) and not embeddings:
+        if name.startswith(_FROZEN_PREFIXES) and not name.startswith(kept):
             continue
         expert = _EXPERT.fullmatch(name)
         if expert is not None and int(expert.group(1)) not in shared:
