@@ -125,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
+    parser.add_argument(
+        "--fedadam-dense",
+        action="store_true",
+        help="also the dense anchor with the trunk's recipe (--trunk-lr, --server-*)",
+    )
     parser.add_argument("--router-adamw", action="store_true", help="router phases with AdamW")
     parser.add_argument(
         "--dp-epsilon",
@@ -202,6 +207,47 @@ def label(recipe: str, args: argparse.Namespace) -> str:
     return "; ".join(said)
 
 
+def dense_row(
+    args: argparse.Namespace,
+    texts: list[OwnerText],
+    specs: list[DataSpec],
+    tokens: Path,
+    *,
+    fedopt: bool,
+) -> None:
+    """The dense anchor trained by the owners with as many steps each as an expert's training:
+    the demo's FedAvg (local AdamW, few rounds), or with ``fedopt`` the trunk's recipe (one SGD
+    step per owner per round, the server optimiser of ``args``)."""
+    fed = FULL.federated
+    if fedopt:
+        local = replace(fed.trunk, steps=1, lr=args.trunk_lr)
+        dense = RoundPlan(FULL.expert.steps, ("dense",), fed.slot, fed.router, dense=local)
+        server = ServerOptimizer.from_dict(
+            {"name": args.server_optimizer, "lr": args.server_lr, "tau": args.server_tau}
+        )
+        name = (
+            f"dense, SGD lr {args.trunk_lr:g}, server {args.server_optimizer} lr {args.server_lr:g}"
+        )
+    else:
+        dense = RoundPlan(fed.fedavg_rounds, ("dense",), fed.slot, fed.router, dense=fed.fedavg)
+        server, name = ServerOptimizer(), "fedavg"
+    out = args.run / "federated-recipes" / name.replace(" ", "-").replace(",", "")
+    started = time.perf_counter()
+    fedavg(
+        args.run / "anchor",
+        texts,
+        dense,
+        out,
+        device=CPU,
+        cache_dir=tokens,
+        overwrite=True,
+        server=server,
+        local_sgd=fedopt,
+    )
+    steps = dense.rounds * dense.cfg("dense").steps
+    emit(name, steps, score(out, specs, tokens), seconds=round(time.perf_counter() - started, 1))
+
+
 def main() -> None:
     args = _parser().parse_args()
     corpora = corpus_set(args.corpora)
@@ -223,26 +269,9 @@ def main() -> None:
         )
         emit("btm", FULL.expert.steps, {s.domain: round(s.bits_per_byte, 4) for s in scores})
     if args.fedavg:
-        fedavg_dir = args.run / "federated-recipes" / "fedavg"
-        fed = FULL.federated
-        dense = RoundPlan(fed.fedavg_rounds, ("dense",), fed.slot, fed.router, dense=fed.fedavg)
-        started = time.perf_counter()
-        fedavg(
-            args.run / "anchor",
-            texts,
-            dense,
-            fedavg_dir,
-            device=CPU,
-            cache_dir=tokens,
-            overwrite=True,
-        )
-        steps = fed.fedavg_rounds * fed.fedavg.steps
-        emit(
-            "fedavg",
-            steps,
-            score(fedavg_dir, specs, tokens),
-            seconds=round(time.perf_counter() - started, 1),
-        )
+        dense_row(args, texts, specs, tokens, fedopt=False)
+    if args.fedadam_dense:
+        dense_row(args, texts, specs, tokens, fedopt=True)
     scored: set[int] = set()
     for recipe in args.recipes.split(","):
         owner_steps, plan = plan_of(recipe, args)

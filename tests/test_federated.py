@@ -346,6 +346,37 @@ def test_the_fedavg_baseline_trains_the_dense_anchor_on_flower(
     assert "fedavg" in listed.stdout and "flexmoe:federated" in listed.stdout
 
 
+def test_the_dense_baseline_takes_the_trunk_recipe(
+    anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """With FedAdam on the coordinator (the merged model's trunk recipe, on the dense model),
+    the first server step moves every parameter whose averaged change is not zero by the server
+    lr (Adam's first step is lr times the change's sign)."""
+    from flexmoe.federated.dense import RECORD_FILE
+    from flexmoe.federated.run import fedavg
+    from flexmoe.federated.server import ServerOptimizer, ServerOptimizerName
+
+    adam = ServerOptimizer(ServerOptimizerName.FEDADAM, lr=1e-2, tau=1e-12)
+    plan = RoundPlan(rounds=1, phases=("dense",), slot=CFG, router=CFG, dense=replace(CFG, lr=0.1))
+    texts = _texts(corpus_dir)
+    out = fedavg(
+        anchor_dir,
+        texts,
+        plan,
+        tmp_path / "dense",
+        device=CPU,
+        cache_dir=None,
+        server=adam,
+        local_sgd=True,
+    )
+    before, after = read_state_dict(anchor_dir), read_state_dict(out)
+    moved = torch.cat([(after[k].float() - before[k].float()).flatten() for k in after]).abs()
+    assert moved.max().item() == pytest.approx(1e-2, rel=1e-3)
+    assert (moved > 0.99e-2).float().mean().item() > 0.5
+    record = json.loads((out / RECORD_FILE).read_text())["hyperparameters"]
+    assert record["server_optimizer"] == "fedadam" and record["local_optimizer"] == "sgd"
+
+
 ROUND = tuple(
     "--rounds 1 --recipe slot,router,trunk --slot-steps 2 --router-steps 2 --trunk-steps 2 "
     "--server-optimizer fedadam --server-lr 0.01 --batch-size 4 --seq-len 32".split()

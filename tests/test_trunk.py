@@ -116,7 +116,7 @@ def test_server_optimiser_settings_are_checked_and_round_trip() -> None:
     assert ServerOptimizer.of(adam.record(4)) == adam
     with pytest.raises(FlexMoEError, match="--server-lr"):
         ServerOptimizer(lr=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(FlexMoEError, match="--server-optimizer: must be one of fedavg"):
         ServerOptimizer.from_dict({"name": "fedsgd"})
     fedavg = ServerOptimizer()
     new, state = fedavg.step({"w": torch.ones(2)}, {"w": torch.full((2,), 0.5)}, {}, 1)

@@ -538,6 +538,18 @@ def baseline_fedavg(
     secagg: Annotated[
         bool, typer.Option("--secagg", help="under Flower's SecAgg+: only the average is seen")
     ] = False,
+    server_optimizer: Annotated[
+        str,
+        typer.Option(
+            help="how the coordinator applies the average: fedavg (adds it; with --server-lr 1, "
+            "FedAvg), fedadam or fedyogi (the merged model's trunk recipe, on the dense model)"
+        ),
+    ] = "fedavg",
+    server_lr: ServerLrOpt = 1.0,
+    server_tau: ServerTauOpt = SERVER.tau,
+    local_optimizer: Annotated[
+        str, typer.Option(help="each owner's optimiser: adamw, or sgd (FedOpt's, for fedadam)")
+    ] = "adamw",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     cache_dir: CacheOpt = None,
@@ -548,10 +560,19 @@ def baseline_fedavg(
 ) -> None:
     """The classic federated baseline: the anchor's dense model trained by FedAvg on Flower,
     every owner training every parameter on its own text at home (a simulation on this
-    machine). Score it with `flexmoe eval baselines --fedavg DIR`."""
+    machine). Score it with `flexmoe eval baselines --fedavg DIR`. `--rounds 60 --steps 1
+    --local-optimizer sgd --server-optimizer fedadam --server-lr 0.003` trains it with the
+    merged model's trunk recipe instead."""
     from flexmoe.device import pick_device
     from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.run import fedavg
+    from flexmoe.federated.server import ServerOptimizer
+
+    if local_optimizer not in ("sgd", "adamw"):
+        raise FlexMoEError("--local-optimizer", f"must be sgd or adamw, got {local_optimizer!r}")
+    server = ServerOptimizer.from_dict(
+        {"name": server_optimizer, "lr": server_lr, "tau": server_tau}
+    )
 
     local = replace(
         EXPERT_TRAINING,
@@ -577,6 +598,8 @@ def baseline_fedavg(
         overwrite=force,
         log=say,
         debug=DEBUG["on"],
+        server=server,
+        local_sgd=local_optimizer == "sgd",
     )
     emit(
         as_json,

@@ -2,9 +2,10 @@
 FedAvg on the owners' text plus the public share, through the same Flower code as the rounds.
 
 Each round every owner trains every parameter of the current dense model for a few local steps
-at home and sends the change; the coordinator adds the token-weighted average. The result is a
-plain OLMo-2 checkpoint with ``fedavg.json``: the rounds, who took part, and the bytes each owner
-sent. Unlike the merged model it has no experts to opt out of.
+at home and sends the change; the coordinator adds the token-weighted average, or applies it
+through a server optimiser (FedAdam: the merged model's trunk recipe, on the dense model). The
+result is a plain OLMo-2 checkpoint with ``fedavg.json``: the rounds, who took part, and the
+bytes each owner sent. Unlike the merged model it has no experts to opt out of.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flexmoe.data.tokenizer import save_tokenizer
 from flexmoe.errors import FlexMoEError
 from flexmoe.federated.messages import Arrays, Config, Updates, encode_dense
 from flexmoe.federated.owner import Kind, OwnerText, RoundTask, train_locally
+from flexmoe.federated.server import ServerOptimizer
 from flexmoe.io import atomic_directory, write_json
 from flexmoe.merge.slots import FederatedRound
 from flexmoe.model.checkpoint import save_model
@@ -74,8 +76,12 @@ class DenseCoordinator:
     anchor_dir: Path
     excluded: frozenset[str] = frozenset()
     first_round: int = 1
+    server: ServerOptimizer = field(default_factory=ServerOptimizer)  # fedavg, lr 1: FedAvg
+    local_sgd: bool = False  # owners step with plain SGD, not AdamW
     anchor: Anchor = field(init=False)
     state: dict[str, torch.Tensor] = field(init=False)
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)  # the server optimiser's
+    steps: int = 0  # the server optimiser's steps so far
     rounds: list[FederatedRound] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,7 +91,7 @@ class DenseCoordinator:
     def task(self, kind: Kind, round: int, cfg: TrainConfig) -> RoundTask:
         if kind != "dense":
             raise FlexMoEError("--recipe", f"the fedavg baseline has no {kind} phase")
-        return RoundTask(kind=kind, round=round, cfg=cfg)
+        return RoundTask(kind=kind, round=round, cfg=cfg, trunk_sgd=self.local_sgd)
 
     @property
     def model_path(self) -> Path:
@@ -116,11 +122,14 @@ class DenseCoordinator:
         keys = sorted(self.state)
         if len(average) != len(keys):
             raise FlexMoEError("fedavg", f"an update of {len(average)} tensors, not {len(keys)}")
+        changes = {}
         for key, change in zip(keys, average, strict=True):
             delta = torch.from_numpy(np.asarray(change, dtype=np.float32))
             if delta.shape != self.state[key].shape or not torch.isfinite(delta).all():
                 raise FlexMoEError("fedavg", f"round {round}: a bad update of {key}")
-            self.state[key] = self.state[key] + delta
+            changes[key] = delta
+        self.steps += 1
+        self.state, self.moments = self.server.step(self.state, changes, self.moments, self.steps)
 
     def log_round(self, entry: FederatedRound) -> None:
         self.rounds.append(entry)
@@ -134,7 +143,13 @@ class DenseCoordinator:
         record = FedAvgRecord(
             anchor_fingerprint=self.anchor.manifest.fingerprint,
             rounds=self.rounds,
-            hyperparameters={**cfg.to_dict()},
+            hyperparameters={
+                **cfg.to_dict(),
+                "local_optimizer": "sgd" if self.local_sgd else "adamw",
+                "server_optimizer": self.server.name.value,
+                "server_lr": self.server.lr,
+                "server_tau": self.server.tau,
+            },
         )
         with atomic_directory(out, overwrite=overwrite) as tmp:
             save_model(model, tmp, dtype=self.anchor.dtype)

@@ -116,7 +116,7 @@ class RoundTask:
     excluded: frozenset[str] = frozenset()  # experts no token may route to
     slot_row: bool = True  # a slot phase also trains the owner's own router row
     router_sgd: bool = True  # a router phase steps with plain SGD (classic FedAvg), not AdamW
-    trunk_sgd: bool = False  # a trunk phase steps with plain SGD (FedOpt's local optimiser)
+    trunk_sgd: bool = False  # a trunk or dense phase steps with plain SGD (FedOpt's local one)
     dp_clip: float = 0.0  # > 0: the update is clipped to this L2 norm and noised (privacy.py)
     dp_noise: float = 0.0  # the noise multiplier
     lora_rank: int = 0  # > 0: a trunk phase trains and sends rank-R factors of its matrices
@@ -208,7 +208,9 @@ def train_locally(
     """The task's steps on the owner's text, its batch order the owner's own."""
     cfg = task.seeded(text.name)
     optimizer = None
-    if (task.kind == "router" and task.router_sgd) or (task.kind == "trunk" and task.trunk_sgd):
+    if (task.kind == "router" and task.router_sgd) or (
+        task.kind in ("trunk", "dense") and task.trunk_sgd
+    ):
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trained, lr=cfg.lr)
     return train(

@@ -18,6 +18,7 @@ from flexmoe.expert.identity import name_key
 from flexmoe.federated.flower import RoundCoordinator, RoundPlan, simulate
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.rounds import Coordinator
+from flexmoe.federated.server import ServerOptimizer
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.slots import Federation
 from flexmoe.merge.standing import standing_exclusions
@@ -178,9 +179,13 @@ def fedavg(
     log: Callable[[str], None] = print,
     debug: bool = False,
     runner: Runner = simulate,
+    server: ServerOptimizer | None = None,
+    local_sgd: bool = False,
 ) -> Path:
     """The ``fedavg`` baseline: ``plan.rounds`` rounds of FedAvg on the anchor's dense model,
-    each owner training every parameter on its own text at home (``plan.dense``)."""
+    each owner training every parameter on its own text at home (``plan.dense``); with
+    ``server`` (FedAdam, say) and ``local_sgd``, the FedOpt recipe of the merged model's trunk
+    on the whole dense model instead."""
     from flexmoe.federated.dense import DenseCoordinator
 
     out = Path(out)
@@ -195,6 +200,6 @@ def fedavg(
     for text in texts:
         _check_files(text.data)
         _check_files(text.public)
-    coordinator = DenseCoordinator(anchor)
+    coordinator = DenseCoordinator(anchor, server=server or ServerOptimizer(), local_sgd=local_sgd)
     runner(coordinator, texts, plan, device=device, cache_dir=cache_dir, log=log, debug=debug)
     return coordinator.write(out, plan.cfg("dense"), overwrite=overwrite)

@@ -26,6 +26,14 @@ class ServerOptimizerName(StrEnum):
     FEDYOGI = "fedyogi"
 
 
+def _optimizer_name(value: object) -> ServerOptimizerName:
+    """``value`` as a server optimiser's name, or a one-line error naming the known ones."""
+    if value not in ServerOptimizerName._value2member_map_:
+        known = ", ".join(n.value for n in ServerOptimizerName)
+        raise FlexMoEError("--server-optimizer", f"must be one of {known}, got {value!r}")
+    return ServerOptimizerName(str(value))
+
+
 @dataclass(frozen=True)
 class ServerOptimizer:
     """How the coordinator applies the averaged change ``d`` of a trunk phase to the trunk ``x``:
@@ -49,9 +57,7 @@ class ServerOptimizer:
     decay_steps: int = 0  # > 0: lr follows a cosine to lr / 10 at this server step, then stays
 
     def __post_init__(self) -> None:
-        if self.name not in ServerOptimizerName._value2member_map_:
-            known = ", ".join(ServerOptimizerName)
-            raise FlexMoEError("--server-optimizer", f"must be one of {known}, got {self.name!r}")
+        object.__setattr__(self, "name", _optimizer_name(self.name))
         if not self.lr > 0:
             raise FlexMoEError("--server-lr", f"must be positive, got {self.lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -104,7 +110,7 @@ class ServerOptimizer:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServerOptimizer:
         """The inverse of :meth:`to_dict` (missing fields take their defaults)."""
-        name = ServerOptimizerName(data.get("name", ServerOptimizerName.FEDAVG.value))
+        name = _optimizer_name(data.get("name", ServerOptimizerName.FEDAVG.value))
         values = {k: float(v) for k, v in data.items() if k not in ("name", "decay_steps")}
         return cls(name, decay_steps=int(data.get("decay_steps", 0)), **values)
 
