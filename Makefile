@@ -39,6 +39,8 @@ check: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(VENV)/bin/ruff format --check src tests benchmarks experiments
 	$(VENV)/bin/mypy src
+	@# The formatter decides layout in the library: no line may opt out of it.
+	@if grep -rn "fmt: skip" src; then echo "src: remove the '# fmt: skip' above"; exit 1; fi
 
 # Headless Chromium from Debian's packages for the page's browser tests (tests/test_ui_browser.py),
 # installed with apt-get (as root, else through sudo). Where that fails, those tests fail and say so.

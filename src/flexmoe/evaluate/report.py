@@ -257,8 +257,9 @@ def plot_files(results: Evaluation, owners: dict[str, str] | None = None) -> dic
             main = model in MAIN_MODELS
             x, y = results.cost[model], results.average(model)
             ax.scatter([x], [y], s=28 if main else 12, color="C3" if main else "C0")
-            ax.annotate(model, (x, y), fontsize=6 if main else 5, xytext=(3, 2),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                model, (x, y), fontsize=6 if main else 5, xytext=(3, 2), textcoords="offset points"
+            )
         ax.set_xlabel("inference FLOPs per token (anchor = 1)")
         ax.set_ylabel("bits per byte, average over domains (lower is better)")
         ax.set_title("quality against inference cost", fontsize=9)

@@ -188,13 +188,25 @@ PUBLIC_PARTS: tuple[tuple[DebianPackage, Callable[[bytes], Documents]], ...] = (
     (WORDNET, read_wordnet),
     (debian.FORTUNES, debian.read_fortunes),
     (MANPAGES, lambda b: read_man_pages(b, "usr/share/man", "man")),
-    (REFERENCE, lambda b: read_gzipped_text(
-        b, "usr/share/debian-reference/debian-reference.en.txt.gz", "debref")),
-    (DEVREF, lambda b: read_gzipped_text(
-        b, "usr/share/developers-reference/developers-reference.txt.gz", "devref")),
-    (STANDARDS, lambda b: read_gzipped_text(
-        b, "usr/share/doc/gnu-standards/standards.text.gz", "standards")),
+    (
+        REFERENCE,
+        lambda b: read_gzipped_text(
+            b, "usr/share/debian-reference/debian-reference.en.txt.gz", "debref"
+        ),
+    ),
+    (
+        DEVREF,
+        lambda b: read_gzipped_text(
+            b, "usr/share/developers-reference/developers-reference.txt.gz", "devref"
+        ),
+    ),
+    (
+        STANDARDS,
+        lambda b: read_gzipped_text(
+            b, "usr/share/doc/gnu-standards/standards.text.gz", "standards"
+        ),
+    ),
     (BASH_DOC, lambda b: read_info(b, "usr/share/info/bash.info.gz", "bash")),
     (LICENCES, read_licences),
     (JARGON, lambda b: read_gzipped_text(b, "usr/share/doc/jargon-text/jargon.txt.gz", "jargon")),
-)  # fmt: skip
+)

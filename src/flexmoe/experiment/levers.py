@@ -184,8 +184,9 @@ def distilled_rows(
         with torch.no_grad():
             target = teacher(input_ids=ids).logits.float()  # (B, T, V) log-probabilities
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-        loss = torch.nn.functional.kl_div(logp.flatten(0, 1), target.flatten(0, 1),
-                                          log_target=True, reduction="batchmean")  # fmt: skip
+        loss = torch.nn.functional.kl_div(
+            logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -264,8 +265,11 @@ def levers_section(found: dict[str, Any], evaluation: Evaluation) -> str:
     head = "| recipe | options | " + " | ".join([*domains, "average", *mixes, "vs btm"]) + " |"
     rule = "| --- | --- |" + " ---: |" * (len(domains) + len(mixes) + 2)
     lines = [head, rule]
-    for model, what in ((FLEXMOE, "the run's merge (its recipe at the top)"), (BTM, "btm"),
-                        (ANCHOR, "the anchor")):  # fmt: skip
+    for model, what in (
+        (FLEXMOE, "the run's merge (its recipe at the top)"),
+        (BTM, "btm"),
+        (ANCHOR, "the anchor"),
+    ):
         if model in evaluation.models:
             lines.append(f"| `{model}` | {what} | {cells(scored(model))} |")
     for row in found["rows"]:

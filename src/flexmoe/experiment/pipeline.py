@@ -319,17 +319,32 @@ def measure_owner_levers(
         else:
             options = OWNER_LEVERS[name]
             packages = _train_experts(
-                root / "experts", f"[lever {name}]", corpora_set.owners, anchor_dir, run.corpora,
-                settings, device, run.tokens, log, options={**NO_RIVALS, **options},
-            )  # fmt: skip
+                root / "experts",
+                f"[lever {name}]",
+                corpora_set.owners,
+                anchor_dir,
+                run.corpora,
+                settings,
+                device,
+                run.tokens,
+                log,
+                options={**NO_RIVALS, **options},
+            )
             plan = plan_merge(anchor_dir, packages, top_k=settings.top_k)
             build_merged(plan, merged, overwrite=True)
         scores = evaluate_loaded(
-            load_merged(merged, device=device), load_tokenizer(merged), data, device=device,
-            cache_dir=run.tokens, max_bytes=settings.eval_bytes,
-        )  # fmt: skip
-        row = {"lever": name, "options": options,
-               "bpb": {s.domain: round(s.bits_per_byte, 4) for s in scores}}  # fmt: skip
+            load_merged(merged, device=device),
+            load_tokenizer(merged),
+            data,
+            device=device,
+            cache_dir=run.tokens,
+            max_bytes=settings.eval_bytes,
+        )
+        row = {
+            "lever": name,
+            "options": options,
+            "bpb": {s.domain: round(s.bits_per_byte, 4) for s in scores},
+        }
         log(json.dumps(row))
         if path.is_file():  # read again: another job on the same run may have added rows
             found = read_json(path)
@@ -356,21 +371,38 @@ def _rivals_stage(
         return rival_dirs, owner_dirs
     parts = public_clusters(anchor_dir, [run.specs[corpora_set.public.name]], count, run.device)
     jobs = []
-    for part, spec, target in zip(parts, write_clusters(parts, root / "clusters"), rival_dirs,
-                                  strict=True):  # fmt: skip
+    for part, spec, target in zip(
+        parts, write_clusters(parts, root / "clusters"), rival_dirs, strict=True
+    ):
         run.log(f"[lever rivals] {spec.domain}: {len(part)} public documents")
         rival = DemoDomain(spec.domain, "", lambda: iter(()), RIVAL_OWNER, RIVAL_LICENSE)
-        jobs.append(_owner_job(
-            rival, Path(spec.paths[0]), anchor_dir, target, run.settings.expert, run.tokens,
-            run.device, f"[lever rivals] training {rival.name} -> {target}",
-            options={**NO_RIVALS, **recipe},
-        ))  # fmt: skip
+        jobs.append(
+            _owner_job(
+                rival,
+                Path(spec.paths[0]),
+                anchor_dir,
+                target,
+                run.settings.expert,
+                run.tokens,
+                run.device,
+                f"[lever rivals] training {rival.name} -> {target}",
+                options={**NO_RIVALS, **recipe},
+            )
+        )
     run_jobs(jobs, run.device, run.log)
     options = {"rival": [str(p) for p in rival_dirs], "rival_top_k": run.settings.top_k, **recipe}
     packages = _train_experts(
-        root / "experts", "[lever rivals]", corpora_set.owners, anchor_dir, run.corpora,
-        run.settings, run.device, run.tokens, run.log, options=options,
-    )  # fmt: skip
+        root / "experts",
+        "[lever rivals]",
+        corpora_set.owners,
+        anchor_dir,
+        run.corpora,
+        run.settings,
+        run.device,
+        run.tokens,
+        run.log,
+        options=options,
+    )
     write_json(made, recipe)
     return rival_dirs, packages
 
@@ -385,11 +417,22 @@ def _distill_stage(out: Path, target: Path, run: _Run, steps: int, corpora_set: 
     stream = pack_documents(public, anchor.tokenizer, cache_dir=run.tokens)
     tune = run.settings.tune
     rows = distilled_rows(
-        out / "merged", teacher, stream, steps=steps, batch_size=tune.batch_size,
-        seq_len=tune.seq_len, lr=tune.lr, device=run.device,
-    )  # fmt: skip
-    write_rows(out / "merged", target, rows, method="distilled from btm on public text",
-               public_tokens=steps * tune.batch_size * tune.seq_len)  # fmt: skip
+        out / "merged",
+        teacher,
+        stream,
+        steps=steps,
+        batch_size=tune.batch_size,
+        seq_len=tune.seq_len,
+        lr=tune.lr,
+        device=run.device,
+    )
+    write_rows(
+        out / "merged",
+        target,
+        rows,
+        method="distilled from btm on public text",
+        public_tokens=steps * tune.batch_size * tune.seq_len,
+    )
 
 
 def rescore_run(
@@ -417,11 +460,14 @@ def rescore_run(
     tuned = out / "merged-tuned"
     every = results["settings"].get("ablations", False) or tuned.is_dir()  # as the run was made
     evaluation = run.evaluate(
-        out / "anchor", package_dirs, out / "merged",
-        out / "unrestricted" if (out / "unrestricted").is_dir() else None, extra,
+        out / "anchor",
+        package_dirs,
+        out / "merged",
+        out / "unrestricted" if (out / "unrestricted").is_dir() else None,
+        extra,
         tuned_dir=tuned if tuned.is_dir() else None,
         every_variant=every,
-    )  # fmt: skip
+    )
     results["evaluation"] = evaluation.model_dump(mode="json", exclude_unset=True)
     run.write(results, evaluation, read_json(out / "anchor" / HISTORY_FILE))
     return results
@@ -496,10 +542,15 @@ class _Run:
                 f"the public text -> {anchor_dir / RIVALS_DIR}"
             )
             train_rivals(
-                anchor_dir, [self.specs["public"]], count=count, license=RIVAL_LICENSE,
-                cfg=self.settings.expert, device=self.device, cache_dir=self.tokens,
+                anchor_dir,
+                [self.specs["public"]],
+                count=count,
+                license=RIVAL_LICENSE,
+                cfg=self.settings.expert,
+                device=self.device,
+                cache_dir=self.tokens,
                 overwrite=True,
-            )  # fmt: skip
+            )
         self.stage("rivals")
         return shipped_rivals(anchor_dir)
 

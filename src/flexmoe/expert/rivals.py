@@ -116,14 +116,24 @@ def train_rivals(
         specs = write_clusters(parts, tmp / ".clusters")
         for i, spec in enumerate(specs):
             identity = ExpertIdentity(
-                name=spec.domain, owner=RIVAL_OWNER, license=license,
+                name=spec.domain,
+                owner=RIVAL_OWNER,
+                license=license,
                 description=f"public text, cluster {i + 1} of {count} ({len(parts[i])} documents)",
-            )  # fmt: skip
+            )
             manifest, _ = train_expert(
-                anchor_dir=anchor_dir, data=[spec], identity=identity, out=tmp / spec.domain,
-                cfg=cfg, device=device, cache_dir=cache_dir, public_data=public, rivals=(),
-                progress=progress, signing_key=signing_key,
-            )  # fmt: skip
+                anchor_dir=anchor_dir,
+                data=[spec],
+                identity=identity,
+                out=tmp / spec.domain,
+                cfg=cfg,
+                device=device,
+                cache_dir=cache_dir,
+                public_data=public,
+                rivals=(),
+                progress=progress,
+                signing_key=signing_key,
+            )
             manifests.append(manifest)
         shutil.rmtree(tmp / ".clusters")  # the public text stays where it was
     return manifests

@@ -113,11 +113,13 @@ def build_trainable_moe(
             for k, rival in enumerate(rivals, start=2):  # frozen, each its own copy
                 ffn = moe.experts[k]
                 frozen = [
-                    *((getattr(ffn, j).weight, PKG_PROJ.format(layer=layer, proj=j))
-                      for j in names.PROJECTIONS),
+                    *(
+                        (getattr(ffn, j).weight, PKG_PROJ.format(layer=layer, proj=j))
+                        for j in names.PROJECTIONS
+                    ),
                     (moe.router.rows[k], PKG_ROUTER.format(layer=layer)),
                     (moe.router.biases[k - 1], PKG_BIAS.format(layer=layer)),
-                ]  # fmt: skip
+                ]
                 for param, key in frozen:
                     param.data = rival.tensors[key].to(param.device, param.dtype).clone()
     return model

@@ -242,9 +242,17 @@ async def ui_ledger(request: Request) -> Response:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["response", "time", "endpoint", "prompt_tokens", "completion_tokens", "expert",
-         "share", "weighted_tokens"]
-    )  # fmt: skip
+        [
+            "response",
+            "time",
+            "endpoint",
+            "prompt_tokens",
+            "completion_tokens",
+            "expert",
+            "share",
+            "weighted_tokens",
+        ]
+    )
     with Ledger(_service(request).model_dir) as ledger:
         for row in ledger.rows():
             writer.writerow([_cell(v) if isinstance(v, str) else v for v in row])
