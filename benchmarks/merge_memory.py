@@ -26,7 +26,7 @@ from flexmoe import __version__
 from flexmoe.anchor import import_anchor, load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.tokenizer import train_tokenizer
-from flexmoe.expert.package import (
+from flexmoe.expert.manifest import (
     MANIFEST_FILE,
     TENSORS_FILE,
     ExpertManifest,
@@ -34,7 +34,7 @@ from flexmoe.expert.package import (
     RouterInitRecord,
     TrainingSummary,
     expected_tensor_shapes,
-)  # fmt: skip
+)
 from flexmoe.io import sha256_file, write_json
 from flexmoe.model.config import ModelDims, olmo2_config
 

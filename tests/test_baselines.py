@@ -22,7 +22,8 @@ from flexmoe.evaluate.baselines import (
 from flexmoe.evaluate.mixed import alternating
 from flexmoe.evaluate.perplexity import DocumentRouted, eval_documents, evaluate_loaded
 from flexmoe.evaluate.registry import Variant
-from flexmoe.expert.package import PKG_PROJ, load_package
+from flexmoe.expert.manifest import PKG_PROJ
+from flexmoe.expert.package import load_package
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge

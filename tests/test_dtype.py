@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, Olmo2ForCausalLM
 from flexmoe.anchor import import_anchor, load_anchor, open_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import TENSORS_FILE, load_package
+from flexmoe.expert.manifest import TENSORS_FILE
+from flexmoe.expert.package import load_package
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.layout import load_merged

@@ -22,7 +22,8 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, build_specialist, load_package
+from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, build_trainable_moe, train_expert
 from flexmoe.expert.verify import verify_package
 from flexmoe.io import sha256_file

@@ -20,7 +20,7 @@ from helpers import train_packages
 from safetensors.torch import load_file, save_file
 
 from flexmoe.cli import main
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.io import sha256_file
 
 Mutate = Callable[[Path, Path], None]  # (package copy, the other good package)

@@ -429,7 +429,7 @@ def test_cli_merge_refuses_bad_packages(
 
     from safetensors.torch import load_file, save_file
 
-    from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
+    from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
     from flexmoe.io import sha256_file
 
     bad = tmp_path / "bad"

@@ -15,14 +15,14 @@ from test_hostile import _refused, main_ok
 from flexmoe.anchor import load_anchor
 from flexmoe.cli import main
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, read_manifest
-from flexmoe.expert.private import (
+from flexmoe.expert.manifest import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
     PrivacyRecord,
-    PrivacySettings,
-    PrivateRouter,
-    _register,
     accountant_epsilon,
+    read_manifest,
 )
+from flexmoe.expert.private import PrivacySettings, PrivateRouter, _register
 from flexmoe.expert.train import build_trainable_moe
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.training.loop import next_token_loss

@@ -15,7 +15,8 @@ from flexmoe.anchor import load_anchor
 from flexmoe.cli import main
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, build_specialist, load_package, rival_version
+from flexmoe.expert.manifest import MANIFEST_FILE
+from flexmoe.expert.package import build_specialist, load_package, rival_version
 from flexmoe.expert.rivals import RIVALS_DIR, resolve_rivals, shipped_rivals
 from flexmoe.merge.layout import read_slots
 from flexmoe.model.checkpoint import moe_layers

@@ -20,7 +20,8 @@ from test_hostile import _refused, main_ok
 
 from flexmoe.cli import main
 from flexmoe.data.documents import DataSpec
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE, load_package
+from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.package import load_package
 from flexmoe.expert.registry import KeyRegistry
 from flexmoe.expert.signing import PASSPHRASE_ENV, SIGNATURE_FILE, read_private_key
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert

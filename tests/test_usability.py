@@ -354,3 +354,41 @@ def test_card_cells_cannot_break_the_table() -> None:
     from flexmoe.card import cell as _cell
 
     assert _cell("a|b\n<script>") == "a\\|b &lt;script&gt;"
+
+
+LIGHT = """
+import sys
+from flexmoe.cli import main
+
+for argv in ({commands}):
+    sys.argv = ["flexmoe", *argv]
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None), (argv, e.code)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+print("heavy:", heavy[:5])
+"""
+
+
+def test_metadata_commands_do_not_load_torch(ui_model: Path, tmp_path: Path) -> None:
+    """Listing the experts, an owner's opt-out and opt-in, and the tokens' list read and change
+    only metadata: they must not import torch or transformers (seconds of CPU each;
+    benchmarks/cli_startup.py times them)."""
+    import subprocess
+    import sys
+
+    model = str(shutil.copytree(ui_model, tmp_path / "model"))
+    commands = [
+        ["experts", "list", model],
+        ["experts", "opt-out", model, "upper", "--reason", "test"],
+        ["experts", "opt-in", model, "upper"],
+        ["owners", "list", model],
+        ["--help"],
+    ]
+    script = LIGHT.format(commands=", ".join(repr(c) for c in commands))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "heavy: []" in done.stdout, done.stdout[-2000:]

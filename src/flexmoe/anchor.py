@@ -41,6 +41,7 @@ from flexmoe.data.tokenizer import (
 )
 from flexmoe.device import DTYPES, compute_dtype, dtype_name
 from flexmoe.errors import FlexMoEError
+from flexmoe.expert.manifest import DtypeName
 from flexmoe.io import atomic_directory, read_json, read_manifest_model, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import (
@@ -67,7 +68,6 @@ from flexmoe.training.job import TrainingJob, refuse_existing
 from flexmoe.training.loop import TrainResult, barrier
 
 MANIFEST_FILE = "flexmoe_anchor.json"
-DtypeName = Literal["float32", "bfloat16", "float16"]
 MAX_SHARD_BYTES = 2 << 30  # an imported anchor's shards; a smaller one is one model.safetensors
 ROUTER_FILE = "public_router.safetensors"
 ROUTER_KEY = "public_router"

@@ -93,7 +93,8 @@ def merge(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from flexmoe.expert.package import read_manifest, rival_mismatch, rival_versions
+    from flexmoe.expert.manifest import read_manifest
+    from flexmoe.expert.package import rival_mismatch, rival_versions
     from flexmoe.expert.rivals import shipped_rivals
     from flexmoe.merge.build import build_merged
     from flexmoe.merge.plan import format_plan, plan_dict, plan_merge

@@ -43,7 +43,8 @@ from flexmoe.evaluate.registry import (
     Variant,
     specialist,
 )
-from flexmoe.expert.package import PKG_PROJ, PKG_ROUTER, ExpertPackage, build_specialist
+from flexmoe.expert.manifest import PKG_PROJ, PKG_ROUTER
+from flexmoe.expert.package import ExpertPackage, build_specialist
 from flexmoe.inference.selection import Selection, load_selected
 from flexmoe.merge.layout import APPLY_BIAS
 from flexmoe.model import names

@@ -25,7 +25,7 @@ from flexmoe.evaluate.accounting import OwnerCost, package_bytes, round_totals
 from flexmoe.evaluate.registry import BTM, FEDAVG, FEDERATED, FLEXMOE, Evaluation
 from flexmoe.experiment.corpora import DemoDomain
 from flexmoe.experiment.settings import DemoSettings, FederatedSettings
-from flexmoe.expert.package import read_manifest
+from flexmoe.expert.manifest import read_manifest
 from flexmoe.federated.dense import RECORD_FILE
 from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText

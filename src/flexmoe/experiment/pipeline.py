@@ -74,7 +74,8 @@ from flexmoe.experiment.levers import (
 )
 from flexmoe.experiment.narrative import demo_report, summary
 from flexmoe.experiment.settings import DemoSettings, load_settings
-from flexmoe.expert.package import RIVALS_DIR, build_specialist, load_package, read_manifest
+from flexmoe.expert.manifest import RIVALS_DIR, read_manifest
+from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.expert.rivals import (
     RIVAL_OWNER,

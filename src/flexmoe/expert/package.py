@@ -12,21 +12,30 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import FlexOlmoForCausalLM, PretrainedConfig
 
-from flexmoe.anchor import Anchor, AnchorInfo, DtypeName, weight_sample
+from flexmoe.anchor import Anchor, AnchorInfo, weight_sample
 from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import as_field, check_license, check_name, check_owner
-from flexmoe.expert.private import PrivacyRecord, check_record
+from flexmoe.expert.manifest import (  # the format, re-exported where it was first defined
+    MANIFEST_FILE,
+    PKG_BIAS,
+    PKG_PROJ,
+    PKG_ROUTER,
+    RIVALS_DIR,
+    TENSORS_FILE,
+    ExpertManifest,
+    ExpertShapes,
+    check_record,
+    expected_tensor_shapes,
+    read_manifest_raw,
+)
 from flexmoe.expert.signing import (
     SIGNATURE_FILE,
     Signature,
@@ -34,7 +43,7 @@ from flexmoe.expert.signing import (
     read_signature,
     sign_manifest,
 )
-from flexmoe.io import parse_json, read_bounded, sha256_file, validate_model, write_json
+from flexmoe.io import read_bounded, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 
@@ -42,127 +51,6 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from flexmoe.expert.registry import KeyRegistry
-    from flexmoe.training.loop import TrainResult
-
-MANIFEST_FILE = "manifest.json"
-RIVALS_DIR = "rivals"  # the coordinator's public rival packages, in the anchor directory
-TENSORS_FILE = "expert.safetensors"
-PKG_PROJ = "layers.{layer}.{proj}.weight"
-PKG_ROUTER = "layers.{layer}.router"
-PKG_BIAS = "layers.{layer}.bias"
-
-
-class RouterInitRecord(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["anchor-hidden", "embedder", "random"]
-    params: dict[str, str | int | float] = Field(default_factory=dict)
-
-
-Count = Annotated[int, Field(ge=0, le=10**15)]
-Loss = Annotated[float, Field(ge=0, le=1e4, allow_inf_nan=False)]
-Dim = Annotated[int, Field(ge=1, le=1 << 20)]
-Short = Annotated[str, Field(max_length=200)]
-
-
-class TrainingSummary(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: Count
-    tokens: Count
-    final_train_loss: Loss
-    final_val_loss: Loss | None
-    seed: Count
-    hyperparameters: Annotated[dict[Short, float | int | Short | bool | None], Field(max_length=64)]
-    privacy: PrivacyRecord | None = None  # DP-SGD: the accountant's epsilon and its terms
-
-    @classmethod
-    def of(
-        cls,
-        result: TrainResult,
-        seed: int,
-        hyperparameters: dict[str, float | int | str | bool | None],
-        privacy: PrivacyRecord | None = None,
-    ) -> TrainingSummary:
-        """The summary of a training run's result."""
-        return cls(
-            steps=result.steps,
-            tokens=result.tokens,
-            final_train_loss=result.final_train_loss,
-            final_val_loss=result.final_val_loss,
-            seed=seed,
-            hyperparameters=hyperparameters,
-            privacy=privacy,
-        )
-
-
-class ExpertShapes(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    num_layers: Annotated[int, Field(ge=1, le=1024)]
-    hidden_size: Dim
-    intermediate_size: Dim
-    dtype: DtypeName = "float32"
-
-
-class ExpertManifest(BaseModel):
-    """The versioned, frozen on-disk contract of an expert package."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    schema_version: Literal[1] = 1
-    kind: Literal["flexmoe-expert"] = "flexmoe-expert"
-    name: str
-    owner: str
-    license: str
-    description: Annotated[str, Field(max_length=2000)] = ""
-    created: Annotated[str, Field(max_length=40)]
-    anchor_fingerprint: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
-    tokenizer_fingerprint: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
-    router_init: RouterInitRecord
-    training: TrainingSummary
-    shapes: ExpertShapes
-    files: Annotated[
-        dict[Short, Annotated[str, Field(pattern="^[0-9a-f]{64}$")]], Field(max_length=4)
-    ]
-    flexmoe_version: Short
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return as_field(check_name, "name", value)
-
-    @field_validator("owner")
-    @classmethod
-    def _owner(cls, value: str) -> str:
-        return as_field(check_owner, "owner", value)
-
-    @field_validator("license")
-    @classmethod
-    def _license(cls, value: str) -> str:
-        as_field(lambda field, v: check_license(v, field), "license", value)
-        return value
-
-    @field_validator("created")
-    @classmethod
-    def _created(cls, value: str) -> str:
-        try:
-            datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("not an ISO 8601 date and time") from None
-        return value
-
-
-def expected_tensor_shapes(shapes: ExpertShapes) -> dict[str, tuple[int, ...]]:
-    h, f = shapes.hidden_size, shapes.intermediate_size
-    out: dict[str, tuple[int, ...]] = {}
-    for layer in range(shapes.num_layers):
-        out[PKG_PROJ.format(layer=layer, proj="gate_proj")] = (f, h)
-        out[PKG_PROJ.format(layer=layer, proj="up_proj")] = (f, h)
-        out[PKG_PROJ.format(layer=layer, proj="down_proj")] = (h, f)
-        out[PKG_ROUTER.format(layer=layer)] = (h,)
-        out[PKG_BIAS.format(layer=layer)] = ()
-    return out
 
 
 def expert_tensors(
@@ -200,19 +88,6 @@ class ExpertPackage:
     signer: Signer | None = None  # verified; its owner known only when a registry was asked
 
 
-def _read_manifest(path: Path) -> tuple[bytes, ExpertManifest]:
-    """The manifest's bytes, read once, and what they say."""
-    if not Path(path).is_dir():
-        raise FlexMoEError(path, "expert package directory not found")
-    manifest_path = Path(path) / MANIFEST_FILE
-    raw = read_bounded(manifest_path)
-    return raw, validate_model(parse_json(raw, manifest_path), manifest_path, ExpertManifest)
-
-
-def read_manifest(path: Path) -> ExpertManifest:
-    return _read_manifest(path)[1]
-
-
 def load_package(
     path: Path, anchor: AnchorInfo | None = None, registry: KeyRegistry | None = None
 ) -> ExpertPackage:
@@ -233,7 +108,7 @@ def load_package(
     for entry in entries:
         if entry.is_symlink() or not entry.is_file():
             raise FlexMoEError(entry, "not a regular file (links and special files refused)")
-    raw, manifest = _read_manifest(path)
+    raw, manifest = read_manifest_raw(path)
     manifest_path = path / MANIFEST_FILE
     extra = {p.name for p in entries} - {MANIFEST_FILE, SIGNATURE_FILE, *manifest.files}
     if extra:
@@ -433,7 +308,7 @@ def rival_versions(paths: Sequence[Path]) -> dict[str, str]:
     """Each rival package's name and version, from its manifest alone."""
     found = {}
     for path in paths:
-        raw, manifest = _read_manifest(path)
+        raw, manifest = read_manifest_raw(path)
         found[manifest.name] = rival_version(hashlib.sha256(raw).hexdigest())
     return found
 

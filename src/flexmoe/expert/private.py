@@ -22,15 +22,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flexmoe.data.packing import TokenStream
 from flexmoe.errors import FlexMoEError
+from flexmoe.expert.manifest import PrivacyRecord
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe.model.moe import Router
 from flexmoe.training.config import TrainConfig
@@ -55,47 +54,6 @@ class PrivacySettings:
             raise FlexMoEError("--dp-delta", f"must be in (0, 1), got {self.delta}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise FlexMoEError("--max-grad-norm", f"must be positive, got {self.max_grad_norm}")
-
-
-class PrivacyRecord(BaseModel):
-    """What the manifest says of a DP-trained expert: the accountant's epsilon and how."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    mechanism: Literal["dp-sgd"] = "dp-sgd"
-    accountant: Literal["rdp"] = "rdp"
-    epsilon: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]  # spent
-    target_epsilon: Annotated[float, Field(gt=0, le=1000)]
-    delta: Annotated[float, Field(gt=0, lt=1)]
-    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)]
-    noise_multiplier: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
-    sample_rate: Annotated[float, Field(gt=0, le=1)]
-    steps: Annotated[int, Field(ge=0, le=10**12)]
-    unit_tokens: Annotated[int, Field(ge=2, le=1 << 24)]  # the privacy unit: one block
-
-
-def accountant_epsilon(record: PrivacyRecord) -> float:
-    """Epsilon at ``record.delta`` for its noise, sample rate and steps, from a fresh RDP
-    accountant (what ``verify`` and the tests compare the manifest with)."""
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(record.noise_multiplier, record.sample_rate, record.steps)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="opacus")  # alpha-range advice
-        return float(accountant.get_epsilon(delta=record.delta))
-
-
-def check_record(where: Path, record: PrivacyRecord) -> None:
-    """A manifest's epsilon is the accountant's for its own terms: a package cannot claim more
-    privacy than its noise, sample rate and steps give."""
-    recomputed = accountant_epsilon(record)
-    if not math.isclose(recomputed, record.epsilon, rel_tol=1e-6, abs_tol=1e-9):
-        raise FlexMoEError(
-            where,
-            f"field 'training.privacy.epsilon': {record.epsilon:.6g} is not what its "
-            f"noise, sample rate and steps give ({recomputed:.6g})",
-        )
 
 
 class PrivateRouter(Router):

@@ -21,7 +21,7 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec, Document, write_jsonl
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, RIVALS_DIR, ExpertManifest
+from flexmoe.expert.manifest import MANIFEST_FILE, RIVALS_DIR, ExpertManifest
 from flexmoe.io import atomic_directory
 from flexmoe.model.probe import document_ffn_inputs
 from flexmoe.training.config import TrainConfig

@@ -30,20 +30,22 @@ from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import check_license, check_name, check_owner
-from flexmoe.expert.package import (
+from flexmoe.expert.manifest import (
     MANIFEST_FILE,
     PKG_BIAS,
     PKG_PROJ,
     PKG_ROUTER,
     TENSORS_FILE,
     ExpertManifest,
-    ExpertPackage,
     ExpertShapes,
     RouterInitRecord,
     TrainingSummary,
+    read_manifest,
+)
+from flexmoe.expert.package import (
+    ExpertPackage,
     expert_tensors,
     load_package,
-    read_manifest,
     rival_version,
     sign_package,
 )

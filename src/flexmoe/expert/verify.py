@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexmoe.anchor import open_anchor
+from flexmoe.expert.manifest import PrivacyRecord
 from flexmoe.expert.package import load_package
-from flexmoe.expert.private import PrivacyRecord
 from flexmoe.expert.registry import KeyRegistry
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import MANIFEST_FILE, TENSORS_FILE
+from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.expert.signing import SIGNATURE_FILE
 from flexmoe.federated.owner import ModelState, RoundTask
 from flexmoe.federated.trunk import ROWS

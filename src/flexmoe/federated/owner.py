@@ -41,7 +41,7 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import (
+from flexmoe.expert.manifest import (
     MANIFEST_FILE,
     PKG_BIAS,
     PKG_PROJ,
@@ -49,9 +49,8 @@ from flexmoe.expert.package import (
     TENSORS_FILE,
     ExpertManifest,
     TrainingSummary,
-    expert_tensors,
-    sign_package,
 )
+from flexmoe.expert.package import expert_tensors, sign_package
 from flexmoe.expert.signing import read_private_key
 from flexmoe.expert.train import router_z_loss
 from flexmoe.federated.privacy import privatize

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
+from flexmoe.expert.manifest import PKG_BIAS, PKG_PROJ, PKG_ROUTER, TENSORS_FILE
 from flexmoe.federated.messages import (
     MODEL_KEY,
     Config,

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from flexmoe.anchor import ROUTER_FILE, ROUTER_KEY
-from flexmoe.expert.package import PKG_BIAS, PKG_PROJ, PKG_ROUTER
+from flexmoe.expert.manifest import PKG_BIAS, PKG_PROJ, PKG_ROUTER
 from flexmoe.merge.layout import SHARD_BYTES, create_merged
 from flexmoe.merge.plan import MergePlan, Slot
 from flexmoe.merge.slots import SignerRecord, SlotRecord, SlotTable

@@ -21,12 +21,8 @@ from transformers import FlexOlmoConfig
 from flexmoe.anchor import weight_sample
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import name_key, refuse_look_alike
+from flexmoe.expert.manifest import PKG_PROJ, PKG_ROUTER, TENSORS_FILE, ExpertManifest, ExpertShapes
 from flexmoe.expert.package import (
-    PKG_PROJ,
-    PKG_ROUTER,
-    TENSORS_FILE,
-    ExpertManifest,
-    ExpertShapes,
     FfnKey,
     check_compatible,
     check_values,

@@ -26,31 +26,21 @@ from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
-from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from flexmoe.card import write_card
-from flexmoe.data.tokenizer import load_tokenizer, save_tokenizer
-from flexmoe.device import compute_dtype
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import atomic_directory, read_json, show_progress, validate_model, write_json
 from flexmoe.merge.card import merged_card
 from flexmoe.merge.slots import SlotInfo, SlotTable
-from flexmoe.model import names
-from flexmoe.model.checkpoint import (
-    INDEX_FILE,
-    build_moe,
-    checkpoint_sources,
-    read_config,
-    read_state_dict,
-    save_config,
-    stored_dtype,
-    weight_files,
-    write_weights,
-)
-from flexmoe.model.stream import TensorSource
+
+# torch and transformers load only where a command touches weights, so that a command that reads
+# or changes metadata (experts list, opt-out) starts in a fraction of a second.
+if TYPE_CHECKING:
+    import torch
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase
+
+    from flexmoe.model.stream import TensorSource
 
 SLOTS_FILE = "flexmoe_slots.json"
 CONFIG_FILE = "config.json"
@@ -118,6 +108,10 @@ class MergedModel:
 
     def config(self, table: SlotTable | None = None) -> FlexOlmoConfig:
         """The FlexOlmo config, checked against the slot table."""
+        from transformers import FlexOlmoConfig
+
+        from flexmoe.model.checkpoint import read_config
+
         config = read_config(self.path)
         if not isinstance(config, FlexOlmoConfig):
             raise FlexMoEError(
@@ -134,9 +128,13 @@ class MergedModel:
 
     def sources(self) -> list[TensorSource]:
         """A lazy source for each stored tensor."""
+        from flexmoe.model.checkpoint import checkpoint_sources
+
         return checkpoint_sources(self.path)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
+        from flexmoe.data.tokenizer import load_tokenizer
+
         return load_tokenizer(self.path)
 
     def load(
@@ -149,6 +147,12 @@ class MergedModel:
         """The model as a flexmoe runtime model on ``device`` (default CPU), its weights in
         ``dtype`` (default: the compute dtype there); ``use_bias`` applies the owners' learned
         biases from the slot table (transformers, which does not know them, runs without)."""
+        import torch
+
+        from flexmoe.device import compute_dtype
+        from flexmoe.model import names
+        from flexmoe.model.checkpoint import build_moe, read_state_dict, stored_dtype
+
         table = self.table()
         config = self.config(table)
         bias_rows = [s.bias for s in table.slots[1:]]
@@ -188,6 +192,8 @@ class MergedModel:
     def _carry_files(self, dest: Path) -> None:
         """Copy every file and folder except the weights (rewritten) and the stores (copied
         under their locks)."""
+        from flexmoe.model.checkpoint import INDEX_FILE, weight_files
+
         weights = {p.name for p in weight_files(self.path).values()} | {INDEX_FILE}
         stores = {f"{s}{side}" for s in STORE_FILES for side in ("", *_SQLITE_SIDE_FILES)}
         for item in self.path.iterdir():
@@ -248,6 +254,8 @@ def create_merged(
     progress: bool = True,
 ) -> MergedModel:
     """A new merged model at ``out``, with no stores yet."""
+    from flexmoe.data.tokenizer import save_tokenizer
+
     with atomic_directory(out, overwrite=overwrite, private=PRIVATE_FILES) as tmp:
         save_tokenizer(tokenizer, tmp)
         _write_version(tmp, sources, config, table, max_shard_bytes, progress)
@@ -263,6 +271,10 @@ def _write_version(
     progress: bool,
 ) -> None:
     """Stream the weights into shards and write the config, slot table and card."""
+    from tqdm import tqdm
+
+    from flexmoe.model.checkpoint import save_config, write_weights
+
     if len(table.slots) != config.num_experts:
         raise FlexMoEError(SLOTS_FILE, f"{len(table.slots)} slots for {config.num_experts} experts")
     bar = tqdm(total=len(sources), desc="merge", unit="tensor", disable=not show_progress(progress))

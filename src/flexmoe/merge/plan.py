@@ -16,13 +16,8 @@ import torch
 from flexmoe.anchor import AnchorInfo, open_anchor
 from flexmoe.errors import FlexMoEError, printable
 from flexmoe.expert.identity import name_key, refuse_look_alike
-from flexmoe.expert.package import (
-    TENSORS_FILE,
-    ExpertManifest,
-    load_package,
-    package_projection,
-    weight_delta,
-)
+from flexmoe.expert.manifest import TENSORS_FILE, ExpertManifest
+from flexmoe.expert.package import load_package, package_projection, weight_delta
 from flexmoe.expert.signing import Signer
 from flexmoe.merge import DEFAULT_TOP_K
 

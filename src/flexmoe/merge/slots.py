@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from flexmoe.expert.package import ExpertManifest
+from flexmoe.expert.manifest import ExpertManifest
 
 SLOTS_SCHEMA = 2
 
