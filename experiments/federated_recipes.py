@@ -11,8 +11,11 @@ first line of each expert-step count is its untuned merge.
 
 Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
 
-    python experiments/federated_recipes.py RUN --corpora demo --recipes 30:6:0:0:5 \\
-        --server-optimizer fedadam --server-lr 1e-3 [--lora-rank 8] [--btm] [--fedavg]
+    python experiments/federated_recipes.py RUN --corpora demo --recipes 10:50:0:0:1 \\
+        [--trunk-embeddings none|output|all] [--lora-rank 8] [--btm] [--fedavg] [--fedadam-dense]
+
+The defaults are ``fed simulate``'s (trunk phases of one SGD step at lr 1, FedAdam at lr 0.003
+and tau 1e-8 on the coordinator, the output layer in the trunk).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from flexmoe.federated.flower import RoundPlan
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.privacy import UpdatePrivacy
 from flexmoe.federated.run import fedavg, federate
-from flexmoe.federated.server import ServerOptimizer
+from flexmoe.federated.server import FEDERATED_SERVER, ServerOptimizer
 from flexmoe.inference.selection import load_selected
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
@@ -111,17 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slot-lr", type=float, default=FEDERATED_SLOT.lr)
     parser.add_argument("--router-lr", type=float, default=FEDERATED_ROUTER.lr)
     parser.add_argument("--trunk-lr", type=float, default=FEDERATED_TRUNK.lr)
-    parser.add_argument("--server-optimizer", default="fedavg")
-    parser.add_argument("--server-lr", type=float, default=1.0)
-    parser.add_argument("--server-tau", type=float, default=1e-3)
+    parser.add_argument("--server-optimizer", default=FEDERATED_SERVER.name.value)
+    parser.add_argument("--server-lr", type=float, default=FEDERATED_SERVER.lr)
+    parser.add_argument("--server-tau", type=float, default=FEDERATED_SERVER.tau)
     parser.add_argument("--server-decay", action="store_true", help="cosine over the rounds")
     parser.add_argument("--lora-rank", type=int, default=0)
-    parser.add_argument("--trunk-sgd", action="store_true", help="trunk phases step with SGD")
+    parser.add_argument(
+        "--trunk-adamw", action="store_true", help="trunk phases step with AdamW, not SGD"
+    )
     parser.add_argument(
         "--trunk-batch", type=int, default=None, help="sequences per trunk step (default: 16)"
     )
     parser.add_argument("--server-beta2", type=float, default=0.99)
-    parser.add_argument("--trunk-embeddings", default="none", help="none, output or all")
+    parser.add_argument("--trunk-embeddings", default="output", help="none, output or all")
     parser.add_argument("--secagg", action="store_true", help="averages under SecAgg+")
     parser.add_argument("--btm", action="store_true", help="also score btm (the run's experts)")
     parser.add_argument("--fedavg", action="store_true", help="also train and score fedavg")
@@ -171,7 +176,7 @@ def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | N
             }
         ),
         lora_rank=args.lora_rank,
-        trunk_sgd=args.trunk_sgd,
+        trunk_sgd=not args.trunk_adamw,
         trunk_embeddings=args.trunk_embeddings,
         secagg=args.secagg,
     )
@@ -185,7 +190,7 @@ def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | N
 def label(recipe: str, args: argparse.Namespace) -> str:
     said = [recipe]
     if ":" in recipe and len(recipe.split(":")) == 5 and recipe.split(":")[4] != "0":
-        local = "SGD" if args.trunk_sgd else "AdamW"
+        local = "AdamW" if args.trunk_adamw else "SGD"
         said.append(
             f"trunk {local} lr {args.trunk_lr:g}, server {args.server_optimizer} lr "
             f"{args.server_lr:g} tau {args.server_tau:g}" + (" cosine" if args.server_decay else "")
@@ -273,7 +278,7 @@ def main() -> None:
     if args.fedadam_dense:
         dense_row(args, texts, specs, tokens, fedopt=True)
     scored: set[int] = set()
-    for recipe in args.recipes.split(","):
+    for recipe in filter(None, args.recipes.split(",")):
         owner_steps, plan = plan_of(recipe, args)
         e = int(recipe.split(":")[0])
         merged = merged_at(args.run, e, files, owners, tokens)

@@ -145,8 +145,9 @@ MEANINGS = {
     UNRESTRICTED: "the same shape trained on all the data in one place",
     FEDAVG: "the anchor's dense model trained by FedAvg (Flower) on the owners' text, each owner "
     "at home",
-    FEDERATED: "the merged model after federated rounds (Flower): each owner refined its own "
-    "slot and the router rows at home",
+    FEDERATED: "the merged model after federated rounds (Flower): each owner trained what every "
+    "owner shares (the trunk: attention, norms, the public and rival experts, the output layer, "
+    "the router rows) at home, and the coordinator applied the average",
     FLEXMOE: "the merged model",
     "flexmoe:top-K": "K experts active per token",
     BIAS: "the owners' learned negative biases on",

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 DELTA = 1e-5
 # The default clipping norm of a router update: above a typical one, measured on the demo set at
 # the default recipe (router changes 0.16-0.20 averaged over the owners), so that clipping
-# rarely bites and the noise is what the privacy costs. Only router phases take noise
-# (flower.RoundPlan says why).
+# rarely bites and the noise is what the privacy costs; a trunk update's, 1.0. Router and trunk
+# phases take noise, slot phases do not (flower.RoundPlan says why).
 CLIP = {"router": 0.5, "trunk": 1.0}
 
 
