@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 CPU_TORCH := 2.13.0
 QUICK ?= 0
 ABLATIONS ?= 0
+# pytest-xdist workers for make test: one per core of the 2-core machines it is timed on
+TEST_WORKERS ?= 2
 DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,) $(if $(filter 1,$(ABLATIONS)),--ablations,)
 
 .PHONY: install check browser test demo clean
@@ -53,7 +55,7 @@ browser:
 	fi
 
 test: check $(COMPAT)/.installed browser
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --durations=15
 
 demo: install
 	$(VENV)/bin/flexmoe demo --out demo-output $(DEMO_FLAGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from transformers import FlexOlmoConfig, Olmo2Config
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.tokenizer import train_tokenizer
 from flexmoe.model.config import ModelDims, flex_config, olmo2_config
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one worker per core: one thread each, for the tests and what they start
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

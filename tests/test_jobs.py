@@ -68,7 +68,9 @@ def test_side_by_side_owners_each_ship_a_package_and_a_failure_names_its_owner(
         _job("third", tmp_path / "missing.jsonl", anchor_dir, tmp_path),
         _job("fourth", data, anchor_dir, tmp_path),
     ]
-    with pytest.raises(FlexMoEError, match=r"training the third expert failed: .*missing") as e:
+    with pytest.raises(
+        FlexMoEError, match=r"training the third expert, which failed: .*missing"
+    ) as e:
         run_jobs(broken, CPU, lines.append)
     assert str(tmp_path / ".third.log") in str(e.value)
     assert (tmp_path / ".third.log").is_file()

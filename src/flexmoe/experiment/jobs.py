@@ -95,9 +95,9 @@ def run_jobs(
                 bar.set_postfix_str(", ".join(r.progress() for r in running))
     if failed:
         proc = failed[0]
+        # the log leads: a long output path or summary cannot cut it off the one line
         raise FlexMoEError(
-            proc.job.out,
-            f"training {proc.job.what} failed: {proc.summary()} (its log: {proc.log})",
+            proc.log, f"the log of training {proc.job.what}, which failed: {proc.summary()}"
         )
 
 
