@@ -15,9 +15,9 @@ from flexmoe.anchor import load_anchor
 from flexmoe.cli import main
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.manifest import MANIFEST_FILE
+from flexmoe.expert.manifest import MANIFEST_FILE, RIVALS_DIR
 from flexmoe.expert.package import build_specialist, load_package, rival_version
-from flexmoe.expert.rivals import RIVALS_DIR, resolve_rivals, shipped_rivals
+from flexmoe.expert.rivals import resolve_rivals, shipped_rivals
 from flexmoe.merge.layout import read_slots
 from flexmoe.model.checkpoint import moe_layers
 
@@ -80,7 +80,7 @@ def test_rivals_are_not_replaced_without_force_and_a_failure_leaves_none(
     )
     assert (shipping / RIVALS_DIR / "public-0" / MANIFEST_FILE).read_bytes() == before
 
-    import flexmoe.expert.train as train
+    import flexmoe.expert.rival_training as train
 
     fresh = tmp_path / "anchor"
     shutil.copytree(anchor_dir, fresh)

@@ -225,7 +225,8 @@ def anchor_rivals(
     slots (both by default, with --no-rivals to leave them out).
     """
     from flexmoe.device import pick_device
-    from flexmoe.expert.rivals import RIVALS_DIR, train_rivals
+    from flexmoe.expert.manifest import RIVALS_DIR
+    from flexmoe.expert.rival_training import train_rivals
 
     manifests = train_rivals(
         anchor,
