@@ -176,3 +176,10 @@ def test_owners_train_against_the_shipped_rivals_unless_told_not_to(
     code, said = _cli(["merge", "--anchor", str(moved), "--expert", str(tmp_path / "without"),
                        "--out", str(tmp_path / "older")], capsys)  # fmt: skip
     assert code == 0 and "trained against rivals [], the anchor ships [public-0, public-1]" in said
+
+
+def test_owners_train_against_the_rivals_at_the_merges_top_k() -> None:
+    from flexmoe.expert.rivals import RIVAL_TOP_K
+    from flexmoe.merge import DEFAULT_TOP_K
+
+    assert RIVAL_TOP_K == DEFAULT_TOP_K

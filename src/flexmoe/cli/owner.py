@@ -35,6 +35,7 @@ from flexmoe.cli.common import (
 )
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError, printable
+from flexmoe.expert.rivals import RIVAL_TOP_K
 from flexmoe.training.config import ANCHOR_TRAINING, EXPERT_TRAINING, TrainConfig
 
 data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
@@ -362,7 +363,7 @@ def expert_train(
     ] = False,
     rival_top_k: Annotated[
         int, typer.Option(help="experts per token when training against rivals (the merge's)")
-    ] = 3,
+    ] = RIVAL_TOP_K,
     router_init: RouterInitOpt = "anchor-hidden",
     embedder: EmbedderOpt = None,
     tokens: TokensOpt = None,

@@ -21,6 +21,10 @@ from flexmoe.expert.manifest import MANIFEST_FILE, RIVALS_DIR
 
 DEFAULT_RIVALS = 2
 RIVAL_OWNER = "coordinator"
+# Experts per token when an owner trains against the rivals: the merge's default top-k
+# (flexmoe.merge.DEFAULT_TOP_K, which tests/test_rivals.py checks it equals), so that the router
+# row learns to compete as it will in the merged model.
+RIVAL_TOP_K = 3
 
 
 def rival_name(index: int) -> str:

@@ -50,7 +50,7 @@ from flexmoe.expert.package import (
     sign_package,
 )
 from flexmoe.expert.private import PrivacySettings, PrivateMode
-from flexmoe.expert.rivals import resolve_rivals
+from flexmoe.expert.rivals import RIVAL_TOP_K, resolve_rivals
 from flexmoe.expert.signing import read_private_key
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
@@ -88,7 +88,7 @@ def build_trainable_moe(
     public_router: torch.Tensor,
     router_rows: torch.Tensor,
     rivals: Sequence[ExpertPackage] = (),
-    rival_top_k: int = 2,
+    rival_top_k: int = RIVAL_TOP_K,
 ) -> FlexOlmoForCausalLM:
     """The 2-expert model upcycled from ``dense`` with only expert 1, r_1 and b_1 trainable.
 
@@ -366,7 +366,7 @@ def train_expert(
     stay_close: float = 0.0,
     router_objective_weight: float | None = None,
     rivals: Sequence[Path] | None = None,
-    rival_top_k: int = 3,
+    rival_top_k: int = RIVAL_TOP_K,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
