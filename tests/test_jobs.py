@@ -9,7 +9,7 @@ import torch
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.experiment import jobs as jobs_module
-from flexmoe.experiment.jobs import TrainingJob, run_jobs, side_by_side
+from flexmoe.experiment.jobs import CommandJob, run_jobs, side_by_side
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -36,14 +36,14 @@ def test_owners_run_side_by_side_as_the_cores_allow(
     assert side_by_side(jobs, device) == expected
 
 
-def _job(name: str, data: Path, anchor_dir: Path, out: Path) -> TrainingJob:
+def _job(name: str, data: Path, anchor_dir: Path, out: Path) -> CommandJob:
     settings = {
         "anchor": anchor_dir, "data": [f"{name}={data}"], "owner": f"{name} owner",
         "license": "CC0-1.0", "out": out / name, "force": True, "steps": 2, "batch_size": 2,
         "seq_len": 32, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
         "device": "cpu", "cache_dir": out / "cache",
     }  # fmt: skip
-    return TrainingJob(f"the {name} expert", settings, out / name, f"training {name}")
+    return CommandJob(f"the {name} expert", settings, out / name, f"training {name}")
 
 
 def test_side_by_side_owners_each_ship_a_package_and_a_failure_names_its_owner(

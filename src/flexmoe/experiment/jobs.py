@@ -34,7 +34,7 @@ _STEPS = re.compile(r"(\d+/\d+) \[")  # tqdm's "12/60 [00:04<..."
 
 
 @dataclass(frozen=True)
-class TrainingJob:
+class CommandJob:
     """One flexmoe command (``command``) with its options by name (``settings``, passed as a
     ``--config`` file), writing ``out``."""
 
@@ -55,7 +55,7 @@ def side_by_side(jobs: int, device: torch.device) -> tuple[int, int]:
 
 
 def run_jobs(
-    jobs: list[TrainingJob], device: torch.device, log: Callable[[str], None] = print
+    jobs: list[CommandJob], device: torch.device, log: Callable[[str], None] = print
 ) -> None:
     """Every job, in its own process; raises the first failure once the running ones end."""
     at_once, threads = side_by_side(len(jobs), device)
@@ -103,7 +103,7 @@ def run_jobs(
 
 @dataclass
 class _Running:
-    job: TrainingJob
+    job: CommandJob
     process: subprocess.Popen[bytes]
     config: Path
     log: Path
@@ -112,7 +112,7 @@ class _Running:
     last: str = ""
 
     @classmethod
-    def start(cls, job: TrainingJob, env: dict[str, str]) -> _Running:
+    def start(cls, job: CommandJob, env: dict[str, str]) -> _Running:
         config = _write_config(job)
         log = job.out.parent / f".{job.out.name}.log"
         handle = log.open("wb")
@@ -144,7 +144,7 @@ class _Running:
         return time.perf_counter() - self.started
 
 
-def _write_config(job: TrainingJob) -> Path:
+def _write_config(job: CommandJob) -> Path:
     config = job.out.parent / f".{job.out.name}.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(config, toml_text(job.settings).encode("utf-8"))
@@ -152,13 +152,13 @@ def _write_config(job: TrainingJob) -> Path:
 
 
 def _popen(
-    job: TrainingJob, config: Path, env: dict[str, str] | None, output: IO[bytes] | None
+    job: CommandJob, config: Path, env: dict[str, str] | None, output: IO[bytes] | None
 ) -> Any:
     command = [sys.executable, "-m", "flexmoe", *job.command, "--config", str(config)]
     return subprocess.Popen(command, env=env, stdout=output, stderr=output)
 
 
-def _run(job: TrainingJob, *, env: dict[str, str] | None, output: IO[bytes] | None) -> None:
+def _run(job: CommandJob, *, env: dict[str, str] | None, output: IO[bytes] | None) -> None:
     config = _write_config(job)
     try:
         if _popen(job, config, env, output).wait() != 0:

@@ -60,7 +60,7 @@ from flexmoe.experiment.federated import (
     owner_costs,
     rounds_curve,
 )
-from flexmoe.experiment.jobs import TrainingJob, run_jobs
+from flexmoe.experiment.jobs import CommandJob, run_jobs
 from flexmoe.experiment.levers import (
     LEVER_RESULTS,
     MERGE_LEVERS,
@@ -115,7 +115,7 @@ def _owner_job(
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
     seed: int = 0,
     options: dict[str, Any] | None = None,
-) -> TrainingJob:
+) -> CommandJob:
     """One owner's process: it is handed only its own files, as a config file of the settings
     any owner would use (the public share is the anchor's own public corpus), and ``options`` of
     ``flexmoe expert train`` by name (a lever's recipe)."""
@@ -134,7 +134,7 @@ def _owner_job(
         "seed": seed,
         **(options or {}),
     }
-    return TrainingJob(f"the {domain.name} expert", settings, out, announce)
+    return CommandJob(f"the {domain.name} expert", settings, out, announce)
 
 
 def run_demo(
@@ -155,7 +155,7 @@ def run_demo(
     proxies (``flexmoe:tuned``), every other top-k and the biases flipped, the unrestricted
     bound, and what ``--dp-epsilon`` costs in the federated rounds.
     """
-    run = _Run.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
+    run = _DemoRun.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
     settings, owners, specs = run.settings, corpora_set.owners, run.specs
     anchor_dir, merged_dir = out / "anchor", out / "merged"
     manifest, anchor_result = run.anchor(anchor_dir, "quick" if quick else "full")
@@ -258,14 +258,16 @@ def _finished_run(
     device: torch.device,
     corpora_set: CorpusSet,
     log: Callable[[str], None],
-) -> tuple[dict[str, Any], _Run]:
+) -> tuple[dict[str, Any], _DemoRun]:
     """A finished run's results and its context (its settings, corpora and held-out text),
     checked to be on ``corpora_set``; the run's own anchor is kept (and its DP table)."""
     results = read_json(out / "results.json")
     if results["settings"]["corpora"] != corpora_set.name:
         raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
     settings = QUICK if results["settings"]["quick"] else FULL
-    return results, _Run.start(out, cache_dir, device, settings, corpora_set, log, new_anchor=False)
+    return results, _DemoRun.start(
+        out, cache_dir, device, settings, corpora_set, log, new_anchor=False
+    )
 
 
 def measure_owner_levers(
@@ -351,7 +353,7 @@ def measure_owner_levers(
 
 
 def _rivals_stage(
-    root: Path, run: _Run, corpora_set: CorpusSet, count: int, recipe: dict[str, Any]
+    root: Path, run: _DemoRun, corpora_set: CorpusSet, count: int, recipe: dict[str, Any]
 ) -> tuple[list[Path], list[Path]]:
     """The coordinator's ``count`` public rival experts (each trained like an owner's, on one
     k-means cluster of the public training documents by their mean hidden state in the anchor)
@@ -402,7 +404,9 @@ def _rivals_stage(
     return rival_dirs, packages
 
 
-def _distill_stage(out: Path, target: Path, run: _Run, steps: int, corpora_set: CorpusSet) -> None:
+def _distill_stage(
+    out: Path, target: Path, run: _DemoRun, steps: int, corpora_set: CorpusSet
+) -> None:
     """The run's merge with its router rows fitted to btm (the run's specialists' posterior
     mixture) on public training text; written to ``target``."""
     anchor = load_anchor(out / "anchor")
@@ -469,7 +473,7 @@ def rescore_run(
 
 
 @dataclass
-class _Run:
+class _DemoRun:
     """One demo run's context: where it writes, its settings and corpora, and its stage times."""
 
     out: Path
@@ -494,7 +498,7 @@ class _Run:
         log: Callable[[str], None],
         *,
         new_anchor: bool = True,
-    ) -> _Run:
+    ) -> _DemoRun:
         """Fetch the corpora (with a ``new_anchor``, an earlier run's DP table is dropped: it
         measured another anchor)."""
         started = time.perf_counter()  # the corpora stage counts from here
@@ -747,7 +751,7 @@ def _ablation_stages(
     return extra
 
 
-def _unrestricted_job(out: Path, anchor_dir: Path, run: _Run) -> tuple[TrainConfig, TrainingJob]:
+def _unrestricted_job(out: Path, anchor_dir: Path, run: _DemoRun) -> tuple[TrainConfig, CommandJob]:
     """The unrestricted upper bound (``flexmoe baseline unrestricted``), trained on the experts'
     tokens together; its settings and its job."""
     settings, owners = run.settings, run.corpora_set.owners
@@ -771,7 +775,7 @@ def _unrestricted_job(out: Path, anchor_dir: Path, run: _Run) -> tuple[TrainConf
         f"[2/6] the unrestricted upper bound: the merged shape trained on all domains at once "
         f"({joint.steps} steps, the experts' tokens together), in its own process -> {out}"
     )
-    job = TrainingJob(
+    job = CommandJob(
         "the unrestricted upper bound", options, out, announce, ("baseline", "unrestricted")
     )
     return joint, job
@@ -815,7 +819,7 @@ def _expert_jobs(
     tokens: Path,
     router_init: RouterInitMethod = ANCHOR_HIDDEN,
     options: dict[str, Any] | None = None,
-) -> list[TrainingJob]:
+) -> list[CommandJob]:
     """Every owner's expert as a job, into ``root/<domain>``, with ``options`` of ``flexmoe
     expert train``. Random router rows are seeded by the owner's position so that no two owners
     start from the same row."""
