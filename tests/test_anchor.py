@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM, Olmo2ForCausalLM
 
-from flexmoe.anchor import MANIFEST_FILE, ROUTER_FILE, import_anchor, load_anchor
+from flexmoe.anchor import ANCHOR_MANIFEST, ROUTER_FILE, import_anchor, load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split
 from flexmoe.errors import FlexMoEError
@@ -32,10 +32,10 @@ def test_anchor_directory_layout(anchor_dir: Path) -> None:
         "config.json",
         "model.safetensors",
         "tokenizer.json",
-        MANIFEST_FILE,
+        ANCHOR_MANIFEST,
         ROUTER_FILE,
     } <= files
-    manifest = json.loads((anchor_dir / MANIFEST_FILE).read_text())
+    manifest = json.loads((anchor_dir / ANCHOR_MANIFEST).read_text())
     assert manifest["schema_version"] == 1 and manifest["origin"] == "trained"
     assert (
         manifest["training"]["steps"] == 40 and manifest["router_init"]["method"] == "anchor-hidden"
@@ -127,13 +127,13 @@ def test_broken_anchor_is_one_line(
     elif damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "manifest":
-        (bad / MANIFEST_FILE).unlink()
+        (bad / ANCHOR_MANIFEST).unlink()
     elif damage == "router":
         (bad / ROUTER_FILE).unlink()
     else:
-        manifest = json.loads((bad / MANIFEST_FILE).read_text())
+        manifest = json.loads((bad / ANCHOR_MANIFEST).read_text())
         manifest["schema_version"] = 99
-        (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+        (bad / ANCHOR_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(FlexMoEError) as exc:
         load_anchor(bad)
     assert message in str(exc.value) and "\n" not in str(exc.value)
@@ -154,10 +154,10 @@ def test_not_an_anchor_via_cli(tmp_path: Path, corpus_dir: Path) -> None:
 
 
 def test_existing_output_is_refused_and_untouched(anchor_dir: Path, public_spec: DataSpec) -> None:
-    before = (anchor_dir / MANIFEST_FILE).read_bytes()
+    before = (anchor_dir / ANCHOR_MANIFEST).read_bytes()
     with pytest.raises(FlexMoEError, match="already exists"):
         import_anchor(anchor_dir, out=anchor_dir, data=[public_spec], device=CPU)
-    assert (anchor_dir / MANIFEST_FILE).read_bytes() == before
+    assert (anchor_dir / ANCHOR_MANIFEST).read_bytes() == before
 
 
 def test_import_olmo2_and_single_expert_flexolmo(

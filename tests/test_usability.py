@@ -14,7 +14,7 @@ import pytest
 import typer
 from helpers import train_packages
 
-from flexmoe.anchor import MANIFEST_FILE
+from flexmoe.anchor import ANCHOR_MANIFEST
 from flexmoe.cli import app, main
 from flexmoe.data.public import find_public_corpus
 from flexmoe.errors import FlexMoEError
@@ -117,11 +117,11 @@ def test_public_corpus_is_found_shipped_with_the_anchor_and_checked(
 ) -> None:
     anchor = tmp_path / "anchor"
     shutil.copytree(anchor_dir, anchor)
-    manifest = read_json(anchor / MANIFEST_FILE)
+    manifest = read_json(anchor / ANCHOR_MANIFEST)
     record = manifest["public_data"]["files"][0]
     assert record["path"] == str((corpus_dir / "public.jsonl").resolve())
     record["path"] = str(tmp_path / "elsewhere" / "public.jsonl")  # the coordinator's machine
-    write_json(anchor / MANIFEST_FILE, manifest)
+    write_json(anchor / ANCHOR_MANIFEST, manifest)
     from flexmoe.anchor import open_anchor
 
     corpus = open_anchor(anchor, verify=False).manifest.public_data

@@ -67,7 +67,7 @@ from flexmoe.training.config import TrainConfig
 from flexmoe.training.job import TrainingJob, refuse_existing
 from flexmoe.training.loop import TrainResult, barrier
 
-MANIFEST_FILE = "flexmoe_anchor.json"
+ANCHOR_MANIFEST = "flexmoe_anchor.json"
 MAX_SHARD_BYTES = 2 << 30  # an imported anchor's shards; a smaller one is one model.safetensors
 ROUTER_FILE = "public_router.safetensors"
 ROUTER_KEY = "public_router"
@@ -219,7 +219,7 @@ def _write_anchor(
         save_tokenizer(tokenizer, tmp)
         write_card(tmp, anchor_card(manifest.model_dump(), None))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
-        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+        write_json(tmp / ANCHOR_MANIFEST, manifest.model_dump())
         if history is not None:
             write_json(tmp / HISTORY_FILE, history)
     return manifest
@@ -327,7 +327,7 @@ def train_anchor(
         )
 
     def written() -> AnchorManifest:
-        return AnchorManifest.model_validate(read_json(out / MANIFEST_FILE))
+        return AnchorManifest.model_validate(read_json(out / ANCHOR_MANIFEST))
 
     return job.run(
         info, model, *_pack_splits(splits, tokenizer, cache_dir), write=write, written=written
@@ -500,7 +500,7 @@ def import_anchor(
         save_tokenizer(tokenizer, tmp)
         write_card(tmp, anchor_card(manifest.model_dump(), hf_dir.resolve().name))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
-        write_json(tmp / MANIFEST_FILE, manifest.model_dump())
+        write_json(tmp / ANCHOR_MANIFEST, manifest.model_dump())
     return manifest
 
 
@@ -508,11 +508,11 @@ def open_anchor(path: Path, *, verify: bool = True) -> AnchorInfo:
     """An anchor's manifest, config, tokenizer and public router, without building its model;
     with ``verify``, both fingerprints are recomputed (tensors streamed one at a time)."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
+    manifest_path = path / ANCHOR_MANIFEST
     if not path.is_dir():
         raise FlexMoEError(path, "anchor directory not found")
     if not manifest_path.is_file():
-        raise FlexMoEError(path, f"not a flexmoe anchor (no {MANIFEST_FILE})")
+        raise FlexMoEError(path, f"not a flexmoe anchor (no {ANCHOR_MANIFEST})")
     manifest = read_manifest_model(manifest_path, AnchorManifest)
     config = read_config(path)
     if not isinstance(config, Olmo2Config):

@@ -253,11 +253,11 @@ def public_specs(
     anchor: Path, given: list[str] | None, text_field: str, id_field: str | None
 ) -> list[DataSpec]:
     """``--public-data`` as given, or else the public corpus the anchor records."""
-    from flexmoe.anchor import MANIFEST_FILE, AnchorManifest
+    from flexmoe.anchor import ANCHOR_MANIFEST, AnchorManifest
     from flexmoe.data.public import find_public_corpus, warn_if_other_corpus
     from flexmoe.io import read_manifest_model
 
-    manifest = read_manifest_model(Path(anchor) / MANIFEST_FILE, AnchorManifest)
+    manifest = read_manifest_model(Path(anchor) / ANCHOR_MANIFEST, AnchorManifest)
     if not given:
         return find_public_corpus(anchor, manifest.public_data)
     specs = data_specs(given, text_field, id_field, default_domain=PUBLIC, option="--public-data")
