@@ -149,7 +149,7 @@ def test_sessions_expire_and_the_coordinator_sees_every_slot_and_the_ledger(
         # package text and reasons are escaped, never markup
         assert "&lt;img src=x onerror=alert(1)&gt; &amp; co" in page
         assert "<img" not in page and "<script>alert" not in page
-        assert "&lt;script&gt;alert(&#x27;reason&#x27;)&lt;/script&gt;" in page
+        assert "&lt;script&gt;alert(&#39;reason&#39;)&lt;/script&gt;" in page  # markupsafe's escape
         ledger = admin.get("/ui/ledger.csv")
         assert ledger.status_code == 200 and "attachment" in ledger.headers["content-disposition"]
         rows = list(csv.reader(io.StringIO(ledger.text)))

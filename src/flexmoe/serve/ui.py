@@ -1,8 +1,9 @@
 """The web page for owners and the coordinator, served by ``flexmoe serve`` at ``/ui/``.
 
-Plain server-rendered HTML; the usage charts are SVG drawn here, and the only script
-(``static/ui.js``, served by flexmoe itself, no CDN) asks for a confirmation before an opt-out
-or opt-in. An owner signs in with its owner token, the coordinator with the admin token; the
+Server-rendered HTML from Jinja2 templates (``templates/``) with autoescaping, so that every
+value a page shows is escaped without a call to forget; the usage charts are SVG laid out here,
+and the only script (``static/ui.js``, served by flexmoe itself, no CDN) asks for a
+confirmation before an opt-out or opt-in. An owner signs in with its owner token, the coordinator with the admin token; the
 token is sent once, in the sign-in form, and the browser then holds only a random session id in
 an HttpOnly, SameSite=Strict cookie that expires (the sessions live in the server's memory, so a
 restart signs everyone out). Every form that changes something carries the session's CSRF token.
@@ -10,23 +11,24 @@ restart signs everyone out). Every form that changes something carries the sessi
 What an owner sees and does is what the API lets it see and do: its own expert's facts, usage
 and standing, and the opt-out and opt-in, through the same store and audit log as
 ``/v1/experts/NAME/opt-out``; the coordinator sees every slot, the router's version and who
-shaped it, and the ledger as CSV. Every piece of package text (expert names, owners, licences,
-reasons) is escaped; the headers forbid inline script, framing and referrers.
+shaped it, and the ledger as CSV. The headers forbid inline script, framing and referrers.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hmac
 import io
 import secrets
 import time
 from dataclasses import dataclass
-from html import escape
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs
 
+import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -55,6 +57,7 @@ HEADERS = {
 STATIC = {"ui.js": "text/javascript", "ui.css": "text/css"}
 
 Role = Literal["owner", "admin"]
+Audit = tuple[str, str, str, str, str]  # time, expert, action, reason, actor
 
 
 @dataclass(frozen=True)
@@ -107,25 +110,20 @@ def _session(request: Request) -> Session | None:
     return _sessions(request).get(request.cookies.get(COOKIE))
 
 
-def _page(body: str, *, title: str, status: int = 200) -> HTMLResponse:
-    html = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)} - flexmoe</title>
-<link rel="stylesheet" href="/ui/static/ui.css">
-<script src="/ui/static/ui.js" defer></script>
-</head>
-<body>
-<header><span class="brand">flexmoe</span> <span>{escape(title)}</span></header>
-<main>
-{body}
-</main>
-</body>
-</html>
-"""
+def _render(template: str, *, status: int = 200, **context: object) -> HTMLResponse:
+    """``templates/TEMPLATE`` filled with ``context``; every value is escaped (autoescape)."""
+    html = _templates().get_template(template).render(**context)
     return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("flexmoe.serve", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
 def _redirect(to: str = "/ui/") -> RedirectResponse:
@@ -276,248 +274,181 @@ def _cell(text: str) -> str:
 
 
 # --- the pages -----------------------------------------------------------------------------
+# The templates (templates/*.html) lay the pages out; the functions below gather plain values.
 
 
 def error_page(status: int, message: str) -> HTMLResponse:
     """A refusal on the page: what went wrong, and the way back."""
-    body = f"""<h1>{status}</h1>
-<p class="error" role="alert">{escape(message)}</p>
-<p><a href="/ui/">Back</a></p>"""
-    return _page(body, title="Refused", status=status)
+    return _render(
+        "message.html", status=status, title="Refused", heading=str(status), message=message
+    )
 
 
 def _sign_in_page(message: str = "", *, status: int = 200) -> HTMLResponse:
-    note = f'<p class="error" role="alert">{escape(message)}</p>' if message else ""
-    body = f"""<h1>Sign in</h1>
-{note}
-<form method="post" action="/ui/sign-in" class="card">
-<label for="token">Your owner token (or the coordinator's admin token)</label>
-<input id="token" name="token" type="password" autocomplete="off" required>
-<button type="submit">Sign in</button>
-</form>
-<p class="muted">The token is sent once; the page then keeps a session that ends after
-{SESSION_S // 60} minutes.</p>"""
-    return _page(body, title="Sign in", status=status)
+    return _render(
+        "sign_in.html", status=status, title="Sign in", message=message, minutes=SESSION_S // 60
+    )
 
 
-def _csrf_field(session: Session) -> str:
-    return f'<input type="hidden" name="csrf" value="{escape(session.csrf)}">'
+@dataclass(frozen=True)
+class _SlotRow:
+    """What the pages show of one slot."""
+
+    index: int
+    name: str
+    owner: str
+    license: str
+    signer: str  # the key's first 16 characters; "" when not signed
+    epsilon: str  # "" without DP-SGD
+    version: int
+    opted_out: bool
+    always_in: bool
+    since: str
+    by: str
+    reason: str
+    answers: int = 0
+    tokens: float = 0.0
 
 
-def _sign_out(session: Session) -> str:
-    return f"""<form method="post" action="/ui/sign-out" class="inline">{_csrf_field(session)}
-<button type="submit" class="link">Sign out</button></form>"""
+def _rows(
+    statuses: list[ExpertStatus],
+    versions: dict[str, int],
+    audit: list[Audit],
+    usage: dict[str, UsageRow],
+) -> list[_SlotRow]:
+    """Every slot as the pages show it: facts, standing and its latest change, usage."""
+    changes = {name: (t, actor) for t, name, _, _, actor in audit}
+    rows = []
+    for st in statuses:
+        slot, used = st.slot, usage.get(st.slot.name)
+        since, by = changes.get(slot.name, (st.updated or "", ""))
+        rows.append(
+            _SlotRow(
+                index=slot.index,
+                name=slot.name,
+                owner=slot.owner,
+                license=slot.license,
+                signer=slot.signer[:16] if slot.signer else "",
+                epsilon=f"{slot.epsilon:.3g}" if slot.epsilon is not None else "",
+                version=versions.get(slot.name, 1),
+                opted_out=st.opted_out,
+                always_in=slot.index == 0,
+                since=since,
+                by=by,
+                reason=st.reason or "",
+                answers=used.responses if used else 0,
+                tokens=used.completion_tokens if used else 0.0,
+            )
+        )
+    return rows
 
 
-def _facts(
-    table: SlotTable, store: StandingStore
-) -> tuple[list[ExpertStatus], dict[str, int], list[tuple[str, str, str, str, str]]]:
-    """Every slot's standing, each expert's slot version (federated rounds), the audit log."""
+def _facts(model_dir: Path) -> tuple[SlotTable, list[ExpertStatus], dict[str, int], list[Audit]]:
+    """The slot table, every slot's standing, each expert's slot version (federated rounds),
+    and the audit log."""
+    table = MergedModel.open(model_dir).table()
     versions = dict(table.federation.current_slots) if table.federation else {}
-    return store.statuses(), versions, store.audit()
+    with StandingStore(model_dir) as store:
+        return table, store.statuses(), versions, store.audit()
 
 
-def _changes(audit: list[tuple[str, str, str, str, str]]) -> dict[str, tuple[str, str]]:
-    """Each expert's latest change: its time and actor."""
-    return {name: (t, actor) for t, name, _, _, actor in audit}
-
-
-def _status_cell(st: ExpertStatus, changes: dict[str, tuple[str, str]]) -> str:
-    if st.slot.index == 0:
-        return "always in"
-    state = "opted out" if st.opted_out else "in"
-    when, who = changes.get(st.slot.name, (st.updated or "", ""))
-    since = f" since {escape(when)}" if when else ""
-    by = f" by {escape(who)}" if who else ""
-    reason = f" ({escape(st.reason)})" if st.reason else ""
-    return (
-        f'<span class="status {"out" if st.opted_out else "in"}">{state}</span>{since}{by}{reason}'
-    )
-
-
-def _fact_rows(st: ExpertStatus, versions: dict[str, int]) -> str:
-    slot = st.slot
-    signer = escape(slot.signer[:16]) if slot.signer else "not signed"
-    epsilon = f"{slot.epsilon:.3g}" if slot.epsilon is not None else "no DP-SGD"
-    version = str(versions.get(slot.name, 1))
-    return (
-        f"<tr><th>expert</th><td>{escape(slot.name)}</td></tr>"
-        f"<tr><th>owner</th><td>{escape(slot.owner)}</td></tr>"
-        f"<tr><th>licence</th><td>{escape(slot.license)}</td></tr>"
-        f"<tr><th>signed by</th><td>{signer}</td></tr>"
-        f"<tr><th>DP epsilon</th><td>{epsilon}</td></tr>"
-        f"<tr><th>version</th><td>{version}</td></tr>"
-    )
-
-
-def _standing_form(st: ExpertStatus, session: Session) -> str:
-    name = st.slot.name
-    action = "opt-in" if st.opted_out else "opt-out"
-    label = "Opt back in" if st.opted_out else "Opt out"
-    question = (
-        f"Opt {name} back in? The next answer may use it again."
-        if st.opted_out
-        else f"Opt {name} out? From the next answer on, no answer uses it."
-    )
-    return f"""<form method="post" action="/ui/experts/{escape(name)}/{action}" class="card"
- data-confirm="{escape(question)}" id="standing">
-{_csrf_field(session)}
-<label for="reason">Reason (kept in the audit log)</label>
-<input id="reason" name="reason" maxlength="500">
-<button type="submit" class="{"ok" if st.opted_out else "danger"}">{label}</button>
-</form>"""
-
-
-def _chart(rows: list[UsageRow], *, what: str) -> str:
-    """Per day: a bar of weighted completion tokens; each bar carries its numbers."""
-    if not rows:
-        return '<p class="muted" id="no-usage">No answer has been recorded yet.</p>'
+def _chart(rows: list[UsageRow], *, what: str) -> dict[str, object]:
+    """Per day, a bar of weighted completion tokens, laid out in a 640 x 180 box."""
     width, height, pad = 640, 180, 28
-    top = max(r.completion_tokens for r in rows) or 1.0
-    step = min((width - 2 * pad) / len(rows), 48.0)  # a day's slot; few days stay narrow
+    top = max((r.completion_tokens for r in rows), default=0.0) or 1.0
+    step = min((width - 2 * pad) / max(len(rows), 1), 48.0)  # few days stay narrow
     bars = []
     for i, r in enumerate(rows):
         h = (height - 2 * pad) * r.completion_tokens / top
-        x, y = pad + i * step + step * 0.1, height - pad - h
+        x = pad + i * step + step * 0.1
         bars.append(
-            f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{step * 0.8:.1f}" '
-            f'height="{h:.1f}" data-day="{escape(r.key)}" data-responses="{r.responses}" '
-            f'data-tokens="{r.completion_tokens:.4f}"><title>{escape(r.key)}: {r.responses} '
-            f"answers, {r.completion_tokens:.1f} tokens</title></rect>"
-            f'<text x="{x + step * 0.4:.1f}" y="{height - 8}" text-anchor="middle" '
-            f'class="axis">{escape(r.key[5:])}</text>'
+            {
+                "x": f"{x:.1f}",
+                "y": f"{height - pad - h:.1f}",
+                "width": f"{step * 0.8:.1f}",
+                "h": f"{h:.1f}",
+                "mid": f"{x + step * 0.4:.1f}",
+                "day": r.key,
+                "responses": r.responses,
+                "tokens": f"{r.completion_tokens:.4f}",
+                "label": f"{r.completion_tokens:.1f}",
+            }
         )
-    return (
-        f'<svg id="usage-chart" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{escape(what)} per day">'
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-        f'class="axisline"/>{"".join(bars)}</svg>'
-    )
-
-
-def _day_table(rows: list[UsageRow], *, tokens: str) -> str:
-    body = "".join(
-        f"<tr><td>{escape(r.key)}</td><td>{r.responses}</td><td>{r.completion_tokens:.1f}</td></tr>"
-        for r in rows
-    )
-    return (
-        f'<table class="numbers" id="usage-days"><tr><th>day</th><th>answers</th>'
-        f"<th>{escape(tokens)}</th></tr>{body}</table>"
-    )
+    return {
+        "width": width,
+        "height": height,
+        "pad": pad,
+        "base": height - pad,
+        "what": what,
+        "bars": bars,
+    }
 
 
 def _owner_page(service: ExpertService, session: Session) -> HTMLResponse:
     expert = session.expert or ""
-    table = MergedModel.open(service.model_dir).table()
-    with StandingStore(service.model_dir) as store:
-        statuses, versions, audit = _facts(table, store)
-    st = next((s for s in statuses if s.slot.name == expert), None)
-    if st is None:  # removed from the model since this session began
+    _, statuses, versions, audit = _facts(service.model_dir)
+    row = next((r for r in _rows(statuses, versions, audit, {}) if r.name == expert), None)
+    if row is None:  # removed from the model since this session began
         return _sign_in_page(f"The expert {expert} is no longer in this model.", status=404)
-    changes = _changes(audit)
     with Ledger(service.model_dir) as ledger:
         days = ledger.expert_days(expert)
         totals = ledger.expert_usage(expert)
         latest = ledger.latest(expert, LATEST)
-    answers = "".join(
-        f"<tr><td>{escape(t)}</td><td>{escape(e)}</td><td>{c}</td><td>{s:.1%}</td></tr>"
-        for t, e, c, s in latest
+    question = (
+        f"Opt {expert} back in? The next answer may use it again."
+        if row.opted_out
+        else f"Opt {expert} out? From the next answer on, no answer uses it."
     )
-    body = f"""<h1>Your expert: {escape(expert)} {_sign_out(session)}</h1>
-<section class="card">
-<h2>Facts</h2>
-<table class="facts" id="facts">{_fact_rows(st, versions)}
-<tr><th>status</th><td id="status">{_status_cell(st, changes)}</td></tr></table>
-</section>
-{_standing_form(st, session)}
-<section class="card">
-<h2>Usage</h2>
-<p id="totals">{totals.responses} of {totals.responses_total} answers used it;
-{totals.weighted_tokens:.1f} generated tokens weighted by its share; mean share
-{totals.mean_share:.1%}.</p>
-{_chart(days, what="tokens weighted by its share")}
-{_day_table(days, tokens="tokens weighted by its share")}
-</section>
-<section class="card">
-<h2>Its share in the latest answers</h2>
-<table class="numbers" id="latest"><tr><th>time</th><th>endpoint</th><th>tokens</th>
-<th>share</th></tr>{answers}</table>
-</section>"""
-    return _page(body, title=f"{expert}'s owner")
+    what = "tokens weighted by its share"
+    return _render(
+        "owner.html",
+        title=f"{expert}'s owner",
+        expert=expert,
+        session=session,
+        row=row,
+        question=question,
+        totals=totals,
+        chart=_chart(days, what=what),
+        days=days,
+        latest=latest,
+    )
 
 
-def _coordinator_page(service: ExpertService, session: Session) -> HTMLResponse:
-    model = MergedModel.open(service.model_dir)
-    table = model.table()
-    with StandingStore(service.model_dir) as store:
-        statuses, versions, audit = _facts(table, store)
-    changes = _changes(audit)
-    audit = audit[-20:]
-    with Ledger(service.model_dir) as ledger:
-        days = ledger.expert_days(None)
-        per_expert = {r.key: r for r in ledger.summary("expert")}
-    slots = "".join(
-        f"<tr><td>{st.slot.index}</td><td>{escape(st.slot.name)}</td>"
-        f"<td>{escape(st.slot.owner)}</td><td>{escape(st.slot.license)}</td>"
-        f"<td>{escape(st.slot.signer[:16]) if st.slot.signer else '-'}</td>"
-        f"<td>{f'{st.slot.epsilon:.3g}' if st.slot.epsilon is not None else '-'}</td>"
-        f"<td>{versions.get(st.slot.name, 1)}</td><td>{_status_cell(st, changes)}</td>"
-        f"<td>{per_expert[st.slot.name].responses if st.slot.name in per_expert else 0}</td>"
-        f"<td>{per_expert[st.slot.name].completion_tokens if st.slot.name in per_expert else 0:.1f}"
-        "</td></tr>"
-        for st in statuses
-    )
-    owners: dict[str, float] = {}
-    for st in statuses:
-        row = per_expert.get(st.slot.name)
-        owners[st.slot.owner] = owners.get(st.slot.owner, 0.0) + (
-            row.completion_tokens if row else 0.0
-        )
-    owner_rows = "".join(
-        f"<tr><td>{escape(o)}</td><td>{t:.1f}</td></tr>" for o, t in sorted(owners.items())
-    )
+def _router_line(table: SlotTable) -> str:
+    """The router's version and who shaped it."""
     if table.federation is not None:
         current = table.federation.router_versions[table.federation.current_router]
-        shaped = ", ".join(escape(n) for n in current.shaped_by) or "no owner's text"
-        router = (
+        shaped = ", ".join(current.shaped_by) or "no owner's text"
+        line = (
             f"version {current.version} (round {current.round}), shaped by {shaped}; "
             f"{len(table.federation.rounds)} federated rounds"
         )
     else:
-        router = "as merged (no federated rounds)"
+        line = "as merged (no federated rounds)"
     if table.router_tuning is not None:
-        router += f"; tuned after merging on {escape(table.router_tuning.time)}"
-    signatures = {None: "not asked (no key registry)", True: "required", False: "not required"}[
-        table.signatures_required
-    ]
-    log = "".join(
-        f"<tr><td>{escape(t)}</td><td>{escape(n)}</td><td>{escape(a)}</td>"
-        f"<td>{escape(w)}</td><td>{escape(r)}</td></tr>"
-        for t, n, a, r, w in reversed(audit)
+        line += f"; tuned after merging on {table.router_tuning.time}"
+    return line
+
+
+def _coordinator_page(service: ExpertService, session: Session) -> HTMLResponse:
+    table, statuses, versions, audit = _facts(service.model_dir)
+    with Ledger(service.model_dir) as ledger:
+        days = ledger.expert_days(None)
+        usage = {r.key: r for r in ledger.summary("expert")}
+    rows = _rows(statuses, versions, audit, usage)
+    owners: dict[str, float] = {}
+    for row in rows:
+        owners[row.owner] = owners.get(row.owner, 0.0) + row.tokens
+    signatures = {None: "not asked (no key registry)", True: "required", False: "not required"}
+    return _render(
+        "coordinator.html",
+        title="Coordinator",
+        session=session,
+        rows=rows,
+        router=_router_line(table),
+        signatures=signatures[table.signatures_required],
+        owners=sorted(owners.items()),
+        chart=_chart(days, what="generated tokens"),
+        days=days,
+        log=list(reversed(audit[-20:])),
     )
-    body = f"""<h1>Coordinator {_sign_out(session)}</h1>
-<section class="card">
-<h2>Every slot</h2>
-<table class="numbers" id="slots"><tr><th>slot</th><th>expert</th><th>owner</th><th>licence</th>
-<th>signed by</th><th>DP epsilon</th><th>version</th><th>status</th><th>answers</th>
-<th>weighted tokens</th></tr>{slots}</table>
-<p id="router">Router: {router}.</p>
-<p id="signatures">Package signatures: {signatures}.</p>
-<p><a href="/ui/ledger.csv" id="ledger-csv">Download the ledger (CSV)</a></p>
-</section>
-<section class="card">
-<h2>Totals per owner</h2>
-<table class="numbers" id="owners"><tr><th>owner</th><th>weighted tokens</th></tr>
-{owner_rows}</table>
-</section>
-<section class="card">
-<h2>Answers per day</h2>
-{_chart(days, what="generated tokens")}
-{_day_table(days, tokens="generated tokens")}
-</section>
-<section class="card">
-<h2>Latest opt-outs and opt-ins</h2>
-<table class="numbers" id="audit"><tr><th>time</th><th>expert</th><th>action</th><th>by</th>
-<th>reason</th></tr>{log}</table>
-</section>"""
-    return _page(body, title="Coordinator")
