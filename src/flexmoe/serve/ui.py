@@ -3,10 +3,11 @@
 Server-rendered HTML from Jinja2 templates (``templates/``) with autoescaping, so that every
 value a page shows is escaped without a call to forget; the usage charts are SVG laid out here,
 and the only script (``static/ui.js``, served by flexmoe itself, no CDN) asks for a
-confirmation before an opt-out or opt-in. An owner signs in with its owner token, the coordinator with the admin token; the
-token is sent once, in the sign-in form, and the browser then holds only a random session id in
-an HttpOnly, SameSite=Strict cookie that expires (the sessions live in the server's memory, so a
-restart signs everyone out). Every form that changes something carries the session's CSRF token.
+confirmation before an opt-out or opt-in. An owner signs in with its owner token, the
+coordinator with the admin token; the token is sent once, in the sign-in form, and the browser
+then holds only a random session id in an HttpOnly, SameSite=Strict cookie that expires (the
+sessions live in the server's memory, so a restart signs everyone out). Every form that
+changes something carries the session's CSRF token.
 
 What an owner sees and does is what the API lets it see and do: its own expert's facts, usage
 and standing, and the opt-out and opt-in, through the same store and audit log as
