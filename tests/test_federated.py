@@ -173,7 +173,10 @@ def test_fed_simulate_refuses_bad_input_in_one_line(
         ((str(anchor_dir), "--owner", f"upper={data}"), "not a merged model"),
         ((str(merged), "--owner", f"upper={data}", "--rounds", "0"), "--rounds: must be"),
         ((str(merged), "--owner", f"upper={data}", "--recipe", "slot,dense"), "--recipe"),
-        ((str(merged), "--owner", f"upper={data}", "--key", f"again={data}"), "--key"),
+        (
+            (str(merged), "--owner", f"upper={data}", "--signing-key", f"again={data}"),
+            "--signing-key",
+        ),
     ]
     for args, message in cases:
         done = _cli("fed", "simulate", *args, "--out", str(out), "--device", "cpu")

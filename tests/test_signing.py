@@ -56,7 +56,7 @@ def _signed(good: list[Path], keys: dict[str, Path], root: Path) -> list[Path]:
     for pkg, owner in zip(good, ("upper org", "again org"), strict=True):
         shutil.copytree(pkg, root / pkg.name)
         with pytest.raises(SystemExit) as done:
-            main(["expert", "sign", str(root / pkg.name), "--key", str(keys[owner])])
+            main(["expert", "sign", str(root / pkg.name), "--signing-key", str(keys[owner])])
         assert done.value.code in (0, None)
         out.append(root / pkg.name)
     return out
@@ -163,9 +163,9 @@ def test_a_bad_signature_is_refused_at_verify_merge_and_merge_add(
         signature["signature"] = ("B" if value[0] != "B" else "C") + value[1:]
         (bad / SIGNATURE_FILE).write_text(json.dumps(signature))
     elif case == "other owner's key":
-        main_ok(["expert", "sign", str(bad), "--key", str(keys["again org"])], capsys)
+        main_ok(["expert", "sign", str(bad), "--signing-key", str(keys["again org"])], capsys)
     elif case == "unregistered key":
-        main_ok(["expert", "sign", str(bad), "--key", str(keys["stranger"])], capsys)
+        main_ok(["expert", "sign", str(bad), "--signing-key", str(keys["stranger"])], capsys)
     elif case == "revoked key":
         with KeyRegistry(registry) as reg:
             target = next(k for k in reg.list() if k.owner == "upper org")

@@ -392,3 +392,23 @@ def test_metadata_commands_do_not_load_torch(ui_model: Path, tmp_path: Path) -> 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "heavy: []" in done.stdout, done.stdout[-2000:]
+
+
+def test_old_option_spellings_still_work_with_a_one_line_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--key` (expert sign, fed simulate, fed join) is now `--signing-key`: the old spelling is
+    read as the new one, with one warning line; the new one warns of nothing."""
+    from flexmoe.cli import renamed
+
+    with pytest.warns(FutureWarning, match="--key is now --signing-key"):
+        new = renamed(["fed", "simulate", "M", "--key=a=k"])
+    assert new == ["fed", "simulate", "M", "--signing-key=a=k"]
+    assert renamed(["merge", "--key", "x"]) == ["merge", "--key", "x"]  # not renamed there
+    missing = str(tmp_path / "nokey")
+    for spelling, warned in (("--key", True), ("--signing-key", False)):
+        with pytest.raises(SystemExit) as e:
+            main(["expert", "sign", str(tmp_path), spelling, missing])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{missing}: file not found" in err
+        assert ("warning: --key is now --signing-key" in err) == warned

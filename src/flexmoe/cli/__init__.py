@@ -122,15 +122,41 @@ COMMANDS = {
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
 
 
+# Old spellings that still work for one release, each with a one-line warning: the command, then
+# each old option and the one that replaces it (docs/cli.md, "One vocabulary").
+RENAMED: dict[str, dict[str, str]] = {
+    "expert sign": {"--key": "--signing-key"},
+    "fed simulate": {"--key": "--signing-key"},
+    "fed join": {"--key": "--signing-key"},
+}
+
+
+def renamed(args: list[str]) -> list[str]:
+    """``args`` with the command's old option spellings replaced by the new ones, and a
+    one-line warning for each old one used."""
+    words = [a for a in args if not a.startswith("-")][:2]
+    names = RENAMED.get(" ".join(words)) or RENAMED.get(words[0] if words else "") or {}
+    out = []
+    for arg in args:
+        option, eq, value = arg.partition("=")
+        new = names.get(option)
+        if new is not None:
+            said = f"{option} is now {new}; the old spelling goes in the next release"
+            warnings.warn(said, FutureWarning, stacklevel=2)
+            arg = f"{new}{eq}{value}"
+        out.append(arg)
+    return out
+
+
 def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> None:
     print(f"flexmoe: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2; ``--debug`` shows the traceback."""
-    args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(app)
     warnings.showwarning = _one_line_warning
+    args = renamed(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
     try:
         command.main(args=args, prog_name="flexmoe", standalone_mode=True)
     except FlexMoEError as e:

@@ -84,7 +84,7 @@ def _owner_texts(
     """The owners of ``--owner NAME=FILES`` with the public share and their ``--key``s."""
     from flexmoe.federated.owner import OwnerText
 
-    keys = _owner_option(key, "--key")
+    keys = _owner_option(key, "--signing-key")
     public = data_specs(
         public_data, text_field, id_field, default_domain="public", option="--public-data"
     )
@@ -94,7 +94,7 @@ def _owner_texts(
         found = Path(keys.pop(name)) if name in keys else None
         texts.append(OwnerText(name, tuple(specs), tuple(public), public_fraction, found))
     if keys:
-        raise FlexMoEError("--key", f"{next(iter(keys))} is not one of the --owner names")
+        raise FlexMoEError("--signing-key", f"{next(iter(keys))} is not one of the --owner names")
     return texts
 
 
@@ -288,7 +288,9 @@ def fed_simulate(
     dp_clip_trunk: DpClipTrunkOpt = CLIP["trunk"],
     key: Annotated[
         list[str] | None,
-        typer.Option("--key", help="an owner's signing key for its slot packages: NAME=PATH"),
+        typer.Option(
+            "--signing-key", help="an owner's signing key for its slot packages: NAME=PATH"
+        ),
     ] = None,
     registry: RegistryOpt = None,
     seed: SeedOpt = 0,
@@ -448,7 +450,8 @@ def fed_join(
     public_data: SharePublicOpt = None,
     public_fraction: ShareOpt = 0.25,
     key: Annotated[
-        Path | None, typer.Option("--key", help="this owner's signing key for its slot packages")
+        Path | None,
+        typer.Option("--signing-key", help="this owner's signing key for its slot packages"),
     ] = None,
     ca: Annotated[
         Path | None, typer.Option(help="TLS: the CA certificate the coordinator's is signed by")

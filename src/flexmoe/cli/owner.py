@@ -466,14 +466,17 @@ def expert_verify(
 @expert_app.command("sign")
 def expert_sign(
     package: Annotated[Path, typer.Argument(help="expert package directory")],
-    key: Annotated[Path, typer.Option(help="the owner's private key (`flexmoe owners keygen`)")],
+    signing_key: Annotated[
+        Path,
+        typer.Option("--signing-key", help="the owner's private key (`flexmoe owners keygen`)"),
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Sign a package's manifest (which pins its tensors' sha256) with the owner's key."""
     from flexmoe.expert.package import load_package, sign_package
     from flexmoe.expert.signing import read_private_key
 
-    private = read_private_key(key)
+    private = read_private_key(signing_key)
     load_package(package)  # sign only a package that reads back whole
     signature = sign_package(package, private)
     emit(
