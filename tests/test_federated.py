@@ -168,13 +168,13 @@ def test_fed_simulate_refuses_bad_input_in_one_line(
     data = str(corpus_dir / "other.jsonl")
     out = tmp_path / "out"
     cases = [
-        ((str(merged), "--owner", f"nobody={data}"), "nobody: no such expert in this model"),
-        ((str(merged), "--owner", "upper=missing.jsonl"), "missing.jsonl: file not found"),
-        ((str(anchor_dir), "--owner", f"upper={data}"), "not a merged model"),
-        ((str(merged), "--owner", f"upper={data}", "--rounds", "0"), "--rounds: must be"),
-        ((str(merged), "--owner", f"upper={data}", "--recipe", "slot,dense"), "--recipe"),
+        ((str(merged), "--data", f"nobody={data}"), "nobody: no such expert in this model"),
+        ((str(merged), "--data", "upper=missing.jsonl"), "missing.jsonl: file not found"),
+        ((str(anchor_dir), "--data", f"upper={data}"), "not a merged model"),
+        ((str(merged), "--data", f"upper={data}", "--rounds", "0"), "--rounds: must be"),
+        ((str(merged), "--data", f"upper={data}", "--recipe", "slot,dense"), "--recipe"),
         (
-            (str(merged), "--owner", f"upper={data}", "--signing-key", f"again={data}"),
+            (str(merged), "--data", f"upper={data}", "--signing-key", f"again={data}"),
             "--signing-key",
         ),
     ]
@@ -191,7 +191,7 @@ def test_fed_simulate_refuses_bad_input_in_one_line(
     shutil.copytree(merged, model)
     with StandingStore(model) as store:
         store.set("upper", opted_out=True)
-    done = _cli("fed", "simulate", str(model), "--owner", f"upper={data}", "--out", str(out))
+    done = _cli("fed", "simulate", str(model), "--data", f"upper={data}", "--out", str(out))
     assert done.returncode == 2
     assert "upper: has opted out of this model" in done.stderr
     with pytest.raises(FlexMoEError, match="new directory"):
@@ -319,7 +319,7 @@ def test_an_owner_that_drops_out_leaves_the_round_to_the_others(
     assert any("an owner failed: " in line and "shorter than one" in line for line in lines)
 
     out = tmp_path / "out"
-    done = _cli("fed", "simulate", str(merged), "--owner", f"again={short}", "--out", str(out),
+    done = _cli("fed", "simulate", str(merged), "--data", f"again={short}", "--out", str(out),
                 "--rounds", "1", "--slot-steps", "1", "--router-steps", "1", "--batch-size", "2",
                 "--seq-len", "32", "--device", "cpu")  # fmt: skip
     assert done.returncode == 2
@@ -468,7 +468,7 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     joining = ("--public-data", public, "--coordinator", address, "--ca", str(ca), "--once")
     owners = [
         _flexmoe(
-            *("fed", "join", str(merged), "--owner", f"{name}={data}", *joining),
+            *("fed", "join", str(merged), "--data", f"{name}={data}", *joining),
             *("--node-key", str(keys[node]), "--device", "cpu"),
         )
         for name, data, node in (
@@ -496,8 +496,8 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     for process, (_, err) in zip(owners, joined, strict=True):
         assert process.returncode == 0, err
         assert "round 1 slot: trained on" in err and "rounds are over; leaving" in err
-    done = _cli("fed", "simulate", str(merged), "--owner", f"upper={other}",
-                "--owner", f"again={public}", "--public-data", public,
+    done = _cli("fed", "simulate", str(merged), "--data", f"upper={other}",
+                "--data", f"again={public}", "--public-data", public,
                 "--out", str(tmp_path / "simulated"), "--device", "cpu", *ROUND)  # fmt: skip
     assert done.returncode == 0, done.stderr
     deployed, simulated, before = (
@@ -545,7 +545,7 @@ def test_fed_serve_and_join_fail_in_one_line(
     )
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     data = str(corpus_dir / "other.jsonl")
-    found = _cli("fed", "join", str(merged), "--coordinator", address, "--owner", f"nobody={data}")
+    found = _cli("fed", "join", str(merged), "--coordinator", address, "--data", f"nobody={data}")
     assert found.returncode == 2, found.stderr
     assert found.stderr.strip() == "flexmoe: error: nobody: no such expert in this model " + (
         "(experts: upper, again)"

@@ -397,14 +397,19 @@ def test_metadata_commands_do_not_load_torch(ui_model: Path, tmp_path: Path) -> 
 def test_old_option_spellings_still_work_with_a_one_line_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--key` (expert sign, fed simulate, fed join) is now `--signing-key`: the old spelling is
-    read as the new one, with one warning line; the new one warns of nothing."""
+    """`--key` (expert sign, fed simulate, fed join) is now `--signing-key`, and `--owner
+    NAME=FILES` (fed simulate, fed join, baseline fedavg) `--data`: the old spelling is read as
+    the new one, with one warning line; the new one warns of nothing."""
     from flexmoe.cli import renamed
 
     with pytest.warns(FutureWarning, match="--key is now --signing-key"):
         new = renamed(["fed", "simulate", "M", "--key=a=k"])
     assert new == ["fed", "simulate", "M", "--signing-key=a=k"]
     assert renamed(["merge", "--key", "x"]) == ["merge", "--key", "x"]  # not renamed there
+    with pytest.warns(FutureWarning, match="--owner is now --data"):
+        assert renamed(["baseline", "fedavg", "--owner", "a=f"])[2] == "--data"
+    owner = ["expert", "train", "--owner", "Law Firm"]  # there, --owner is the organisation
+    assert renamed(owner) == owner
     missing = str(tmp_path / "nokey")
     for spelling, warned in (("--key", True), ("--signing-key", False)):
         with pytest.raises(SystemExit) as e:

@@ -126,8 +126,9 @@ app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMM
 # each old option and the one that replaces it (docs/cli.md, "One vocabulary").
 RENAMED: dict[str, dict[str, str]] = {
     "expert sign": {"--key": "--signing-key"},
-    "fed simulate": {"--key": "--signing-key"},
-    "fed join": {"--key": "--signing-key"},
+    "fed simulate": {"--key": "--signing-key", "--owner": "--data"},
+    "fed join": {"--key": "--signing-key", "--owner": "--data"},
+    "baseline fedavg": {"--owner": "--data"},
 }
 
 

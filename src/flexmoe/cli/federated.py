@@ -50,7 +50,7 @@ ROUNDS, RECIPE = 50, "trunk"
 SERVER = FEDERATED_SERVER
 OwnerOpt = Annotated[
     list[str],
-    typer.Option("--owner", help="an owner's expert and its own text: NAME=FILES; repeatable"),
+    typer.Option("--data", help="an owner's own text, named by its expert: NAME=FILES; repeatable"),
 ]
 SharePublicOpt = Annotated[
     list[str] | None,
@@ -81,7 +81,7 @@ def _owner_texts(
     text_field: str,
     id_field: str | None,
 ) -> list[OwnerText]:
-    """The owners of ``--owner NAME=FILES`` with the public share and their ``--key``s."""
+    """The owners of ``--data NAME=FILES`` with the public share and their signing keys."""
     from flexmoe.federated.owner import OwnerText
 
     keys = _owner_option(key, "--signing-key")
@@ -89,12 +89,12 @@ def _owner_texts(
         public_data, text_field, id_field, default_domain="public", option="--public-data"
     )
     texts = []
-    for name, files in _owner_option(owner, "--owner").items():
-        specs = data_specs([f"{name}={files}"], text_field, id_field, option="--owner")
+    for name, files in _owner_option(owner, "--data").items():
+        specs = data_specs([f"{name}={files}"], text_field, id_field, option="--data")
         found = Path(keys.pop(name)) if name in keys else None
         texts.append(OwnerText(name, tuple(specs), tuple(public), public_fraction, found))
     if keys:
-        raise FlexMoEError("--signing-key", f"{next(iter(keys))} is not one of the --owner names")
+        raise FlexMoEError("--signing-key", f"{next(iter(keys))} is not one of the --data names")
     return texts
 
 
@@ -444,7 +444,7 @@ def fed_join(
         Path, typer.Argument(help="this owner's copy of the merged model the coordinator serves")
     ],
     owner: Annotated[
-        str, typer.Option("--owner", help="this owner's expert and its own text: NAME=FILES")
+        str, typer.Option("--data", help="this owner's own text, named by its expert: NAME=FILES")
     ],
     coordinator: Annotated[str, typer.Option(help="HOST:PORT of the coordinator's `fed serve`")],
     public_data: SharePublicOpt = None,

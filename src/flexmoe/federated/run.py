@@ -59,7 +59,7 @@ def check_owners(
     table = merged.table()
     known = {name_key(s.name): s.name for s in table.slots[1:]}
     if not texts:
-        raise FlexMoEError("--owner", "give at least one NAME=FILES")
+        raise FlexMoEError("--data", "give at least one NAME=FILES")
     seen: set[str] = set()
     for text in texts:
         name = known.get(name_key(text.name))
@@ -194,9 +194,9 @@ def fedavg(
     if out.exists() and not overwrite:
         raise FlexMoEError(out, "already exists; choose another --out or pass --force")
     if not texts:
-        raise FlexMoEError("--owner", "give at least one NAME=FILES")
+        raise FlexMoEError("--data", "give at least one NAME=FILES")
     if len({name_key(t.name) for t in texts}) != len(texts):
-        raise FlexMoEError("--owner", "an owner is given twice")
+        raise FlexMoEError("--data", "an owner is given twice")
     for text in texts:
         _check_files(text.data)
         _check_files(text.public)
