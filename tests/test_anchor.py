@@ -142,7 +142,7 @@ def test_broken_anchor_is_one_line(
 def test_not_an_anchor_via_cli(tmp_path: Path, corpus_dir: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "flexmoe", "eval", "ppl", "--model", str(tmp_path / "empty"),
+        [sys.executable, "-m", "flexmoe", "eval", "ppl", str(tmp_path / "empty"),
          "--data", f"public={corpus_dir / 'public.jsonl'}", "--cache-dir", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -220,7 +220,7 @@ def test_bits_per_byte_by_hand(anchor_dir: Path, tmp_path: Path, public_spec: Da
 
 def test_eval_ppl_cli_json(anchor_dir: Path, tmp_path: Path, corpus_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "flexmoe", "eval", "ppl", "--model", str(anchor_dir), "--json",
+        [sys.executable, "-m", "flexmoe", "eval", "ppl", str(anchor_dir), "--json",
          "--data", f"public={corpus_dir / 'public.jsonl'}", "--data", f"other={corpus_dir / 'other.jsonl'}",
          "--cache-dir", str(tmp_path / "c"), "--device", "cpu"],
         capture_output=True, text=True, timeout=120,

@@ -127,7 +127,7 @@ def cli_chain(root: Path, corpus_dir: Path, device: str) -> dict[str, Path]:
     said = cli("generate", str(root / "merged"), "the union", "--max-new-tokens", "8",
                "--attribution", "--device", device)  # fmt: skip
     assert "public" in said
-    cli("eval", "baselines", "--anchor", str(root / "anchor"), *packages, "--merged",
+    cli("eval", "baselines", "--anchor", str(root / "anchor"), *packages,
         str(root / "merged"), "--data", f"public={public}",
         "--max-documents", "8", "--seq-len", "32", "--device", device,
         "--out", str(root / "scores.json"))  # fmt: skip

@@ -397,7 +397,7 @@ def test_cli_eval_honours_opt_out_and_selection(
     data += ["--cache-dir", str(tmp_path / "cache")]
 
     def bpb(*extra: str) -> float:
-        out = _run("eval", "ppl", "--model", str(model), *data, *extra)
+        out = _run("eval", "ppl", str(model), *data, *extra)
         assert out.returncode == 0, out.stderr
         return float(json.loads(out.stdout)[0]["bits_per_byte"])
 
@@ -405,9 +405,7 @@ def test_cli_eval_honours_opt_out_and_selection(
     assert everyone != without
     assert _run("experts", "opt-out", str(model), "upper").returncode == 0
     assert bpb() == without  # the standing choice is read by every load
-    bad = _run(
-        "eval", "ppl", "--model", str(model), *data, "--exclude", "upper", "--exclude", "again"
-    )
+    bad = _run("eval", "ppl", str(model), *data, "--exclude", "upper", "--exclude", "again")
     assert bad.returncode == 2 and "excludes every owner's expert" in bad.stderr
 
 

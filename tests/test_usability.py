@@ -397,9 +397,10 @@ def test_metadata_commands_do_not_load_torch(ui_model: Path, tmp_path: Path) -> 
 def test_old_option_spellings_still_work_with_a_one_line_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--key` (expert sign, fed simulate, fed join) is now `--signing-key`, and `--owner
-    NAME=FILES` (fed simulate, fed join, baseline fedavg) `--data`: the old spelling is read as
-    the new one, with one warning line; the new one warns of nothing."""
+    """`--key` (expert sign, fed simulate, fed join) is now `--signing-key`, `--owner
+    NAME=FILES` (fed simulate, fed join, baseline fedavg) `--data`, and `eval ppl --model` and
+    `eval baselines --merged` the positional MODEL: the old spelling is read as the new one, with
+    one warning line; the new one warns of nothing."""
     from flexmoe.cli import renamed
 
     with pytest.warns(FutureWarning, match="--key is now --signing-key"):
@@ -410,6 +411,11 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
         assert renamed(["baseline", "fedavg", "--owner", "a=f"])[2] == "--data"
     owner = ["expert", "train", "--owner", "Law Firm"]  # there, --owner is the organisation
     assert renamed(owner) == owner
+    with pytest.warns(FutureWarning, match="--model is now the positional MODEL"):
+        ppl = renamed(["eval", "ppl", "--model", "M", "--data", "x"])
+    assert ppl == ["eval", "ppl", "M", "--data", "x"]
+    with pytest.warns(FutureWarning, match="--merged is now the positional MODEL"):
+        assert renamed(["eval", "baselines", "--merged=M"]) == ["eval", "baselines", "M"]
     missing = str(tmp_path / "nokey")
     for spelling, warned in (("--key", True), ("--signing-key", False)):
         with pytest.raises(SystemExit) as e:

@@ -129,6 +129,8 @@ RENAMED: dict[str, dict[str, str]] = {
     "fed simulate": {"--key": "--signing-key", "--owner": "--data"},
     "fed join": {"--key": "--signing-key", "--owner": "--data"},
     "baseline fedavg": {"--owner": "--data"},
+    "eval ppl": {"--model": ""},  # "": now the positional MODEL
+    "eval baselines": {"--merged": ""},
 }
 
 
@@ -141,11 +143,16 @@ def renamed(args: list[str]) -> list[str]:
     for arg in args:
         option, eq, value = arg.partition("=")
         new = names.get(option)
-        if new is not None:
-            said = f"{option} is now {new}; the old spelling goes in the next release"
-            warnings.warn(said, FutureWarning, stacklevel=2)
-            arg = f"{new}{eq}{value}"
-        out.append(arg)
+        if new is None:
+            out.append(arg)
+            continue
+        now = new or "the positional MODEL"
+        said = f"{option} is now {now}; the old spelling goes in the next release"
+        warnings.warn(said, FutureWarning, stacklevel=2)
+        if new:
+            out.append(f"{new}{eq}{value}")
+        elif eq:
+            out.append(value)  # a positional's value alone; "--model X" leaves X to follow
     return out
 
 

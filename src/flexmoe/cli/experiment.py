@@ -55,7 +55,7 @@ def _split(split: str) -> None:
 
 @eval_app.command("ppl")
 def eval_ppl(
-    model: Annotated[Path, typer.Option(help="model directory (anchor or merged)")],
+    model: Annotated[Path, typer.Argument(help="model directory (anchor or merged)")],
     data: DataOpt,
     split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
     seq_len: SeqLenOpt = None,
@@ -104,7 +104,7 @@ def eval_ppl(
 def eval_baselines(
     anchor: Annotated[Path, typer.Option(help="the anchor directory")],
     expert: Annotated[list[str], typer.Option("--expert", help="expert package (repeatable)")],
-    merged: Annotated[Path, typer.Option(help="the merged model directory")],
+    merged: Annotated[Path, typer.Argument(help="the merged model directory")],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="JSON file to write the scores to")],
     unrestricted: Annotated[
