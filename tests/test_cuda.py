@@ -136,7 +136,7 @@ def cli_chain(root: Path, corpus_dir: Path, device: str) -> dict[str, Path]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "flexmoe", "serve", str(root / "merged"), "--port", str(port),
+        [sys.executable, "-m", "flexmoe", "serve", str(root / "merged"), "--listen", f"127.0.0.1:{port}",
          "--device", device],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip

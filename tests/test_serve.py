@@ -473,7 +473,7 @@ def test_restart_keeps_the_opt_out_and_kill_keeps_the_ledger(model_dir: Path) ->
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flexmoe", "serve", str(model_dir), "--port", str(port),
+            [sys.executable, "-m", "flexmoe", "serve", str(model_dir), "--listen", f"127.0.0.1:{port}",
              "--name", NAME],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # both logs
         )  # fmt: skip

@@ -423,3 +423,13 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{missing}: file not found" in err
         assert ("warning: --key is now --signing-key" in err) == warned
+
+
+def test_serve_listens_on_host_port_and_still_takes_the_old_host_and_port() -> None:
+    from flexmoe.cli.coordinator import _listen
+
+    assert _listen("0.0.0.0:9000", None, None) == ("0.0.0.0", 9000)
+    with pytest.warns(FutureWarning, match="--host and --port are now --listen HOST:PORT"):
+        assert _listen("127.0.0.1:8000", None, 8123) == ("127.0.0.1", 8123)
+    with pytest.raises(FlexMoEError, match="--listen: expected HOST:PORT, got '8000'"):
+        _listen("8000", None, None)

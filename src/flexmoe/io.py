@@ -278,3 +278,12 @@ def open_sqlite(path: Path, schema: str, what: str) -> sqlite3.Connection:
     except sqlite3.Error as e:
         raise FlexMoEError(path, f"cannot open {what} ({e})") from e
     return db
+
+
+def parse_address(value: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) as its host and port, or a one-line error
+    naming ``option``: the one form every command that listens or connects takes."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FlexMoEError(option, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)

@@ -401,8 +401,9 @@ def experts_opt_in(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -
 
 def serve(
     model: ModelArg,
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = "127.0.0.1:8000",
+    host: Annotated[str | None, typer.Option(hidden=True, help="old: the host of --listen")] = None,
+    port: Annotated[int | None, typer.Option(hidden=True, help="old: the port of --listen")] = None,
     max_batch: Annotated[int, typer.Option(help="requests generated together at most")] = 8,
     admin_token_file: Annotated[
         Path | None,
@@ -423,6 +424,8 @@ def serve(
 ) -> None:
     """Serve the merged model over an OpenAI-compatible HTTP API (needs the serve extra)."""
     import torch
+
+    address = _listen(listen, host, port)
 
     from flexmoe.device import pick_device, serving_threads
     from flexmoe.serve.auth import read_admin_token
@@ -453,7 +456,19 @@ def serve(
         use_bias=use_bias(bias),
         max_body_bytes=max_body_bytes,
     )
-    uvicorn.Server(server_config(app_, host=host, port=port)).run()
+    uvicorn.Server(server_config(app_, host=address[0], port=address[1])).run()
+
+
+def _listen(listen: str, host: str | None, port: int | None) -> tuple[str, int]:
+    """``--listen HOST:PORT``, or the old ``--host``/``--port`` (one release more, warned)."""
+    from flexmoe.io import parse_address
+
+    address = parse_address(listen, "--listen")
+    if host is None and port is None:
+        return address
+    said = "--host and --port are now --listen HOST:PORT; the old spelling goes in the next release"
+    warnings.warn(said, FutureWarning, stacklevel=2)
+    return parse_address(f"{host or address[0]}:{port or address[1]}", "--port")
 
 
 @owners_app.command("keygen")

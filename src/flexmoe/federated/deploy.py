@@ -51,7 +51,7 @@ from flexmoe.federated.flower import (
 from flexmoe.federated.nodes import check_private_node_key, check_public_node_key, register_nodes
 from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.run import check_owners, check_rounds, new_model
-from flexmoe.io import write_json
+from flexmoe.io import parse_address, write_json
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.standing import standing_exclusions
 
@@ -245,13 +245,6 @@ def _environment(home: Path, debug: bool) -> dict[str, str]:
     if debug:
         env["FLEXMOE_DEBUG"] = "1"
     return env
-
-
-def parse_address(value: str, option: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FlexMoEError(option, f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
