@@ -227,45 +227,64 @@ def plot_files(results: Evaluation, owners: dict[str, str] | None = None) -> dic
         files[PLOTS["opt_out"]] = _png(fig)
         plt.close(fig)
 
-    matrices = {m: results.routing_of(m) for m in (FLEXMOE, TUNED) if results.routing_of(m)}
-    if matrices:
-        first = next(iter(matrices.values()))
-        experts = list(next(iter(first.values())))
-        fig, axes = plt.subplots(
-            1,
-            len(matrices),
-            figsize=(len(matrices) * (1.3 * len(experts) + 3), 0.5 * len(first) + 1.8),
-            squeeze=False,
-        )
-        for ax, (model, routing) in zip(axes[0], matrices.items(), strict=True):
-            _heatmap(
-                ax,
-                [[100 * routing[d][e] for e in experts] for d in routing],
-                list(routing),
-                experts,
-                ".1f",
-                "Blues",
-            )
-            ax.set_title(f"{model}: % of routing mass, text domain x expert", fontsize=9)
-        files[PLOTS["routing"]] = _png(fig)
-        plt.close(fig)
-
-    priced = [m for m in models if m in results.cost and not m.startswith(without(""))]
-    if priced:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for model in priced:
-            main = model in MAIN_MODELS
-            x, y = results.cost[model], results.average(model)
-            ax.scatter([x], [y], s=28 if main else 12, color="C3" if main else "C0")
-            ax.annotate(
-                model, (x, y), fontsize=6 if main else 5, xytext=(3, 2), textcoords="offset points"
-            )
-        ax.set_xlabel("inference FLOPs per token (anchor = 1)")
-        ax.set_ylabel("bits per byte, average over domains (lower is better)")
-        ax.set_title("quality against inference cost", fontsize=9)
-        files[PLOTS["cost"]] = _png(fig)
-        plt.close(fig)
+    for name, png in (
+        (PLOTS["routing"], _routing_plot(plt, results)),
+        (PLOTS["cost"], _cost_plot(plt, results)),
+    ):
+        if png is not None:
+            files[name] = png
     return files
+
+
+def _routing_plot(plt: Any, results: Evaluation) -> bytes | None:
+    """PNG bytes of the merged models' routing mass per text domain and expert, or None."""
+    matrices = {m: results.routing_of(m) for m in (FLEXMOE, TUNED) if results.routing_of(m)}
+    if not matrices:
+        return None
+    first = next(iter(matrices.values()))
+    experts = list(next(iter(first.values())))
+    fig, axes = plt.subplots(
+        1,
+        len(matrices),
+        figsize=(len(matrices) * (1.3 * len(experts) + 3), 0.5 * len(first) + 1.8),
+        squeeze=False,
+    )
+    for ax, (model, routing) in zip(axes[0], matrices.items(), strict=True):
+        _heatmap(
+            ax,
+            [[100 * routing[d][e] for e in experts] for d in routing],
+            list(routing),
+            experts,
+            ".1f",
+            "Blues",
+        )
+        ax.set_title(f"{model}: % of routing mass, text domain x expert", fontsize=9)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _cost_plot(plt: Any, results: Evaluation) -> bytes | None:
+    """PNG bytes of quality against inference cost, or None when no model is priced."""
+    priced = [
+        m for m in results.model_order() if m in results.cost and not m.startswith(without(""))
+    ]
+    if not priced:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in priced:
+        main = model in MAIN_MODELS
+        x, y = results.cost[model], results.average(model)
+        ax.scatter([x], [y], s=28 if main else 12, color="C3" if main else "C0")
+        ax.annotate(
+            model, (x, y), fontsize=6 if main else 5, xytext=(3, 2), textcoords="offset points"
+        )
+    ax.set_xlabel("inference FLOPs per token (anchor = 1)")
+    ax.set_ylabel("bits per byte, average over domains (lower is better)")
+    ax.set_title("quality against inference cost", fontsize=9)
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 def rounds_plot(curve: list[tuple[int, float]], references: dict[str, float]) -> bytes:

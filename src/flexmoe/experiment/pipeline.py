@@ -270,6 +270,51 @@ def _finished_run(
     )
 
 
+def _lever_model(
+    name: str,
+    out: Path,
+    run: _DemoRun,
+    corpora_set: CorpusSet,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Lever ``name``'s merged model, built at ``out/owner-levers/NAME/merged``; its options."""
+    settings, anchor_dir = run.settings, out / "anchor"
+    root, merged = out / "owner-levers" / name, out / "owner-levers" / name / "merged"
+    if name in MERGE_LEVERS:  # at the coordinator, from the run's own packages
+        options: dict[str, Any] = MERGE_LEVERS[name]
+        log(f"[lever {name}] the run's merge changed at the coordinator -> {merged}")
+        if "delta_keep" in options:
+            write_sparse_deltas(out / "merged", merged, options["delta_keep"])
+        else:
+            _distill_stage(out, merged, run, options["distill_steps"], corpora_set)
+    elif "rivals" in OWNER_LEVERS[name]:  # trained once, merged with or without them
+        options = OWNER_LEVERS[name]
+        recipe = {k: v for k, v in options.items() if not k.startswith("rivals")}
+        pair = out / "owner-levers" / name.rsplit("-", 1)[0]  # shared by -in and -out
+        rivals, packages = _rivals_stage(pair, run, corpora_set, options["rivals"], recipe)
+        kept = rivals if options["rivals_in_merge"] else []
+        plan = plan_merge(anchor_dir, [*kept, *packages], top_k=settings.top_k)
+        build_merged(plan, merged, overwrite=True)
+    else:
+        options = OWNER_LEVERS[name]
+        packages = _train_experts(
+            root / "experts",
+            f"[lever {name}]",
+            corpora_set.owners,
+            anchor_dir,
+            run.corpora,
+            settings,
+            device,
+            run.tokens,
+            log,
+            options={**NO_RIVALS, **options},
+        )
+        plan = plan_merge(anchor_dir, packages, top_k=settings.top_k)
+        build_merged(plan, merged, overwrite=True)
+    return options
+
+
 def measure_owner_levers(
     out: Path,
     levers: list[str],
@@ -297,38 +342,8 @@ def measure_owner_levers(
         read_json(path) if path.is_file() else {"corpora": corpora_set.name, "rows": []}
     )
     for name in levers:
-        root, merged = out / "owner-levers" / name, out / "owner-levers" / name / "merged"
-        if name in MERGE_LEVERS:  # at the coordinator, from the run's own packages
-            options: dict[str, Any] = MERGE_LEVERS[name]
-            log(f"[lever {name}] the run's merge changed at the coordinator -> {merged}")
-            if "delta_keep" in options:
-                write_sparse_deltas(out / "merged", merged, options["delta_keep"])
-            else:
-                _distill_stage(out, merged, run, options["distill_steps"], corpora_set)
-        elif "rivals" in OWNER_LEVERS[name]:  # trained once, merged with or without them
-            options = OWNER_LEVERS[name]
-            recipe = {k: v for k, v in options.items() if not k.startswith("rivals")}
-            pair = out / "owner-levers" / name.rsplit("-", 1)[0]  # shared by -in and -out
-            rivals, packages = _rivals_stage(pair, run, corpora_set, options["rivals"], recipe)
-            kept = rivals if options["rivals_in_merge"] else []
-            plan = plan_merge(anchor_dir, [*kept, *packages], top_k=settings.top_k)
-            build_merged(plan, merged, overwrite=True)
-        else:
-            options = OWNER_LEVERS[name]
-            packages = _train_experts(
-                root / "experts",
-                f"[lever {name}]",
-                corpora_set.owners,
-                anchor_dir,
-                run.corpora,
-                settings,
-                device,
-                run.tokens,
-                log,
-                options={**NO_RIVALS, **options},
-            )
-            plan = plan_merge(anchor_dir, packages, top_k=settings.top_k)
-            build_merged(plan, merged, overwrite=True)
+        merged = out / "owner-levers" / name / "merged"
+        options = _lever_model(name, out, run, corpora_set, device, log)
         scores = evaluate_loaded(
             load_merged(merged, device=device),
             load_tokenizer(merged),
