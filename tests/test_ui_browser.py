@@ -18,7 +18,7 @@ import pytest
 from conftest import MARKUP
 from helpers import ADMIN, live
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -66,10 +66,11 @@ def _sign_in(browser: webdriver.Chrome, url: str, token: str) -> None:
     browser.delete_all_cookies()
     browser.get(f"{url}/ui/")
     browser.find_element(By.ID, "token").send_keys(token)
-    browser.find_element(By.CSS_SELECTOR, "form[action='/ui/sign-in'] button").click()
-    WebDriverWait(browser, 30).until(
-        expected_conditions.presence_of_element_located((By.TAG_NAME, "h1"))
-    )
+    button = browser.find_element(By.CSS_SELECTOR, "form[action='/ui/sign-in'] button")
+    button.click()
+    wait = WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException])
+    wait.until(expected_conditions.staleness_of(button))  # the sign-in page is gone
+    wait.until(lambda page: page.find_element(By.TAG_NAME, "h1").text != "Sign in")
 
 
 def _submit_standing(browser: webdriver.Chrome, reason: str, *, accept: bool) -> None:
