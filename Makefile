@@ -11,7 +11,7 @@ DEMO_FLAGS := $(if $(filter 1,$(QUICK)),--quick,) $(if $(filter 1,$(ABLATIONS)),
 
 .PHONY: install check browser test demo clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml lab/pyproject.toml Makefile
 	@# On a CUDA machine whose Python already has torch, the venv sees that torch and keeps it.
 	@if [ ! -x $(PY) ]; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  else $(PY) -m pip install -q torch==$(CPU_TORCH); fi; \
 	fi
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,fed]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test,fed]" -e lab
 	touch $@
 
 install: $(VENV)/.installed
@@ -38,11 +38,11 @@ $(COMPAT)/.installed: $(VENV)/.installed
 	touch $@
 
 check: install
-	$(VENV)/bin/ruff check src tests benchmarks experiments
-	$(VENV)/bin/ruff format --check src tests benchmarks experiments
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/ruff check src lab tests benchmarks
+	$(VENV)/bin/ruff format --check src lab tests benchmarks
+	$(VENV)/bin/mypy src lab/src
 	@# The formatter decides layout in the library: no line may opt out of it.
-	@if grep -rn "fmt: skip" src; then echo "src: remove the '# fmt: skip' above"; exit 1; fi
+	@if grep -rn "fmt: skip" src lab; then echo "src, lab: remove the '# fmt: skip' above"; exit 1; fi
 
 # Headless Chromium from Debian's packages for the page's browser tests (tests/test_ui_browser.py),
 # installed with apt-get (as root, else through sudo). Where that fails, those tests fail and say so.
@@ -58,7 +58,7 @@ test: check $(COMPAT)/.installed browser
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --durations=15
 
 demo: install
-	$(VENV)/bin/flexmoe demo --out demo-output $(DEMO_FLAGS)
+	$(VENV)/bin/flexmoe-lab demo --out demo-output $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) demo-output .cache

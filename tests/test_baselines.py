@@ -193,8 +193,8 @@ def test_unrestricted_trains_the_merged_shape_on_all_data(
 def test_suite_scores_every_model_on_the_same_text(
     anchor_dir: Path, package_dirs: list[Path], corpus_dir: Path, tmp_path: Path
 ) -> None:
-    from flexmoe.evaluate.report import write_report
     from flexmoe.evaluate.suite import run_suite
+    from flexmoe_lab.report import write_report
 
     build_merged(plan_merge(anchor_dir, package_dirs, top_k=2), tmp_path / "m", progress=False)
     data = [
@@ -239,7 +239,7 @@ def test_sparse_deltas_keep_the_largest_differences_from_the_public_expert(
 ) -> None:
     from safetensors.torch import load_file
 
-    from flexmoe.experiment.levers import sparse_delta, write_sparse_deltas
+    from flexmoe_lab.levers import sparse_delta, write_sparse_deltas
 
     public, own = torch.zeros(4, 5), torch.arange(20.0).reshape(4, 5) - 10
     kept = sparse_delta(public, own, 0.25)
@@ -266,8 +266,8 @@ def test_distilled_rows_bring_the_merge_closer_to_btm_on_public_text(
 ) -> None:
     from flexmoe.data.packing import pack_documents
     from flexmoe.data.split import load_splits
-    from flexmoe.experiment.levers import distilled_rows
     from flexmoe.merge.layout import MergedModel
+    from flexmoe_lab.levers import distilled_rows
 
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]

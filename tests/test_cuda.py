@@ -94,9 +94,9 @@ def cli_chain(root: Path, corpus_dir: Path, device: str) -> dict[str, Path]:
     public, owner = corpus_dir / "public.jsonl", corpus_dir / "other.jsonl"
     env = {**os.environ, "FLEXMOE_CACHE": str(root / "cache")}
 
-    def cli(*args: str) -> str:
+    def cli(*args: str, module: str = "flexmoe") -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "flexmoe", *args], capture_output=True, text=True, env=env,
+            [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
             timeout=600,
         )  # fmt: skip
         assert done.returncode == 0, f"{args[:2]}: {done.stderr[-3000:]}"
@@ -131,7 +131,7 @@ def cli_chain(root: Path, corpus_dir: Path, device: str) -> dict[str, Path]:
         str(root / "merged"), "--data", f"public={public}",
         "--max-documents", "8", "--seq-len", "32", "--device", device,
         "--out", str(root / "scores.json"))  # fmt: skip
-    cli("report", str(root / "scores.json"), "--out", str(root / "report"))
+    cli("report", str(root / "scores.json"), "--out", str(root / "report"), module="flexmoe_lab")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.experiment import broad, debian
-from flexmoe.experiment import corpora as demo
+from flexmoe_lab import broad, debian
+from flexmoe_lab import corpora as demo
 
 
 def _deb(files: dict[str, bytes]) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.experiment import corpora as demo
+from flexmoe_lab import corpora as demo
 
 
 def _zip(files: dict[str, str]) -> bytes:

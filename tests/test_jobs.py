@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.experiment import jobs as jobs_module
-from flexmoe.experiment.jobs import CommandJob, run_jobs, side_by_side
+from flexmoe_lab import jobs as jobs_module
+from flexmoe_lab.jobs import CommandJob, run_jobs, side_by_side
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -561,8 +561,8 @@ def test_demo_merge_stage_opts_out_exactly(
     from helpers import WORDS, make_texts, write_jsonl
 
     from flexmoe.evaluate.extraction import AuditSettings
-    from flexmoe.experiment.pipeline import QUICK, _audit_stage, _opt_out_stage
     from flexmoe.merge.standing import StandingStore
+    from flexmoe_lab.pipeline import QUICK, _audit_stage, _opt_out_stage
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -595,8 +595,8 @@ def test_demo_merge_stage_opts_out_exactly(
     assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
     assert all(r["documents"] == 2 for r in audit["results"])
     # the router-tuning variant the paper's way: owners send hashes of public documents
-    from flexmoe.experiment.pipeline import _owner_text_tune_stage, _tune_stage
     from flexmoe.training.config import TrainConfig
+    from flexmoe_lab.pipeline import _owner_text_tune_stage, _tune_stage
 
     tune_cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1,
                            weight_decay=0.0, eval_every=0, checkpoint_every=0)  # fmt: skip
@@ -638,9 +638,9 @@ def test_router_levers_change_only_the_rows(
     from flexmoe.data.packing import pack_documents
     from flexmoe.data.split import load_splits
     from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
-    from flexmoe.experiment.levers import calibrated_rows, ffn_inputs
-    from flexmoe.experiment.pipeline import QUICK, _calibrated_stage, _ceiling_stage
     from flexmoe.training.config import TrainConfig
+    from flexmoe_lab.levers import calibrated_rows, ffn_inputs
+    from flexmoe_lab.pipeline import QUICK, _calibrated_stage, _ceiling_stage
 
     public = DataSpec("public", (str(corpus_dir / "public.jsonl"),))
     out = _calibrated_stage(anchor_dir, merged, tmp_path / "calibrated", public, CPU, None)

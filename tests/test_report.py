@@ -10,7 +10,7 @@ import pytest
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.registry import DomainScore, Evaluation
-from flexmoe.evaluate.report import PLOTS, checks, plot_files, write_report
+from flexmoe_lab.report import PLOTS, checks, plot_files, write_report
 
 DOMAINS = ["public", "code", "legal"]
 
@@ -54,7 +54,7 @@ def _scores(merged: dict[str, float], **extra: dict[str, float]) -> dict[str, An
 
 
 def test_claims_follow_the_numbers() -> None:
-    from flexmoe.experiment.narrative import investigation
+    from flexmoe_lab.narrative import investigation
 
     good = checks(_results({"public": 1.005, "code": 2.05, "legal": 1.84}))
     by_claim = {c.claim: c for c in good}
@@ -111,7 +111,7 @@ def test_report_command(tmp_path: Path) -> None:
     import sys
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flexmoe", "report", *args],
+        return subprocess.run([sys.executable, "-m", "flexmoe_lab", "report", *args],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
     good = tmp_path / "scores.json"
@@ -132,7 +132,7 @@ def test_report_command(tmp_path: Path) -> None:
 
 
 def test_settings_are_read_from_the_variants() -> None:
-    from flexmoe.experiment.narrative import settings_measured
+    from flexmoe_lab.narrative import settings_measured
 
     results = _results(
         {"public": 1.005, "code": 2.05, "legal": 1.84},
@@ -158,7 +158,7 @@ def test_settings_are_read_from_the_variants() -> None:
 
 def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
     from flexmoe.evaluate.registry import TUNED
-    from flexmoe.experiment.narrative import markdown
+    from flexmoe_lab.narrative import markdown
 
     results = _results(
         {"public": 1.005, "code": 2.30, "legal": 1.84},
@@ -184,7 +184,7 @@ def test_tuned_variant_gets_its_own_claims_and_routing() -> None:
 
 
 def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
-    from flexmoe.experiment.narrative import investigation
+    from flexmoe_lab.narrative import investigation
 
     results = _results(
         {"public": 1.005, "code": 2.05, "legal": 1.84},
@@ -207,7 +207,7 @@ def test_leaving_an_expert_out_that_helps_the_others_is_reported() -> None:
 
 def test_router_levers_are_reported_from_their_rows() -> None:
     from flexmoe.evaluate.registry import CALIBRATED, ROUTER_CEILING
-    from flexmoe.experiment.narrative import investigation, settings_measured
+    from flexmoe_lab.narrative import investigation, settings_measured
 
     merged = {"public": 1.005, "code": 2.30, "legal": 2.10}
     below = {"public": 1.00, "code": 2.00, "legal": 1.90}  # the ceiling beats btm and seq-route
@@ -269,8 +269,8 @@ def test_registry_names_and_typed_results(tmp_path: Path) -> None:
 def test_dp_tradeoff_is_reported_when_measured(tmp_path: Path) -> None:
     """``experiments/dp_tradeoff.py`` leaves its rows in the run; the report shows each setting
     with its bits per byte, extraction and speed relative to no DP."""
-    from flexmoe.evaluate.report import DP_RESULTS
     from flexmoe.io import write_json
+    from flexmoe_lab.report import DP_RESULTS
 
     out = tmp_path / "r"
     out.mkdir()
@@ -302,7 +302,7 @@ def test_the_demo_refreshes_its_block_of_the_results_page(tmp_path: Path) -> Non
     import pytest
 
     from flexmoe.errors import FlexMoEError
-    from flexmoe.experiment.narrative import (
+    from flexmoe_lab.narrative import (
         RESULTS_BEGIN,
         RESULTS_END,
         check_results_page,
@@ -327,7 +327,7 @@ def test_the_demo_refreshes_its_block_of_the_results_page(tmp_path: Path) -> Non
 def test_the_demo_report_has_every_section_in_order() -> None:
     """The demo's report (experiment/narrative.py) from a run's results: every section once, in
     order, each separated from the next by one blank line."""
-    from flexmoe.experiment.narrative import demo_report
+    from flexmoe_lab.narrative import demo_report
 
     evaluation = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
     evaluation.top_k = 2
@@ -387,7 +387,7 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
     model against the untuned merge, btm and fedavg, the curve over the rounds and what
     --dp-epsilon costs."""
     from flexmoe.evaluate.accounting import OwnerCost
-    from flexmoe.experiment.narrative import _federated_section
+    from flexmoe_lab.narrative import _federated_section
 
     evaluation = _results(
         {"public": 1.0, "code": 2.0, "legal": 2.0},
@@ -473,7 +473,7 @@ def test_two_expert_text_says_whether_per_token_routing_wins(tmp_path: Path) -> 
 
 
 def test_owner_levers_are_rows_beside_the_runs_merge_and_btm() -> None:
-    from flexmoe.experiment.levers import levers_section
+    from flexmoe_lab.levers import levers_section
 
     evaluation = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
     found = {

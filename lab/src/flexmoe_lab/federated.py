@@ -23,8 +23,6 @@ import torch
 from flexmoe.data.documents import DataSpec
 from flexmoe.evaluate.accounting import OwnerCost, package_bytes, round_totals
 from flexmoe.evaluate.registry import BTM, FEDAVG, FEDERATED, FLEXMOE, Evaluation
-from flexmoe.experiment.corpora import DemoDomain
-from flexmoe.experiment.settings import DemoSettings, FederatedSettings
 from flexmoe.expert.manifest import read_manifest
 from flexmoe.federated.dense import RECORD_FILE
 from flexmoe.federated.flower import RoundPlan
@@ -36,6 +34,8 @@ from flexmoe.io import read_json
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
 from flexmoe.merge.slots import FederatedRound
+from flexmoe_lab.corpora import DemoDomain
+from flexmoe_lab.settings import DemoSettings, FederatedSettings
 
 Score = Callable[[Path, int | None], dict[str, float]]  # a model, bytes per domain -> bpb
 

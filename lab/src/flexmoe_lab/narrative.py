@@ -1,6 +1,6 @@
 """The experiment's own sentences about its variants: what the top-k, bias, router-init and
 router-lever rows say about the merged model's defaults, and what the variants say about the
-bars it misses. Every number comes from the scores; :mod:`flexmoe.evaluate.report` places the
+bars it misses. Every number comes from the scores; :mod:`flexmoe_lab.report` places the
 sentences in the report."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluate import report
 from flexmoe.evaluate.accounting import OwnerCost, accounting_table
 from flexmoe.evaluate.registry import (
     ANCHOR,
@@ -33,8 +32,9 @@ from flexmoe.evaluate.registry import (
     specialist,
     without,
 )
-from flexmoe.evaluate.report import ROUNDS_PLOT, Narrative, checks, owner_domains, public_domain
 from flexmoe.io import atomic_write_bytes
+from flexmoe_lab import report
+from flexmoe_lab.report import ROUNDS_PLOT, Narrative, checks, owner_domains, public_domain
 
 
 def narrative(results: Evaluation, owners: dict[str, str] | None = None) -> Narrative:
@@ -47,7 +47,7 @@ def markdown(results: Evaluation, owners: dict[str, str] | None = None) -> str:
 
 
 def write_report(results: Evaluation, out: Path, *, owners: dict[str, str] | None = None) -> Path:
-    """:func:`flexmoe.evaluate.report.write_report` with this experiment's narrative."""
+    """:func:`flexmoe_lab.report.write_report` with this experiment's narrative."""
     typed = report.check_results(results, out)
     return report.write_report(typed, out, owners=owners, narrative=narrative(typed, owners))
 
@@ -87,7 +87,7 @@ def settings_measured(results: Evaluation) -> str:
         else:
             lines.append(
                 "- router init: only the owners' method was scored (no random-init ablation; "
-                "`flexmoe demo --ablations` trains one)."
+                "`flexmoe-lab demo --ablations` trains one)."
             )
     if CALIBRATED in models and FLEXMOE in models:
         change = results.average(CALIBRATED) / results.average(FLEXMOE) - 1
@@ -250,7 +250,7 @@ def demo_report(
     """The demo's ``report.md``: how the run was made, the evaluation, the live opt-out, the
     extraction audit and the anchor's training curve."""
     parts = [
-        "# flexmoe demo report",
+        "# flexmoe-lab demo report",
         _how_made(results, evaluation),
         f"Model names: {describe(list(evaluation.models))}",
         markdown(evaluation),

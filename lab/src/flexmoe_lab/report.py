@@ -355,7 +355,7 @@ def _cost(results: Evaluation, model: str) -> str:
 @dataclass(frozen=True)
 class Narrative:
     """Sentences an experiment writes about its own variants (see
-    :mod:`flexmoe.experiment.narrative`): what the settings measured say, and what the
+    :mod:`flexmoe_lab.narrative`): what the settings measured say, and what the
     variants say about the misses."""
 
     settings: str
@@ -446,7 +446,7 @@ def markdown(
 """
 
 
-DP_RESULTS = "dp_tradeoff.json"  # written into a run by experiments/dp_tradeoff.py
+DP_RESULTS = "dp_tradeoff.json"  # written into a run by lab/experiments/dp_tradeoff.py
 
 
 def privacy_section(path: Path) -> str:
@@ -482,7 +482,7 @@ this run's expert settings: without DP, then with DP-SGD (`--dp-epsilon`, delta
 specialist on held-out text; extraction is the audit on {found["audit_documents"]} of its
 training documents; tokens/s is the training loop alone, one run each (noisy: for the speed
 ratio see `benchmarks/dp_speed.py`, which alternates runs). Epsilon is per training block.
-Made by `python experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
+Made by `python lab/experiments/dp_tradeoff.py RUN --corpora {found["corpora"]}`.
 
 {chr(10).join(lines)}
 """

@@ -18,8 +18,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePosixPath
 
-from flexmoe.experiment import debian
-from flexmoe.experiment.debian import DebianPackage, deb_files, dictd_entries
+from flexmoe_lab import debian
+from flexmoe_lab.debian import DebianPackage, deb_files, dictd_entries
 
 PUBLIC_BYTES = 700_000
 OWNER_BYTES = 6_000_000

@@ -9,9 +9,9 @@ included); btm's specialists trained for the demo's expert steps. Every model is
 same held-out text as the report (bits per byte per domain, the public domain included); the
 first line of each expert-step count is its untuned merge.
 
-Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
+Usage (after ``flexmoe-lab demo --out RUN [--corpora NAME]``):
 
-    python experiments/federated_recipes.py RUN --corpora demo --recipes 10:50:0:0:1 \\
+    python lab/experiments/federated_recipes.py RUN --corpora demo --recipes 10:50:0:0:1 \\
         [--trunk-embeddings none|output|all] [--lora-rank 8] [--btm] [--fedavg] [--fedadam-dense]
 
 The defaults are ``fed simulate``'s (trunk phases of one SGD step at lr 1, FedAdam at lr 0.003
@@ -33,8 +33,6 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.evaluate.baselines import build_baseline
 from flexmoe.evaluate.perplexity import evaluate_loaded
-from flexmoe.experiment.corpora import corpora_dir, corpus_set
-from flexmoe.experiment.pipeline import FULL, _train_experts
 from flexmoe.expert.package import load_package
 from flexmoe.expert.rivals import shipped_rivals
 from flexmoe.federated.flower import RoundPlan
@@ -51,6 +49,8 @@ from flexmoe.training.config import (
     FEDERATED_TRUNK,
     TrainConfig,
 )
+from flexmoe_lab.corpora import corpora_dir, corpus_set
+from flexmoe_lab.pipeline import FULL, _train_experts
 
 CPU = torch.device("cpu")
 

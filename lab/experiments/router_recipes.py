@@ -25,9 +25,9 @@ same experts and the same held-out text (bits per byte, as the report scores the
   this shape, private or not, should do better with these experts: it bounds every lever that
   changes only the router.
 
-Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
+Usage (after ``flexmoe-lab demo --out RUN [--corpora NAME]``):
 
-    python experiments/router_recipes.py RUN --corpora demo --recipes trained,lda
+    python lab/experiments/router_recipes.py RUN --corpora demo --recipes trained,lda
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
-from flexmoe.experiment.corpora import corpora_dir, corpus_set
-from flexmoe.experiment.levers import calibrated_rows, ffn_inputs
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.merge.layout import load_merged
 from flexmoe.model.checkpoint import moe_layers
+from flexmoe_lab.corpora import corpora_dir, corpus_set
+from flexmoe_lab.levers import calibrated_rows, ffn_inputs
 
 
 class AffineRouter(nn.Module):
@@ -93,7 +93,7 @@ def gaussian_router(
 def calibrated_router(
     trained: torch.Tensor, public: torch.Tensor, threshold: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The calibrated rows (:func:`flexmoe.experiment.levers.calibrated_rows`) and, with a
+    """The calibrated rows (:func:`flexmoe_lab.levers.calibrated_rows`) and, with a
     ``threshold``, offsets so that each owner starts competing ``threshold`` spreads above its
     mean margin on public tokens (kept <= 0, as the owners' negative bias can hold them)."""
     rows = calibrated_rows(trained, public)
@@ -106,9 +106,15 @@ def calibrated_router(
 
 
 def fit_ceiling(
-    model: PreTrainedModel, streams: list[TokenStream], trained: torch.Tensor, *, steps: int,
-    seq_len: int = 128, batch: int = 8, lr: float = 1e-2,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    model: PreTrainedModel,
+    streams: list[TokenStream],
+    trained: torch.Tensor,
+    *,
+    steps: int,
+    seq_len: int = 128,
+    batch: int = 8,
+    lr: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and offsets fitted on the language-modelling loss of ``streams`` with everything
     else frozen (the measurement's upper bound, see the module's docstring)."""
     layers = moe_layers(model)
@@ -187,8 +193,9 @@ def recipes(
         means["lda-specialist"] = torch.stack(own, 1)
     for name in gaussian:
         for temperature in args.temperatures:
-            rows, offsets = gaussian_router(means[name.removesuffix("+trained")], covariance,
-                                            temperature)  # fmt: skip
+            rows, offsets = gaussian_router(
+                means[name.removesuffix("+trained")], covariance, temperature
+            )
             if name.endswith("+trained"):
                 rows = rows + trained
             yield Recipe(f"{name} shrink={args.shrink} T={temperature}", rows, offsets)
@@ -201,10 +208,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "flexmoe")
     parser.add_argument("--recipes", default="trained,lda")
     parser.add_argument("--shrink", type=float, default=0.01)
-    parser.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")],
-                        default=[1.0, 4.0])  # fmt: skip
-    parser.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",")],
-                        default=[0.0, 1.0, 2.0])  # fmt: skip
+    parser.add_argument(
+        "--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[1.0, 4.0]
+    )
+    parser.add_argument(
+        "--thresholds", type=lambda s: [float(t) for t in s.split(",")], default=[0.0, 1.0, 2.0]
+    )
     parser.add_argument("--ceiling-steps", type=int, default=300)
     parser.add_argument("--eval-bytes", type=int, default=24_000)
     parser.add_argument("--top-k", type=int, default=3)
@@ -240,20 +249,36 @@ def main() -> None:
             moe.router = AffineRouter(weight=recipe.rows[layer], offset=recipe.offsets[layer])
             moe.top_k = args.top_k
         scores = evaluate_loaded(
-            merged, tokenizer, specs, device=torch.device("cpu"), cache_dir=tokens,
+            merged,
+            tokenizer,
+            specs,
+            device=torch.device("cpu"),
+            cache_dir=tokens,
             max_bytes=args.eval_bytes,
-        )  # fmt: skip
+        )
         bpb = {s.domain: round(s.bits_per_byte, 4) for s in scores}
         shares = routing_matrix(
-            merged, tokenizer, specs, domains, device=torch.device("cpu"), cache_dir=tokens,
+            merged,
+            tokenizer,
+            specs,
+            domains,
+            device=torch.device("cpu"),
+            cache_dir=tokens,
             max_bytes=args.eval_bytes,
-        )  # fmt: skip
-        print(json.dumps({
-            "recipe": recipe.name, "top_k": args.top_k,
-            "average_bpb": round(sum(bpb.values()) / len(bpb), 4), "bpb": bpb,
-            "own_share": {d: round(shares[d][d], 3) for d in domains},
-            "seconds": round(time.perf_counter() - started, 1),
-        }), flush=True)  # fmt: skip
+        )
+        print(
+            json.dumps(
+                {
+                    "recipe": recipe.name,
+                    "top_k": args.top_k,
+                    "average_bpb": round(sum(bpb.values()) / len(bpb), 4),
+                    "bpb": bpb,
+                    "own_share": {d: round(shares[d][d], 3) for d in domains},
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

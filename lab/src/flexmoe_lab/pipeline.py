@@ -44,36 +44,7 @@ from flexmoe.evaluate.registry import (
     Evaluation,
     specialist,
 )
-from flexmoe.evaluate.report import (
-    DP_RESULTS,
-    ROUNDS_PLOT,
-    plot_files,
-    privacy_section,
-    rounds_plot,
-)
 from flexmoe.evaluate.suite import run_suite
-from flexmoe.experiment.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
-from flexmoe.experiment.federated import (
-    announce,
-    federated_stages,
-    first_experts,
-    owner_costs,
-    rounds_curve,
-)
-from flexmoe.experiment.jobs import CommandJob, run_jobs
-from flexmoe.experiment.levers import (
-    LEVER_RESULTS,
-    MERGE_LEVERS,
-    OWNER_LEVERS,
-    calibrated_rows,
-    distilled_rows,
-    ffn_inputs,
-    levers_section,
-    write_rows,
-    write_sparse_deltas,
-)
-from flexmoe.experiment.narrative import demo_report, summary
-from flexmoe.experiment.settings import DemoSettings, load_settings
 from flexmoe.expert.manifest import RIVALS_DIR, read_manifest
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
@@ -93,6 +64,35 @@ from flexmoe.model.config import PRESETS, Preset
 from flexmoe.router_init import RouterInitMethod
 from flexmoe.training.config import MEMORY_FIELDS, UNRESTRICTED_LEAVE_OUT, TrainConfig
 from flexmoe.training.loop import TrainResult
+from flexmoe_lab.corpora import DEMO, CorpusSet, DemoDomain, corpora_dir, fetch_corpora
+from flexmoe_lab.federated import (
+    announce,
+    federated_stages,
+    first_experts,
+    owner_costs,
+    rounds_curve,
+)
+from flexmoe_lab.jobs import CommandJob, run_jobs
+from flexmoe_lab.levers import (
+    LEVER_RESULTS,
+    MERGE_LEVERS,
+    OWNER_LEVERS,
+    calibrated_rows,
+    distilled_rows,
+    ffn_inputs,
+    levers_section,
+    write_rows,
+    write_sparse_deltas,
+)
+from flexmoe_lab.narrative import demo_report, summary
+from flexmoe_lab.report import (
+    DP_RESULTS,
+    ROUNDS_PLOT,
+    plot_files,
+    privacy_section,
+    rounds_plot,
+)
+from flexmoe_lab.settings import DemoSettings, load_settings
 
 ANCHOR_HIDDEN = RouterInitMethod.ANCHOR_HIDDEN
 
@@ -1005,7 +1005,7 @@ def _calibrated_stage(
     device: torch.device,
     tokens: Path,
 ) -> Path:
-    """The coordinator's calibration lever (:mod:`flexmoe.experiment.levers`): only the public
+    """The coordinator's calibration lever (:mod:`flexmoe_lab.levers`): only the public
     corpus's training split and the merged model's own rows are used."""
     anchor = load_anchor(anchor_dir)
     docs = load_splits([public]).get(Split.TRAIN)
@@ -1030,7 +1030,7 @@ def _ceiling_stage(
     device: torch.device,
     tokens: Path,
 ) -> Path:
-    """The router ceiling (:mod:`flexmoe.experiment.levers`): only the rows trained, on exactly
+    """The router ceiling (:mod:`flexmoe_lab.levers`): only the rows trained, on exactly
     the held-out text every model is scored on."""
     scored = [d for s in specs.values() for d in eval_documents(s, max_bytes=settings.eval_bytes)]
     cfg = replace(settings.tune, steps=settings.ceiling_steps)

@@ -8,9 +8,9 @@ text, the extraction rate on its training documents (the demo's audit), and trai
 ``benchmarks/dp_speed.py`` for the speed ratio). Writes ``RUN/dp_tradeoff.json`` and adds its table
 to ``RUN/report.md``.
 
-Usage (after ``flexmoe demo --out RUN [--corpora NAME]``):
+Usage (after ``flexmoe-lab demo --out RUN [--corpora NAME]``):
 
-    python experiments/dp_tradeoff.py RUN --corpora demo --epsilons 8,1
+    python lab/experiments/dp_tradeoff.py RUN --corpora demo --epsilons 8,1
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split, load_splits
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
-from flexmoe.evaluate.report import DP_RESULTS as RESULTS
-from flexmoe.evaluate.report import with_privacy_section
 from flexmoe.evaluate.specialist import evaluate_specialist
-from flexmoe.experiment.corpora import corpora_dir, corpus_set
-from flexmoe.experiment.settings import load_settings
 from flexmoe.expert.package import build_specialist, load_package
 from flexmoe.expert.private import PrivacySettings
 from flexmoe.expert.train import ExpertIdentity, train_expert
 from flexmoe.io import write_json
+from flexmoe_lab.corpora import corpora_dir, corpus_set
+from flexmoe_lab.report import DP_RESULTS as RESULTS
+from flexmoe_lab.report import with_privacy_section
+from flexmoe_lab.settings import load_settings
 
 
 def main() -> None:
@@ -63,41 +63,65 @@ def main() -> None:
     rows = []
     for epsilon in [None, *(float(e) for e in args.epsilons.split(","))]:
         label = "no DP" if epsilon is None else f"epsilon {epsilon:g}"
-        privacy = None if epsilon is None else PrivacySettings(epsilon, args.delta,
-                                                                args.max_grad_norm)  # fmt: skip
+        privacy = (
+            None if epsilon is None else PrivacySettings(epsilon, args.delta, args.max_grad_norm)
+        )
         out = args.run / "dp" / ("none" if epsilon is None else f"eps-{epsilon:g}")
         start = time.perf_counter()
         manifest, result = train_expert(
-            anchor_dir=anchor_dir, data=[own], out=out, cfg=cfg, device=torch.device("cpu"),
+            anchor_dir=anchor_dir,
+            data=[own],
+            out=out,
+            cfg=cfg,
+            device=torch.device("cpu"),
             identity=ExpertIdentity(name=domain, owner=f"{domain} owner", license="MIT"),
-            cache_dir=tokens_cache, public_data=[public], overwrite=True, progress=False,
+            cache_dir=tokens_cache,
+            public_data=[public],
+            overwrite=True,
+            progress=False,
             privacy=privacy,
-        )  # fmt: skip
+        )
         wall = time.perf_counter() - start
-        scores = evaluate_specialist(out, anchor_dir, [own, public], device=torch.device("cpu"),
-                                     cache_dir=tokens_cache, split=Split.TEST)  # fmt: skip
+        scores = evaluate_specialist(
+            out,
+            anchor_dir,
+            [own, public],
+            device=torch.device("cpu"),
+            cache_dir=tokens_cache,
+            split=Split.TEST,
+        )
         specialist = build_specialist(anchor, load_package(out, anchor))
-        extraction = audit_extraction(specialist, anchor.tokenizer, passages, audit, name=label,
-                                      device=torch.device("cpu"))  # fmt: skip
+        extraction = audit_extraction(
+            specialist, anchor.tokenizer, passages, audit, name=label, device=torch.device("cpu")
+        )
         spent = manifest.training.privacy
         row = {
-            "setting": label, "target_epsilon": epsilon,
+            "setting": label,
+            "target_epsilon": epsilon,
             "epsilon": spent.epsilon if spent else None,
             "noise_multiplier": spent.noise_multiplier if spent else None,
-            "steps": result.steps, "tokens": result.tokens,
-            "tokens_per_s": result.tokens / result.seconds, "wall_s": wall,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "tokens_per_s": result.tokens / result.seconds,
+            "wall_s": wall,
             "bpb": {s.domain: s.specialist.bits_per_byte for s in scores},
             "anchor_bpb": {s.domain: s.anchor.bits_per_byte for s in scores},
             "extraction_rate": extraction.rate,
             "mean_best_similarity": extraction.mean_best_similarity,
-        }  # fmt: skip
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     write_json(
         args.run / RESULTS,
-        {"corpora": corpora.name, "domain": domain, "delta": args.delta,
-         "max_grad_norm": args.max_grad_norm, "audit_documents": len(passages), "rows": rows},
-    )  # fmt: skip
+        {
+            "corpora": corpora.name,
+            "domain": domain,
+            "delta": args.delta,
+            "max_grad_norm": args.max_grad_norm,
+            "audit_documents": len(passages),
+            "rows": rows,
+        },
+    )
     if (args.run / "report.md").is_file():
         with_privacy_section(args.run / "report.md", args.run / RESULTS)
 

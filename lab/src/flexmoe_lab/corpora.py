@@ -26,8 +26,8 @@ from pathlib import Path
 
 from flexmoe.data.documents import write_jsonl
 from flexmoe.errors import FlexMoEError
-from flexmoe.experiment import broad, debian
 from flexmoe.io import write_json
+from flexmoe_lab import broad, debian
 
 DEMO_FORMAT = 1
 DEFAULT_INDEX = "https://pypi.org/simple"

@@ -1,0 +1,3 @@
+from flexmoe_lab.cli import main
+
+main()
