@@ -582,18 +582,18 @@ def test_demo_merge_stage_opts_out_exactly(
         out, out / "merged", specs, settings, CPU, tmp_path / "cache", lines.append,
         opt_out="upper", prompt="the union",
     )  # fmt: skip
-    assert opt["bpb_difference_vs_merged_without"] <= 1e-5
-    assert opt["opted_out_bpb"] > 0
-    assert opt["generation_after"]["generated"]["upper"] == 0.0
-    assert opt["generation_before"]["generated"]["upper"] > 0.0
-    assert [row[2] for row in opt["audit"]] == ["opt-out", "opt-in"]
+    assert opt.bpb_difference_vs_merged_without <= 1e-5
+    assert opt.opted_out_bpb > 0
+    assert opt.generation_after.generated["upper"] == 0.0
+    assert opt.generation_before.generated["upper"] > 0.0
+    assert [row[2] for row in opt.audit] == ["opt-out", "opt-in"]
     assert (out / "merged-without-upper").is_dir()
     assert StandingStore(out / "merged").opted_out() == set()  # back in
     quick_audit = replace(settings, audit=AuditSettings(documents=2, samples=1, prefix_tokens=8,
                                                         suffix_tokens=8))  # fmt: skip
     audit = _audit_stage(anchor_dir, copies, out / "merged", specs, quick_audit, CPU, "upper")
-    assert [r["model"] for r in audit["results"]] == ["anchor", "specialist:upper", "flexmoe"]
-    assert all(r["documents"] == 2 for r in audit["results"])
+    assert [r.model for r in audit.results] == ["anchor", "specialist:upper", "flexmoe"]
+    assert all(r.documents == 2 for r in audit.results)
     # the router-tuning variant the paper's way: owners send hashes of public documents
     from flexmoe.training.config import TrainConfig
     from flexmoe_lab.pipeline import _owner_text_tune_stage, _tune_stage
@@ -616,7 +616,7 @@ def test_demo_merge_stage_opts_out_exactly(
     for domain in ("upper", "public"):  # nothing owner-written reaches the tuning inputs
         tuning = texts(out / "proxy" / f"{domain}.jsonl")
         assert tuning and set(tuning) <= public_texts and not set(tuning) & owner_texts
-    assert set(record["data"]) == set(specs) and record["steps"] == 2
+    assert set(record.data) == set(specs) and record.steps == 2
     ablation = _owner_text_tune_stage(
         out / "owner-text", out / "merged", out / "owner-text" / "merged-tuned", specs,
         replace(settings, tune=tune_cfg, proxy_bytes=1500), CPU, tmp_path / "cache",
@@ -624,9 +624,9 @@ def test_demo_merge_stage_opts_out_exactly(
     for domain in specs:
         proxy = texts(out / "owner-text" / "proxy" / f"{domain}.jsonl")
         assert 0 < sum(len(t.encode()) for t in proxy) <= 1500
-    assert ablation["steps"] == 2
+    assert ablation.steps == 2
     table = json.loads((out / "merged-tuned" / SLOTS_FILE).read_text())
-    assert table["router_tuning"]["documents_sha256"] == record["documents_sha256"]
+    assert table["router_tuning"]["documents_sha256"] == record.documents_sha256
 
 
 def test_router_levers_change_only_the_rows(

@@ -11,6 +11,7 @@ import pytest
 from flexmoe.errors import FlexMoEError
 from flexmoe.evaluate.registry import DomainScore, Evaluation
 from flexmoe_lab.report import PLOTS, checks, plot_files, write_report
+from flexmoe_lab.results import DemoResults
 
 DOMAINS = ["public", "code", "legal"]
 
@@ -324,41 +325,103 @@ def test_the_demo_refreshes_its_block_of_the_results_page(tmp_path: Path) -> Non
     assert page.read_text() == "# Results without a block\n"
 
 
-def test_the_demo_report_has_every_section_in_order() -> None:
-    """The demo's report (experiment/narrative.py) from a run's results: every section once, in
-    order, each separated from the next by one blank line."""
+def _demo_results(evaluation: Evaluation) -> DemoResults:
+    """A whole run's results around ``evaluation``, every record typed, no federated stage."""
+    from flexmoe.evaluate.extraction import ExtractionResult
+
+    training = {"steps": 10, "tokens": 1000, "final_train_loss": 5.0, "final_val_loss": 5.1}
+    share = {"public": 0.5, "code": 0.3, "legal": 0.2}
+    expert = {"steps": 6, "batch_size": 4, "seq_len": 32}
+    audit = {
+        "documents": 8,
+        "prefix_tokens": 8,
+        "samples": 2,
+        "suffix_tokens": 8,
+        "top_k": 50,
+        "top_p": 0.95,
+        "temperature": 1.0,
+        "threshold": 0.9,
+    }
+    summary = {
+        "steps": 6,
+        "tokens": 768,
+        "final_train_loss": 5.0,
+        "final_val_loss": None,
+        "seed": 0,
+        "hyperparameters": {"public_fraction": 0.25},
+    }
+    return DemoResults.model_validate(
+        {
+            "settings": {
+                "corpora": "demo",
+                "quick": True,
+                "ablations": False,
+                "vocab_size": 512,
+                "top_k": 2,
+                "eval_bytes_per_domain": None,
+                "audit": audit,
+                "anchor": expert,
+                "expert": expert,
+                "unrestricted": {"steps": 12},
+                "router_tuning": expert,
+                "proxy_documents_per_owner": 3,
+                "proxy_bytes_per_domain": 1000,
+                "ceiling_steps": 5,
+            },
+            "corpora_description": "test corpora",
+            "anchor": {"fingerprint": "0" * 64, "training": training},
+            "experts": {
+                e: {"owner": e, "license": "CC0-1.0", "training": summary}
+                for e in ("code", "legal")
+            },
+            "evaluation": evaluation,
+            "opt_out": {
+                "expert": "legal",
+                "opted_out_bpb": 1.9,
+                "merged_without_bpb": 1.9,
+                "bpb_difference_vs_merged_without": 0.0,
+                "prompt": "the",
+                "generation_before": {"text": "a", "prompt": share, "generated": share},
+                "generation_after": {
+                    "text": "b",
+                    "prompt": share,
+                    "generated": {**share, "legal": 0.0},
+                },
+                "audit": [["t0", "legal", "opt-out", "why", "demo"]],
+            },
+            "audit": {
+                "domain": "code",
+                "results": [
+                    ExtractionResult(
+                        model="anchor",
+                        documents=8,
+                        samples_per_document=2,
+                        extracted_documents=0,
+                        extracted_samples=0,
+                        rate=0.0,
+                        sample_rate=0.0,
+                        mean_best_similarity=0.2,
+                    )
+                ],
+            },
+            "device": "cpu",
+            "seconds": 1.0,
+            "stage_seconds": {"anchor": 1.0},
+        }
+    )
+
+
+def test_the_demo_report_has_every_section_in_order(tmp_path: Path) -> None:
+    """The demo's report (lab narrative.py) from a run's typed results: every section once, in
+    order, each separated from the next by one blank line; the results go to results.json and
+    back unchanged, and a file that does not fit the schema is a one-line error."""
     from flexmoe_lab.narrative import demo_report
 
     evaluation = _results({"public": 1.005, "code": 2.05, "legal": 1.84})
     evaluation.top_k = 2
-    training = {"steps": 10, "tokens": 1000, "final_train_loss": 5.0, "final_val_loss": 5.1}
-    share = {"public": 0.5, "code": 0.3, "legal": 0.2}
-    row = {"documents": 8, "extracted_documents": 0, "rate": 0.0, "mean_best_similarity": 0.2}
-    results = {
-        "settings": {
-            "corpora": "demo", "expert": {"steps": 6, "batch_size": 4, "seq_len": 32},
-            "proxy_documents_per_owner": 3, "proxy_bytes_per_domain": 1000, "ceiling_steps": 5,
-            "unrestricted": {"steps": 12},
-            "audit": {"documents": 8, "prefix_tokens": 8, "samples": 2, "suffix_tokens": 8,
-                      "top_k": 50, "top_p": 0.95, "temperature": 1.0, "threshold": 0.9},
-        },
-        "corpora_description": "test corpora",
-        "anchor": {"fingerprint": "0" * 64, "training": training},
-        "experts": {e: {"training": {"hyperparameters": {"public_fraction": 0.25}}}
-                    for e in ("code", "legal")},
-        "router_tuning": {"steps": 4, "tokens": 512},
-        "opt_out": {
-            "expert": "legal", "opted_out_bpb": 1.9, "merged_without_bpb": 1.9,
-            "bpb_difference_vs_merged_without": 0.0, "prompt": "the",
-            "generation_before": {"generated": share},
-            "generation_after": {"generated": {**share, "legal": 0.0}},
-            "audit": [["t0", "legal", "opt-out", "why", "demo"]],
-        },
-        "audit": {"domain": "code", "results": [{**row, "model": "anchor"}]},
-        "device": "cpu", "seconds": 1.0, "stage_seconds": {"anchor": 1.0},
-    }  # fmt: skip
+    results = _demo_results(evaluation)
     history = [{"step": 5, "loss": 5.2, "val_loss": 5.3}]
-    text = demo_report(results, evaluation, history)
+    text = demo_report(results, history)
     heads = [line for line in text.splitlines() if line.startswith("## ")]
     for first, then in zip(
         ["## Every model", "## One owner opts out", "## Extraction audit", "## Anchor training"],
@@ -373,12 +436,19 @@ def test_the_demo_report_has_every_section_in_order() -> None:
     assert "top-2 of 3" in text and "| 5 | 5.2000 | 5.3000 |" in text
     assert "| legal | 20.0% | 0.0% |" in text and "- t0 legal opt-out: why" in text
     assert "shipped no public rival experts" in text and "- unrestricted: 12 steps" in text
-    results["rivals"] = {"public-0": "cluster 1 of 2 (5 documents)", "public-1": "2 of 2"}
-    text = " ".join(demo_report(results, evaluation, history).split())
+    results.rivals = {"public-0": "cluster 1 of 2 (5 documents)", "public-1": "2 of 2"}
+    text = " ".join(demo_report(results, history).split())
     assert (
         "with 2 public rival experts" in text and "public-0: cluster 1 of 2 (5 documents)" in text
     )
     assert "top-2 of 5 experts per token" in text
+    results.write(tmp_path / "results.json")
+    assert DemoResults.read(tmp_path / "results.json") == results
+    broken = json.loads((tmp_path / "results.json").read_text())
+    broken["opt_out"]["opted_out_bpb"] = "low"
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(FlexMoEError, match=r"bad.json: opt_out.opted_out_bpb: Input should be"):
+        DemoResults.read(tmp_path / "bad.json")
 
 
 def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
@@ -388,6 +458,7 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
     --dp-epsilon costs."""
     from flexmoe.evaluate.accounting import OwnerCost
     from flexmoe_lab.narrative import _federated_section
+    from flexmoe_lab.results import FederatedRecord
 
     evaluation = _results(
         {"public": 1.0, "code": 2.0, "legal": 2.0},
@@ -396,29 +467,34 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
             "fedavg": {"public": 1.1, "code": 2.4, "legal": 2.4},
         },
     )
-    fed = {
-        "expert_steps": 3,
-        "specialist_steps": 6,
-        "rounds": 3,
-        "phase_steps": {"trunk": 1},
-        "server": {"name": "fedadam", "lr": 0.003},
-        "owner_steps": 6,
-        "fedavg_rounds": 2,
-        "fedavg_steps": 3,
-        "curve_every": 2,
-        "bpb_by_round": [
+    fed = FederatedRecord(
+        expert_steps=3,
+        specialist_steps=6,
+        rounds=3,
+        phases=["trunk"],
+        phase_steps={"trunk": 1},
+        server={"name": "fedadam", "lr": 0.003},
+        owner_steps=6,
+        per_round=[],
+        fedavg_rounds=2,
+        fedavg_steps=3,
+        fedavg_per_round=[],
+        curve_every=2,
+        curve_bytes=1000,
+        bpb_by_round=[
             {"round": 0, "bpb": {"public": 1.2, "code": 2.2, "legal": 2.2}},
             {"round": 3, "bpb": {"public": 0.9, "code": 1.8, "legal": 2.1}},
         ],
-        "privacy_cost": [
+        privacy_cost=[
             {
                 "epsilon": 8.0,
                 "noise_multiplier": 1.25,
                 "clip": {"router": 0.5, "trunk": 1.0},
+                "spent": {"code": 8.0, "legal": 7.9},
                 "bpb": {"public": 1.5, "code": 2.5, "legal": 2.5},
             },
         ],
-    }
+    )
     costs = [
         OwnerCost(
             model="flexmoe",
@@ -437,7 +513,9 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
             how="trains the dense model",
         ),
     ]
-    results = {"federated": fed, "accounting": [c.model_dump() for c in costs]}
+    results = _demo_results(evaluation)
+    assert _federated_section(results, evaluation) == ""  # no federated stage
+    results = results.model_copy(update={"federated": fed, "accounting": costs})
     text = _federated_section(results, evaluation)
     assert text.startswith("## Federated rounds (Flower)")
     assert "| flexmoe | 1.6667 | 6,000 | 2.00 MB | 1.50x | yes | trains its expert alone |" in text
@@ -449,7 +527,6 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
     assert "| 3 | 1.6000 | 0.9000 |" in text
     assert "| 8 | 1.250 | 2.1667 | 1.5000 |" in text
     assert "steps in all: 6" in said and "with fedadam (lr 0.003)" in said
-    assert _federated_section({}, evaluation) == ""
 
 
 def test_two_expert_text_says_whether_per_token_routing_wins(tmp_path: Path) -> None:
@@ -489,4 +566,4 @@ def test_owner_levers_are_rows_beside_the_runs_merge_and_btm() -> None:
         "| public-spread | public_sample=spread | 1.0000 | 2.0000 | 1.9000 | 1.6333 | -5.8% |"
         in (text)
     )
-    assert "`python experiments/owner_levers.py RUN --corpora demo`" in text
+    assert "`python lab/experiments/owner_levers.py RUN --corpora demo`" in text

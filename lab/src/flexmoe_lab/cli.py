@@ -71,7 +71,6 @@ def demo(
 ) -> None:
     """Run the demo pipeline end to end and write its report."""
     from flexmoe.device import pick_device
-    from flexmoe.evaluate.registry import Evaluation
     from flexmoe_lab.corpora import corpus_set
     from flexmoe_lab.narrative import check_results_page, refresh_results_page
     from flexmoe_lab.pipeline import run_demo
@@ -89,8 +88,7 @@ def demo(
     )
     if results_page is not None:
         made_by = f"flexmoe-lab demo --corpora {corpora}" + (" --quick" if quick else "")
-        evaluation = Evaluation.model_validate(results["evaluation"])
-        refresh_results_page(results_page, evaluation, made_by)
+        refresh_results_page(results_page, results.evaluation, made_by)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,8 +32,8 @@ from flexmoe.federated.run import fedavg, federate
 from flexmoe.io import read_json
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
-from flexmoe.merge.slots import FederatedRound
 from flexmoe_lab.corpora import DemoDomain
+from flexmoe_lab.results import CurvePoint, FederatedRecord, PrivacyCost
 from flexmoe_lab.settings import DemoSettings, FederatedSettings
 
 Score = Callable[[Path, int | None], dict[str, float]]  # a model, bytes per domain -> bpb
@@ -43,7 +42,7 @@ Score = Callable[[Path, int | None], dict[str, float]]  # a model, bytes per dom
 @dataclass(frozen=True)
 class FederatedStages:
     models: dict[str, Path]  # registry name -> directory, for the evaluation
-    record: dict[str, Any]  # for results.json and the report
+    record: FederatedRecord  # for results.json and the report
 
 
 def owner_texts(owners: tuple[DemoDomain, ...], specs: dict[str, DataSpec]) -> list[OwnerText]:
@@ -115,12 +114,12 @@ def federated_stages(
     merged = root / "merged"
     build_merged(plan_merge(anchor_dir, packages, top_k=settings.top_k), merged, overwrite=True)
     texts = owner_texts(owners, specs)
-    curve = [{"round": 0, "bpb": score(merged, fed.curve_bytes)}]
+    curve = [CurvePoint(round=0, bpb=score(merged, fed.curve_bytes))]
 
     def scored(coordinator: Coordinator) -> None:
         number = len(coordinator.record.rounds)
         if number % fed.curve_every == 0 and number < fed.rounds:
-            curve.append({"round": number, "bpb": _score_state(coordinator, fed, score)})
+            curve.append(CurvePoint(round=number, bpb=_score_state(coordinator, fed, score)))
 
     result = federate(
         merged,
@@ -134,29 +133,29 @@ def federated_stages(
         progress=False,
         after_round=scored,
     )
-    curve.append({"round": fed.rounds, "bpb": score(result.out, fed.curve_bytes)})
+    curve.append(CurvePoint(round=fed.rounds, bpb=score(result.out, fed.curve_bytes)))
     cost = []
     if privacy:
         cost = privacy_cost(merged, texts, settings, root / "privacy", score, device, tokens, log)
     fedavg_dir = _fedavg_stage(out, anchor_dir, texts, fed, device, tokens, log)
-    record = {
-        "expert_steps": fed.expert_steps,
-        "rounds": fed.rounds,
-        "phases": list(fed.phases),
-        "phase_steps": {p: fed.steps(p) for p in fed.phases},
-        "server": fed.server.to_dict(),
-        "trunk_embeddings": fed.trunk_embeddings,
-        "owner_steps": fed.owner_steps,
-        "specialist_steps": settings.expert.steps,
-        "per_round": [r.model_dump(mode="json") for r in result.record.rounds],
-        "bpb_by_round": curve,
-        "curve_every": fed.curve_every,
-        "curve_bytes": fed.curve_bytes,
-        "privacy_cost": cost,
-        "fedavg_rounds": fed.fedavg_rounds,
-        "fedavg_steps": fed.fedavg.steps,
-        "fedavg_per_round": read_json(fedavg_dir / RECORD_FILE)["rounds"],
-    }
+    record = FederatedRecord(
+        expert_steps=fed.expert_steps,
+        rounds=fed.rounds,
+        phases=list(fed.phases),
+        phase_steps={p: fed.steps(p) for p in fed.phases},
+        server=fed.server.to_dict(),
+        trunk_embeddings=fed.trunk_embeddings,
+        owner_steps=fed.owner_steps,
+        specialist_steps=settings.expert.steps,
+        per_round=list(result.record.rounds),
+        bpb_by_round=curve,
+        curve_every=fed.curve_every,
+        curve_bytes=fed.curve_bytes,
+        privacy_cost=cost,
+        fedavg_rounds=fed.fedavg_rounds,
+        fedavg_steps=fed.fedavg.steps,
+        fedavg_per_round=read_json(fedavg_dir / RECORD_FILE)["rounds"],
+    )
     return FederatedStages({"flexmoe:federated": result.out, "fedavg": fedavg_dir}, record)
 
 
@@ -209,7 +208,7 @@ def privacy_cost(
     device: torch.device,
     tokens: Path,
     log: Callable[[str], None],
-) -> list[dict[str, Any]]:
+) -> list[PrivacyCost]:
     """The stage's rounds on ``merged`` without noise and at each of :data:`DP_EPSILONS`
     (every router and trunk update clipped and noised at home); each model's bits per byte."""
     plain = round_plan(settings.federated)
@@ -233,13 +232,13 @@ def privacy_cost(
             progress=False,
         )
         rows.append(
-            {
-                "epsilon": epsilon,
-                "noise_multiplier": plan.privacy.noise_multiplier if plan.privacy else 0.0,
-                "clip": dict(plan.privacy.clip) if plan.privacy else None,
-                "spent": result.record.epsilon,
-                "bpb": score(result.out, None),
-            }
+            PrivacyCost(
+                epsilon=epsilon,
+                noise_multiplier=plan.privacy.noise_multiplier if plan.privacy else 0.0,
+                clip=dict(plan.privacy.clip) if plan.privacy else None,
+                spent=result.record.epsilon,
+                bpb=score(result.out, None),
+            )
         )
     return rows
 
@@ -247,7 +246,7 @@ def privacy_cost(
 def owner_costs(
     out: Path,
     package_dirs: list[Path],
-    record: dict[str, Any],
+    record: FederatedRecord,
     evaluation: Evaluation,
 ) -> list[OwnerCost]:
     """What one owner paid for each of the consortium's choices in this run (the most any owner
@@ -258,11 +257,9 @@ def owner_costs(
     first = [out / "federated" / "experts" / p.name for p in package_dirs]
     first_tokens = max(read_manifest(p).training.tokens for p in first)
     first_bytes = max(package_bytes(p) for p in first)
-    rounds = [FederatedRound.model_validate(r) for r in record["per_round"]]
-    round_tokens, round_bytes = round_totals(rounds)
-    dense = [FederatedRound.model_validate(r) for r in record["fedavg_per_round"]]
-    dense_tokens, dense_bytes = round_totals(dense)
-    steps = ", ".join(f"{n} {p}" for p, n in record["phase_steps"].items())
+    round_tokens, round_bytes = round_totals(record.per_round)
+    dense_tokens, dense_bytes = round_totals(record.fedavg_per_round)
+    steps = ", ".join(f"{n} {p}" for p, n in record.phase_steps.items())
     rows = [
         (FLEXMOE, expert_tokens, expert_bytes, True, "trains its expert alone, once; sends it"),
         (
@@ -270,7 +267,7 @@ def owner_costs(
             first_tokens + round_tokens,
             first_bytes + round_bytes,
             True,
-            f"trains its expert ({record['expert_steps']} steps), then {record['rounds']} rounds "
+            f"trains its expert ({record.expert_steps} steps), then {record.rounds} rounds "
             f"of {steps} step(s) at home; sends the expert and every update",
         ),
         (FEDAVG, dense_tokens, dense_bytes, False, "trains the whole dense model in rounds"),
@@ -288,9 +285,3 @@ def owner_costs(
         for name, tokens, sent, exact, how in rows
         if name in evaluation.models
     ]
-
-
-def rounds_curve(record: dict[str, Any] | None) -> list[tuple[int, float]]:
-    """The stage's curve: each scored round and its bits per byte averaged over the domains."""
-    points = (record or {}).get("bpb_by_round") or []
-    return [(p["round"], sum(p["bpb"].values()) / len(p["bpb"])) for p in points if p["bpb"]]

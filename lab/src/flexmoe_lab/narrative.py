@@ -6,10 +6,9 @@ sentences in the report."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from flexmoe.errors import FlexMoEError
-from flexmoe.evaluate.accounting import OwnerCost, accounting_table
+from flexmoe.evaluate.accounting import accounting_table
 from flexmoe.evaluate.registry import (
     ANCHOR,
     BIAS,
@@ -35,6 +34,7 @@ from flexmoe.evaluate.registry import (
 from flexmoe.io import atomic_write_bytes
 from flexmoe_lab import report
 from flexmoe_lab.report import ROUNDS_PLOT, Narrative, checks, owner_domains, public_domain
+from flexmoe_lab.results import AuditRecord, DemoResults, FederatedRecord, OptOutRecord, RunSettings
 
 
 def narrative(results: Evaluation, owners: dict[str, str] | None = None) -> Narrative:
@@ -244,38 +244,34 @@ def summary(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def demo_report(
-    results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
-) -> str:
+def demo_report(results: DemoResults, history: list[dict[str, float]]) -> str:
     """The demo's ``report.md``: how the run was made, the evaluation, the live opt-out, the
     extraction audit and the anchor's training curve."""
+    evaluation = results.evaluation
     parts = [
         "# flexmoe-lab demo report",
         _how_made(results, evaluation),
         f"Model names: {describe(list(evaluation.models))}",
         markdown(evaluation),
         _federated_section(results, evaluation),
-        _opt_out_section(results["opt_out"]),
-        _audit_section(results["audit"], results),
+        _opt_out_section(results.opt_out),
+        _audit_section(results.audit, results.settings),
         _curve_section(history),
     ]
     return "\n\n".join(part.strip() for part in parts if part.strip()) + "\n"
 
 
-def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
-    training = results["anchor"]["training"]
-    expert_cfg = results["settings"]["expert"]
-    fractions = {
-        e["training"]["hyperparameters"]["public_fraction"] for e in results["experts"].values()
-    }
-    public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))
+def _how_made(results: DemoResults, evaluation: Evaluation) -> str:
+    training = results.anchor.training or {}
+    expert_cfg = results.settings.expert
+    fractions = {e.training.hyperparameters["public_fraction"] for e in results.experts.values()}
+    public_share = ", ".join(f"{f:.0%}" for f in sorted(fractions))  # type: ignore[type-var]
     weights = {
-        e["training"]["hyperparameters"].get("router_objective", 0.0)
-        for e in results["experts"].values()
+        e.training.hyperparameters.get("router_objective", 0.0) for e in results.experts.values()
     }
-    objective = ", ".join(f"{w:g}" for w in sorted(weights))
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
-    rivals = results.get("rivals") or {}
+    objective = ", ".join(f"{w:g}" for w in sorted(weights))  # type: ignore[type-var]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results.stage_seconds.items())
+    rivals = results.rivals
     shipped = (
         f"The coordinator shipped it with {len(rivals)} public rival experts, each trained like "
         f"an owner's on one cluster of the public text ("
@@ -284,8 +280,8 @@ def _how_made(results: dict[str, Any], evaluation: Evaluation) -> str:
         if rivals
         else "The coordinator shipped no public rival experts with it."
     )
-    slots = len(results["experts"]) + len(rivals) + 1
-    return f"""Corpus set `{results["settings"]["corpora"]}`: {results["corpora_description"]}.
+    slots = len(results.experts) + len(rivals) + 1
+    return f"""Corpus set `{results.settings.corpora}`: {results.corpora_description}.
 
 The anchor is a tiny OLMo-2 decoder trained only on the public domain. {shipped} Each owner
 trained one expert alone, in its own process that was handed only its own domain's files and
@@ -299,28 +295,28 @@ tuned after merging; the owners' learned biases are
 
 {_variants(results)}
 
-- device: {results["device"]}; wall time: {results["seconds"]} s ({stages})
+- device: {results.device}; wall time: {results.seconds} s ({stages})
 - anchor: {training["steps"]} steps, {training["tokens"]:,} tokens, final train loss
   {training["final_train_loss"]:.4f}, validation loss {training["final_val_loss"]:.4f}
-- anchor fingerprint: `{results["anchor"]["fingerprint"][:16]}...`
+- anchor fingerprint: `{results.anchor.fingerprint[:16]}...`
 {_unrestricted_line(results, evaluation)}
 
 """
 
 
-def _unrestricted_line(results: dict[str, Any], evaluation: Evaluation) -> str:
+def _unrestricted_line(results: DemoResults, evaluation: Evaluation) -> str:
     if UNRESTRICTED not in evaluation.models:
         return ""
-    steps = results["settings"]["unrestricted"]["steps"]
+    steps = results.settings.unrestricted["steps"]
     return (
         f"- unrestricted: {steps} steps on all domains at once (every parameter trained), as "
         "many tokens as the four experts together"
     )
 
 
-def _variants(results: dict[str, Any]) -> str:
+def _variants(results: DemoResults) -> str:
     """The router variants the run has (router tuning and the router levers: ``--ablations``)."""
-    tuning = results.get("router_tuning")
+    tuning, settings = results.router_tuning, results.settings
     if tuning is None:
         return (
             f"The unrestricted upper bound (`{UNRESTRICTED}`), router tuning (`{TUNED}`, the "
@@ -332,31 +328,31 @@ def _variants(results: dict[str, Any]) -> str:
     return f"""As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the
 public corpus's training documents at home with a small classifier (its own documents vs public
 ones) and sent the coordinator only the sha256 of the
-{results["settings"]["proxy_documents_per_owner"]} public documents most like its data
+{settings.proxy_documents_per_owner} public documents most like its data
 (`proxy/NAME.json`); the coordinator tuned only the router rows, every expert frozen, on those
-public documents and as many other public ones ({tuning["steps"]} steps, {tuning["tokens"]:,}
+public documents and as many other public ones ({tuning.steps} steps, {tuning.tokens:,}
 tokens; recorded in the tuned model's slot table). No owner text is used, but jointly tuned
 rows make opt-out less strict, so it is not the default. With `--ablations`,
-`{OWNER_TEXT_TUNED}` is tuned instead on {results["settings"]["proxy_bytes_per_domain"]:,}
+`{OWNER_TEXT_TUNED}` is tuned instead on {settings.proxy_bytes_per_domain:,}
 bytes of each owner's own training text (one window per document): that hands owner text
 over, and is shown only for comparison. Two more router levers come with `--ablations`:
 `{CALIBRATED}`, the owners' rows rescaled by the coordinator so that each one's margin over the
 public row has the same spread on public text (public text and packages only; opt-out stays
 exact), and `{ROUTER_CEILING}`, the rows fitted on the very held-out text scored below
-({results["settings"]["ceiling_steps"]} steps): not a recipe, but a bound on every lever that
+({settings.ceiling_steps} steps): not a recipe, but a bound on every lever that
 changes only the router."""
 
 
-def _federated_section(results: dict[str, Any], evaluation: Evaluation) -> str:
+def _federated_section(results: DemoResults, evaluation: Evaluation) -> str:
     """``flexmoe:federated`` beside the other ways of training together, at what each costs one
     owner; the curve over the rounds; what ``--dp-epsilon`` costs."""
-    fed, costs = results.get("federated"), results.get("accounting") or []
+    fed = results.federated
     if not fed or FEDERATED not in evaluation.models:
         return ""
     scores = {m: evaluation.average(m) for m in evaluation.models}
-    table = accounting_table([OwnerCost.model_validate(c) for c in costs], scores)
-    phases = " and ".join(f"{n} {p}" for p, n in fed["phase_steps"].items())
-    server = fed["server"]
+    table = accounting_table(results.accounting, scores)
+    phases = " and ".join(f"{n} {p}" for p, n in fed.phase_steps.items())
+    server = fed.server
 
     def public(model: str) -> str:
         return f"{evaluation.bpb(model, 'public'):.4f}" if "public" in evaluation.domains else "-"
@@ -368,17 +364,17 @@ def _federated_section(results: dict[str, Any], evaluation: Evaluation) -> str:
     ]
     return f"""## Federated rounds (Flower)
 
-`{FEDERATED}`: each owner trained its expert alone for {fed["expert_steps"]} steps (its
-specialist, which btm uses, trained {fed["specialist_steps"]}) against the coordinator's rivals,
-the experts were merged as the default merge is, and {fed["rounds"]} federated rounds followed on
+`{FEDERATED}`: each owner trained its expert alone for {fed.expert_steps} steps (its
+specialist, which btm uses, trained {fed.specialist_steps}) against the coordinator's rivals,
+the experts were merged as the default merge is, and {fed.rounds} federated rounds followed on
 Flower (`flexmoe fed simulate`, every owner a client on this machine, its text read by its own
 client only). In each round every owner took {phases} step(s) at home: a trunk step trains the
 parameters every owner shares ({_trunk_parts(fed)}) and the router
 rows, its own and the other owners' experts frozen, and sends the change; the coordinator applies
 the token-weighted average with {server["name"]} (lr {server["lr"]:g}), its state kept with each
-trunk version. Each owner's steps in all: {fed["owner_steps"]}, the same as its specialist's.
+trunk version. Each owner's steps in all: {fed.owner_steps}, the same as its specialist's.
 `{FEDAVG}`: the anchor's dense model trained by FedAvg through the same Flower code,
-{fed["fedavg_rounds"]} rounds of {fed["fedavg_steps"]} local steps per owner.
+{fed.fedavg_rounds} rounds of {fed.fedavg_steps} local steps per owner.
 
 `{FEDERATED}` is {", ".join(versus)} (average bits per byte); public text
 {public(FEDERATED)} against the merge's {public(FLEXMOE)}.
@@ -392,25 +388,25 @@ never shaped). The unrestricted bound, which hands every owner's text over, runs
 {_rounds_table(fed, evaluation)}{_privacy_table(fed)}"""
 
 
-def _trunk_parts(fed: dict[str, Any]) -> str:
+def _trunk_parts(fed: FederatedRecord) -> str:
     vocabulary = {
         "output": ", the output layer",
         "all": ", the input embeddings and the output layer",
-    }.get(fed.get("trunk_embeddings", "none"), "")
+    }.get(fed.trunk_embeddings, "")
     return f"attention, norms, the public and rival experts{vocabulary}"
 
 
-def _rounds_table(fed: dict[str, Any], evaluation: Evaluation) -> str:
-    curve = fed.get("bpb_by_round") or []
+def _rounds_table(fed: FederatedRecord, evaluation: Evaluation) -> str:
+    curve = fed.bpb_by_round
     if not curve:
         return ""
     rows = "\n".join(
-        f"| {c['round']}{' (the merge, before any round)' if c['round'] == 0 else ''} | "
-        f"{_mean(c['bpb']):.4f} | {c['bpb'].get('public', 0.0):.4f} |"
+        f"| {c.round}{' (the merge, before any round)' if c.round == 0 else ''} | "
+        f"{_mean(c.bpb):.4f} | {c.bpb.get('public', 0.0):.4f} |"
         for c in curve
     )
     return f"""
-Bits per byte after every {fed.get("curve_every", 1)} rounds (the same held-out text;
+Bits per byte after every {fed.curve_every} rounds (the same held-out text;
 `{ROUNDS_PLOT}`):
 
 | after round | average bpb | public |
@@ -419,19 +415,19 @@ Bits per byte after every {fed.get("curve_every", 1)} rounds (the same held-out 
 """
 
 
-def _privacy_table(fed: dict[str, Any]) -> str:
-    cost = fed.get("privacy_cost") or []
+def _privacy_table(fed: FederatedRecord) -> str:
+    cost = fed.privacy_cost
     if not cost:
         return ""
     rows = "\n".join(
-        f"| {_budget(c['epsilon'])} | {c['noise_multiplier']:.3f} | {_mean(c['bpb']):.4f} | "
-        f"{c['bpb'].get('public', 0.0):.4f} |"
+        f"| {_budget(c.epsilon)} | {c.noise_multiplier:.3f} | {_mean(c.bpb):.4f} | "
+        f"{c.bpb.get('public', 0.0):.4f} |"
         for c in cost
     )
     return f"""
 What `--dp-epsilon` costs: the same rounds on the same merge with every router and trunk update
 clipped and noised at home (each owner's epsilon over all its updates, delta 1e-5; clipping
-norms {cost[-1]["clip"]}):
+norms {cost[-1].clip}):
 
 | epsilon | noise multiplier | average bpb | public |
 | --- | ---: | ---: | ---: |
@@ -439,24 +435,23 @@ norms {cost[-1]["clip"]}):
 """
 
 
-def _opt_out_section(opt: dict[str, Any]) -> str:
+def _opt_out_section(opt: OptOutRecord) -> str:
+    before, after = opt.generation_before.generated, opt.generation_after.generated
     shares = "\n".join(
-        f"| {name} | {opt['generation_before']['generated'].get(name, 0.0):.1%} "
-        f"| {opt['generation_after']['generated'].get(name, 0.0):.1%} |"
-        for name in opt["generation_before"]["generated"]
+        f"| {name} | {before.get(name, 0.0):.1%} | {after.get(name, 0.0):.1%} |" for name in before
     )
-    log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt["audit"])
+    log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt.audit)
     return f"""## One owner opts out, live
 
-The {opt["expert"]} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
-loaded. On {opt["expert"]} text the opted-out model scores {opt["opted_out_bpb"]:.6f} bpb and a
-model merged without that expert (`flexmoe merge remove`) {opt["merged_without_bpb"]:.6f}
-(difference {opt["bpb_difference_vs_merged_without"]:.1e}).
+The {opt.expert} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
+loaded. On {opt.expert} text the opted-out model scores {opt.opted_out_bpb:.6f} bpb and a
+model merged without that expert (`flexmoe merge remove`) {opt.merged_without_bpb:.6f}
+(difference {opt.bpb_difference_vs_merged_without:.1e}).
 
-Generation from "{opt["prompt"]}" (seed 0), share of routing mass per expert over the generated
+Generation from "{opt.prompt}" (seed 0), share of routing mass per expert over the generated
 tokens:
 
-| expert | every expert in | {opt["expert"]} opted out |
+| expert | every expert in | {opt.expert} opted out |
 | --- | ---: | ---: |
 {shares}
 
@@ -466,14 +461,14 @@ The owner then opted back in; the audit log of the model's opt-out store holds b
 """
 
 
-def _audit_section(audit: dict[str, Any], results: dict[str, Any]) -> str:
+def _audit_section(audit: AuditRecord, settings: RunSettings) -> str:
     audit_rows = "\n".join(
-        f"| {r['model']} | {r['documents']} | {r['extracted_documents']} | {r['rate']:.1%} "
-        f"| {r['mean_best_similarity']:.3f} |"
-        for r in audit["results"]
+        f"| {r.model} | {r.documents} | {r.extracted_documents} | {r.rate:.1%} "
+        f"| {r.mean_best_similarity:.3f} |"
+        for r in audit.results
     )
-    a = results["settings"]["audit"]
-    return f"""## Extraction audit ({audit["domain"]} training documents)
+    a = settings.audit
+    return f"""## Extraction audit ({audit.domain} training documents)
 
 {a["documents"]} passages: a {a["prefix_tokens"]}-token prefix, {a["samples"]} sampled
 continuations of {a["suffix_tokens"]} tokens each (top-k {a["top_k"]}, top-p {a["top_p"]},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from flexmoe.merge.build import build_merged
 from flexmoe.merge.edit import remove_expert
 from flexmoe.merge.layout import load_merged, read_slots
 from flexmoe.merge.plan import plan_merge
+from flexmoe.merge.slots import RouterTuning
 from flexmoe.merge.standing import StandingStore, standing_exclusions
 from flexmoe.merge.tune import proxy_sample, tune_router, tune_router_on
 from flexmoe.model.checkpoint import moe_layers
@@ -70,7 +71,6 @@ from flexmoe_lab.federated import (
     federated_stages,
     first_experts,
     owner_costs,
-    rounds_curve,
 )
 from flexmoe_lab.jobs import CommandJob, run_jobs
 from flexmoe_lab.levers import (
@@ -91,6 +91,15 @@ from flexmoe_lab.report import (
     plot_files,
     privacy_section,
     rounds_plot,
+)
+from flexmoe_lab.results import (
+    AnchorRecord,
+    AuditRecord,
+    DemoResults,
+    ExpertRecord,
+    Generation,
+    OptOutRecord,
+    RunSettings,
 )
 from flexmoe_lab.settings import DemoSettings, load_settings
 
@@ -146,7 +155,7 @@ def run_demo(
     ablations: bool = False,
     corpora_set: CorpusSet = DEMO,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> DemoResults:
     """The whole pipeline on the demo corpora; writes ``report.md``, plots and JSON to ``out``.
 
     The federated stage (``flexmoe:federated`` at the specialists' compute, and ``fedavg``)
@@ -232,23 +241,23 @@ def run_demo(
     )
     opt_out, audit = run.opt_out_and_audit(anchor_dir, package_dirs, merged_dir)
     costs = owner_costs(out, package_dirs, federated.record, evaluation)
-    results = {
-        "settings": _settings_record(
-            corpora_set, settings, joint, quick=quick, ablations=ablations
-        ),
-        "anchor": {"fingerprint": manifest.fingerprint, "training": manifest.training},
-        "experts": experts,
-        "rivals": {p.name: read_manifest(p).description for p in rivals},
-        "evaluation": evaluation.model_dump(mode="json", exclude_unset=True),
-        "router_tuning": tuning,
-        "federated": federated.record,
-        "accounting": [c.model_dump(mode="json") for c in costs],
-        "opt_out": opt_out,
-        "audit": audit,
-        **run.timing(),
-        "corpora_description": corpora_set.description,
-    }
-    run.write(results, evaluation, anchor_result.history)
+    results = DemoResults(
+        settings=_settings_record(corpora_set, settings, joint, quick=quick, ablations=ablations),
+        anchor=AnchorRecord(fingerprint=manifest.fingerprint, training=manifest.training),
+        experts=experts,
+        rivals={p.name: read_manifest(p).description for p in rivals},
+        evaluation=evaluation,
+        router_tuning=tuning,
+        federated=federated.record,
+        accounting=costs,
+        opt_out=opt_out,
+        audit=audit,
+        seconds=run.seconds(),
+        stage_seconds=run.stage_seconds,
+        device=str(run.device),
+        corpora_description=corpora_set.description,
+    )
+    run.write(results, anchor_result.history)
     return results
 
 
@@ -258,13 +267,13 @@ def _finished_run(
     device: torch.device,
     corpora_set: CorpusSet,
     log: Callable[[str], None],
-) -> tuple[dict[str, Any], _DemoRun]:
+) -> tuple[DemoResults, _DemoRun]:
     """A finished run's results and its context (its settings, corpora and held-out text),
     checked to be on ``corpora_set``; the run's own anchor is kept (and its DP table)."""
-    results = read_json(out / "results.json")
-    if results["settings"]["corpora"] != corpora_set.name:
-        raise FlexMoEError(out, f"this run is on the {results['settings']['corpora']} corpora")
-    settings = QUICK if results["settings"]["quick"] else FULL
+    results = DemoResults.read(out / "results.json")
+    if results.settings.corpora != corpora_set.name:
+        raise FlexMoEError(out, f"this run is on the {results.settings.corpora} corpora")
+    settings = QUICK if results.settings.quick else FULL
     return results, _DemoRun.start(
         out, cache_dir, device, settings, corpora_set, log, new_anchor=False
     )
@@ -362,8 +371,7 @@ def measure_owner_levers(
             found = read_json(path)
         found["rows"] = [r for r in found["rows"] if r["lever"] != name] + [row]
         write_json(path, found)
-    evaluation = Evaluation.read(results["evaluation"], out / "results.json")
-    run.write(results, evaluation, read_json(anchor_dir / HISTORY_FILE))
+    run.write(results, read_json(anchor_dir / HISTORY_FILE))
     return found
 
 
@@ -456,7 +464,7 @@ def rescore_run(
     device: torch.device,
     corpora_set: CorpusSet = DEMO,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> DemoResults:
     """Score a finished run's models again, as :func:`run_demo` scores them (every baseline and
     variant, the text that needs two experts, the cost per token), and rewrite its results and
     report; nothing is trained. For runs made before a row or a measure was added."""
@@ -472,7 +480,7 @@ def rescore_run(
     extra = {name: path for name, path in found.items() if path.is_dir()}
     package_dirs = [out / "experts" / d.name for d in corpora_set.owners]
     tuned = out / "merged-tuned"
-    every = results["settings"].get("ablations", False) or tuned.is_dir()  # as the run was made
+    every = results.settings.ablations or tuned.is_dir()  # as the run was made
     evaluation = run.evaluate(
         out / "anchor",
         package_dirs,
@@ -482,8 +490,8 @@ def rescore_run(
         tuned_dir=tuned if tuned.is_dir() else None,
         every_variant=every,
     )
-    results["evaluation"] = evaluation.model_dump(mode="json", exclude_unset=True)
-    run.write(results, evaluation, read_json(out / "anchor" / HISTORY_FILE))
+    results.evaluation = evaluation
+    run.write(results, read_json(out / "anchor" / HISTORY_FILE))
     return results
 
 
@@ -626,14 +634,10 @@ class _DemoRun:
         spent = time.perf_counter() - self.started - sum(self.stage_seconds.values())
         self.stage_seconds[name] = round(spent, 1)
 
-    def timing(self) -> dict[str, Any]:
-        return {
-            "seconds": round(time.perf_counter() - self.started, 1),
-            "stage_seconds": self.stage_seconds,
-            "device": str(self.device),
-        }
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
 
-    def tuned(self, anchor_dir: Path, merged_dir: Path) -> dict[str, Any]:
+    def tuned(self, anchor_dir: Path, merged_dir: Path) -> RouterTuning:
         """The paper's router tuning on the public documents the owners picked; its record."""
         tuned_dir, settings = self.out / "merged-tuned", self.settings
         self.log(
@@ -658,7 +662,7 @@ class _DemoRun:
 
     def opt_out_and_audit(
         self, anchor_dir: Path, package_dirs: list[Path], merged_dir: Path
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    ) -> tuple[OptOutRecord, AuditRecord]:
         """One owner opts out and back in; the extraction audit of the first owner's text."""
         corpora_set, settings = self.corpora_set, self.settings
         self.log(f"[5/6] the {corpora_set.opt_out} owner opts out, and back in")
@@ -682,40 +686,39 @@ class _DemoRun:
         self.stage("audit")
         return opt_out, audit
 
-    def write(
-        self, results: dict[str, Any], evaluation: Evaluation, history: list[dict[str, float]]
-    ) -> None:
+    def write(self, results: DemoResults, history: list[dict[str, float]]) -> None:
         """``results.json``, the plots and ``report.md``, each atomically."""
-        write_json(self.out / "results.json", results)
+        results.write(self.out / "results.json")
+        evaluation = results.evaluation
         for name, data in plot_files(evaluation).items():
             atomic_write_bytes(self.out / name, data)
-        curve = rounds_curve(results.get("federated"))
+        curve = results.federated.curve() if results.federated else []
         if curve:
             shown = [m for m in (FLEXMOE, BTM, FEDAVG) if m in evaluation.models]
             plot = rounds_plot(curve, {m: evaluation.average(m) for m in shown})
             atomic_write_bytes(self.out / ROUNDS_PLOT, plot)
-        report = demo_report(results, evaluation, history)
+        report = demo_report(results, history)
         if (self.out / LEVER_RESULTS).is_file():  # measured on this run's anchor
             report += "\n" + levers_section(read_json(self.out / LEVER_RESULTS), evaluation)
         if (self.out / DP_RESULTS).is_file():
             report += "\n" + privacy_section(self.out / DP_RESULTS)
         atomic_write_bytes(self.out / "report.md", report.encode())
         self.log(summary(evaluation))
-        self.log(f"report: {self.out / 'report.md'} ({results['seconds']:.0f} s)")
+        self.log(f"report: {self.out / 'report.md'} ({results.seconds:.0f} s)")
 
 
 def _expert_records(
     owners: tuple[DemoDomain, ...], package_dirs: list[Path], anchor: Anchor
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ExpertRecord]:
     """Each owner's expert as the results record it: owner, licence, training summary."""
-    experts: dict[str, dict[str, Any]] = {}
+    experts: dict[str, ExpertRecord] = {}
     for domain, package_dir in zip(owners, package_dirs, strict=True):
         owner_manifest = load_package(package_dir, anchor).manifest
-        experts[domain.name] = {
-            "owner": owner_manifest.owner,
-            "license": owner_manifest.license,
-            "training": owner_manifest.training.model_dump(),
-        }
+        experts[domain.name] = ExpertRecord(
+            owner=owner_manifest.owner,
+            license=owner_manifest.license,
+            training=owner_manifest.training,
+        )
     return experts
 
 
@@ -803,24 +806,24 @@ def _settings_record(
     *,
     quick: bool,
     ablations: bool,
-) -> dict[str, Any]:
+) -> RunSettings:
     """The settings a run used, as the results record them."""
-    return {
-        "corpora": corpora_set.name,
-        "quick": quick,
-        "ablations": ablations,
-        "vocab_size": settings.vocab_size,
-        "top_k": settings.top_k,
-        "eval_bytes_per_domain": settings.eval_bytes,
-        "audit": settings.audit.__dict__,
-        "anchor": settings.anchor.to_dict(),
-        "expert": settings.expert.to_dict(),
-        "unrestricted": joint.to_dict(),
-        "router_tuning": settings.tune.to_dict(),
-        "proxy_bytes_per_domain": settings.proxy_bytes,
-        "proxy_documents_per_owner": settings.proxy_documents,
-        "ceiling_steps": settings.ceiling_steps,
-    }
+    return RunSettings(
+        corpora=corpora_set.name,
+        quick=quick,
+        ablations=ablations,
+        vocab_size=settings.vocab_size,
+        top_k=settings.top_k,
+        eval_bytes_per_domain=settings.eval_bytes,
+        audit=settings.audit.__dict__,
+        anchor=settings.anchor.to_dict(),
+        expert=settings.expert.to_dict(),
+        unrestricted=joint.to_dict(),
+        router_tuning=settings.tune.to_dict(),
+        proxy_bytes_per_domain=settings.proxy_bytes,
+        proxy_documents_per_owner=settings.proxy_documents,
+        ceiling_steps=settings.ceiling_steps,
+    )
 
 
 def _expert_jobs(
@@ -926,7 +929,7 @@ def _tune_stage(
     settings: DemoSettings,
     device: torch.device,
     tokens: Path,
-) -> dict[str, Any]:
+) -> RouterTuning:
     """Router tuning the paper's way: each owner, at home, ranks the public corpus's training
     documents with its own classifier and sends only the hashes of the ``proxy_documents`` most
     like its data (``out/proxy/NAME.json``); the coordinator resolves them against its own
@@ -959,7 +962,7 @@ def _tune_on(
     settings: DemoSettings,
     device: torch.device,
     tokens: Path,
-) -> dict[str, Any]:
+) -> RouterTuning:
     """Tune only the router of ``merged_dir`` on ``proxy`` into ``tuned_dir``; its record."""
     result = tune_router(
         merged_dir,
@@ -970,7 +973,7 @@ def _tune_on(
         cache_dir=tokens,
         overwrite=True,
     )
-    return result.record.model_dump(mode="json")
+    return result.record
 
 
 def _jsonl_spec(path: Path, domain: str, docs: list[Document]) -> DataSpec:
@@ -986,7 +989,7 @@ def _owner_text_tune_stage(
     settings: DemoSettings,
     device: torch.device,
     tokens: Path,
-) -> dict[str, Any]:
+) -> RouterTuning:
     """An ablation that hands over owner text: a window of each of a few training documents per
     domain (never held-out text), written to ``out/proxy``; only the router rows train."""
     proxy = []
@@ -1058,7 +1061,7 @@ def _opt_out_stage(
     log: Callable[[str], None],
     opt_out: str = DEMO.opt_out,
     prompt: str = DEMO.opt_out_prompt,
-) -> dict[str, Any]:
+) -> OptOutRecord:
     """The owner opts out through the model's store: the loaded model's next generation and
     score no longer use the expert, exactly as a model merged without it; then back in."""
     model, tokenizer = load_merged(merged_dir), load_tokenizer(merged_dir)
@@ -1075,7 +1078,7 @@ def _opt_out_stage(
         )
         return score.bits_per_byte
 
-    def attribution(label: str) -> dict[str, Any]:
+    def attribution(label: str) -> Generation:
         result = generate(
             model,
             tokenizer,
@@ -1087,11 +1090,9 @@ def _opt_out_stage(
         )
         log(f"{label}: {prompt}{result.text}")
         log(format_attribution(result, slots))
-        return {
-            "text": result.text,
-            "prompt": result.prompt_shares,
-            "generated": result.generated_shares,
-        }
+        return Generation(
+            text=result.text, prompt=result.prompt_shares, generated=result.generated_shares
+        )
 
     before = attribution(f"generation with every expert ({opt_out} in)")
     store = StandingStore(merged_dir)
@@ -1112,16 +1113,16 @@ def _opt_out_stage(
     store.set(opt_out, opted_out=False, reason="demo: the owner returns", actor="demo")
     audit = [list(row) for row in store.audit()]
     store.close()
-    return {
-        "expert": opt_out,
-        "prompt": prompt,
-        "opted_out_bpb": opted_out,
-        "merged_without_bpb": without,
-        "bpb_difference_vs_merged_without": gap,
-        "generation_before": before,
-        "generation_after": after,
-        "audit": audit,
-    }
+    return OptOutRecord(
+        expert=opt_out,
+        prompt=prompt,
+        opted_out_bpb=opted_out,
+        merged_without_bpb=without,
+        bpb_difference_vs_merged_without=gap,
+        generation_before=before,
+        generation_after=after,
+        audit=audit,
+    )
 
 
 def _audit_stage(
@@ -1132,7 +1133,7 @@ def _audit_stage(
     settings: DemoSettings,
     device: torch.device,
     owner: str,
-) -> dict[str, Any]:
+) -> AuditRecord:
     """Extraction rates of the anchor, the owner's specialist and the merged model on the
     owner's training documents (the same passages for all three)."""
     anchor = load_anchor(anchor_dir)
@@ -1148,5 +1149,5 @@ def _audit_stage(
         result = audit_extraction(
             model, anchor.tokenizer, passages, settings.audit, name=name, device=device
         )
-        rows.append(asdict(result))
-    return {"domain": owner, "results": rows}
+        rows.append(result)
+    return AuditRecord(domain=owner, results=rows)

@@ -114,7 +114,7 @@ class ServerOptimizer:
         values = {k: float(v) for k, v in data.items() if k not in ("name", "decay_steps")}
         return cls(name, decay_steps=int(data.get("decay_steps", 0)), **values)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return {
             "name": self.name.value,
             "lr": self.lr,
