@@ -23,7 +23,8 @@ from flexmoe.data.packing import pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, build_trainable_moe, train_expert
 from flexmoe.expert.verify import verify_package
 from flexmoe.io import sha256_file
@@ -555,6 +556,6 @@ def test_an_expert_trains_against_frozen_rivals_at_the_merge_top_k(
         out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
         rivals=[package], rival_top_k=2, progress=False,
     )  # fmt: skip
-    found = manifest.training.hyperparameters
-    assert found["rivals"] == "secret" and found["rival_top_k"] == 2
+    assert [r.name for r in manifest.training.rivals] == ["secret"]
+    assert manifest.training.rival_top_k == 2
     assert verify_package(tmp_path / "p", anchor_dir)  # raises at a failed check

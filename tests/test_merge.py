@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.layout import SLOTS_FILE, load_merged
 from flexmoe.merge.plan import format_plan, plan_merge

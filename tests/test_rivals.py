@@ -16,8 +16,9 @@ from flexmoe.cli import main
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.manifest import MANIFEST_FILE, RIVALS_DIR
-from flexmoe.expert.package import build_specialist, load_package, rival_version
+from flexmoe.expert.package import load_package, rival_version
 from flexmoe.expert.rivals import resolve_rivals, shipped_rivals
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.merge.layout import read_slots
 from flexmoe.model.checkpoint import moe_layers
 
@@ -62,7 +63,7 @@ def test_rivals_split_the_public_text_and_ship_in_the_anchor(
         manifest = _manifest(package)
         assert manifest["owner"] == "coordinator" and manifest["license"] == "CC0-1.0"
         counts.append(int(manifest["description"].split("(")[1].split()[0]))
-        assert manifest["training"]["hyperparameters"]["rivals"] == ""  # not against each other
+        assert manifest["training"]["rivals"] == []  # not against each other
     assert sum(counts) == len(load_splits([public_spec]).train) and min(counts) > 0
 
 
@@ -107,16 +108,17 @@ def test_owners_train_against_the_shipped_rivals_unless_told_not_to(
              f"upper={corpus_dir / 'other.jsonl'}", "--owner", "org", "--license", "MIT", *TINY]  # fmt: skip
     code, said = _cli([*owner, "--out", str(tmp_path / "with")], capsys)
     assert code == 0, said
-    used = _manifest(tmp_path / "with")["training"]["hyperparameters"]
-    assert used["rivals"] == "public-0,public-1" and used["rival_top_k"] == 3
+    used = _manifest(tmp_path / "with")["training"]
     shipped = [(p / MANIFEST_FILE).read_bytes() for p in shipped_rivals(shipping)]
-    assert used["rival_manifests"] == ",".join(
-        rival_version(hashlib.sha256(raw).hexdigest()) for raw in shipped
-    )
+    assert used["rivals"] == [  # a typed list in the manifest: each rival's name and version
+        {"name": f"public-{i}", "version": rival_version(hashlib.sha256(raw).hexdigest())}
+        for i, raw in enumerate(shipped)
+    ]
+    assert used["rival_top_k"] == 3 and "rivals" not in used["hyperparameters"]
     code, said = _cli([*owner, "--out", str(tmp_path / "without"), "--no-rivals"], capsys)
     assert code == 0, said
-    used = _manifest(tmp_path / "without")["training"]["hyperparameters"]
-    assert used["rivals"] == "" and used["rival_top_k"] == 0
+    used = _manifest(tmp_path / "without")["training"]
+    assert used["rivals"] == [] and used["rival_top_k"] == 0
     code, said = _cli([*owner, "--out", str(tmp_path / "both"), "--no-rivals", "--rival",
                        str(shipped_rivals(shipping)[0])], capsys)  # fmt: skip
     assert code == 2 and said.strip() == "flexmoe: error: --no-rivals: contradicts --rival"
@@ -183,3 +185,30 @@ def test_owners_train_against_the_rivals_at_the_merges_top_k() -> None:
     from flexmoe.merge import DEFAULT_TOP_K
 
     assert RIVAL_TOP_K == DEFAULT_TOP_K
+
+
+def test_a_package_made_before_the_typed_list_reads_its_rivals_from_the_hyperparameters() -> None:
+    from flexmoe.expert.manifest import RivalUse, TrainingSummary
+
+    hyperparameters = {
+        "lr": 0.001,
+        "rivals": "public-0,public-1",
+        "rival_manifests": "0123456789abcdef",
+        "rival_top_k": 3,
+    }
+    older = {
+        "steps": 2,
+        "tokens": 64,
+        "final_train_loss": 5.0,
+        "final_val_loss": None,
+        "seed": 0,
+        "hyperparameters": hyperparameters,
+    }
+    summary = TrainingSummary.model_validate(older)
+    assert summary.rivals == [
+        RivalUse(name="public-0", version="0123456789abcdef"),
+        RivalUse(name="public-1", version=None),
+    ]
+    assert summary.rival_top_k == 3 and summary.hyperparameters == {"lr": 0.001}
+    none = TrainingSummary.model_validate({**older, "hyperparameters": {"rivals": ""}})
+    assert none.rivals == [] and none.rival_top_k == 0

@@ -63,3 +63,23 @@ def test_no_import_cycle_in_src() -> None:
 def test_the_cycle_check_finds_one() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# Modules that define a file format: they read, check and write it, and build no model.
+FORMAT_MODULES = ("flexmoe.expert.manifest", "flexmoe.expert.package", "flexmoe.merge.slots")
+MODEL_BUILDERS = {"flexmoe.model.checkpoint", "flexmoe.model.moe", "flexmoe.expert.specialist"}
+
+
+def test_a_file_format_module_builds_no_model() -> None:
+    modules = _modules()
+    for name in FORMAT_MODULES:
+        tree = ast.parse(modules[name].read_text(encoding="utf-8"))
+        imported = _imports(modules[name], modules)
+        assert not imported & MODEL_BUILDERS, f"{name} imports {imported & MODEL_BUILDERS}"
+        classes = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "transformers"
+            for alias in node.names
+        }
+        assert not {c for c in classes if c.endswith("ForCausalLM")}, name

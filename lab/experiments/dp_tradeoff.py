@@ -28,8 +28,9 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split, load_splits
 from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.specialist import evaluate_specialist
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
 from flexmoe.expert.private import PrivacySettings
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.expert.train import ExpertIdentity, train_expert
 from flexmoe.io import write_json
 from flexmoe_lab.corpora import corpora_dir, corpus_set

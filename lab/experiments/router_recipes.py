@@ -50,7 +50,8 @@ from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.evaluate.perplexity import eval_documents, evaluate_loaded
 from flexmoe.evaluate.routing import routing_matrix
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.merge.layout import load_merged
 from flexmoe.model.checkpoint import moe_layers
 from flexmoe_lab.corpora import corpora_dir, corpus_set

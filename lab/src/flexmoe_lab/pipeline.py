@@ -46,10 +46,11 @@ from flexmoe.evaluate.registry import (
 )
 from flexmoe.evaluate.suite import run_suite
 from flexmoe.expert.manifest import RIVALS_DIR, read_manifest
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
 from flexmoe.expert.proxies import choose_proxies, read_proxies, resolve_proxies, write_proxies
 from flexmoe.expert.rival_training import public_clusters, train_rivals, write_clusters
 from flexmoe.expert.rivals import RIVAL_OWNER, rival_name, shipped_rivals
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.inference.generate import format_attribution, generate
 from flexmoe.inference.selection import Selection, current_mask, set_expert_mask
 from flexmoe.io import atomic_write_bytes, read_json, write_json

@@ -293,7 +293,8 @@ def audit_extraction_cmd(
     ]
     if specialist and anchor is not None:
         from flexmoe.anchor import load_anchor
-        from flexmoe.expert.package import build_specialist, load_package
+        from flexmoe.expert.package import load_package
+        from flexmoe.expert.specialist import build_specialist
 
         base = load_anchor(anchor)
         for package_dir in specialist:

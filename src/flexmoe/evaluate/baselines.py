@@ -44,7 +44,8 @@ from flexmoe.evaluate.registry import (
     specialist,
 )
 from flexmoe.expert.manifest import PKG_PROJ, PKG_ROUTER
-from flexmoe.expert.package import ExpertPackage, build_specialist
+from flexmoe.expert.package import ExpertPackage
+from flexmoe.expert.specialist import build_specialist
 from flexmoe.inference.selection import Selection, load_selected
 from flexmoe.merge.layout import APPLY_BIAS
 from flexmoe.model import names

@@ -12,7 +12,8 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.data.split import Split
 from flexmoe.evaluate.perplexity import DomainScore, evaluate_loaded
-from flexmoe.expert.package import build_specialist, load_package
+from flexmoe.expert.package import load_package
+from flexmoe.expert.specialist import build_specialist
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.identity import as_field, check_license, check_name, check_owner
@@ -44,6 +44,17 @@ Dim = Annotated[int, Field(ge=1, le=1 << 20)]
 Short = Annotated[str, Field(max_length=200)]
 
 
+class RivalUse(BaseModel):
+    """One of the coordinator's rival experts an expert was trained against: its name and
+    version (the first 16 hex digits of the sha256 of its manifest; None in packages made
+    before versions were recorded)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Short
+    version: Annotated[str, Field(pattern="^[0-9a-f]{16}$")] | None = None
+
+
 class TrainingSummary(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,6 +65,29 @@ class TrainingSummary(BaseModel):
     seed: Count
     hyperparameters: Annotated[dict[Short, float | int | Short | bool | None], Field(max_length=64)]
     privacy: PrivacyRecord | None = None  # DP-SGD: the accountant's epsilon and its terms
+    rivals: Annotated[list[RivalUse], Field(max_length=64)] = []  # trained against these ...
+    rival_top_k: Annotated[int, Field(ge=0, le=1024)] = 0  # ... at this top-k (0: no rivals)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rivals_from_hyperparameters(cls, data: object) -> object:
+        """Packages made before the typed list kept the rivals in the hyperparameters as
+        comma-joined strings ("rivals", "rival_manifests", "rival_top_k"): read them as the
+        list (the manifest's bytes, and so its hash and signature, stay as they are)."""
+        if not isinstance(data, dict) or "rivals" in data:
+            return data
+        hyper = data.get("hyperparameters")
+        if not isinstance(hyper, dict) or "rivals" not in hyper:
+            return data
+        hyper = dict(hyper)
+        names = [n for n in str(hyper.pop("rivals") or "").split(",") if n]
+        versions = [v for v in str(hyper.pop("rival_manifests", "") or "").split(",") if v]
+        top_k = hyper.pop("rival_top_k", 0)
+        rivals = [
+            {"name": name, "version": versions[i] if i < len(versions) else None}
+            for i, name in enumerate(names)
+        ]
+        return {**data, "hyperparameters": hyper, "rivals": rivals, "rival_top_k": top_k or 0}
 
     @classmethod
     def of(
@@ -62,8 +96,10 @@ class TrainingSummary(BaseModel):
         seed: int,
         hyperparameters: dict[str, float | int | str | bool | None],
         privacy: PrivacyRecord | None = None,
+        rivals: tuple[list[RivalUse], int] = ([], 0),
     ) -> TrainingSummary:
-        """The summary of a training run's result."""
+        """The summary of a training run's result; ``rivals``: those it trained against and
+        the top-k it trained at."""
         return cls(
             steps=result.steps,
             tokens=result.tokens,
@@ -72,6 +108,8 @@ class TrainingSummary(BaseModel):
             seed=seed,
             hyperparameters=hyperparameters,
             privacy=privacy,
+            rivals=rivals[0],
+            rival_top_k=rivals[1],
         )
 
 

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import FlexOlmoForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
-from flexmoe.anchor import Anchor, AnchorInfo, weight_sample
+from flexmoe.anchor import AnchorInfo, weight_sample
 from flexmoe.device import DTYPES, dtype_name
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.manifest import (  # the format, re-exported where it was first defined
@@ -28,7 +28,6 @@ from flexmoe.expert.manifest import (  # the format, re-exported where it was fi
     PKG_BIAS,
     PKG_PROJ,
     PKG_ROUTER,
-    RIVALS_DIR,
     TENSORS_FILE,
     ExpertManifest,
     ExpertShapes,
@@ -45,7 +44,6 @@ from flexmoe.expert.signing import (
 )
 from flexmoe.io import read_bounded, sha256_file, write_json
 from flexmoe.model import names
-from flexmoe.model.checkpoint import moe_layers, upcycle
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -316,60 +314,18 @@ def rival_versions(paths: Sequence[Path]) -> dict[str, str]:
 def rival_mismatch(manifest: ExpertManifest, shipped: Mapping[str, str]) -> str | None:
     """Why the expert of ``manifest`` was not trained against the rivals ``shipped`` (name to
     version), or None."""
-    used = manifest.training.hyperparameters
-    names = [n for n in str(used.get("rivals") or "").split(",") if n]
-    versions = [v for v in str(used.get("rival_manifests") or "").split(",") if v]
+    used = manifest.training.rivals
+    names = [r.name for r in used]
     if sorted(names) != sorted(shipped):
         return (
             f"trained against rivals [{', '.join(names)}], the anchor ships [{', '.join(shipped)}]"
         )
-    for name, version in zip(names, versions, strict=False):  # older packages record none
-        if shipped[name] != version:
-            return f"trained against another version of the rival {name!r} than the anchor ships"
-    return None
-
-
-def trained_rivals(anchor: Anchor, package: ExpertPackage) -> list[ExpertPackage]:
-    """The coordinator's rival packages ``package`` was trained against (its manifest names
-    them and their versions), read from the anchor's ``rivals/`` folder."""
-    named = str(package.manifest.training.hyperparameters.get("rivals") or "")
-    paths = [Path(anchor.path) / RIVALS_DIR / name for name in filter(None, named.split(","))]
-    for path in paths:
-        if not (path / MANIFEST_FILE).is_file():
-            raise FlexMoEError(
-                package.path,
-                f"trained against the rival {path.name!r}, which the anchor does not ship",
+    for rival in used:  # older packages record no version
+        if rival.version is not None and shipped[rival.name] != rival.version:
+            return (
+                f"trained against another version of the rival {rival.name!r} than the anchor ships"
             )
-    rivals = [load_package(path, anchor) for path in paths]
-    versions = {r.manifest.name: rival_version(r.manifest_sha256) for r in rivals}
-    why = rival_mismatch(package.manifest, versions) if rivals else None
-    if why is not None:
-        raise FlexMoEError(package.path, why)
-    return rivals
-
-
-def build_specialist(
-    anchor: Anchor, package: ExpertPackage, *, use_bias: bool = True
-) -> FlexOlmoForCausalLM:
-    """The owner's model as it was trained: the anchor (slot 0) plus this expert (slot 1),
-    top-2 of 2; or, for an expert trained against the coordinator's rivals, those as slots
-    2.. at the top-k it was trained at."""
-    rivals = trained_rivals(anchor, package)
-    count = 2 + len(rivals)
-    trained_k = int(package.manifest.training.hyperparameters.get("rival_top_k") or 2)
-    model = upcycle(anchor.model, num_experts=count, top_k=min(count, max(2, trained_k)))
-    with torch.no_grad():
-        for layer, moe in enumerate(moe_layers(model)):
-            moe.use_bias = use_bias
-            moe.router.rows[0].copy_(anchor.public_router[layer])
-            for slot, member in enumerate([package, *rivals], start=1):
-                moe.router.rows[slot].copy_(member.tensors[PKG_ROUTER.format(layer=layer)])
-                moe.router.biases[slot - 1].copy_(member.tensors[PKG_BIAS.format(layer=layer)])
-                for proj in names.PROJECTIONS:
-                    getattr(moe.experts[slot], proj).weight.copy_(
-                        member.tensors[PKG_PROJ.format(layer=layer, proj=proj)]
-                    )
-    return model.eval()
+    return None
 
 
 def sign_package(package_dir: Path, key: Ed25519PrivateKey) -> Signature:

@@ -38,6 +38,7 @@ from flexmoe.expert.manifest import (
     TENSORS_FILE,
     ExpertManifest,
     ExpertShapes,
+    RivalUse,
     RouterInitRecord,
     TrainingSummary,
     read_manifest,
@@ -447,12 +448,14 @@ def train_expert(
             "public_sample": public_sample.value,
             "stay_close": stay_close,
             "router_objective": router_objective_weight,
-            "rivals": ",".join(r.manifest.name for r in rival_packages),
-            "rival_manifests": ",".join(rival_version(r.manifest_sha256) for r in rival_packages),
-            "rival_top_k": rival_top_k if rival_packages else 0,
         }
         privacy = mode.record if mode else None
-        summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy)
+        used = [
+            RivalUse(name=r.manifest.name, version=rival_version(r.manifest_sha256))
+            for r in rival_packages
+        ]
+        rivals = (used, rival_top_k if used else 0)
+        summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy, rivals)
         return write_package(
             out,
             model=model,
