@@ -38,8 +38,8 @@ $(COMPAT)/.installed: $(VENV)/.installed
 	touch $@
 
 check: install
-	$(VENV)/bin/ruff check src lab tests benchmarks
-	$(VENV)/bin/ruff format --check src lab tests benchmarks
+	$(VENV)/bin/ruff check src lab tests benchmarks docs/examples
+	$(VENV)/bin/ruff format --check src lab tests benchmarks docs/examples
 	$(VENV)/bin/mypy src lab/src
 	@# The formatter decides layout in the library: no line may opt out of it.
 	@if grep -rn "fmt: skip" src lab; then echo "src, lab: remove the '# fmt: skip' above"; exit 1; fi

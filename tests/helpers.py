@@ -43,7 +43,8 @@ def train_packages(
     import torch
 
     from flexmoe.data.documents import DataSpec
-    from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+    from flexmoe.expert.spec import ExpertIdentity, ExpertSpec
+    from flexmoe.expert.train import EXPERT_DEFAULTS, train_expert
 
     cfg = replace(EXPERT_DEFAULTS, steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1,
                   eval_every=0, checkpoint_every=0)  # fmt: skip
@@ -53,10 +54,17 @@ def train_packages(
         ("again", corpus_dir / "public.jsonl", licenses[1], owners[1]),
     ):
         train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec(name, (str(files),))],
-            identity=ExpertIdentity(name=name, owner=owner, license=license_id),
-            out=root / name, cfg=cfg, device=torch.device("cpu"), cache_dir=None, progress=False,
-        )  # fmt: skip
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec(name, (str(files),))],
+                identity=ExpertIdentity(name=name, owner=owner, license=license_id),
+                schedule=cfg,
+            ),
+            out=root / name,
+            device=torch.device("cpu"),
+            cache_dir=None,
+            progress=False,
+        )
         out.append(root / name)
     return out
 

@@ -24,7 +24,8 @@ from flexmoe.evaluate.perplexity import DocumentRouted, eval_documents, evaluate
 from flexmoe.evaluate.registry import Variant
 from flexmoe.expert.manifest import PKG_PROJ
 from flexmoe.expert.package import load_package
-from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec
+from flexmoe.expert.train import EXPERT_DEFAULTS, train_expert
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
 
@@ -40,10 +41,17 @@ def package_dirs(
                   eval_every=0, checkpoint_every=0)  # fmt: skip
     for name, files in (("upper", "other.jsonl"), ("again", "public.jsonl")):
         train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec(name, (str(corpus_dir / files),))],
-            identity=ExpertIdentity(name=name, owner=f"{name} org", license="MIT"),
-            out=root / name, cfg=cfg, device=CPU, cache_dir=None, progress=False,
-        )  # fmt: skip
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec(name, (str(corpus_dir / files),))],
+                identity=ExpertIdentity(name=name, owner=f"{name} org", license="MIT"),
+                schedule=cfg,
+            ),
+            out=root / name,
+            device=CPU,
+            cache_dir=None,
+            progress=False,
+        )
     return [root / "upper", root / "again"]
 
 

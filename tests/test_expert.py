@@ -24,8 +24,16 @@ from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.expert.package import load_package
+from flexmoe.expert.spec import (
+    ExpertIdentity,
+    ExpertSpec,
+    Objectives,
+    PublicSample,
+    PublicShare,
+    Rivals,
+)
 from flexmoe.expert.specialist import build_specialist
-from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, build_trainable_moe, train_expert
+from flexmoe.expert.train import EXPERT_DEFAULTS, build_trainable_moe, train_expert
 from flexmoe.expert.verify import verify_package
 from flexmoe.io import sha256_file
 from flexmoe.model.checkpoint import moe_layers
@@ -67,10 +75,18 @@ def package(
 ) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "secret-expert"
     train_expert(
-        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
-        identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
-        out=out, cfg=CFG, device=CPU, cache_dir=None, public_data=[public_spec], progress=False,
-    )  # fmt: skip
+        ExpertSpec(
+            anchor=anchor_dir,
+            data=[DataSpec("secret", (str(owner_dir),))],
+            identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
+            schedule=CFG,
+            public=PublicShare(data=[public_spec]),
+        ),
+        out=out,
+        device=CPU,
+        cache_dir=None,
+        progress=False,
+    )
     return out
 
 
@@ -262,11 +278,13 @@ def test_bad_inputs(anchor_dir: Path, tmp_path: Path, owner_dir: Path) -> None:
     short = write_jsonl(tmp_path / "short.jsonl", ["tiny text"])
     with pytest.raises(FlexMoEError, match="shorter than one block"):
         train_expert(
-            anchor_dir=anchor_dir,
-            data=[DataSpec("x", (str(short),))],
-            identity=identity,
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec("x", (str(short),))],
+                identity=identity,
+                schedule=CFG,
+            ),
             out=tmp_path / "p",
-            cfg=CFG,
             device=CPU,
             cache_dir=None,
             progress=False,
@@ -274,11 +292,13 @@ def test_bad_inputs(anchor_dir: Path, tmp_path: Path, owner_dir: Path) -> None:
     (tmp_path / "plain").mkdir()
     with pytest.raises(FlexMoEError, match=r"no config.json|not a flexmoe anchor"):
         train_expert(
-            anchor_dir=tmp_path / "plain",
-            data=[DataSpec("x", (str(owner_dir),))],
-            identity=identity,
+            ExpertSpec(
+                anchor=tmp_path / "plain",
+                data=[DataSpec("x", (str(owner_dir),))],
+                identity=identity,
+                schedule=CFG,
+            ),
             out=tmp_path / "p",
-            cfg=CFG,
             device=CPU,
             cache_dir=None,
             progress=False,
@@ -463,15 +483,22 @@ def test_closeness_penalty_is_zero_at_the_copy_and_pulls_back(anchor_dir: Path) 
 def test_owner_levers_are_recorded_in_the_package(
     anchor_dir: Path, owner_dir: Path, public_spec: DataSpec, tmp_path: Path
 ) -> None:
-    from flexmoe.expert.train import PublicSample
 
     cfg = replace(CFG, steps=2, eval_every=0)
     manifest, _ = train_expert(
-        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
-        identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
-        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
-        public_sample=PublicSample.SPREAD, stay_close=0.5, progress=False,
-    )  # fmt: skip
+        ExpertSpec(
+            anchor=anchor_dir,
+            data=[DataSpec("secret", (str(owner_dir),))],
+            identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
+            schedule=cfg,
+            public=PublicShare(data=[public_spec], sample=PublicSample.SPREAD),
+            objectives=Objectives(stay_close=0.5),
+        ),
+        out=tmp_path / "p",
+        device=CPU,
+        cache_dir=None,
+        progress=False,
+    )
     found = manifest.training.hyperparameters
     assert found["public_sample"] == "spread" and found["stay_close"] == 0.5
     for flag, message in (
@@ -514,24 +541,50 @@ def test_router_objective_labels_the_owners_tokens_and_trains_the_margin(
     cfg = replace(CFG, steps=2, eval_every=0)
     identity = ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0")
     manifest, _ = train_expert(
-        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))], identity=identity,
-        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
-        router_objective_weight=0.5, progress=False,
-    )  # fmt: skip
+        ExpertSpec(
+            anchor=anchor_dir,
+            data=[DataSpec("secret", (str(owner_dir),))],
+            identity=identity,
+            schedule=cfg,
+            public=PublicShare(data=[public_spec]),
+            objectives=Objectives(router=0.5),
+        ),
+        out=tmp_path / "p",
+        device=CPU,
+        cache_dir=None,
+        progress=False,
+    )
     assert manifest.training.hyperparameters["router_objective"] == 0.5
     with pytest.raises(FlexMoEError, match="--router-objective: cannot be used with no public"):
         train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
-            identity=identity, out=tmp_path / "q", cfg=cfg, device=CPU, cache_dir=None,
-            router_objective_weight=0.5, progress=False,
-        )  # fmt: skip
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec("secret", (str(owner_dir),))],
+                identity=identity,
+                schedule=cfg,
+                objectives=Objectives(router=0.5),
+            ),
+            out=tmp_path / "q",
+            device=CPU,
+            cache_dir=None,
+            progress=False,
+        )
     # By default it is on where public text is mixed in, and off (not refused) where none is.
     for public, weight in (([public_spec], ROUTER_OBJECTIVE), (None, 0.0)):
         manifest, _ = train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
-            identity=identity, out=tmp_path / "d", cfg=cfg, device=CPU, cache_dir=None,
-            public_data=public, overwrite=True, progress=False,
-        )  # fmt: skip
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec("secret", (str(owner_dir),))],
+                identity=identity,
+                schedule=cfg,
+                public=PublicShare(data=public or ()),
+            ),
+            out=tmp_path / "d",
+            device=CPU,
+            cache_dir=None,
+            overwrite=True,
+            progress=False,
+        )
         assert manifest.training.hyperparameters["router_objective"] == weight
 
 
@@ -551,11 +604,19 @@ def test_an_expert_trains_against_frozen_rivals_at_the_merge_top_k(
     assert all(".experts.1." in n or "rows.1" in n or "biases.0" in n for n in trainable)
     cfg = replace(CFG, steps=2, eval_every=0)
     manifest, _ = train_expert(
-        anchor_dir=anchor_dir, data=[DataSpec("secret", (str(owner_dir),))],
-        identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
-        out=tmp_path / "p", cfg=cfg, device=CPU, cache_dir=None, public_data=[public_spec],
-        rivals=[package], rival_top_k=2, progress=False,
-    )  # fmt: skip
+        ExpertSpec(
+            anchor=anchor_dir,
+            data=[DataSpec("secret", (str(owner_dir),))],
+            identity=ExpertIdentity(name="secret", owner="Owner Org", license="CC-BY-4.0"),
+            schedule=cfg,
+            public=PublicShare(data=[public_spec]),
+            rivals=Rivals(packages=[package], top_k=2),
+        ),
+        out=tmp_path / "p",
+        device=CPU,
+        cache_dir=None,
+        progress=False,
+    )
     assert [r.name for r in manifest.training.rivals] == ["secret"]
     assert manifest.training.rival_top_k == 2
     assert verify_package(tmp_path / "p", anchor_dir)  # raises at a failed check

@@ -16,6 +16,7 @@ from flexmoe.anchor import load_anchor
 from flexmoe.data.documents import DataSpec
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.package import load_package
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec
 from flexmoe.expert.specialist import build_specialist
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.layout import SLOTS_FILE, load_merged
@@ -727,7 +728,7 @@ def test_merge_add_replace_swaps_in_a_newer_version_of_the_same_owner(
     import shutil
     from dataclasses import replace
 
-    from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+    from flexmoe.expert.train import EXPERT_DEFAULTS, train_expert
     from flexmoe.merge.edit import add_expert
     from flexmoe.merge.standing import StandingStore, standing_exclusions
 
@@ -736,10 +737,17 @@ def test_merge_add_replace_swaps_in_a_newer_version_of_the_same_owner(
     newer, impostor = tmp_path / "upper-v2", tmp_path / "upper-other-owner"
     for out, owner in ((newer, "upper org"), (impostor, "someone else")):
         train_expert(
-            anchor_dir=anchor_dir, data=[DataSpec("upper", (str(corpus_dir / "other.jsonl"),))],
-            identity=ExpertIdentity(name="upper", owner=owner, license="MIT"), out=out, cfg=cfg,
-            device=CPU, cache_dir=None, progress=False,
-        )  # fmt: skip
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[DataSpec("upper", (str(corpus_dir / "other.jsonl"),))],
+                identity=ExpertIdentity(name="upper", owner=owner, license="MIT"),
+                schedule=cfg,
+            ),
+            out=out,
+            device=CPU,
+            cache_dir=None,
+            progress=False,
+        )
     model = tmp_path / "model"
     shutil.copytree(merged, model)
     with StandingStore(model) as store:

@@ -87,11 +87,11 @@ def test_rivals_are_not_replaced_without_force_and_a_failure_leaves_none(
     shutil.copytree(anchor_dir, fresh)
     real, calls = train.train_expert, []
 
-    def second_fails(**kwargs):  # type: ignore[no-untyped-def]
-        calls.append(kwargs["identity"].name)
+    def second_fails(spec, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(spec.identity.name)
         if len(calls) == 2:
             raise FlexMoEError("public-1", "disk full")
-        return real(**kwargs)
+        return real(spec, **kwargs)
 
     monkeypatch.setattr(train, "train_expert", second_fails)
     code, said = _cli(["anchor", "rivals", "--anchor", str(fresh), "--license", "MIT", *TINY],

@@ -24,7 +24,8 @@ from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
 from flexmoe.expert.package import load_package
 from flexmoe.expert.registry import KeyRegistry
 from flexmoe.expert.signing import PASSPHRASE_ENV, SIGNATURE_FILE, read_private_key
-from flexmoe.expert.train import EXPERT_DEFAULTS, ExpertIdentity, train_expert
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec
+from flexmoe.expert.train import EXPERT_DEFAULTS, train_expert
 from flexmoe.io import read_json
 from flexmoe.merge.layout import SLOTS_FILE
 
@@ -225,11 +226,18 @@ def test_expert_train_signs_its_package(
                   eval_every=0, checkpoint_every=0)  # fmt: skip
     out = tmp_path / "pkg"
     train_expert(
-        anchor_dir=anchor_dir, data=[DataSpec("upper", (str(corpus_dir / "other.jsonl"),))],
-        identity=ExpertIdentity(name="upper", owner="upper org", license="MIT"), out=out,
-        cfg=cfg, device=torch.device("cpu"), cache_dir=None, progress=False,
+        ExpertSpec(
+            anchor=anchor_dir,
+            data=[DataSpec("upper", (str(corpus_dir / "other.jsonl"),))],
+            identity=ExpertIdentity(name="upper", owner="upper org", license="MIT"),
+            schedule=cfg,
+        ),
+        out=out,
+        device=torch.device("cpu"),
+        cache_dir=None,
+        progress=False,
         signing_key=keys["upper org"],
-    )  # fmt: skip
+    )
     registry = _registry(tmp_path, keys, "upper org")
     with KeyRegistry(registry) as reg:
         package = load_package(out, registry=reg)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from helpers import ADMIN, live
 
+from flexmoe.expert.spec import ExpertIdentity
 from flexmoe.merge.standing import StandingStore
 from flexmoe.serve.auth import OwnerTokens
 from flexmoe.serve.ledger import Ledger
@@ -168,7 +169,6 @@ def test_an_expert_name_cannot_carry_markup_into_the_page(name: str) -> None:
     """Names are checked when a package is made, so markup never reaches a slot; owners may
     hold it (the pages escape it: the tests above and the browser tests)."""
     from flexmoe.errors import FlexMoEError
-    from flexmoe.expert.train import ExpertIdentity
 
     with pytest.raises(FlexMoEError, match=r"use ASCII letters|path separators"):
         ExpertIdentity(name=name, owner="an owner", license="MIT")

@@ -81,6 +81,13 @@ def test_expert_takes_domain_files_and_the_anchors_public_corpus(
                             "--no-public-data"), capsys)  # fmt: skip
     assert code == 0
     assert load_package(tmp_path / "b").manifest.training.hyperparameters["public_fraction"] == 0
+    # The options become one typed spec; a part that does not fit is one line naming it.
+    args = expert(
+        anchor_dir, tmp_path / "c", "--data", f"upper={upper}", "--public-fraction", "1.5"
+    )
+    code, _, err = cli(args, capsys)
+    assert code == 2 and not (tmp_path / "c").exists()
+    assert err.strip() == "flexmoe: error: public.fraction: Input should be less than 1"
 
 
 def test_public_data_takes_comma_lists_and_warns_of_another_corpus(

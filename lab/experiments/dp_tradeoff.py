@@ -30,8 +30,9 @@ from flexmoe.evaluate.extraction import audit_extraction, sample_passages
 from flexmoe.evaluate.specialist import evaluate_specialist
 from flexmoe.expert.package import load_package
 from flexmoe.expert.private import PrivacySettings
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec, PublicShare
 from flexmoe.expert.specialist import build_specialist
-from flexmoe.expert.train import ExpertIdentity, train_expert
+from flexmoe.expert.train import train_expert
 from flexmoe.io import write_json
 from flexmoe_lab.corpora import corpora_dir, corpus_set
 from flexmoe_lab.report import DP_RESULTS as RESULTS
@@ -70,17 +71,19 @@ def main() -> None:
         out = args.run / "dp" / ("none" if epsilon is None else f"eps-{epsilon:g}")
         start = time.perf_counter()
         manifest, result = train_expert(
-            anchor_dir=anchor_dir,
-            data=[own],
+            ExpertSpec(
+                anchor=anchor_dir,
+                data=[own],
+                schedule=cfg,
+                identity=ExpertIdentity(name=domain, owner=f"{domain} owner", license="MIT"),
+                privacy=privacy,
+                public=PublicShare(data=[public]),
+            ),
             out=out,
-            cfg=cfg,
             device=torch.device("cpu"),
-            identity=ExpertIdentity(name=domain, owner=f"{domain} owner", license="MIT"),
             cache_dir=tokens_cache,
-            public_data=[public],
             overwrite=True,
             progress=False,
-            privacy=privacy,
         )
         wall = time.perf_counter() - start
         scores = evaluate_specialist(

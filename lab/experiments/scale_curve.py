@@ -20,7 +20,8 @@ import torch
 
 from flexmoe.data.documents import DataSpec
 from flexmoe.evaluate.suite import run_suite
-from flexmoe.expert.train import ExpertIdentity, train_expert
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec, PublicShare
+from flexmoe.expert.train import train_expert
 from flexmoe.merge.build import build_merged
 from flexmoe.merge.plan import plan_merge
 from flexmoe_lab.corpora import corpora_dir, corpus_set
@@ -66,15 +67,18 @@ def main() -> None:
         for owner in corpora.owners:
             package = root / "experts" / owner.name
             train_expert(
-                anchor_dir=anchor_dir,
-                data=[specs[owner.name]],
+                ExpertSpec(
+                    anchor=anchor_dir,
+                    data=[specs[owner.name]],
+                    schedule=cfg,
+                    identity=ExpertIdentity(owner.name, owner.owner, owner.license),
+                    public=PublicShare(
+                        data=[specs[corpora.public.name]], fraction=args.public_fraction
+                    ),
+                ),
                 out=package,
-                cfg=cfg,
-                identity=ExpertIdentity(owner.name, owner.owner, owner.license),
                 device=device,
                 cache_dir=tokens,
-                public_data=[specs[corpora.public.name]],
-                public_fraction=args.public_fraction,
                 overwrite=True,
                 progress=False,
             )

@@ -278,7 +278,7 @@ def train_anchor(
     splits = load_splits(data)
     if not splits.train:
         raise FlexMoEError(",".join(p for s in data for p in s.paths), "no training documents")
-    job = TrainingJob(out, cfg, device, "anchor", resume, progress, log_dir)
+    job = TrainingJob(out, cfg, device, "anchor", resume=resume, progress=progress, log_dir=log_dir)
     info = job.start()
     tokenizer_dir = tokenizer_dir or job.work / "tokenizer"
     if info.is_main:  # one process prepares the tokenizer and the token cache; the rest reuse them

@@ -22,6 +22,8 @@ from flexmoe.io import read_bounded
 from flexmoe.training.config import TrainConfig
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from flexmoe.expert.registry import KeyRegistry
 
 QUIET = {"on": False}
@@ -135,6 +137,22 @@ def open_registry(path: Path | None) -> Iterator[KeyRegistry | None]:
 
     with KeyRegistry(path) as registry:
         yield registry
+
+
+M = TypeVar("M", bound="BaseModel")
+
+
+def as_spec(kind: type[M], **parts: object) -> M:
+    """The typed spec ``kind`` built from a command's options; a part that does not fit is
+    one line naming it (``public.fraction: Input should be less than 1``)."""
+    from pydantic import ValidationError
+
+    try:
+        return kind.model_validate(parts)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise FlexMoEError(where or kind.__name__, error["msg"]) from None
 
 
 def say(line: str) -> None:

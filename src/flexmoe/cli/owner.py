@@ -25,6 +25,7 @@ from flexmoe.cli.common import (
     SigningKeyOpt,
     StoredDtypeOpt,
     TextFieldOpt,
+    as_spec,
     data_specs,
     emit,
     token_cache,
@@ -371,12 +372,13 @@ def expert_train(
     from dataclasses import replace
 
     from flexmoe.device import pick_device
+    from flexmoe.expert import spec as parts
     from flexmoe.expert.private import PrivacySettings
-    from flexmoe.expert.train import ExpertIdentity, PublicSample, train_expert
+    from flexmoe.expert.train import train_expert
     from flexmoe.router_init import parse_method
 
-    name, spec = _owner_data(data, name, text_field, id_field)
-    if public_sample not in PublicSample._value2member_map_:
+    name, owned = _owner_data(data, name, text_field, id_field)
+    if public_sample not in parts.PublicSample._value2member_map_:
         raise FlexMoEError("--public-sample", f"choose prefix or spread, not {public_sample!r}")
     for option, value in (("--stay-close", stay_close), ("--router-objective", router_objective)):
         if value is not None and value < 0:
@@ -385,33 +387,32 @@ def expert_train(
         raise FlexMoEError("--no-public-data", "contradicts --public-data")
     if rival and no_rivals:
         raise FlexMoEError("--no-rivals", "contradicts --rival")
-    public = None if no_public_data else public_specs(anchor, public_data, text_field, id_field)
-    identity = ExpertIdentity(name=name, owner=owner, license=license, description=description)
-    privacy = None if dp_epsilon is None else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm)
+    public = () if no_public_data else public_specs(anchor, public_data, text_field, id_field)
     if tokens is not None:
         steps = max(1, -(-tokens // (training.batch_size * training.seq_len)))  # ceil
         training = replace(training, steps=steps)
+    spec = as_spec(
+        parts.ExpertSpec,
+        anchor=anchor,
+        data=(owned,),
+        identity=parts.ExpertIdentity(name, owner, license, description),
+        schedule=training,
+        public={"data": public or (), "fraction": public_fraction, "sample": public_sample},
+        rivals={"packages": () if no_rivals else rival, "top_k": rival_top_k},
+        objectives={"stay_close": stay_close, "router": router_objective},
+        router={"method": parse_method(router_init), "embedder": embedder},
+        privacy=None
+        if dp_epsilon is None
+        else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm),
+    )
     manifest, result = train_expert(
-        anchor_dir=anchor,
-        data=[spec],
-        identity=identity,
+        spec,
         out=out,
-        cfg=training,
         device=pick_device(device),
         cache_dir=token_cache(cache_dir),
-        router_init=parse_method(router_init),
-        embedder=embedder,
-        public_data=public,
-        public_fraction=public_fraction,
-        public_sample=PublicSample(public_sample),
-        stay_close=stay_close,
-        router_objective_weight=router_objective,
-        rivals=[] if no_rivals else rival,
-        rival_top_k=rival_top_k,
         resume=resume,
         overwrite=force,
         signing_key=signing_key,
-        privacy=privacy,
         log_dir=log_dir,
     )
     spent = manifest.training.privacy

@@ -15,7 +15,8 @@ from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
 from flexmoe.expert.manifest import RIVALS_DIR, ExpertManifest
 from flexmoe.expert.rivals import RIVAL_OWNER, rival_name
-from flexmoe.expert.train import ExpertIdentity, train_expert
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec, PublicShare, Rivals
+from flexmoe.expert.train import train_expert
 from flexmoe.io import atomic_directory
 from flexmoe.model.probe import document_ffn_inputs
 from flexmoe.training.config import TrainConfig
@@ -98,16 +99,19 @@ def train_rivals(
                 license=license,
                 description=f"public text, cluster {i + 1} of {count} ({len(parts[i])} documents)",
             )
-            manifest, _ = train_expert(
-                anchor_dir=anchor_dir,
-                data=[spec],
+            rival = ExpertSpec(
+                anchor=anchor_dir,
+                data=(spec,),
                 identity=identity,
+                schedule=cfg,
+                public=PublicShare(data=tuple(public)),
+                rivals=Rivals(packages=()),  # not against each other
+            )
+            manifest, _ = train_expert(
+                rival,
                 out=tmp / spec.domain,
-                cfg=cfg,
                 device=device,
                 cache_dir=cache_dir,
-                public_data=public,
-                rivals=(),
                 progress=progress,
                 signing_key=signing_key,
             )

@@ -10,10 +10,10 @@ construction, so after training it is bit-identical to the anchor (checked befor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from flexmoe.data.documents import DataSpec
 from flexmoe.data.packing import TokenStream, mix_streams, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.errors import FlexMoEError
-from flexmoe.expert.identity import check_license, check_name, check_owner
 from flexmoe.expert.manifest import (
     MANIFEST_FILE,
     PKG_BIAS,
@@ -50,38 +49,19 @@ from flexmoe.expert.package import (
     rival_version,
     sign_package,
 )
-from flexmoe.expert.private import PrivacySettings, PrivateMode
+from flexmoe.expert.private import PrivateMode
 from flexmoe.expert.rivals import RIVAL_TOP_K, resolve_rivals
 from flexmoe.expert.signing import read_private_key
+from flexmoe.expert.spec import ExpertIdentity, ExpertSpec, PublicSample
 from flexmoe.io import atomic_directory, sha256_file, write_json
 from flexmoe.model import names
 from flexmoe.model.checkpoint import moe_layers, upcycle
 from flexmoe.router_init import Params, RouterInitMethod, RouterInitRequest, domain_rows
-from flexmoe.training.config import EXPERT_TRAINING, TrainConfig
+from flexmoe.training.config import EXPERT_TRAINING
 from flexmoe.training.job import TrainingJob, refuse_existing
-from flexmoe.training.loop import TrainResult
+from flexmoe.training.loop import AuxLoss, TrainResult
 
 EXPERT_DEFAULTS = EXPERT_TRAINING  # the command line's defaults too
-
-
-class PublicSample(StrEnum):
-    """Which of the public tokens an owner mixes in (``--public-sample``)."""
-
-    PREFIX = "prefix"  # the first ones, in document-id order
-    SPREAD = "spread"  # pieces spread evenly over all of them
-
-
-@dataclass(frozen=True)
-class ExpertIdentity:
-    name: str
-    owner: str
-    license: str
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        check_name("--name", self.name)
-        check_owner("--owner", self.owner)
-        object.__setattr__(self, "license", check_license(self.license))  # normalised
 
 
 def build_trainable_moe(
@@ -351,123 +331,158 @@ def write_package(
 
 
 def train_expert(
+    spec: ExpertSpec,
     *,
-    anchor_dir: Path,
-    data: list[DataSpec],
-    identity: ExpertIdentity,
     out: Path,
-    cfg: TrainConfig,
     device: torch.device,
-    cache_dir: Path | None,
-    router_init: RouterInitMethod = RouterInitMethod.ANCHOR_HIDDEN,
-    embedder: Path | None = None,
-    public_data: list[DataSpec] | None = None,
-    public_fraction: float = 0.25,
-    public_sample: PublicSample = PublicSample.PREFIX,
-    stay_close: float = 0.0,
-    router_objective_weight: float | None = None,
-    rivals: Sequence[Path] | None = None,
-    rival_top_k: int = RIVAL_TOP_K,
+    cache_dir: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     signing_key: Path | None = None,
-    privacy: PrivacySettings | None = None,
     log_dir: Path | None = None,
 ) -> tuple[ExpertManifest, TrainResult]:
-    """Train the owner's expert on ``data`` and write the package to ``out``.
-
-    With ``public_data`` (public documents, e.g. the anchor's own corpus), that share of the
-    training tokens is public text, so that the router also sees what belongs to the public
-    expert; the package records the fraction, never the files. ``public_sample`` says which
-    public tokens: the first ones (``prefix``) or pieces spread over all of them (``spread``).
-    ``stay_close`` weighs a penalty on the expert's distance from the public expert it started
-    as (:func:`closeness_penalty`); ``router_objective_weight`` one on the router telling the
-    owner's tokens from the public ones (:func:`router_objective`; by default
-    :data:`ROUTER_OBJECTIVE` where public text is mixed in and DP-SGD is off). With ``rivals``
-    (packages of the coordinator's public experts on this anchor; by default those the anchor
-    ships, :mod:`flexmoe.expert.rivals`, where DP-SGD is off), the expert is trained against
-    them at top-``rival_top_k`` (:func:`build_trainable_moe`). With ``signing_key`` (the
-    owner's private key) the package is signed; with ``privacy``, trained with DP-SGD
-    (:mod:`flexmoe.expert.private`) and the spent epsilon recorded in the manifest.
+    """Train the owner's expert as ``spec`` says (:mod:`flexmoe.expert.spec`) and write its
+    package to ``out``: the owner's data, with ``spec.public``'s share of public text so that
+    the router also sees what belongs to the public expert, against the coordinator's
+    ``spec.rivals`` (:func:`build_trainable_moe`), with ``spec.objectives`` beside next-token
+    prediction (:func:`closeness_penalty`, :func:`router_objective`) and, with
+    ``spec.privacy``, DP-SGD (:mod:`flexmoe.expert.private`; the spent epsilon goes into the
+    manifest). With ``signing_key`` (the owner's private key) the package is signed.
     """
     out = refuse_existing(out, overwrite)
     key = read_private_key(signing_key) if signing_key is not None else None  # before training
-    anchor = load_anchor(anchor_dir, device=device)
-    public_fraction = public_fraction if public_data else 0.0
-    if router_objective_weight is None:  # the default: on wherever it can be
-        usable = public_fraction > 0 and privacy is None
-        router_objective_weight = ROUTER_OBJECTIVE if usable else 0.0
-    if router_objective_weight > 0 and (public_fraction == 0 or privacy is not None):
-        reason = "DP-SGD" if privacy is not None else "no public text to tell apart"
-        raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
-    rivals = resolve_rivals(anchor_dir, rivals, private=privacy is not None)
-    if rivals and privacy is not None:
-        raise FlexMoEError("--rival", "cannot be used with DP-SGD")
-    rival_packages = [load_package(r, anchor) for r in rivals]
+    anchor = load_anchor(spec.anchor, device=device)
+    fraction, objective = _settled_objectives(spec)
+    rivals = _rival_packages(spec, anchor)
+    cfg = spec.schedule
     train_stream, val_stream, texts = _owner_streams(
         anchor,
-        data,
-        public_data,
-        public_fraction,
-        spread=public_sample is PublicSample.SPREAD,
+        list(spec.data),
+        list(spec.public.data),
+        fraction,
+        spread=spec.public.sample is PublicSample.SPREAD,
         seq_len=cfg.seq_len,
         cache_dir=cache_dir,
     )
+    start = spec.router
     rows, init_params = owner_router_rows(
-        anchor, router_init, texts, device=device, seed=cfg.seed, embedder=embedder
+        anchor, start.method, texts, device=device, seed=cfg.seed, embedder=start.embedder
     )
-    model = build_trainable_moe(
-        anchor.model, anchor.public_router, rows, rival_packages, rival_top_k
+    model = build_trainable_moe(anchor.model, anchor.public_router, rows, rivals, spec.rivals.top_k)
+    mode = PrivateMode(spec.privacy) if spec.privacy is not None else None
+    job = TrainingJob(
+        out,
+        cfg,
+        device,
+        f"expert {spec.identity.name}" + (" (DP)" if mode else ""),
+        resume=resume,
+        progress=progress,
+        log_dir=log_dir,
+        aux_loss=_expert_losses(spec, objective, train_stream),
+        after_step=project_biases,
+        mode=mode,
     )
-    mode = PrivateMode(privacy) if privacy is not None else None
-    aux = _summed(
-        router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
-        closeness_penalty(stay_close) if stay_close > 0 else None,
-        router_objective(router_objective_weight, train_stream)
-        if router_objective_weight > 0 and isinstance(train_stream, OwnBlocks)
-        else None,
-    )
-    desc = f"expert {identity.name}" + (" (DP)" if mode else "")
-    job = TrainingJob(out, cfg, device, desc, resume, progress, log_dir, aux, project_biases, mode)
     info = job.start()
     if mode is not None and (info.world_size > 1 or resume):
         raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
+    hyperparameters = {
+        **cfg.to_dict(),
+        "public_fraction": fraction,
+        "public_sample": spec.public.sample.value,
+        "stay_close": spec.objectives.stay_close,
+        "router_objective": objective,
+    }
+    record = RouterInitRecord(method=start.method.value, params=init_params)
+    package = _Packager(spec, out, model, anchor, rivals, hyperparameters, record, mode)
+    write = functools.partial(package.write, overwrite=overwrite, key=key)
+    return job.run(
+        info, model, train_stream, val_stream, write=write, written=lambda: read_manifest(out)
+    )
 
-    def write(state: dict[str, torch.Tensor], result: TrainResult) -> ExpertManifest:
-        found = frozen_fingerprint(
-            state, model.config.num_hidden_layers, anchor.public_router, anchor.dtype
-        )
-        if found != anchor.manifest.fingerprint:
-            raise FlexMoEError(
-                anchor_dir, "a frozen tensor changed during training; refusing to package"
-            )
-        hyperparameters = {
-            **cfg.to_dict(),
-            "public_fraction": public_fraction,
-            "public_sample": public_sample.value,
-            "stay_close": stay_close,
-            "router_objective": router_objective_weight,
-        }
-        privacy = mode.record if mode else None
+
+@dataclass(frozen=True)
+class _Packager:
+    """Writes the trained expert's package: checks that nothing frozen changed, records the
+    rivals it trained against, signs it when a key is given."""
+
+    spec: ExpertSpec
+    out: Path
+    model: FlexOlmoForCausalLM
+    anchor: Anchor
+    rivals: list[ExpertPackage]
+    hyperparameters: dict[str, float | int | str | bool | None]
+    router_init: RouterInitRecord
+    mode: PrivateMode | None  # DP-SGD: its accountant says what was spent, once trained
+
+    def write(
+        self,
+        state: dict[str, torch.Tensor],
+        result: TrainResult,
+        *,
+        overwrite: bool,
+        key: Ed25519PrivateKey | None,
+    ) -> ExpertManifest:
+        _check_frozen(state, self.model, self.anchor, self.spec.anchor)
         used = [
             RivalUse(name=r.manifest.name, version=rival_version(r.manifest_sha256))
-            for r in rival_packages
+            for r in self.rivals
         ]
-        rivals = (used, rival_top_k if used else 0)
-        summary = TrainingSummary.of(result, cfg.seed, hyperparameters, privacy, rivals)
+        rivals = (used, self.spec.rivals.top_k if used else 0)
+        seed, privacy = self.spec.schedule.seed, self.mode.record if self.mode else None
+        summary = TrainingSummary.of(result, seed, self.hyperparameters, privacy, rivals)
         return write_package(
-            out,
-            model=model,
+            self.out,
+            model=self.model,
             state=state,
-            anchor=anchor,
-            identity=identity,
+            anchor=self.anchor,
+            identity=self.spec.identity,
             summary=summary,
-            router_init=RouterInitRecord(method=router_init.value, params=init_params),
+            router_init=self.router_init,
             overwrite=overwrite,
             signing_key=key,
         )
 
-    return job.run(
-        info, model, train_stream, val_stream, write=write, written=lambda: read_manifest(out)
+
+def _settled_objectives(spec: ExpertSpec) -> tuple[float, float]:
+    """The public share actually mixed in and the router objective's weight (its default: on
+    wherever it can be); a router objective that cannot work is refused."""
+    fraction = spec.public.fraction if spec.public.data else 0.0
+    weight = spec.objectives.router
+    if weight is None:
+        weight = ROUTER_OBJECTIVE if fraction > 0 and spec.privacy is None else 0.0
+    if weight > 0 and (fraction == 0 or spec.privacy is not None):
+        reason = "DP-SGD" if spec.privacy is not None else "no public text to tell apart"
+        raise FlexMoEError("--router-objective", f"cannot be used with {reason}")
+    return fraction, weight
+
+
+def _rival_packages(spec: ExpertSpec, anchor: Anchor) -> list[ExpertPackage]:
+    rivals = resolve_rivals(spec.anchor, spec.rivals.packages, private=spec.privacy is not None)
+    if rivals and spec.privacy is not None:
+        raise FlexMoEError("--rival", "cannot be used with DP-SGD")
+    return [load_package(r, anchor) for r in rivals]
+
+
+def _expert_losses(spec: ExpertSpec, objective: float, stream: TokenStream) -> AuxLoss | None:
+    """The losses added to next-token prediction: the router's z-loss, the closeness penalty
+    and the router objective (on the owner's own blocks only), each where its weight is set."""
+    cfg, stay_close = spec.schedule, spec.objectives.stay_close
+    return _summed(
+        router_z_loss(cfg.z_loss) if cfg.z_loss > 0 else None,
+        closeness_penalty(stay_close) if stay_close > 0 else None,
+        router_objective(objective, stream)
+        if objective > 0 and isinstance(stream, OwnBlocks)
+        else None,
     )
+
+
+def _check_frozen(
+    state: dict[str, torch.Tensor], model: FlexOlmoForCausalLM, anchor: Anchor, where: Path
+) -> None:
+    """Refuse to package when a tensor that should be frozen (the anchor's) changed."""
+    found = frozen_fingerprint(
+        state, model.config.num_hidden_layers, anchor.public_router, anchor.dtype
+    )
+    if found != anchor.manifest.fingerprint:
+        raise FlexMoEError(where, "a frozen tensor changed during training; refusing to package")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +46,7 @@ class TrainingJob:
     cfg: TrainConfig
     device: torch.device
     desc: str
+    _: KW_ONLY  # how it runs, always by name
     resume: bool = False
     progress: bool = True
     log_dir: Path | None = None
