@@ -567,7 +567,7 @@ def test_fed_serve_and_join_fail_in_one_line(
 def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
-    """--dp-epsilon: each owner's router change leaves clipped to the norm and noised with the
+    """--dp-owner-epsilon: each owner's router change leaves clipped to the norm and noised with the
     accountant's multiplier; the model records every owner's epsilon; slot phases refuse it."""
     from flexmoe.federated.privacy import UpdatePrivacy, privatize
 
@@ -582,7 +582,7 @@ def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
 
     clip = {"router": 1e-3, "trunk": 1e-3}
     privacy = UpdatePrivacy.for_budget(1.0, 2, clip=clip)
-    with pytest.raises(FlexMoEError, match="--dp-epsilon: only router and trunk phases"):
+    with pytest.raises(FlexMoEError, match="--dp-owner-epsilon: only router and trunk phases"):
         RoundPlan(rounds=1, phases=("slot", "router"), slot=CFG, router=CFG, privacy=privacy)
     phases = ("router", "trunk")
     plan = RoundPlan(rounds=1, phases=phases, slot=CFG, router=CFG, trunk=CFG, privacy=privacy)

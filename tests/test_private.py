@@ -43,8 +43,19 @@ def dp_package(
 ) -> Path:
     out = tmp_path_factory.mktemp("dp") / "upper"
     with pytest.raises(SystemExit) as done:
-        main(_train_args(anchor_dir, corpus_dir, out, "--dp-epsilon", "8", "--dp-delta", "1e-4",
-                         "--max-grad-norm", "0.5"))  # fmt: skip
+        main(
+            _train_args(
+                anchor_dir,
+                corpus_dir,
+                out,
+                "--dp-record-epsilon",
+                "8",
+                "--dp-record-delta",
+                "1e-4",
+                "--dp-clip",
+                "0.5",
+            )
+        )
     assert done.value.code in (0, None)
     return out
 
@@ -98,10 +109,35 @@ def test_dp_noise_and_sampling_do_not_follow_the_seed(
     dp_package: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """Anyone can read --seed in the manifest; noise derived from it could be subtracted."""
+    """Anyone can read --seed in the manifest; noise derived from it could be subtracted. (The
+    second run spells the options the old way, which still works, with one warning each.)"""
     again = tmp_path / "again"
-    main_ok(_train_args(anchor_dir, corpus_dir, again, "--dp-epsilon", "8", "--dp-delta",
-                        "1e-4", "--max-grad-norm", "0.5"), capsys)  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        main(
+            _train_args(
+                anchor_dir,
+                corpus_dir,
+                again,
+                "--dp-epsilon",
+                "8",
+                "--dp-delta",
+                "1e-4",
+                "--max-grad-norm",
+                "0.5",
+            )
+        )
+    assert done.value.code in (0, None)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert warned == [
+        f"flexmoe: warning: {old} is now {new}; the old spelling goes in the next release"
+        for old, new in (
+            ("--dp-epsilon", "--dp-record-epsilon"),
+            ("--dp-delta", "--dp-record-delta"),
+            ("--max-grad-norm", "--dp-clip"),
+        )
+    ]
+    records = [read_manifest(d).training.privacy for d in (dp_package, again)]
+    assert records[0] == records[1]  # the same settings, read from either spelling
     first, second = load_file(dp_package / TENSORS_FILE), load_file(again / TENSORS_FILE)
     key = "layers.0.down_proj.weight"
     assert not torch.equal(first[key], second[key])
@@ -111,11 +147,11 @@ def test_dp_settings_are_checked(
     anchor_dir: Path, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for extra, words in (
-        (["--dp-epsilon", "0"], "--dp-epsilon"),
-        (["--dp-epsilon", "1", "--dp-delta", "1.5"], "--dp-delta"),
-        (["--dp-epsilon", "1", "--max-grad-norm", "-1"], "--max-grad-norm"),
-        (["--dp-epsilon", "1", "--grad-accum", "2"], "--grad-accum"),
-        (["--dp-epsilon", "1", "--batch-size", "4000"], "--batch-size"),
+        (["--dp-record-epsilon", "0"], "--dp-record-epsilon"),
+        (["--dp-record-epsilon", "1", "--dp-record-delta", "1.5"], "--dp-record-delta"),
+        (["--dp-record-epsilon", "1", "--dp-clip", "-1"], "--dp-clip"),
+        (["--dp-record-epsilon", "1", "--grad-accum", "2"], "--grad-accum"),
+        (["--dp-record-epsilon", "1", "--batch-size", "4000"], "--batch-size"),
     ):
         line = _refused(_train_args(anchor_dir, corpus_dir, tmp_path / "x", *extra), capsys)
         assert words in line, line

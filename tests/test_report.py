@@ -455,7 +455,7 @@ def test_the_demo_report_puts_the_consortium_s_choices_side_by_side() -> None:
     """With a federated stage, the report has its section: every way of training together at
     what it costs one owner (tokens, bytes sent, inference cost, exact opt-out), the federated
     model against the untuned merge, btm and fedavg, the curve over the rounds and what
-    --dp-epsilon costs."""
+    --dp-owner-epsilon costs."""
     from flexmoe.evaluate.accounting import OwnerCost
     from flexmoe_lab.narrative import _federated_section
     from flexmoe_lab.results import FederatedRecord

@@ -411,6 +411,7 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
     `eval baselines --merged` the positional MODEL: the old spelling is read as the new one, with
     one warning line; the new one warns of nothing."""
     from flexmoe.cli import renamed
+    from flexmoe.cli.vocabulary import renamed_key
 
     with pytest.warns(FutureWarning, match="--key is now --signing-key"):
         new = renamed(["fed", "simulate", "M", "--key=a=k"])
@@ -425,6 +426,17 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
     assert ppl == ["eval", "ppl", "M", "--data", "x"]
     with pytest.warns(FutureWarning, match="--merged is now the positional MODEL"):
         assert renamed(["eval", "baselines", "--merged=M"]) == ["eval", "baselines", "M"]
+    # DP options are named for what they protect: one record (expert train), one owner (fed)
+    with pytest.warns(FutureWarning, match="--dp-clip-router is now --dp-clip"):
+        clip = renamed(["fed", "serve", "M", "--dp-clip-router", "0.3", "--dp-clip-trunk=2"])
+    assert clip == ["fed", "serve", "M", "--dp-clip", "router=0.3", "--dp-clip=trunk=2"]
+    with pytest.warns(FutureWarning, match="--dp-epsilon is now --dp-owner-epsilon"):
+        assert renamed(["fed", "simulate", "--dp-epsilon", "8"])[2] == "--dp-owner-epsilon"
+    with pytest.warns(FutureWarning, match="--dp-epsilon is now --dp-record-epsilon"):
+        assert renamed(["expert", "train", "--dp-epsilon=8"])[2] == "--dp-record-epsilon=8"
+    with pytest.warns(FutureWarning, match="--dp-clip-trunk is now --dp-clip"):
+        assert renamed_key("fed simulate", "dp_clip_trunk", 2.0) == ("dp-clip", "trunk=2.0")
+    assert renamed_key("fed simulate", "rounds", 3) == ("rounds", 3)
     missing = str(tmp_path / "nokey")
     for spelling, warned in (("--key", True), ("--signing-key", False)):
         with pytest.raises(SystemExit) as e:

@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--router-adamw", action="store_true", help="router phases with AdamW")
     parser.add_argument(
-        "--dp-epsilon",
+        "--dp-owner-epsilon",
         type=float,
         default=None,
         help="update-level differential privacy: every owner's epsilon over all its updates",
@@ -180,8 +180,8 @@ def plan_of(recipe: str, args: argparse.Namespace) -> tuple[float, RoundPlan | N
         trunk_embeddings=args.trunk_embeddings,
         secagg=args.secagg,
     )
-    if args.dp_epsilon is not None:
-        privacy = UpdatePrivacy.for_budget(args.dp_epsilon, plan.releases(), clip=None)
+    if args.dp_owner_epsilon is not None:
+        privacy = UpdatePrivacy.for_budget(args.dp_owner_epsilon, plan.releases(), clip=None)
         plan = replace(plan, privacy=privacy)
     trunk_steps = k * plan.trunk.batch_size / FULL.expert.batch_size  # in full-batch steps
     return round(e + r * (s + t + trunk_steps), 2), plan
@@ -207,8 +207,8 @@ def label(recipe: str, args: argparse.Namespace) -> str:
         said.append("router AdamW")
     if args.secagg:
         said.append("SecAgg+")
-    if args.dp_epsilon is not None:
-        said.append(f"dp epsilon {args.dp_epsilon:g}")
+    if args.dp_owner_epsilon is not None:
+        said.append(f"dp epsilon {args.dp_owner_epsilon:g}")
     return "; ".join(said)
 
 

@@ -108,7 +108,7 @@ def federated_stages(
     """Both stages into ``out/federated`` and ``out/fedavg``, from ``packages`` (the coordinator's
     rivals, then every owner's expert trained with :func:`first_experts`'s settings).
     ``score(model, max_bytes)`` is a model's bits per byte per domain on the report's held-out
-    text. With ``privacy``, what ``--dp-epsilon`` costs too (:func:`privacy_cost`)."""
+    text. With ``privacy``, what ``--dp-owner-epsilon`` costs too (:func:`privacy_cost`)."""
     fed = settings.federated
     root = out / "federated"
     merged = root / "merged"
@@ -196,7 +196,7 @@ def _fedavg_stage(
     return fedavg_dir
 
 
-DP_EPSILONS = (8.0, 1000.0)  # the two values at which the report prices --dp-epsilon
+DP_EPSILONS = (8.0, 1000.0)  # the two values at which the report prices --dp-owner-epsilon
 
 
 def privacy_cost(
@@ -219,7 +219,7 @@ def privacy_cost(
             budget = UpdatePrivacy.for_budget(epsilon, plain.releases(), clip=None)
             plan = replace(plain, privacy=budget)
         name = "no-noise" if epsilon is None else f"epsilon-{epsilon:g}"
-        log(f"[federated] what --dp-epsilon costs: {plain.rounds} rounds, {name}")
+        log(f"[federated] what --dp-owner-epsilon costs: {plain.rounds} rounds, {name}")
         result = federate(
             merged,
             texts,

@@ -322,7 +322,7 @@ def _variants(results: DemoResults) -> str:
             f"The unrestricted upper bound (`{UNRESTRICTED}`), router tuning (`{TUNED}`, the "
             "paper's proxy-data recipe), the router levers "
             f"(`{OWNER_TEXT_TUNED}`, `{CALIBRATED}`, `{ROUTER_CEILING}`), the other top-k and "
-            "bias variants and what `--dp-epsilon` costs in the federated rounds run with "
+            "bias variants and what `--dp-owner-epsilon` costs in the federated rounds run with "
             "`--ablations`."
         )
     return f"""As a variant (`{TUNED}`, the paper's router tuning), each owner ranked the
@@ -345,7 +345,7 @@ changes only the router."""
 
 def _federated_section(results: DemoResults, evaluation: Evaluation) -> str:
     """``flexmoe:federated`` beside the other ways of training together, at what each costs one
-    owner; the curve over the rounds; what ``--dp-epsilon`` costs."""
+    owner; the curve over the rounds; what ``--dp-owner-epsilon`` costs."""
     fed = results.federated
     if not fed or FEDERATED not in evaluation.models:
         return ""
@@ -425,8 +425,8 @@ def _privacy_table(fed: FederatedRecord) -> str:
         for c in cost
     )
     return f"""
-What `--dp-epsilon` costs: the same rounds on the same merge with every router and trunk update
-clipped and noised at home (each owner's epsilon over all its updates, delta 1e-5; clipping
+What `--dp-owner-epsilon` costs: the same rounds on the same merge with every router and trunk
+update clipped and noised at home (each owner's epsilon over all its updates, delta 1e-5; clipping
 norms {cost[-1].clip}):
 
 | epsilon | noise multiplier | average bpb | public |

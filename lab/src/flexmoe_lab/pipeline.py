@@ -163,7 +163,7 @@ def run_demo(
     runs with the rest. ``ablations`` adds the variants: every expert trained again from random
     router rows (``flexmoe:random-init``), the router levers and ceiling, router tuning on public
     proxies (``flexmoe:tuned``), every other top-k and the biases flipped, the unrestricted
-    bound, and what ``--dp-epsilon`` costs in the federated rounds.
+    bound, and what ``--dp-owner-epsilon`` costs in the federated rounds.
     """
     run = _DemoRun.start(out, cache_dir, device, QUICK if quick else FULL, corpora_set, log)
     settings, owners, specs = run.settings, corpora_set.owners, run.specs

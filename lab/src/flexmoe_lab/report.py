@@ -477,7 +477,7 @@ def privacy_section(path: Path) -> str:
     return f"""## Differential privacy, measured
 
 The `{found["domain"]}` owner's expert on the `{found["corpora"]}` corpora, trained again with
-this run's expert settings: without DP, then with DP-SGD (`--dp-epsilon`, delta
+this run's expert settings: without DP, then with DP-SGD (`--dp-record-epsilon`, delta
 {found["delta"]:g}, clip {found["max_grad_norm"]:g}). Bits per byte are the owner's 2-expert
 specialist on held-out text; extraction is the audit on {found["audit_documents"]} of its
 training documents; tokens/s is the training loop alone, one run each (noisy: for the speed

@@ -94,7 +94,7 @@ class CurvePoint(Record):
 
 
 class PrivacyCost(Record):
-    """The federated rounds at one ``--dp-epsilon`` (None: no noise)."""
+    """The federated rounds at one ``--dp-owner-epsilon`` (None: no noise)."""
 
     epsilon: float | None
     noise_multiplier: float

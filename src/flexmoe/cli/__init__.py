@@ -20,6 +20,7 @@ from flexmoe import __version__
 from flexmoe.cli import coordinator, experiment, federated, owner
 from flexmoe.cli.common import DEBUG, QUIET
 from flexmoe.cli.lab import HAND_OVER, lab_handover
+from flexmoe.cli.vocabulary import renamed
 from flexmoe.errors import FlexMoEError
 
 app = typer.Typer(
@@ -121,40 +122,6 @@ COMMANDS = {
     "fed keygen": federated.fed_keygen,
 }
 app.info.epilog = "Subcommands: " + "; ".join(f"flexmoe {name}" for name in COMMANDS) + "."
-
-
-# Old spellings that still work for one release, each with a one-line warning: the command, then
-# each old option and the one that replaces it (docs/cli.md, "One vocabulary").
-RENAMED: dict[str, dict[str, str]] = {
-    "expert sign": {"--key": "--signing-key"},
-    "fed simulate": {"--key": "--signing-key", "--owner": "--data"},
-    "fed join": {"--key": "--signing-key", "--owner": "--data"},
-    "baseline fedavg": {"--owner": "--data"},
-    "eval ppl": {"--model": ""},  # "": now the positional MODEL
-    "eval baselines": {"--merged": ""},
-}
-
-
-def renamed(args: list[str]) -> list[str]:
-    """``args`` with the command's old option spellings replaced by the new ones, and a
-    one-line warning for each old one used."""
-    words = [a for a in args if not a.startswith("-")][:2]
-    names = RENAMED.get(" ".join(words)) or RENAMED.get(words[0] if words else "") or {}
-    out = []
-    for arg in args:
-        option, eq, value = arg.partition("=")
-        new = names.get(option)
-        if new is None:
-            out.append(arg)
-            continue
-        now = new or "the positional MODEL"
-        said = f"{option} is now {now}; the old spelling goes in the next release"
-        warnings.warn(said, FutureWarning, stacklevel=2)
-        if new:
-            out.append(f"{new}{eq}{value}")
-        elif eq:
-            out.append(value)  # a positional's value alone; "--model X" leaves X to follow
-    return out
 
 
 def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> None:

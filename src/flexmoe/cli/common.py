@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from flexmoe.cli.vocabulary import renamed_key
 from flexmoe.data.documents import DataSpec, parse_data
 from flexmoe.errors import FlexMoEError
 from flexmoe.io import read_bounded
@@ -202,7 +203,9 @@ def _load_config(ctx: Any, param: Any, value: str | None) -> str | None:
         for key in (p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts))
     }
     defaults: dict[str, Any] = {}
-    for key, item in table.items():
+    command = " ".join(ctx.command_path.split()[1:])  # "flexmoe fed simulate": "fed simulate"
+    for old_key, old_item in table.items():
+        key, item = renamed_key(command, old_key, old_item)
         name = key.replace("-", "_")
         if isinstance(item, dict):
             raise FlexMoEError(path, f"{key}: expected a value, got a table")

@@ -113,16 +113,20 @@ SeqLenOpt = Annotated[int, typer.Option(help="tokens per sequence")]
 RouterOptimizerOpt = Annotated[
     str, typer.Option(help="the router phase's local optimiser: sgd (FedAvg's) or adamw")
 ]
-DpEpsilonOpt = Annotated[
+DpOwnerEpsilonOpt = Annotated[
     float | None,
     typer.Option(
-        help="update-level differential privacy: each owner clips and noises every update it "
-        "sends so that all of them together cost it at most this epsilon"
+        help="owner-level DP on the updates: each owner clips and noises every update it sends "
+        "so that all of them together cost it at most this epsilon"
     ),
 ]
-DpDeltaOpt = Annotated[float, typer.Option(help="the delta of --dp-epsilon")]
-DpClipRouterOpt = Annotated[
-    float, typer.Option(help="with --dp-epsilon: the L2 norm a router update is clipped to")
+DpOwnerDeltaOpt = Annotated[float, typer.Option(help="the delta of --dp-owner-epsilon")]
+DpClipOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="with --dp-owner-epsilon: the L2 norm an update is clipped to, PART=NORM for router "
+        "and trunk (repeatable) [default: router=0.5, trunk=1.0]"
+    ),
 ]
 SecAggOpt = Annotated[
     bool,
@@ -168,9 +172,6 @@ LoraRankOpt = Annotated[
     typer.Option(
         help="trunk phases train and send rank-R factors of the trunk's matrices (0: in full)"
     ),
-]
-DpClipTrunkOpt = Annotated[
-    float, typer.Option(help="with --dp-epsilon: the L2 norm a trunk update is clipped to")
 ]
 
 
@@ -218,7 +219,7 @@ def _plan(
     secagg: bool,
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-5,
-    dp_clip: dict[str, float] | None = None,
+    dp_clip: list[str] | None = None,
 ) -> RoundPlan:
     """The rounds' plan from the command's options."""
     from flexmoe.federated.flower import RoundPlan
@@ -247,8 +248,23 @@ def _plan(
     )
     if dp_epsilon is None:
         return plan
-    privacy = UpdatePrivacy.for_budget(dp_epsilon, plan.releases(), delta=dp_delta, clip=dp_clip)
+    clip = _clip_norms(dp_clip or [])
+    privacy = UpdatePrivacy.for_budget(dp_epsilon, plan.releases(), delta=dp_delta, clip=clip)
     return replace(plan, privacy=privacy)
+
+
+def _clip_norms(given: list[str]) -> dict[str, float]:
+    """``--dp-clip PART=NORM`` (repeatable) as each part's clip norm; the rest keep theirs."""
+    norms = dict(CLIP)
+    for item in given:
+        part, eq, norm = item.partition("=")
+        if not eq or part not in CLIP:
+            raise FlexMoEError("--dp-clip", f"expected router=NORM or trunk=NORM, got {item!r}")
+        try:
+            norms[part] = float(norm)
+        except ValueError:
+            raise FlexMoEError("--dp-clip", f"{part}: not a number: {norm!r}") from None
+    return norms
 
 
 def _router_sgd(optimizer: str) -> bool:
@@ -282,10 +298,9 @@ def fed_simulate(
     trunk_optimizer: TrunkOptimizerOpt = "sgd",
     trunk_embeddings: TrunkEmbeddingsOpt = None,
     secagg: SecAggOpt = False,
-    dp_epsilon: DpEpsilonOpt = None,
-    dp_delta: DpDeltaOpt = 1e-5,
-    dp_clip_router: DpClipRouterOpt = CLIP["router"],
-    dp_clip_trunk: DpClipTrunkOpt = CLIP["trunk"],
+    dp_owner_epsilon: DpOwnerEpsilonOpt = None,
+    dp_owner_delta: DpOwnerDeltaOpt = 1e-5,
+    dp_clip: DpClipOpt = None,
     key: Annotated[
         list[str] | None,
         typer.Option(
@@ -308,8 +323,7 @@ def fed_simulate(
     from flexmoe.federated.run import federate
 
     options = PhaseOptions.of(locals())
-    clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
-    plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
+    plan = _plan(rounds, recipe, options, secagg, dp_owner_epsilon, dp_owner_delta, dp_clip)
     texts = _owner_texts(owner, key, public_data, public_fraction, text_field, id_field)
     with open_registry(registry) as known:
         result = federate(
@@ -387,10 +401,9 @@ def fed_serve(
     trunk_optimizer: TrunkOptimizerOpt = "sgd",
     trunk_embeddings: TrunkEmbeddingsOpt = None,
     secagg: SecAggOpt = False,
-    dp_epsilon: DpEpsilonOpt = None,
-    dp_delta: DpDeltaOpt = 1e-5,
-    dp_clip_router: DpClipRouterOpt = CLIP["router"],
-    dp_clip_trunk: DpClipTrunkOpt = CLIP["trunk"],
+    dp_owner_epsilon: DpOwnerEpsilonOpt = None,
+    dp_owner_delta: DpOwnerDeltaOpt = 1e-5,
+    dp_clip: DpClipOpt = None,
     ca: Annotated[Path | None, typer.Option(help="TLS: the CA certificate (PEM)")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS: this server's certificate")] = None,
     cert_key: Annotated[Path | None, typer.Option(help="TLS: its private key")] = None,
@@ -413,8 +426,7 @@ def fed_serve(
     from flexmoe.federated.deploy import Tls, serve
 
     options = PhaseOptions.of(locals())
-    clip = {"router": dp_clip_router, "trunk": dp_clip_trunk}
-    plan = _plan(rounds, recipe, options, secagg, dp_epsilon, dp_delta, clip)
+    plan = _plan(rounds, recipe, options, secagg, dp_owner_epsilon, dp_owner_delta, dp_clip)
     given = [x for x in (ca, cert, cert_key) if x is not None]
     if given and len(given) != 3:
         raise FlexMoEError("--ca/--cert/--cert-key", "TLS needs all three, or none")

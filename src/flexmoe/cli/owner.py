@@ -286,12 +286,15 @@ NoPublicDataOpt = Annotated[
 TokensOpt = Annotated[
     int | None, typer.Option(help="train on this many tokens (overrides --steps)")
 ]
-DpEpsilonOpt = Annotated[
+DpRecordEpsilonOpt = Annotated[
     float | None,
-    typer.Option(help="train with DP-SGD (Opacus) to this epsilon per training block"),
+    typer.Option(
+        help="record-level DP: train with DP-SGD (Opacus) so that any one training block of the "
+        "owner's text costs at most this epsilon"
+    ),
 ]
-MaxGradNormOpt = Annotated[
-    float, typer.Option(help="DP-SGD's per-sample gradient clip (with --dp-epsilon)")
+DpClipOpt = Annotated[
+    float, typer.Option(help="DP-SGD's per-record gradient clip norm (with --dp-record-epsilon)")
 ]
 
 
@@ -357,9 +360,11 @@ def expert_train(
     id_field: IdFieldOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the checkpoint")] = False,
     signing_key: SigningKeyOpt = None,
-    dp_epsilon: DpEpsilonOpt = None,
-    dp_delta: Annotated[float, typer.Option(help="DP-SGD's delta (with --dp-epsilon)")] = 1e-5,
-    max_grad_norm: MaxGradNormOpt = 1.0,
+    dp_record_epsilon: DpRecordEpsilonOpt = None,
+    dp_record_delta: Annotated[
+        float, typer.Option(help="DP-SGD's delta (with --dp-record-epsilon)")
+    ] = 1e-5,
+    dp_clip: DpClipOpt = 1.0,
     log_dir: LogDirOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
@@ -402,8 +407,8 @@ def expert_train(
         objectives={"stay_close": stay_close, "router": router_objective},
         router={"method": parse_method(router_init), "embedder": embedder},
         privacy=None
-        if dp_epsilon is None
-        else PrivacySettings(dp_epsilon, dp_delta, max_grad_norm),
+        if dp_record_epsilon is None
+        else PrivacySettings(dp_record_epsilon, dp_record_delta, dp_clip),
     )
     manifest, result = train_expert(
         spec,

@@ -49,11 +49,11 @@ class PrivacySettings:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and 0 < self.epsilon <= 1000):
-            raise FlexMoEError("--dp-epsilon", f"must be in (0, 1000], got {self.epsilon}")
+            raise FlexMoEError("--dp-record-epsilon", f"must be in (0, 1000], got {self.epsilon}")
         if not 0 < self.delta < 1:
-            raise FlexMoEError("--dp-delta", f"must be in (0, 1), got {self.delta}")
+            raise FlexMoEError("--dp-record-delta", f"must be in (0, 1), got {self.delta}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise FlexMoEError("--max-grad-norm", f"must be positive, got {self.max_grad_norm}")
+            raise FlexMoEError("--dp-clip", f"must be positive, got {self.max_grad_norm}")
 
 
 class PrivateRouter(Router):
@@ -141,7 +141,9 @@ class PrivateMode(TrainingMode):
         from opacus.data_loader import DPDataLoader
 
         if info.world_size > 1:
-            raise FlexMoEError("--dp-epsilon", "DP-SGD runs in one process, not under torchrun")
+            raise FlexMoEError(
+                "--dp-record-epsilon", "DP-SGD runs in one process, not under torchrun"
+            )
         if num_blocks < 2 * cfg.batch_size:
             raise FlexMoEError(
                 "--batch-size",

@@ -385,7 +385,9 @@ def train_expert(
     )
     info = job.start()
     if mode is not None and (info.world_size > 1 or resume):
-        raise FlexMoEError("--dp-epsilon", "DP training runs in one process, without --resume")
+        raise FlexMoEError(
+            "--dp-record-epsilon", "DP training runs in one process, without --resume"
+        )
     hyperparameters = {
         **cfg.to_dict(),
         "public_fraction": fraction,

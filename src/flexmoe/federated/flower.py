@@ -115,10 +115,11 @@ class RoundPlan:
             raise FlexMoEError("--lora-rank", f"must be 0 (full) or positive, got {self.lora_rank}")
         if self.privacy is not None and not set(self.phases) <= {"router", "trunk"}:
             raise FlexMoEError(
-                "--dp-epsilon",
+                "--dp-owner-epsilon",
                 "only router and trunk phases take noise (--recipe router or trunk): the noise on "
                 "a slot's or a dense model's change, millions of values, swamps it at any epsilon "
-                "(an owner protects its documents in its expert with `expert train --dp-epsilon`)",
+                "(an owner protects its documents in its expert with `expert train "
+                "--dp-record-epsilon`)",
             )
 
     def cfg(self, kind: Kind) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""Update-level differential privacy for federated rounds (``--dp-epsilon``).
+"""Owner-level differential privacy for federated rounds (``--dp-owner-epsilon``).
 
 The unit protected is the owner: each owner clips the update it sends (its router change, or the
 change of its slot) to an L2 norm of ``clip`` and adds Gaussian noise of standard deviation
@@ -47,13 +47,13 @@ class UpdatePrivacy:
         from opacus.accountants.utils import get_noise_multiplier
 
         if not (epsilon > 0 and math.isfinite(epsilon)):
-            raise FlexMoEError("--dp-epsilon", f"must be a positive number, got {epsilon}")
+            raise FlexMoEError("--dp-owner-epsilon", f"must be a positive number, got {epsilon}")
         if not 0 < delta < 1:
-            raise FlexMoEError("--dp-delta", f"must be between 0 and 1, got {delta}")
+            raise FlexMoEError("--dp-owner-delta", f"must be between 0 and 1, got {delta}")
         clip = {**CLIP, **(clip or {})}
         for kind, bound in clip.items():
             if not (bound > 0 and math.isfinite(bound)):
-                raise FlexMoEError(f"--dp-clip-{kind}", f"must be a positive number, got {bound}")
+                raise FlexMoEError(f"--dp-clip {kind}", f"must be a positive number, got {bound}")
         with warnings.catch_warnings():  # "optimal order is the smallest alpha" at large epsilon
             warnings.simplefilter("ignore")
             sigma = get_noise_multiplier(

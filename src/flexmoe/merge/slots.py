@@ -144,7 +144,7 @@ class TrunkVersion(BaseModel):
 
 
 class RoundPrivacy(BaseModel):
-    """The noise every owner added to each update it sent in a round (``--dp-epsilon``)."""
+    """The noise every owner added to each update it sent in a round (``--dp-owner-epsilon``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
