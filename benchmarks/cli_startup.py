@@ -5,9 +5,9 @@ temporary directory, then runs each command below in its own process several tim
 as JSON, the median wall time and the median CPU time (user + system, the process and its
 children) of each, and each one's ratio to ``python -c pass``:
 
-- ``flexmoe --help``; ``flexmoe experts list MODEL``;
-- ``flexmoe experts opt-out MODEL NAME`` and ``opt-in`` (an owner's choice from the command line);
-- ``flexmoe ledger MODEL`` and ``flexmoe owners list MODEL`` (the bearer tokens).
+- ``flexmoe --help``; ``flexmoe members list MODEL``;
+- ``flexmoe members opt-out MODEL NAME`` and ``opt-in`` (an owner's choice from the command line);
+- ``flexmoe ledger MODEL`` and ``flexmoe tokens list MODEL`` (the bearer tokens).
 
 The goal (issue 36): under 1 s of CPU for a command that reads or changes only metadata.
 Usage: ``python benchmarks/cli_startup.py [--repeats 5]``
@@ -90,11 +90,11 @@ def main() -> None:
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
             "flexmoe --help": [flexmoe, "--help"],
-            "experts list": [flexmoe, "experts", "list", model],
-            "experts opt-out": [flexmoe, "experts", "opt-out", model, "upper", "--reason", "b"],
-            "experts opt-in": [flexmoe, "experts", "opt-in", model, "upper"],
+            "members list": [flexmoe, "members", "list", model],
+            "members opt-out": [flexmoe, "members", "opt-out", model, "upper", "--reason", "b"],
+            "members opt-in": [flexmoe, "members", "opt-in", model, "upper"],
             "ledger": [flexmoe, "ledger", model],
-            "owners list": [flexmoe, "owners", "list", model],
+            "tokens list": [flexmoe, "tokens", "list", model],
         }
         results = {}
         for name, argv in commands.items():

@@ -242,7 +242,7 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
     gives the reference's weights, bit for bit (the server optimiser's state included)."""
     import shutil
 
-    from flexmoe.cli.coordinator import experts_opt_in, experts_opt_out
+    from flexmoe.cli.coordinator import members_opt_in, members_opt_out
     from flexmoe.federated.run import federate
     from flexmoe.federated.server import ServerOptimizer, ServerOptimizerName
 
@@ -252,7 +252,7 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
     plan = RoundPlan(rounds=1, phases=phases, slot=CFG, router=CFG, trunk=CFG, server=adam)
     start = tmp_path / "start"
     shutil.copytree(merged, start)
-    experts_opt_out(start, "again")
+    members_opt_out(start, "again")
     assert not (start / VERSIONS_DIR).exists()  # nothing federated yet: only the standing
 
     def run(model: Path, out: Path, texts: list[OwnerText], rounds: int = 1) -> Path:
@@ -262,19 +262,19 @@ def test_an_opt_out_reverts_to_versions_it_never_shaped_and_a_round_rebuilds_the
 
     reference = run(start, tmp_path / "reference", [upper], rounds=2)
     first = run(start, tmp_path / "first", [upper])
-    experts_opt_in(first, "again")
+    members_opt_in(first, "again")
     second = run(first, tmp_path / "second", [upper, again])
     shaped = json.loads((second / SLOTS_FILE).read_text())["federation"]
     assert "again" in shaped["router_versions"][-1]["shaped_by"]
     assert "again" not in shaped["router_versions"][3]["shaped_by"]
     assert "again" in shaped["trunk_versions"][2]["shaped_by"]
 
-    experts_opt_out(second, "again")  # back to round 1's versions, in place
+    members_opt_out(second, "again")  # back to round 1's versions, in place
     table = json.loads((second / SLOTS_FILE).read_text())["federation"]
     assert table["current_router"] == 3 and table["current_slots"] == {"upper": 1, "again": 0}
     assert table["current_trunk"] == 1
     assert _same_weights(second, first)
-    listed = _cli("experts", "list", str(second))
+    listed = _cli("members", "list", str(second))
     assert "router version 3 (round 1, depends on upper)" in listed.stdout
     assert "trunk version 1 (round 1, depends on upper)" in listed.stdout
 

@@ -211,7 +211,7 @@ def test_standing_choice_is_durable_audited_and_honoured(merged: Path, tmp_path:
     shutil.copytree(merged, model)
     cli = [sys.executable, "-m", "flexmoe"]
     out = subprocess.run(
-        [*cli, "experts", "opt-out", str(model), "upper", "--reason", "consent withdrawn"],
+        [*cli, "members", "opt-out", str(model), "upper", "--reason", "consent withdrawn"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -219,7 +219,7 @@ def test_standing_choice_is_durable_audited_and_honoured(merged: Path, tmp_path:
     assert out.returncode == 0, out.stderr
     assert standing_exclusions(model) == frozenset({"upper"})
     listed = subprocess.run(
-        [*cli, "experts", "list", str(model)], capture_output=True, text=True, timeout=120
+        [*cli, "members", "list", str(model)], capture_output=True, text=True, timeout=120
     ).stdout
     assert any(
         ln.split()[1] == "upper" and " out " in ln and "consent withdrawn" in ln
@@ -405,7 +405,7 @@ def test_cli_eval_honours_opt_out_and_selection(
 
     everyone, without = bpb(), bpb("--exclude", "upper")
     assert everyone != without
-    assert _run("experts", "opt-out", str(model), "upper").returncode == 0
+    assert _run("members", "opt-out", str(model), "upper").returncode == 0
     assert bpb() == without  # the standing choice is read by every load
     bad = _run("eval", "ppl", str(model), *data, "--exclude", "upper", "--exclude", "again")
     assert bad.returncode == 2 and "excludes every owner's expert" in bad.stderr
@@ -538,7 +538,7 @@ def test_router_tune_changes_only_the_router_and_records_it(
     record = json.loads((out / SLOTS_FILE).read_text())["router_tuning"]
     assert record["data"] == {"upper": record["data"]["upper"]} and record["steps"] == 15
     assert json.loads((merged / SLOTS_FILE).read_text())["router_tuning"] is None
-    listed = _run("experts", "list", str(out))
+    listed = _run("members", "list", str(out))
     assert "routing tuned after merging on" in listed.stdout and "not as strict" in listed.stdout
     with pytest.raises(FlexMoEError, match="new directory"):
         tune_router(merged, [spec], out=merged, cfg=cfg, device=CPU, cache_dir=None)

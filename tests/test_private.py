@@ -86,7 +86,7 @@ def test_a_dp_package_verifies_and_merges(
              str(other), "--out", str(merged)], capsys)  # fmt: skip
     epsilon = read_manifest(dp_package).training.privacy.epsilon  # type: ignore[union-attr]
     with pytest.raises(SystemExit):
-        main(["experts", "list", str(merged)])
+        main(["members", "list", str(merged)])
     listing = capsys.readouterr().out.splitlines()
     assert "DP eps" in listing[0]
     assert f"{epsilon:.3g}" in next(line for line in listing if " upper " in line)

@@ -381,7 +381,7 @@ def test_guessed_tokens_are_rate_limited_and_checked_off_the_event_loop(model_di
 
 
 def test_owners_tokens_opt_out_and_opt_in(model_dir: Path) -> None:
-    made = subprocess.run([sys.executable, "-m", "flexmoe", "owners", "add", str(model_dir),
+    made = subprocess.run([sys.executable, "-m", "flexmoe", "tokens", "add", str(model_dir),
                            "upper"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
@@ -417,13 +417,13 @@ def test_owners_tokens_opt_out_and_opt_in(model_dir: Path) -> None:
             answer = client.completions.create(model=NAME, prompt="THE UNION", max_tokens=6,
                                                extra_body={"min_tokens": 6})  # fmt: skip
             assert _attribution(answer)["upper"] == 0.0 and _attribution(answer)["again"] > 0
-        listed = subprocess.run([sys.executable, "-m", "flexmoe", "experts", "list",
+        listed = subprocess.run([sys.executable, "-m", "flexmoe", "members", "list",
                                  str(model_dir)], capture_output=True, text=True, timeout=120)  # fmt: skip
         assert "upper" in listed.stdout and " out " in listed.stdout
         admin = {"Authorization": f"Bearer {ADMIN}"}
         assert httpx.post(f"{url}/v1/experts/upper/opt-in", headers=admin).status_code == 200
         assert status() == "active"
-        revoked = subprocess.run([sys.executable, "-m", "flexmoe", "owners", "revoke",
+        revoked = subprocess.run([sys.executable, "-m", "flexmoe", "tokens", "revoke",
                                   str(model_dir), "upper"], capture_output=True, text=True,
                                  timeout=120)  # fmt: skip
         assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
@@ -593,7 +593,7 @@ def test_edits_of_a_served_model_keep_tokens_ledger_and_audit_log(
     token, every ledger row and the opt-out audit log come through unchanged, and the server's
     next writes land in the new directory."""
     flexmoe = [sys.executable, "-m", "flexmoe"]
-    made = subprocess.run([*flexmoe, "owners", "add", str(model_dir), "upper"],
+    made = subprocess.run([*flexmoe, "tokens", "add", str(model_dir), "upper"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()

@@ -45,7 +45,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for owner in ("upper org", "again org", "stranger"):
         path = root / f"{owner.split()[0]}.key"
         with pytest.raises(SystemExit) as done:
-            main(["owners", "keygen", "--owner", owner, "--out", str(path)])
+            main(["keys", "generate", "--owner", owner, "--out", str(path)])
         assert done.value.code in (0, None)
         out[owner] = path
     return out
@@ -67,7 +67,7 @@ def _registry(root: Path, keys: dict[str, Path], *owners: str) -> Path:
     path = root / "keys.sqlite"
     for owner in owners:
         with pytest.raises(SystemExit) as done:
-            main(["owners", "register", str(path), str(keys[owner].with_suffix(".pub.json"))])
+            main(["keys", "register", str(path), str(keys[owner].with_suffix(".pub.json"))])
         assert done.value.code in (0, None)
     return path
 
@@ -106,7 +106,7 @@ def test_good_signatures_merge_and_the_slot_table_records_the_signer(
         known = {k.owner: k.fingerprint for k in reg.list()}
     assert signers[1]["fingerprint"] == known["upper org"]
     with pytest.raises(SystemExit):
-        main(["experts", "list", str(merged)])
+        main(["members", "list", str(merged)])
     out = capsys.readouterr().out
     assert known["again org"][:16] in out and "signed by" in out
 
@@ -170,7 +170,7 @@ def test_a_bad_signature_is_refused_at_verify_merge_and_merge_add(
     elif case == "revoked key":
         with KeyRegistry(registry) as reg:
             target = next(k for k in reg.list() if k.owner == "upper org")
-        main_ok(["owners", "revoke-key", str(registry), target.fingerprint[:12]], capsys)
+        main_ok(["keys", "revoke", str(registry), target.fingerprint[:12]], capsys)
     elif case == "unsigned":
         (bad / SIGNATURE_FILE).unlink()
     elif case == "signature of another package":
@@ -203,18 +203,18 @@ def test_policy_and_merge_add_keep_to_the_registry(
     table = read_json(merged / SLOTS_FILE)
     assert table["slots"][2]["signer"]["owner"] == "again org"
     # The policy can take unsigned packages; a signed one is still checked.
-    main_ok(["owners", "keys", str(registry), "--allow-unsigned"], capsys)
+    main_ok(["keys", "list", str(registry), "--allow-unsigned"], capsys)
     loose = tmp_path / "loose"
     main_ok(_merge(anchor_dir, [good[0]], loose, registry), capsys)
     assert read_json(loose / SLOTS_FILE)["slots"][1]["signer"] is None
     with pytest.raises(SystemExit):
-        main(["owners", "keys", str(registry)])
+        main(["keys", "list", str(registry)])
     assert "unsigned packages: taken" in capsys.readouterr().out
     line = _refused(["merge", "--anchor", str(anchor_dir), "--out", str(tmp_path / "x"),
                      "--registry", str(tmp_path / "missing.sqlite"), "--expert",
                      str(pkgs[0])], capsys)  # fmt: skip
     assert "key registry not found" in line
-    line = _refused(["owners", "register", str(registry),
+    line = _refused(["keys", "register", str(registry),
                      str(keys["upper org"].with_suffix(".pub.json"))], capsys)  # fmt: skip
     assert "already registered" in line
 

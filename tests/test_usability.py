@@ -265,7 +265,7 @@ def test_json_on_result_commands(
         assert code == 0, err
         return json.loads(out)
 
-    listed = run("experts", "list", str(model))
+    listed = run("members", "list", str(model))
     assert [e["name"] for e in listed["experts"]] == ["public", "upper", "again"]
     assert listed["experts"][1]["opted_out"] is False and listed["router_tuning"] is None
     verified = run("expert", "verify", str(merged / "upper"), "--anchor", str(anchor_dir))
@@ -275,11 +275,11 @@ def test_json_on_result_commands(
     assert plan["top_k"] == 2 and plan["out"] is None and not (tmp_path / "no").exists()
     assert [s["expert"] for s in plan["slots"]] == ["public", "upper"]
     assert run("ledger", str(model))[0]["responses"] == 1
-    assert run("experts", "opt-out", str(model), "upper") == {"expert": "upper", "opted_out": True}
-    assert run("owners", "list", str(model)) == []
-    made = run("owners", "add", str(model), "upper")
+    assert run("members", "opt-out", str(model), "upper") == {"expert": "upper", "opted_out": True}
+    assert run("tokens", "list", str(model)) == []
+    made = run("tokens", "add", str(model), "upper")
     assert made["expert"] == "upper" and made["token"].startswith("fmx_upper_")
-    assert [r["expert"] for r in run("owners", "list", str(model))] == ["upper"]
+    assert [r["expert"] for r in run("tokens", "list", str(model))] == ["upper"]
 
 
 def test_quiet_and_tqdm_disable_silence_progress(
@@ -389,10 +389,10 @@ def test_metadata_commands_do_not_load_torch(ui_model: Path, tmp_path: Path) -> 
 
     model = str(shutil.copytree(ui_model, tmp_path / "model"))
     commands = [
-        ["experts", "list", model],
-        ["experts", "opt-out", model, "upper", "--reason", "test"],
-        ["experts", "opt-in", model, "upper"],
-        ["owners", "list", model],
+        ["members", "list", model],
+        ["members", "opt-out", model, "upper", "--reason", "test"],
+        ["members", "opt-in", model, "upper"],
+        ["tokens", "list", model],
         ["--help"],
     ]
     script = LIGHT.format(commands=", ".join(repr(c) for c in commands))
@@ -437,6 +437,16 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
     with pytest.warns(FutureWarning, match="--dp-clip-trunk is now --dp-clip"):
         assert renamed_key("fed simulate", "dp_clip_trunk", 2.0) == ("dp-clip", "trunk=2.0")
     assert renamed_key("fed simulate", "rounds", 3) == ("rounds", 3)
+    # groups named for what they hold: members, keys, tokens (was experts and owners)
+    for old, new in (
+        (["-q", "experts", "list", "M"], ["-q", "members", "list", "M"]),
+        (["owners", "revoke-key", "R", "ab12"], ["keys", "revoke", "R", "ab12"]),
+        (["owners", "add", "M", "upper"], ["tokens", "add", "M", "upper"]),
+    ):
+        words = [w for w in old if not w.startswith("-")][:2]
+        with pytest.warns(FutureWarning, match=f"flexmoe {' '.join(words)} is now"):
+            assert renamed(old) == new
+    assert renamed(["expert", "train", "--owner", "x"]) == ["expert", "train", "--owner", "x"]
     missing = str(tmp_path / "nokey")
     for spelling, warned in (("--key", True), ("--signing-key", False)):
         with pytest.raises(SystemExit) as e:

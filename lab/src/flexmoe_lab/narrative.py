@@ -443,7 +443,7 @@ def _opt_out_section(opt: OptOutRecord) -> str:
     log_rows = "\n".join(f"- {row[0]} {row[1]} {row[2]}: {row[3]}" for row in opt.audit)
     return f"""## One owner opts out, live
 
-The {opt.expert} owner opted out (`flexmoe experts opt-out`) while the merged model stayed
+The {opt.expert} owner opted out (`flexmoe members opt-out`) while the merged model stayed
 loaded. On {opt.expert} text the opted-out model scores {opt.opted_out_bpb:.6f} bpb and a
 model merged without that expert (`flexmoe merge remove`) {opt.merged_without_bpb:.6f}
 (difference {opt.bpb_difference_vs_merged_without:.1e}).

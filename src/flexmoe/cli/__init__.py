@@ -1,7 +1,7 @@
 """The ``flexmoe`` command line: each subcommand parses its arguments and calls one function.
 
 The commands live by role: :mod:`.owner` (data, tokenizer, anchor, expert), :mod:`.coordinator`
-(merge, router, experts, owners, serve, ledger, generate) and :mod:`.experiment` (eval,
+(merge, router, members, keys, tokens, serve, ledger, generate) and :mod:`.experiment` (eval,
 baseline, audit); :mod:`.common` holds what they share. The demo and its report are the lab's
 (``flexmoe-lab``, in ``lab/``); ``flexmoe demo``, ``report`` and ``data demo`` hand over to it.
 """
@@ -36,11 +36,12 @@ for group, name in [
     (owner.expert_app, "expert"),
     (coordinator.merge_app, "merge"),
     (coordinator.router_app, "router"),
-    (coordinator.experts_app, "experts"),
+    (coordinator.members_app, "members"),
     (experiment.eval_app, "eval"),
     (experiment.baseline_app, "baseline"),
     (experiment.audit_app, "audit"),
-    (coordinator.owners_app, "owners"),
+    (coordinator.keys_app, "keys"),
+    (coordinator.tokens_app, "tokens"),
     (federated.fed_app, "fed"),
 ]:
     app.add_typer(group, name=name)
@@ -99,22 +100,22 @@ COMMANDS = {
     "merge remove": coordinator.merge_remove,
     "router tune": coordinator.router_tune,
     "generate": coordinator.generate,
-    "experts list": coordinator.experts_list,
-    "experts opt-out": coordinator.experts_opt_out,
-    "experts opt-in": coordinator.experts_opt_in,
+    "members list": coordinator.members_list,
+    "members opt-out": coordinator.members_opt_out,
+    "members opt-in": coordinator.members_opt_in,
     "eval ppl": experiment.eval_ppl,
     "eval baselines": experiment.eval_baselines,
     "baseline unrestricted": experiment.baseline_unrestricted,
     "baseline fedavg": federated.baseline_fedavg,
     "audit extraction": experiment.audit_extraction_cmd,
     "serve": coordinator.serve,
-    "owners keygen": coordinator.owners_keygen,
-    "owners register": coordinator.owners_register,
-    "owners revoke-key": coordinator.owners_revoke_key,
-    "owners keys": coordinator.owners_keys,
-    "owners add": coordinator.owners_add,
-    "owners revoke": coordinator.owners_revoke,
-    "owners list": coordinator.owners_list,
+    "keys generate": coordinator.keys_generate,
+    "keys register": coordinator.keys_register,
+    "keys revoke": coordinator.keys_revoke,
+    "keys list": coordinator.keys_list,
+    "tokens add": coordinator.tokens_add,
+    "tokens revoke": coordinator.tokens_revoke,
+    "tokens list": coordinator.tokens_list,
     "ledger": coordinator.ledger,
     "fed simulate": federated.fed_simulate,
     "fed serve": federated.fed_serve,

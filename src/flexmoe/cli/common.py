@@ -92,7 +92,7 @@ LogDirOpt = Annotated[
 ]
 SigningKeyOpt = Annotated[
     Path | None,
-    typer.Option(help="sign the package with this private key (`flexmoe owners keygen`)"),
+    typer.Option(help="sign the package with this private key (`flexmoe keys generate`)"),
 ]
 RegistryOpt = Annotated[
     Path | None,

@@ -44,12 +44,16 @@ if TYPE_CHECKING:
 
 merge_app = typer.Typer(help="Merge experts into one model; add or remove one later.")
 router_app = typer.Typer(help="The merged model's router.", no_args_is_help=True)
-experts_app = typer.Typer(
-    help="The owners' standing choice in a merged model.", no_args_is_help=True
+members_app = typer.Typer(
+    help="The experts a merged model holds and each owner's standing choice (opt-out, opt-in).",
+    no_args_is_help=True,
 )
-owners_app = typer.Typer(
-    help="Owners' signing keys and the coordinator's key registry; owners' bearer tokens for "
-    "the server's opt-out and opt-in.",
+keys_app = typer.Typer(
+    help="Signing keys: an owner's key pair and the coordinator's registry of public keys.",
+    no_args_is_help=True,
+)
+tokens_app = typer.Typer(
+    help="Bearer tokens: each owner's, for the server's usage page, opt-out and opt-in.",
     no_args_is_help=True,
 )
 
@@ -193,7 +197,7 @@ def router_tune(
 ) -> None:
     """Train only the router rows on small proxy data (everything else frozen); write a new model.
 
-    The slot table records the tuning; it weakens strict opt-out, and `flexmoe experts list`
+    The slot table records the tuning; it weakens strict opt-out, and `flexmoe members list`
     says so.
     """
     from flexmoe.device import pick_device
@@ -285,8 +289,8 @@ def generate(
         typer.echo(json.dumps(result.per_token))
 
 
-@experts_app.command("list")
-def experts_list(model: ModelArg, as_json: JsonOpt = False) -> None:
+@members_app.command("list")
+def members_list(model: ModelArg, as_json: JsonOpt = False) -> None:
     """Each expert's owner, license and standing (in or out); whether routing was tuned."""
     from flexmoe.merge.standing import StandingStore
 
@@ -382,8 +386,8 @@ def _versions(slots: dict[str, int]) -> str:
     return ", ".join(f"{n} v{v}" for n, v in slots.items())
 
 
-@experts_app.command("opt-out")
-def experts_opt_out(
+@members_app.command("opt-out")
+def members_opt_out(
     model: ModelArg,
     name: ExpertArg,
     reason: Annotated[str, typer.Option(help="why (kept in the audit log)")] = "",
@@ -393,8 +397,8 @@ def experts_opt_out(
     _set_standing(model, name, True, reason, as_json)
 
 
-@experts_app.command("opt-in")
-def experts_opt_in(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> None:
+@members_app.command("opt-in")
+def members_opt_in(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> None:
     """Use an expert again from the next request on; recorded with a timestamp."""
     _set_standing(model, name, False, "", as_json)
 
@@ -471,8 +475,8 @@ def _listen(listen: str, host: str | None, port: int | None) -> tuple[str, int]:
     return parse_address(f"{host or address[0]}:{port or address[1]}", "--port")
 
 
-@owners_app.command("keygen")
-def owners_keygen(
+@keys_app.command("generate")
+def keys_generate(
     owner: Annotated[str, typer.Option(help="the owning organisation, as in its manifests")],
     out: Annotated[
         Path, typer.Option(help="private key file to write; the public key goes to *.pub.json")
@@ -498,8 +502,8 @@ def owners_keygen(
     )
 
 
-@owners_app.command("register")
-def owners_register(
+@keys_app.command("register")
+def keys_register(
     registry: RegistryArg,
     public_key: Annotated[Path, typer.Argument(help="an owner's .pub.json file")],
     as_json: JsonOpt = False,
@@ -516,8 +520,8 @@ def owners_register(
     )
 
 
-@owners_app.command("revoke-key")
-def owners_revoke_key(
+@keys_app.command("revoke")
+def keys_revoke(
     registry: RegistryArg,
     fingerprint: Annotated[str, typer.Argument(help="the key's fingerprint (8+ hex digits)")],
     as_json: JsonOpt = False,
@@ -530,8 +534,8 @@ def owners_revoke_key(
     emit(as_json, asdict(info), f"revoked key {info.fingerprint} of {printable(info.owner, 64)}")
 
 
-@owners_app.command("keys")
-def owners_keys(
+@keys_app.command("list")
+def keys_list(
     registry: RegistryArg,
     require: Annotated[
         bool | None,
@@ -562,8 +566,8 @@ def owners_keys(
     emit(as_json, {"keys": [asdict(k) for k in rows], "require_signatures": required}, table)
 
 
-@owners_app.command("add")
-def owners_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> None:
+@tokens_app.command("add")
+def tokens_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> None:
     """Make a bearer token for the owner of expert NAME; printed once, only its hash is kept."""
     from flexmoe.serve.auth import OwnerTokens
 
@@ -575,8 +579,8 @@ def owners_add(model: ModelArg, name: ExpertArg, as_json: JsonOpt = False) -> No
     )
 
 
-@owners_app.command("revoke")
-def owners_revoke(
+@tokens_app.command("revoke")
+def tokens_revoke(
     model: ModelArg,
     name: ExpertArg,
     token_id: Annotated[int | None, typer.Option("--id", help="one token (default: all)")] = None,
@@ -592,8 +596,8 @@ def owners_revoke(
     emit(as_json, {"expert": name, "revoked": count}, f"revoked {count} token(s) of {name}")
 
 
-@owners_app.command("list")
-def owners_list(model: ModelArg, as_json: JsonOpt = False) -> None:
+@tokens_app.command("list")
+def tokens_list(model: ModelArg, as_json: JsonOpt = False) -> None:
     """The tokens made for each owner (id, created, revoked); never the tokens themselves."""
     from flexmoe.serve.auth import OwnerTokens
 

@@ -457,7 +457,7 @@ def expert_sign(
     package: Annotated[Path, typer.Argument(help="expert package directory")],
     signing_key: Annotated[
         Path,
-        typer.Option("--signing-key", help="the owner's private key (`flexmoe owners keygen`)"),
+        typer.Option("--signing-key", help="the owner's private key (`flexmoe keys generate`)"),
     ],
     as_json: JsonOpt = False,
 ) -> None:

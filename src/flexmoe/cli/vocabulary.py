@@ -32,6 +32,22 @@ RENAMED: dict[str, dict[str, str]] = {
 }
 
 
+# Commands renamed so that a group's name says what it holds: the merged model's members, the
+# signing-key registry, the server's bearer tokens (``expert`` stays the owner's own package).
+COMMANDS_RENAMED = {
+    "experts list": "members list",
+    "experts opt-out": "members opt-out",
+    "experts opt-in": "members opt-in",
+    "owners keygen": "keys generate",
+    "owners register": "keys register",
+    "owners revoke-key": "keys revoke",
+    "owners keys": "keys list",
+    "owners add": "tokens add",
+    "owners revoke": "tokens revoke",
+    "owners list": "tokens list",
+}
+
+
 def _warn(old: str, new: str) -> None:
     now = new.split()[0] if new else "the positional MODEL"
     said = f"{old} is now {now}; the old spelling goes in the next release"
@@ -41,6 +57,7 @@ def _warn(old: str, new: str) -> None:
 def renamed(args: list[str]) -> list[str]:
     """``args`` with the command's old option spellings replaced by the new ones, and a
     one-line warning for each old one used."""
+    args = _renamed_command(args)
     words = [a for a in args if not a.startswith("-")][:2]
     names = RENAMED.get(" ".join(words)) or RENAMED.get(words[0] if words else "") or {}
     out: list[str] = []
@@ -64,6 +81,20 @@ def renamed(args: list[str]) -> list[str]:
             prefix = value_prefix
         elif eq:
             out.append(value)  # a positional's value alone; "--model X" leaves X to follow
+    return out
+
+
+def _renamed_command(args: list[str]) -> list[str]:
+    """``args`` with an old command name (its first two words) replaced by the new one."""
+    at = [i for i, a in enumerate(args) if not a.startswith("-")][:2]
+    new = COMMANDS_RENAMED.get(" ".join(args[i] for i in at)) if len(at) == 2 else None
+    if new is None:
+        return args
+    old = " ".join(args[i] for i in at)
+    said = f"flexmoe {old} is now flexmoe {new}; the old name goes in the next release"
+    warnings.warn(said, FutureWarning, stacklevel=3)
+    out = list(args)
+    out[at[0]], out[at[1]] = new.split()
     return out
 
 

@@ -46,7 +46,7 @@ class KeyRegistry(SqliteStore):
         self.path = Path(path)
         if not create and not self.path.is_file():
             raise FlexMoEError(
-                self.path, "key registry not found (`flexmoe owners register` makes one)"
+                self.path, "key registry not found (`flexmoe keys register` makes one)"
             )
         self.db = open_sqlite(self.path, _SCHEMA, "the key registry")
 

@@ -1,7 +1,7 @@
 """Signed packages: an owner's Ed25519 key signs the package's manifest, which pins the sha256 of
 every other file, so one signature covers the whole package.
 
-An owner makes a key pair once (``flexmoe owners keygen``): the private key stays with the owner
+An owner makes a key pair once (``flexmoe keys generate``): the private key stays with the owner
 (PKCS#8 PEM, readable by its owner only, encrypted when ``FLEXMOE_KEY_PASSPHRASE`` is set); the
 public key (a small JSON file) goes to the coordinator, who registers it
 (:mod:`flexmoe.expert.registry`). ``expert train --signing-key`` and ``expert sign`` write

@@ -65,7 +65,7 @@ tokenizer = AutoTokenizer.from_pretrained("PATH")
 ```
 
 `flexmoe serve PATH` serves it with each owner's standing opt-out honoured on every request and
-each answer attributed to the experts that gave it; `flexmoe experts list PATH` shows who is in.
+each answer attributed to the experts that gave it; `flexmoe members list PATH` shows who is in.
 Owners' opt-outs are not part of this card: they change while the model is served.
 """
     )

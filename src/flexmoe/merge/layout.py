@@ -35,7 +35,7 @@ from flexmoe.merge.card import merged_card
 from flexmoe.merge.slots import SlotInfo, SlotTable
 
 # torch and transformers load only where a command touches weights, so that a command that reads
-# or changes metadata (experts list, opt-out) starts in a fraction of a second.
+# or changes metadata (members list, opt-out) starts in a fraction of a second.
 if TYPE_CHECKING:
     import torch
     from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, PreTrainedTokenizerBase

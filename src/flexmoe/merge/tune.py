@@ -4,7 +4,7 @@ Every expert and every other tensor stays frozen; only the router rows (and, whe
 biases are in use, the biases, kept <= 0) change. The result is a new model directory whose slot
 table records that routing was tuned, on what data (domain names, document counts and a hash of
 the documents, never the text or its paths) and for how long. Tuning weakens strict opt-out: an
-expert's router row was tuned together with the others', so `flexmoe experts list` says so.
+expert's router row was tuned together with the others', so `flexmoe members list` says so.
 """
 
 from __future__ import annotations
