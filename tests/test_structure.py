@@ -83,3 +83,15 @@ def test_a_file_format_module_builds_no_model() -> None:
             for alias in node.names
         }
         assert not {c for c in classes if c.endswith("ForCausalLM")}, name
+
+
+def test_no_function_in_the_library_is_longer_than_60_lines() -> None:
+    """Counted from the first line of the body (the docstring) to the last."""
+    long = [
+        f"{path.relative_to(SRC)}:{node.name} ({node.end_lineno - node.body[0].lineno + 1})"
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        if (node.end_lineno or 0) - node.body[0].lineno + 1 > 60
+    ]
+    assert long == []

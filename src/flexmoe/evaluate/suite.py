@@ -7,6 +7,7 @@ turns into tables and plots.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -53,6 +54,18 @@ def variant_names(
     return [*flips, PREFIX, *(without(name) for name in experts)]
 
 
+def _scores(
+    model: Any,
+    tokenizer: Any,
+    scored: list[DataSpec | HeldOutText],
+    seq_len: int | None,
+    sample: dict[str, Any],
+) -> dict[str, DomainScore]:
+    """One model's score on every domain and mixture, as the evaluation records it."""
+    found = evaluate_loaded(model, tokenizer, scored, seq_len=seq_len, **sample)
+    return {s.domain: DomainScore.model_validate(asdict(s)) for s in found}
+
+
 def run_suite(
     *,
     anchor_dir: Path,
@@ -73,13 +86,11 @@ def run_suite(
     log: Log = print,
 ) -> Evaluation:
     """Score every model named in ``only`` (default: every baseline, then every variant, the
-    other top-k and bias ones only with ``every_variant``).
-
-    ``tuned_dir`` is scored as ``flexmoe:tuned``; ``extra_models`` maps more registry names to
-    merged model directories (ablations), each loaded with the owners' choice applied. Every
-    model is also scored on ``mixtures`` (text that needs two experts) and priced in inference
-    FLOPs per token relative to the anchor (:mod:`flexmoe.evaluate.cost`).
-    """
+    other top-k and bias ones only with ``every_variant``). ``tuned_dir`` is scored as
+    ``flexmoe:tuned``; ``extra_models`` maps more registry names to merged model directories
+    (ablations), each loaded with the owners' choice applied. Every model is also scored on
+    ``mixtures`` (text that needs two experts) and priced in inference FLOPs per token relative
+    to the anchor (:mod:`flexmoe.evaluate.cost`)."""
     extra = {**({TUNED: tuned_dir} if tuned_dir else {}), **(extra_models or {})}
     anchor = load_anchor(anchor_dir)
     packages = [load_package(p, anchor) for p in package_dirs]
@@ -96,28 +107,26 @@ def run_suite(
     sample.update(max_documents=max_documents, max_bytes=max_bytes)
     mixed = list(mixtures or [])
     scored: list[DataSpec | HeldOutText] = [*data, *mixed]
-    rivals = max(0, len(slots) - 1 - len(experts))  # the coordinator's, kept in the merge
     shape = Shape.of(anchor.model.config, seq_len=seq_len or eval_seq_len(anchor.model.config))
+    built = functools.partial(
+        build_baseline,
+        anchor=anchor,
+        packages=packages,
+        device=device,
+        merged_dir=merged_dir,
+        unrestricted_dir=unrestricted_dir,
+    )
     models: dict[str, dict[str, DomainScore]] = {}
     seconds: dict[str, float] = {}
     for name in names:
         started = time.perf_counter()
         log(f"scoring {name}")
-        model = (
-            load_selected(extra[name])
-            if name in extra
-            else build_baseline(
-                name,
-                anchor=anchor,
-                packages=packages,
-                device=device,
-                merged_dir=merged_dir,
-                unrestricted_dir=unrestricted_dir,
-            )
-        )
-        scores = evaluate_loaded(model, anchor.tokenizer, scored, seq_len=seq_len, **sample)
-        models[name] = {s.domain: DomainScore.model_validate(asdict(s)) for s in scores}
+        model = load_selected(extra[name]) if name in extra else built(name)
+        models[name] = _scores(model, anchor.tokenizer, scored, seq_len, sample)
         seconds[name] = round(time.perf_counter() - started, 1)
+    rivals = max(0, len(slots) - 1 - len(experts))  # the coordinator's, kept in the merge
+    owners = len(experts)
+    price = functools.partial(relative_cost, shape=shape, owners=owners, top_k=top_k, rivals=rivals)
     routed = {"routing": merged_dir, "routing_tuned": tuned_dir}
     routings = _routings(routed, anchor.tokenizer, data, slots, log=log, **sample)
     return Evaluation(
@@ -132,12 +141,7 @@ def run_suite(
         order=list(models),
         seconds=seconds,
         mixtures=[m.domain for m in mixed],
-        cost={
-            name: round(
-                relative_cost(name, shape, owners=len(experts), top_k=top_k, rivals=rivals), 3
-            )
-            for name in models
-        },
+        cost={name: round(price(name), 3) for name in models},
         **routings,
     )
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexmoe.anchor import Anchor, load_anchor
-from flexmoe.data.documents import DataSpec
+from flexmoe.data.documents import DataSpec, Document
 from flexmoe.data.packing import TokenStream, pack_documents
 from flexmoe.data.split import load_splits
 from flexmoe.data.tokenizer import save_tokenizer
@@ -85,6 +85,19 @@ def _tiled(stream: TokenStream, tokens: int) -> np.ndarray:
     return np.resize(np.asarray(stream.tokens), tokens)
 
 
+def _joint_streams(
+    parts: list[np.ndarray], validation: list[Document], anchor: Anchor, cache_dir: Path | None
+) -> tuple[TokenStream, TokenStream | None]:
+    """The domains' token parts as one training stream (the order shuffles blocks across
+    domains; training only), and the validation documents of every domain as one."""
+    dtype = np.asarray(parts[0]).dtype
+    tokens = np.concatenate(parts).astype(dtype)
+    train = TokenStream(tokens=tokens, num_bytes=0, num_docs=0)
+    if not validation:
+        return train, None
+    return train, pack_documents(validation, anchor.tokenizer, cache_dir=cache_dir)
+
+
 def train_unrestricted(
     *,
     anchor_dir: Path,
@@ -124,13 +137,7 @@ def train_unrestricted(
         rows.append(owner_router_rows(anchor, method, texts, device=device, embedder=embedder)[0])
     if public_fraction > 0:
         parts.append(_public_part(public_data, anchor, budget - share * len(data), cache_dir))
-    dtype = np.asarray(parts[0]).dtype
-    train_stream = TokenStream(
-        tokens=np.concatenate(parts).astype(dtype), num_bytes=0, num_docs=0
-    )  # training only: the order shuffles blocks across domains
-    val_stream = (
-        pack_documents(validation, anchor.tokenizer, cache_dir=cache_dir) if validation else None
-    )
+    train_stream, val_stream = _joint_streams(parts, validation, anchor, cache_dir)
     model = _joint_model(anchor.model, rows, top_k)
     job = TrainingJob(
         out,

@@ -413,21 +413,7 @@ def serve(
     has not opted out) and goes on with those connected. With ``node_keys`` (owner -> its
     public node key) only SuperNodes with those keys may connect, each for its own owner."""
     merged, out = check_rounds(model, plan, out, overwrite)
-    excluded = standing_exclusions(merged.path)
-    active = [s.name for s in merged.table().slots[1:] if s.name not in excluded]
-    owners = len(active) if owners is None else owners
-    if not 1 <= owners <= len(active):
-        raise FlexMoEError("--owners", f"must be 1 to {len(active)} (the owners in the model)")
-    if registry is not None and not Path(registry).is_file():
-        raise FlexMoEError(registry, "key registry not found")
-    if tls is not None:
-        tls.check()
-    node_keys = _checked_node_keys(node_keys, active)
-    if node_keys and tls is None:
-        raise FlexMoEError(
-            "--node-key",
-            "Flower authenticates nodes over TLS only: give --ca, --cert and --cert-key",
-        )
+    owners, node_keys = _checked_serve(merged, owners, registry, tls, node_keys)
     host, port = parse_address(listen, "--listen")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.serve-", dir=out.parent) as state:
@@ -451,15 +437,7 @@ def serve(
         local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         _write_connection(home, f"{local}:{port}", tls)
         env = _environment(home, debug)
-        link = [_flower("flower-superlink"), "--host", host, "--port", str(port)]
-        link += ["--disable-runtime-dependency-installation", "--database", str(root / "state.db")]
-        if tls is None:
-            link.append("--insecure")
-        else:
-            link += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
-            link += ["--ssl-keyfile", str(tls.key)]
-        if node_keys:
-            link.append("--enable-supernode-auth")
+        link = _superlink_command(host, port, root / "state.db", tls, bool(node_keys))
         with _process(link, env) as superlink:
             _wait_for(local, port, superlink, "the SuperLink")
             if node_keys:
@@ -484,6 +462,48 @@ def serve(
     if "error" in status:
         raise FlexMoEError(None, status["error"])
     return status
+
+
+def _checked_serve(
+    merged: MergedModel,
+    owners: int | None,
+    registry: Path | None,
+    tls: Tls | None,
+    node_keys: dict[str, Path] | None,
+) -> tuple[int, dict[str, Path] | None]:
+    """The owners each phase waits for (default: every owner not opted out) and their node
+    keys, checked before anything starts."""
+    excluded = standing_exclusions(merged.path)
+    active = [s.name for s in merged.table().slots[1:] if s.name not in excluded]
+    owners = len(active) if owners is None else owners
+    if not 1 <= owners <= len(active):
+        raise FlexMoEError("--owners", f"must be 1 to {len(active)} (the owners in the model)")
+    if registry is not None and not Path(registry).is_file():
+        raise FlexMoEError(registry, "key registry not found")
+    if tls is not None:
+        tls.check()
+    checked = _checked_node_keys(node_keys, active)
+    if checked and tls is None:
+        raise FlexMoEError(
+            "--node-key",
+            "Flower authenticates nodes over TLS only: give --ca, --cert and --cert-key",
+        )
+    return owners, checked
+
+
+def _superlink_command(
+    host: str, port: int, database: Path, tls: Tls | None, authenticate: bool
+) -> list[str]:
+    link = [_flower("flower-superlink"), "--host", host, "--port", str(port)]
+    link += ["--disable-runtime-dependency-installation", "--database", str(database)]
+    if tls is None:
+        link.append("--insecure")
+    else:
+        link += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
+        link += ["--ssl-keyfile", str(tls.key)]
+    if authenticate:
+        link.append("--enable-supernode-auth")
+    return link
 
 
 def _checked_node_keys(

@@ -18,17 +18,7 @@ def merged_card(table: SlotTable, top_k: int) -> str:
         "pipeline_tag": "text-generation",
         "tags": TAGS,
     }
-    rows = [
-        "| slot | expert | owner | license | signed by | DP epsilon |",
-        "|---|---|---|---|---|---|",
-    ]
-    for s in slots:
-        signer = s.signer.fingerprint[:16] if s.signer else "-"
-        epsilon = format(s.epsilon, ".3g") if s.epsilon is not None else "-"
-        rows.append(
-            f"| {s.slot} | {cell(s.name)} | {cell(s.owner)} | {cell(s.license)} "
-            f"| {signer} | {epsilon} |"
-        )
+    rows = _expert_rows(table)
     tuning = table.router_tuning
     tuned = (
         f"The router was tuned after merging ({tuning.steps} steps on proxy data), which "
@@ -69,3 +59,19 @@ each answer attributed to the experts that gave it; `flexmoe members list PATH` 
 Owners' opt-outs are not part of this card: they change while the model is served.
 """
     )
+
+
+def _expert_rows(table: SlotTable) -> list[str]:
+    """The card's table of experts: slot, name, owner, licence, signer, DP epsilon."""
+    rows = [
+        "| slot | expert | owner | license | signed by | DP epsilon |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in table.slots:
+        signer = s.signer.fingerprint[:16] if s.signer else "-"
+        epsilon = format(s.epsilon, ".3g") if s.epsilon is not None else "-"
+        rows.append(
+            f"| {s.slot} | {cell(s.name)} | {cell(s.owner)} | {cell(s.license)} "
+            f"| {signer} | {epsilon} |"
+        )
+    return rows
