@@ -26,7 +26,7 @@ def test_help_lists_every_subcommand() -> None:
 
 
 def test_command_table_matches_registered_commands() -> None:
-    registered = {c.name for c in app.registered_commands}
+    registered = {c.name for c in app.registered_commands if not c.hidden}  # old names: hidden
     registered |= {
         f"{g.name} {c.name}"
         for g in app.registered_groups

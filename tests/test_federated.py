@@ -161,8 +161,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_fed_simulate_refuses_bad_input_in_one_line(
-    merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+    merged: Path,
+    anchor_dir: Path,
+    corpus_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Each refusal is one line, exit code 2, nothing written (run in this process, as
+    test_hostile's are; one by a separate process, as a user runs it)."""
+    from test_hostile import _refused
+
     from flexmoe.merge.standing import StandingStore
 
     data = str(corpus_dir / "other.jsonl")
@@ -179,10 +187,8 @@ def test_fed_simulate_refuses_bad_input_in_one_line(
         ),
     ]
     for args, message in cases:
-        done = _cli("fed", "simulate", *args, "--out", str(out), "--device", "cpu")
-        assert done.returncode == 2, done.stderr
-        (line,) = done.stderr.strip().splitlines()
-        assert line.startswith("flexmoe: error: ") and message in line
+        line = _refused(["fed", "simulate", *args, "--out", str(out), "--device", "cpu"], capsys)
+        assert message in line
     assert not out.exists()
 
     import shutil
@@ -441,14 +447,17 @@ def _certificates(root: Path) -> tuple[Path, Path, Path]:
 
 
 def test_a_deployment_over_loopback_equals_the_simulation(
-    merged: Path, corpus_dir: Path, tmp_path: Path
+    merged: Path, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fed serve` (SuperLink + ServerApp) and two `fed join` (SuperNodes) as separate processes
     over loopback, with TLS and each owner's node key registered, write the same weights, bit for
     bit, as `fed simulate`, for a round of slot, router and trunk phases with FedAdam on the
     trunk; a node whose key the coordinator did not register is refused in one line; each
     owner's process leaves by itself after the last phase (--once); no Flower process is left
-    behind."""
+    behind. (The reference is `fed simulate`'s plan and texts with each owner's work called in
+    this process, which the first test shows equal to Flower's simulation.)"""
+    import flexmoe.federated.run as run_module
+    from flexmoe.cli import main
     from flexmoe.federated.deploy import free_port
     from flexmoe.federated.nodes import generate_node_key
 
@@ -496,10 +505,15 @@ def test_a_deployment_over_loopback_equals_the_simulation(
     for process, (_, err) in zip(owners, joined, strict=True):
         assert process.returncode == 0, err
         assert "round 1 slot: trained on" in err and "rounds are over; leaving" in err
-    done = _cli("fed", "simulate", str(merged), "--data", f"upper={other}",
-                "--data", f"again={public}", "--public-data", public,
-                "--out", str(tmp_path / "simulated"), "--device", "cpu", *ROUND)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    real = run_module.federate
+    monkeypatch.setattr(
+        run_module, "federate", lambda *a, **kw: real(*a, **{**kw, "runner": _inline})
+    )
+    simulate = ["fed", "simulate", str(merged), "--data", f"upper={other}", "--data"]
+    simulate += [f"again={public}", "--public-data", public, "--out", str(tmp_path / "simulated")]
+    with pytest.raises(SystemExit) as done:
+        main([*simulate, "--device", "cpu", *ROUND])
+    assert done.value.code in (0, None)
     deployed, simulated, before = (
         read_state_dict(p) for p in (tmp_path / "deployed", tmp_path / "simulated", merged)
     )
@@ -528,10 +542,12 @@ def _running(needle: str) -> list[str]:
 
 
 def test_fed_serve_and_join_fail_in_one_line(
-    merged: Path, corpus_dir: Path, tmp_path: Path
+    merged: Path, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """No owner joins within --wait: one line, nothing written; `fed join` checks its owner
     and files before it connects; an owner whose copy of the model differs is refused."""
+    from test_hostile import _refused
+
     from flexmoe.federated.deploy import free_port, join
     from flexmoe.federated.messages import MODEL_KEY, check_model
 
@@ -545,11 +561,10 @@ def test_fed_serve_and_join_fail_in_one_line(
     )
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     data = str(corpus_dir / "other.jsonl")
-    found = _cli("fed", "join", str(merged), "--coordinator", address, "--data", f"nobody={data}")
-    assert found.returncode == 2, found.stderr
-    assert found.stderr.strip() == "flexmoe: error: nobody: no such expert in this model " + (
-        "(experts: upper, again)"
+    found = _refused(
+        ["fed", "join", str(merged), "--coordinator", address, "--data", f"nobody={data}"], capsys
     )
+    assert found == "flexmoe: error: nobody: no such expert in this model (experts: upper, again)"
     (upper, _) = _texts(corpus_dir)
     missing = replace(upper, data=(DataSpec("upper", ("missing.jsonl",)),))
     for text, where, message in (
@@ -567,8 +582,9 @@ def test_fed_serve_and_join_fail_in_one_line(
 def test_update_privacy_clips_and_noises_each_update_and_records_the_epsilon(
     merged: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
-    """--dp-owner-epsilon: each owner's router change leaves clipped to the norm and noised with the
-    accountant's multiplier; the model records every owner's epsilon; slot phases refuse it."""
+    """--dp-owner-epsilon: each owner's router change leaves clipped to the norm and noised
+    with the accountant's multiplier; the model records every owner's epsilon; slot phases
+    refuse it."""
     from flexmoe.federated.privacy import UpdatePrivacy, privatize
 
     change = {"a": torch.full((10,), 3.0), "b": torch.full((6,), 4.0)}

@@ -389,9 +389,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_eval_honours_opt_out_and_selection(
-    merged: Path, corpus_dir: Path, tmp_path: Path
+    merged: Path, corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """`eval ppl` (in this process, as a command line) leaves out what --exclude names and
+    what an owner opted out of, read on every load; excluding every owner is refused."""
     import shutil
+
+    from test_hostile import _refused, main_ok
+
+    from flexmoe.cli import main
 
     model = tmp_path / "model"
     shutil.copytree(merged, model)
@@ -399,16 +405,18 @@ def test_cli_eval_honours_opt_out_and_selection(
     data += ["--cache-dir", str(tmp_path / "cache")]
 
     def bpb(*extra: str) -> float:
-        out = _run("eval", "ppl", str(model), *data, *extra)
-        assert out.returncode == 0, out.stderr
-        return float(json.loads(out.stdout)[0]["bits_per_byte"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(["eval", "ppl", str(model), *data, *extra])
+        assert done.value.code in (0, None)
+        return float(json.loads(capsys.readouterr().out)[0]["bits_per_byte"])
 
     everyone, without = bpb(), bpb("--exclude", "upper")
     assert everyone != without
-    assert _run("members", "opt-out", str(model), "upper").returncode == 0
+    main_ok(["members", "opt-out", str(model), "upper"], capsys)
     assert bpb() == without  # the standing choice is read by every load
-    bad = _run("eval", "ppl", str(model), *data, "--exclude", "upper", "--exclude", "again")
-    assert bad.returncode == 2 and "excludes every owner's expert" in bad.stderr
+    bad = ["eval", "ppl", str(model), *data, "--exclude", "upper", "--exclude", "again"]
+    assert "excludes every owner's expert" in _refused(bad, capsys)
 
 
 @pytest.mark.parametrize(
@@ -423,11 +431,19 @@ def test_cli_eval_honours_opt_out_and_selection(
     ],
 )
 def test_cli_merge_refuses_bad_packages(
-    anchor_dir: Path, packages: list[Path], tmp_path: Path, damage: str, message: str
+    anchor_dir: Path,
+    packages: list[Path],
+    tmp_path: Path,
+    damage: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """`merge` and `merge add` refuse each damage in one line and write nothing (in this
+    process; the pickled tensors also in a process of their own, as a user runs it)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+    from test_hostile import _refused
 
     from flexmoe.expert.manifest import MANIFEST_FILE, TENSORS_FILE
     from flexmoe.io import sha256_file
@@ -456,15 +472,17 @@ def test_cli_merge_refuses_bad_packages(
         manifest["files"][TENSORS_FILE] = sha256_file(tensors_file)
     manifest_file.write_text(json.dumps(manifest))
     out = tmp_path / "m"
-    result = _run("merge", "--anchor", str(anchor_dir), "--expert", str(packages[0]),
-                  "--expert", str(bad), "--out", str(out))  # fmt: skip
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    merge = ["merge", "--anchor", str(anchor_dir), "--expert", str(packages[0])]
+    merge += ["--expert", str(bad), "--out", str(out)]
+    assert message in _refused(merge, capsys)
+    if damage == "pickle":
+        result = _run(*merge)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".m.*"))
     build_merged(plan_merge(anchor_dir, packages[:1], top_k=2), out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    added = _run("merge", "add", str(out), str(bad))
-    assert added.returncode == 2 and message in added.stderr, added.stderr
+    assert message in _refused(["merge", "add", str(out), str(bad)], capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing changed
 
 
@@ -687,35 +705,60 @@ def test_router_levers_change_only_the_rows(
 
 
 def test_router_tune_from_owners_proxies_on_the_command_line(
-    merged: Path, anchor_dir: Path, corpus_dir: Path, tmp_path: Path
+    merged: Path,
+    anchor_dir: Path,
+    corpus_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An owner writes proxies.json (hashes only); the coordinator tunes on the public
-    documents they name; a hash of a non-public document is refused in one line, exit 2."""
+    documents they name; a hash of a non-public document is refused in one line, exit 2 (each
+    command line run in this process)."""
+    from test_hostile import _refused
+
+    from flexmoe.cli import main
+
     sent = tmp_path / "proxies.json"
     public = str(corpus_dir / "public.jsonl")
-    done = _run("expert", "proxies", "--anchor", str(anchor_dir), "--data",
-                str(corpus_dir / "other.jsonl"), "--public-data", public, "--name", "other",
-                "--count", "6", "--out", str(sent), "--device", "cpu")  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "6 public documents chosen" in done.stdout
+    proxies = ["expert", "proxies", "--anchor", str(anchor_dir), "--data"]
+    proxies += [str(corpus_dir / "other.jsonl"), "--public-data", public, "--name", "other"]
+    with pytest.raises(SystemExit) as done:
+        main([*proxies, "--count", "6", "--out", str(sent), "--device", "cpu"])
+    assert done.value.code in (0, None)
+    assert "6 public documents chosen" in capsys.readouterr().out
     assert set(json.loads(sent.read_text())) >= {"expert", "public_sha256", "classifier"}
     tuned = tmp_path / "tuned"
-    done = _run("router", "tune", str(merged), "--proxies", str(sent), "--public-data", public,
-                "--out", str(tuned), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                "--device", "cpu", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    tune = ["router", "tune", str(merged), "--proxies", str(sent), "--public-data", public]
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                *tune,
+                "--out",
+                str(tuned),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+    assert done.value.code in (0, None)
+    capsys.readouterr()  # its progress
     record = json.loads((tuned / SLOTS_FILE).read_text())["router_tuning"]
     assert set(record["data"]) == {"other"} and record["steps"] == 2
     assert not list(tmp_path.glob("*.jsonl"))  # the resolved proxies were temporary
     forged = json.loads(sent.read_text())
     forged["public_sha256"] = ["0" * 64]
     sent.write_text(json.dumps(forged))
-    done = _run("router", "tune", str(merged), "--proxies", str(sent), "--public-data", public,
-                "--out", str(tmp_path / "refused"), "--device", "cpu")  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    line = _refused([*tune, "--out", str(tmp_path / "refused"), "--device", "cpu"], capsys)
+    assert line == (
         f"flexmoe: error: {sent}: 1 hashes are not public documents (first 0000000000000000)"
-    ]
+    )
     assert not (tmp_path / "refused").exists()
 
 
