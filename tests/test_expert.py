@@ -311,8 +311,19 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_cli_verify_and_eval(
-    package: Path, anchor_dir: Path, owner_dir: Path, corpus_dir: Path, tmp_path: Path
+    package: Path,
+    anchor_dir: Path,
+    owner_dir: Path,
+    corpus_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """`expert verify` as its own process; a broken package refused in one line and `expert
+    eval`'s scores, run in this process."""
+    from test_hostile import _refused
+
+    from flexmoe.cli import main
+
     ok = subprocess.run(
         _cli("expert", "verify", str(package), "--anchor", str(anchor_dir)),
         capture_output=True,
@@ -321,20 +332,26 @@ def test_cli_verify_and_eval(
     )
     assert ok.returncode == 0 and "package is sound" in ok.stdout
     (package.parent / "broken").mkdir(exist_ok=True)
-    bad = subprocess.run(
-        _cli("expert", "verify", str(package.parent / "broken"), "--anchor", str(anchor_dir)),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    _refused(
+        ["expert", "verify", str(package.parent / "broken"), "--anchor", str(anchor_dir)], capsys
     )
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    result = subprocess.run(
-        _cli("expert", "eval", str(package), "--anchor", str(anchor_dir), "--json", "--cache-dir", str(tmp_path / "c"),
-             "--data", f"secret={owner_dir}", "--data", f"public={corpus_dir / 'public.jsonl'}"),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = {r["domain"]: r for r in json.loads(result.stdout)}
+    data = ["--data", f"secret={owner_dir}", "--data", f"public={corpus_dir / 'public.jsonl'}"]
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "expert",
+                "eval",
+                str(package),
+                "--anchor",
+                str(anchor_dir),
+                "--json",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                *data,
+            ]
+        )
+    assert done.value.code in (0, None)
+    rows = {r["domain"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["secret"]["specialist"]["bits_per_byte"] < rows["secret"]["anchor"]["bits_per_byte"]
 
 

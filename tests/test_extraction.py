@@ -54,20 +54,44 @@ def test_bad_settings_and_short_documents(anchor_dir: Path) -> None:
         sample_passages([Document("d", "x", "too short")], anchor.tokenizer, AuditSettings())
 
 
-def test_audit_command(anchor_dir: Path, corpus_dir: Path) -> None:
+def test_audit_command(
+    anchor_dir: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audit in this process (its scores), and a missing file refused by a process of its
+    own, in one line."""
     import json
     import subprocess
     import sys
+
+    from flexmoe.cli import main
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "flexmoe", "audit", "extraction", *args],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    done = run(str(anchor_dir), "--docs", str(corpus_dir / "public.jsonl"), "--documents", "3",
-               "--samples", "2", "--prefix-tokens", "8", "--suffix-tokens", "8", "--json",
-               "--device", "cpu")  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    [row] = json.loads(done.stdout)
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "audit",
+                "extraction",
+                str(anchor_dir),
+                "--docs",
+                str(corpus_dir / "public.jsonl"),
+                "--documents",
+                "3",
+                "--samples",
+                "2",
+                "--prefix-tokens",
+                "8",
+                "--suffix-tokens",
+                "8",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+    assert done.value.code in (0, None)
+    [row] = json.loads(capsys.readouterr().out)
     assert row["documents"] == 3 and row["samples_per_document"] == 2 and 0 <= row["rate"] <= 1
     bad = run(str(anchor_dir), "--docs", str(corpus_dir / "missing.jsonl"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.jsonl" in bad.stderr

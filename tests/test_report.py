@@ -107,29 +107,36 @@ def test_report_files(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
 
 
-def test_report_command(tmp_path: Path) -> None:
+def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`flexmoe-lab report` writes the report (in this process); bad scores are one line, exit
+    code 2, nothing written (the first as a process of its own)."""
     import subprocess
     import sys
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flexmoe_lab", "report", *args],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    from flexmoe_lab.cli import main
 
     good = tmp_path / "scores.json"
     good.write_text(json.dumps(_scores({"public": 1.005, "code": 2.05, "legal": 1.84})))
-    done = run(str(good), "--out", str(tmp_path / "out"))
-    assert done.returncode == 0, done.stderr
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(good), "--out", str(tmp_path / "out")])
+    assert done.value.code in (0, None)
     assert (tmp_path / "out" / "report.md").is_file()
     broken = json.loads(good.read_text())
     del broken["models"]["soup"]["legal"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(broken))
-    for path, message in ((bad, "models.soup.legal.bits_per_byte is missing"),
-                          (tmp_path / "none.json", "file not found")):  # fmt: skip
-        result = run(str(path), "--out", str(tmp_path / "never"))
-        assert result.returncode == 2
-        assert result.stderr.strip().count("\n") == 0 and message in result.stderr
-        assert not (tmp_path / "never").exists()
+    command = [sys.executable, "-m", "flexmoe_lab", "report", str(bad), "--out"]
+    result = subprocess.run(
+        [*command, str(tmp_path / "never")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "models.soup.legal.bits_per_byte is missing" in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["report", str(tmp_path / "none.json"), "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.strip().count("\n") == 0 and "file not found" in err
+    assert not (tmp_path / "never").exists()
 
 
 def test_settings_are_read_from_the_variants() -> None:
