@@ -95,3 +95,21 @@ def test_no_function_in_the_library_is_longer_than_60_lines() -> None:
         if (node.end_lineno or 0) - node.body[0].lineno + 1 > 60
     ]
     assert long == []
+
+
+def test_no_public_signature_in_the_library_takes_or_returns_dict_str_any() -> None:
+    """A public function's or method's parameters and return say their types (a model, a
+    TypedDict, ``Mapping[str, object]`` for JSON read in), never ``dict[str, Any]``."""
+    found = [
+        f"{path.relative_to(SRC)}:{node.lineno} {node.name}"
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        if not node.name.startswith("_")
+        for annotation in [
+            *(a.annotation for a in [*node.args.args, *node.args.kwonlyargs]),
+            node.returns,
+        ]
+        if annotation is not None and "dict[str, Any]" in ast.unparse(annotation)
+    ]
+    assert found == []

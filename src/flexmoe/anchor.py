@@ -217,7 +217,7 @@ def _write_anchor(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_model(model, tmp, dtype=dtype)
         save_tokenizer(tokenizer, tmp)
-        write_card(tmp, anchor_card(manifest.model_dump(), None))
+        write_card(tmp, _card(manifest, None))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
         write_json(tmp / ANCHOR_MANIFEST, manifest.model_dump())
         if history is not None:
@@ -498,7 +498,7 @@ def import_anchor(
         write_weights(tmp, sources, max_shard_bytes=max_shard_bytes)
         save_config(config, tmp)
         save_tokenizer(tokenizer, tmp)
-        write_card(tmp, anchor_card(manifest.model_dump(), hf_dir.resolve().name))
+        write_card(tmp, _card(manifest, hf_dir.resolve().name))
         save_file({ROUTER_KEY: router}, str(tmp / ROUTER_FILE))
         write_json(tmp / ANCHOR_MANIFEST, manifest.model_dump())
     return manifest
@@ -603,3 +603,14 @@ def load_anchor(
     )
     anchor._summary = summary if verify else None
     return anchor
+
+
+def _card(manifest: AnchorManifest, base_model: str | None) -> str:
+    return anchor_card(
+        origin=manifest.origin,
+        dtype=manifest.dtype,
+        fingerprint=manifest.fingerprint,
+        steps=(manifest.training or {}).get("steps"),
+        public=manifest.public_data,
+        base_model=base_model,
+    )

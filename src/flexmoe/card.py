@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from flexmoe.data.public import PublicCorpus
 from flexmoe.io import atomic_write_bytes
+
+Meta = dict[str, str | list[str]]  # a card's front matter: the metadata the hub reads
 
 CARD_FILE = "README.md"
 TAGS = ["flexmoe", "flexolmo", "mixture-of-experts", "text-generation"]
 PUBLIC_LICENSE = "public"  # the public slot's license in the slot table
 
 
-def front_matter(meta: dict[str, Any]) -> str:
+def front_matter(meta: Meta) -> str:
     """YAML front matter; every string JSON-quoted, which YAML reads as it is."""
     lines = ["---"]
     for key, value in meta.items():
@@ -36,7 +38,7 @@ def cell(text: object) -> str:
     return plain.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def license_meta(licenses: list[str]) -> dict[str, Any]:
+def license_meta(licenses: list[str]) -> dict[str, str]:
     distinct = sorted({lic for lic in licenses if lic and lic != PUBLIC_LICENSE})
     if len(distinct) == 1:
         return {"license": distinct[0].lower()}
@@ -44,21 +46,28 @@ def license_meta(licenses: list[str]) -> dict[str, Any]:
     return {"license": "other", "license_name": name, "license_link": "README.md#experts"}
 
 
-def anchor_card(manifest: dict[str, Any], base_model: str | None) -> str:
-    """The card of an anchor, from its manifest."""
-    meta: dict[str, Any] = {
+def anchor_card(
+    *,
+    origin: str,
+    dtype: str,
+    fingerprint: str,
+    steps: object,
+    public: PublicCorpus | None,
+    base_model: str | None,
+) -> str:
+    """The card of an anchor, from its manifest's fields (``steps``: its training's, if any)."""
+    meta: Meta = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": TAGS[:2],
     }
     if base_model:
         meta["base_model"] = base_model
-    public = manifest.get("public_data") or {}
-    files = public.get("files") or []
+    files = public.files if public else ()
     made = (
         "imported from an existing OLMo-2 checkpoint"
-        if manifest["origin"] == "imported"
-        else f"trained from scratch ({(manifest.get('training') or {}).get('steps')} steps)"
+        if origin == "imported"
+        else f"trained from scratch ({steps} steps)"
     )
     return (
         front_matter(meta)
@@ -66,11 +75,11 @@ def anchor_card(manifest: dict[str, Any], base_model: str | None) -> str:
 # A flexmoe anchor
 
 The public model that every owner's expert is trained against: an OLMo-2 checkpoint, {made},
-stored in {manifest["dtype"]}, fingerprint `{manifest["fingerprint"][:16]}`. Its public router
+stored in {dtype}, fingerprint `{fingerprint[:16]}`. Its public router
 vectors are in `public_router.safetensors`; `flexmoe_anchor.json` records what experts must
 match.
 
-Public corpus: {len(files)} file(s) ({sum(f["bytes"] for f in files):,} bytes), recorded with
+Public corpus: {len(files)} file(s) ({sum(f.bytes for f in files):,} bytes), recorded with
 their sha256 so that every expert mixes in the same public text by default
 (`flexmoe expert train` finds them at the recorded paths or in `public/` beside this card).
 """

@@ -10,7 +10,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -161,7 +161,7 @@ def validate_model(data: Any, path: Path, model: type[ModelT]) -> ModelT:
         raise FlexMoEError(path, f"field {field!r}: {message}") from e
 
 
-def toml_text(values: dict[str, Any]) -> str:
+def toml_text(values: Mapping[str, object]) -> str:
     """Flat ``key = value`` TOML (strings, numbers, booleans and lists of them), as
     ``--config`` reads it. JSON's string escapes are TOML's."""
 

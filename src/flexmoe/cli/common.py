@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from flexmoe.expert.registry import KeyRegistry
+    from flexmoe.training.loop import TrainResult
 
 QUIET = {"on": False}
 DEBUG = {"on": False}
@@ -170,7 +171,7 @@ def emit(as_json: bool, payload: Any, text: str | Callable[[], str]) -> None:
         typer.echo(text() if callable(text) else text)
 
 
-def train_summary(out: Path, result: Any, **extra: Any) -> dict[str, Any]:
+def train_summary(out: Path, result: TrainResult, **extra: object) -> dict[str, object]:
     """A training command's result as JSON."""
     return {
         "out": str(out),

@@ -3,9 +3,10 @@ text, and only their updates leave (Flower)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -40,6 +41,7 @@ from flexmoe.training.config import (
 if TYPE_CHECKING:
     from flexmoe.federated.flower import RoundPlan
     from flexmoe.federated.owner import OwnerText
+    from flexmoe.federated.run import RoundsSummary
 
 fed_app = typer.Typer(
     help="Federated rounds on Flower: owners improve the merged model on their own text.",
@@ -196,9 +198,10 @@ class PhaseOptions:
     trunk_embeddings: str | None
 
     @classmethod
-    def of(cls, options: dict[str, Any]) -> PhaseOptions:
-        """The fields of a command's options (its ``locals()``), by name."""
-        return cls(**{f.name: options[f.name] for f in fields(cls)})
+    def of(cls, options: Mapping[str, object]) -> PhaseOptions:
+        """The fields of a command's options (its ``locals()``), by name (typer has parsed each
+        to its field's type)."""
+        return cls(**{f.name: options[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
     def local(self, cfg: TrainConfig, kind: str) -> TrainConfig:
         steps, lr = getattr(self, f"{kind}_steps"), getattr(self, f"{kind}_lr")
@@ -339,33 +342,22 @@ def fed_simulate(
             debug=DEBUG["on"],
             router_sgd=_router_sgd(router_optimizer),
         )
-    record = result.record
-    payload = {
-        "out": str(result.out),
-        "rounds": [r.model_dump() for r in record.rounds[-rounds:]],
-        "router_version": record.current_router,
-        "slot_versions": record.current_slots,
-        "excluded": sorted(result.excluded),
-        "epsilon": record.epsilon,
-        "delta": record.delta,
-    }
-    _summary(as_json, payload, recipe, len(texts))
+    _summary(as_json, result.summary(rounds), recipe, len(texts))
 
 
-def _summary(as_json: bool, payload: dict[str, Any], recipe: str, owners: int) -> None:
-    versions = ", ".join(f"{n} v{v}" for n, v in payload["slot_versions"].items())
+def _summary(as_json: bool, summary: RoundsSummary, recipe: str, owners: int) -> None:
+    versions = ", ".join(f"{n} v{v}" for n, v in summary.slot_versions.items())
     spent = ""
-    if payload.get("epsilon"):
+    if summary.epsilon:
         each = ", ".join(
-            f"{n} {e if e is not None else 'unbounded'}" for n, e in payload["epsilon"].items()
+            f"{n} {e if e is not None else 'unbounded'}" for n, e in summary.epsilon.items()
         )
-        spent = f"; epsilon at delta {payload['delta']:g}: {each}"
+        spent = f"; epsilon at delta {summary.delta:g}: {each}"
     emit(
         as_json,
-        payload,
-        f"{len(payload['rounds'])} federated rounds ({recipe}) with {owners} owners: router "
-        f"version {payload['router_version']}, slot versions {versions}{spent} -> "
-        f"{payload['out']}",
+        summary.model_dump(mode="json"),
+        f"{len(summary.rounds)} federated rounds ({recipe}) with {owners} owners: router "
+        f"version {summary.router_version}, slot versions {versions}{spent} -> {summary.out}",
     )
 
 
@@ -446,8 +438,7 @@ def fed_serve(
         debug=DEBUG["on"],
         router_sgd=_router_sgd(router_optimizer),
     )
-    taking = {o for r in status["rounds"] for p in r["participants"].values() for o in p}
-    _summary(as_json, status, recipe, len(taking))
+    _summary(as_json, status, recipe, len(status.owners()))
 
 
 @fed_app.command("join")

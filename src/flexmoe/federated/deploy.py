@@ -50,7 +50,7 @@ from flexmoe.federated.flower import (
 )
 from flexmoe.federated.nodes import check_private_node_key, check_public_node_key, register_nodes
 from flexmoe.federated.owner import OwnerText
-from flexmoe.federated.run import check_owners, check_rounds, new_model
+from flexmoe.federated.run import RoundsSummary, check_owners, check_rounds, new_model
 from flexmoe.io import parse_address, write_json
 from flexmoe.merge.layout import MergedModel
 from flexmoe.merge.standing import standing_exclusions
@@ -197,16 +197,8 @@ def _run_job(job: ServeJob, grid: Grid, context: Context) -> dict[str, Any]:
     finally:
         if registry is not None:
             registry.close()
-    record = rounds.record
-    return {
-        "out": job.out,
-        "rounds": [r.model_dump() for r in record.rounds[-plan.rounds :]],
-        "router_version": record.current_router,
-        "slot_versions": record.current_slots,
-        "excluded": sorted(excluded),
-        "epsilon": record.epsilon,
-        "delta": record.delta,
-    }
+    summary = RoundsSummary.of(job.out, rounds.record, frozenset(excluded), plan.rounds)
+    return summary.model_dump(mode="json")
 
 
 def _one_line(error: BaseException) -> str:
@@ -406,7 +398,7 @@ def serve(
     router_sgd: bool = True,
     log: Callable[[str], None] = print,
     debug: bool = False,
-) -> dict[str, Any]:
+) -> RoundsSummary:
     """The coordinator: a SuperLink listening on ``listen`` for the owners' SuperNodes, and the
     rounds' ServerApp submitted to it; returns the ServerApp's summary once the new model is at
     ``out``. Each phase waits up to ``wait_s`` for ``owners`` owners (default: every owner that
@@ -458,10 +450,10 @@ def serve(
         status_file = Path(job.status)
         if not status_file.is_file():
             raise FlexMoEError("fed serve", f"the rounds did not finish: {_reason(tail)}")
-        status: dict[str, Any] = json.loads(status_file.read_text())
+        status = json.loads(status_file.read_text())
     if "error" in status:
         raise FlexMoEError(None, status["error"])
-    return status
+    return RoundsSummary.model_validate(status)
 
 
 def _checked_serve(

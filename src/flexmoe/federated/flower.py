@@ -15,11 +15,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -144,22 +144,12 @@ class RoundPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RoundPlan:
-        dense, privacy = data.get("dense"), data.get("privacy")
-        return cls(
-            rounds=int(data["rounds"]),
-            phases=tuple(data["phases"]),
-            slot=TrainConfig.from_dict(data["slot"]),
-            router=TrainConfig.from_dict(data["router"]),
-            trunk=TrainConfig.from_dict(data.get("trunk") or FEDERATED_TRUNK.to_dict()),
-            server=ServerOptimizer.from_dict(data.get("server") or {}),
-            lora_rank=int(data.get("lora_rank", 0)),
-            trunk_sgd=bool(data.get("trunk_sgd", True)),
-            trunk_embeddings=data.get("trunk_embeddings"),
-            secagg=bool(data.get("secagg", False)),
-            dense=TrainConfig.from_dict(dense) if dense else None,
-            privacy=UpdatePrivacy(**privacy) if privacy else None,
-        )
+    def from_dict(cls, data: Mapping[str, object]) -> RoundPlan:
+        """The inverse of :meth:`to_dict`, every field checked (pydantic reads the nested
+        configurations; a field left out takes its default)."""
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(cls).validate_python(dict(data))
 
     def releases(self) -> int:
         """How many updates each owner sends in all: one per phase of every round."""

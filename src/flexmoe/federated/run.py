@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from flexmoe.data.documents import DataSpec, expand_paths
 from flexmoe.errors import FlexMoEError
@@ -20,7 +21,7 @@ from flexmoe.federated.owner import OwnerText
 from flexmoe.federated.rounds import Coordinator
 from flexmoe.federated.server import ServerOptimizer
 from flexmoe.merge.layout import MergedModel
-from flexmoe.merge.slots import Federation
+from flexmoe.merge.slots import FederatedRound, Federation
 from flexmoe.merge.standing import standing_exclusions
 
 if TYPE_CHECKING:
@@ -48,6 +49,41 @@ class FederatedResult:
     out: Path
     record: Federation
     excluded: frozenset[str]
+
+    def summary(self, rounds: int) -> RoundsSummary:
+        return RoundsSummary.of(self.out, self.record, self.excluded, rounds)
+
+
+class RoundsSummary(BaseModel):
+    """What a run of rounds did, as `fed simulate` and `fed serve` report it (``--json``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: str
+    rounds: list[FederatedRound]  # this run's rounds
+    router_version: int
+    slot_versions: dict[str, int]
+    excluded: list[str]  # experts whose owners had opted out
+    epsilon: dict[str, float | None]  # each owner's, over every update it sent (DP)
+    delta: float | None
+
+    @classmethod
+    def of(
+        cls, out: Path | str, record: Federation, excluded: frozenset[str], rounds: int
+    ) -> RoundsSummary:
+        return cls(
+            out=str(out),
+            rounds=record.rounds[-rounds:],
+            router_version=record.current_router,
+            slot_versions=record.current_slots,
+            excluded=sorted(excluded),
+            epsilon=record.epsilon,
+            delta=record.delta,
+        )
+
+    def owners(self) -> set[str]:
+        """Every owner that took part in any phase of these rounds."""
+        return {o for r in self.rounds for names in r.participants.values() for o in names}
 
 
 def check_owners(

@@ -8,9 +8,10 @@ The averaged change is a pseudo-gradient; the optimiser's state is kept with eac
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flexmoe.errors import FlexMoEError
 
@@ -108,7 +109,7 @@ class ServerOptimizer:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ServerOptimizer:
+    def from_dict(cls, data: Mapping[str, float | int | str]) -> ServerOptimizer:
         """The inverse of :meth:`to_dict` (missing fields take their defaults)."""
         name = _optimizer_name(data.get("name", ServerOptimizerName.FEDAVG.value))
         values = {k: float(v) for k, v in data.items() if k not in ("name", "decay_steps")}

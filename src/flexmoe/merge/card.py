@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flexmoe import __version__
-from flexmoe.card import TAGS, cell, front_matter, license_meta
+from flexmoe.card import TAGS, Meta, cell, front_matter, license_meta
 from flexmoe.merge.slots import SlotTable
 
 
@@ -11,7 +11,7 @@ def merged_card(table: SlotTable, top_k: int) -> str:
     """The card of a merged model, from its slot table and top-k."""
     slots = table.slots
     base_model = table.base_model or "anchor"
-    meta = {
+    meta: Meta = {
         **license_meta([s.license for s in slots]),
         "base_model": base_model,
         "library_name": "transformers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -71,20 +72,21 @@ class TrainConfig:
                 f"{self.grad_accum} accumulation steps",
             )
 
-    def result_fields(self) -> dict[str, Any]:
+    def result_fields(self) -> dict[str, float | int | str | bool | None]:
         """The fields that decide what a run computes (every field but the memory settings)."""
         return {k: v for k, v in asdict(self).items() if k not in MEMORY_FIELDS}
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, float | int | str | bool | None]:
+        """Every field as JSON has it (numbers and booleans)."""
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, data: Mapping[str, object]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise FlexMoEError("train config", f"unknown fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return cls(**data)  # type: ignore[arg-type]  # __post_init__ checks the values
 
 
 # Each command's defaults, defined here once: the command line shows them (--help) and the
