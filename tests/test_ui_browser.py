@@ -2,8 +2,9 @@
 (``chromium``, ``chromium-driver``; ``make test`` installs them) driven by Selenium.
 
 Where Chromium is missing these tests fail and say so; they never skip. With
-``FLEXMOE_SCREENSHOTS=DIR`` they also save the owner's and the coordinator's page there (the
-README's screenshots: ``FLEXMOE_SCREENSHOTS=docs/img pytest tests/test_ui_browser.py``).
+``FLEXMOE_SCREENSHOTS=DIR`` they also save the owner's and the coordinator's page there, with
+the tests' made-up owners; the README's screenshots come from a finished demo run instead
+(``python lab/experiments/screenshots.py RUN``).
 """
 
 from __future__ import annotations
