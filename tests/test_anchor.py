@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -74,11 +75,16 @@ def test_public_router_is_the_mean_ffn_input(anchor_dir: Path, public_spec: Data
         pos = anchor.model.model.rotary_emb(h, torch.arange(ids.shape[1])[None])
         from transformers.masking_utils import create_causal_mask
 
+        cache = (
+            "cache"
+            if "cache" in inspect.signature(create_causal_mask).parameters
+            else "past_key_values"
+        )
         mask = create_causal_mask(
             config=anchor.model.config,
             inputs_embeds=h,
             attention_mask=None,
-            past_key_values=None,
+            **{cache: None},
             position_ids=torch.arange(ids.shape[1])[None],
         )
         attn, _ = layer.self_attn(h, position_embeddings=pos, attention_mask=mask)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
@@ -75,9 +76,13 @@ def test_a_batch_equals_each_request_alone(model_dir: Path) -> None:
         return RowRequest(prompt_ids=ids, mask=selection.mask(slots), max_tokens=6,
                           min_tokens=6, temperature=0.0, **kw)  # type: ignore[arg-type]  # fmt: skip
 
-    together = generate_batch(
-        model, tokenizer, [request(p, s) for p, s in zip(prompts, selections, strict=True)]
-    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        together = generate_batch(
+            model, tokenizer, [request(p, s) for p, s in zip(prompts, selections, strict=True)]
+        )
+    # the cache goes in under the name transformers keeps (``cache=``, not ``past_key_values=``)
+    assert not [w for w in said if issubclass(w.category, DeprecationWarning | FutureWarning)]
     for prompt, selection, result in zip(prompts, selections, together, strict=True):
         [alone] = generate_batch(model, tokenizer, [request(prompt, selection)])
         assert result.token_ids == alone.token_ids and len(result.token_ids) == 6

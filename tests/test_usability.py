@@ -427,7 +427,7 @@ def test_old_option_spellings_still_work_with_a_one_line_warning(
     with pytest.warns(FutureWarning, match="--merged is now the positional MODEL"):
         assert renamed(["eval", "baselines", "--merged=M"]) == ["eval", "baselines", "M"]
     # DP options are named for what they protect: one record (expert train), one owner (fed)
-    with pytest.warns(FutureWarning, match="--dp-clip-router is now --dp-clip"):
+    with pytest.warns(FutureWarning, match="--dp-clip-(router|trunk) is now --dp-clip"):
         clip = renamed(["fed", "serve", "M", "--dp-clip-router", "0.3", "--dp-clip-trunk=2"])
     assert clip == ["fed", "serve", "M", "--dp-clip", "router=0.3", "--dp-clip=trunk=2"]
     with pytest.warns(FutureWarning, match="--dp-epsilon is now --dp-owner-epsilon"):

@@ -13,6 +13,7 @@ generated token, i.e. the last prompt position and every generated token fed bac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,6 +23,20 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from flexmoe.inference.attribution import record_routing
 from flexmoe.inference.selection import set_expert_mask
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` in the transformers
+    releases that renamed it (``past_key_values`` goes in 5.40), else ``past_key_values``."""
+    found = _CACHE_KEYWORDS.get(type(model))
+    if found is None:
+        parameters = inspect.signature(type(model).forward).parameters
+        found = "cache" if "cache" in parameters else "past_key_values"
+        _CACHE_KEYWORDS[type(model)] = found
+    return found
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
 
 
 @dataclass
@@ -229,8 +244,8 @@ class RunningBatch:
                     input_ids=ids,
                     attention_mask=attention,
                     position_ids=positions,
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_keyword(self.model): cache},
                 )
         finally:
             set_expert_mask(self.model, None)
