@@ -375,11 +375,37 @@ def test_selection_refusals(merged: Path) -> None:
         Selection(exclude=frozenset({"upper", "again"})).mask(slots)
     with pytest.raises(FlexMoEError, match="excludes every owner's expert"):
         Selection(licenses=frozenset({"Apache-2.0"})).mask(slots)
-    with pytest.raises(FlexMoEError, match="public expert is always active"):
+    with pytest.raises(FlexMoEError, match="public expert 'public' is always active"):
         Selection(exclude=frozenset({"public"})).mask(slots)
     # the owners' opt-outs alone may leave only the public expert: that is their right
     everyone_out = Selection(opted_out=frozenset({"upper", "again"}))
     assert everyone_out.mask(slots).tolist() == [True, False, False]
+
+
+def test_excluding_an_owner_leaves_out_its_experts_and_never_the_public_one() -> None:
+    """By owner: an owner's every expert goes; the coordinator's rivals go and its public expert
+    stays (always active), which excluding by the public expert's name says in one line."""
+    from flexmoe.inference.selection import Selection
+    from flexmoe.merge.slots import SlotInfo
+
+    slots = [
+        SlotInfo(0, "public", "coordinator", "public"),
+        SlotInfo(1, "public-0", "coordinator", "CC0-1.0"),
+        SlotInfo(2, "legal", "Law Firm", "CC-BY-4.0"),
+        SlotInfo(3, "code", "Code Org", "MIT"),
+    ]
+
+    def active(**choice: frozenset[str]) -> list[bool]:
+        return Selection(**choice).mask(slots).tolist()
+
+    assert active(exclude=frozenset({"coordinator"})) == [True, False, True, True]
+    assert active(exclude=frozenset({"Law Firm"})) == [True, True, False, True]
+    assert active(include=frozenset({"coordinator"})) == [True, True, False, False]
+    assert active(exclude=frozenset({"coordinator", "code"})) == [True, False, True, False]
+    with pytest.raises(FlexMoEError, match="excluding its owner, 'coordinator', leaves out"):
+        active(exclude=frozenset({"public"}))
+    with pytest.raises(FlexMoEError, match="excludes every owner's expert"):
+        active(exclude=frozenset({"coordinator", "Law Firm", "Code Org"}))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -283,6 +283,8 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(model_dir: Path) -> N
              "unknown expert or owner: nobody"),
             (httpx.post(post, json={"prompt": "a", "experts": {"include": ["public"]}}), 400,
              "excludes every owner's expert"),
+            (httpx.post(post, json={"prompt": "a", "experts": {"exclude": ["public"]}}), 400,
+             "is always active (excluding its owner"),
             (httpx.post(post, json={"prompt": "a", "experts": {"exclude": "upper"}}), 400,
              "experts.exclude"),
             (httpx.post(post, json={"prompt": "a", "experts": {"drop": ["upper"]}}), 400,
@@ -295,6 +297,11 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(model_dir: Path) -> N
         _assert_errors(cases)
         ok = httpx.post(post, json={"prompt": "the union", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+        # by owner: the public expert's owner (the coordinator) keeps it, always active
+        public_owner = read_slots(model_dir)[0].owner
+        body = {"prompt": "the union", "max_tokens": 3, "experts": {"exclude": [public_owner]}}
+        kept = httpx.post(post, json=body)
+        assert kept.status_code == 200 and kept.json()["attribution"]["public"] > 0
         assert httpx.get(f"{url}/v1/experts/nobody/usage").status_code == 404
 
 

@@ -1,8 +1,9 @@
 """Expert selection at run time: include or exclude experts by name, owner or license.
 
 An excluded expert's router logit is -inf, so its routing weight is exactly zero and the softmax
-renormalises over the rest; the public expert (slot 0) is always active. Selections are masks set
-on the MoE layers: changing one needs no reload, and each row of a batch may have its own.
+renormalises over the rest; the public expert (slot 0) is always active, even where its owner's
+other experts are excluded (docs/serving.md). Selections are masks set on the MoE layers:
+changing one needs no reload, and each row of a batch may have its own.
 """
 
 from __future__ import annotations
@@ -31,16 +32,23 @@ class Selection:
     opted_out: frozenset[str] = field(default_factory=frozenset)  # the owners' standing choice
 
     def mask(self, slots: list[SlotInfo]) -> torch.Tensor:
-        """``(N,)`` bool, True = active. Slot 0 is always active. Unknown names, and a choice
-        that leaves no expert but the public one, are errors (opt-outs alone may do that)."""
+        """``(N,)`` bool, True = active. Slot 0, the public expert, is always active: excluding
+        it by name is an error, excluding its owner (the coordinator) leaves out that owner's
+        other experts (the public rivals) and keeps it. Unknown names, and a choice that leaves
+        no expert but the public one, are errors (opt-outs alone may do that)."""
         known = {s.name for s in slots} | {s.owner for s in slots}
         unknown = sorted((self.include | self.exclude) - known)
         if unknown:
             raise FlexMoEError(
                 "--exclude/--include", f"unknown expert or owner: {', '.join(unknown)}"
             )
-        if self.exclude & {slots[0].name, slots[0].owner}:
-            raise FlexMoEError("--exclude", "the public expert is always active")
+        public = slots[0]
+        if public.name in self.exclude:
+            raise FlexMoEError(
+                "--exclude",
+                f"the public expert {public.name!r} is always active (excluding its owner, "
+                f"{public.owner!r}, leaves out that owner's other experts)",
+            )
         chosen = []
         for slot in slots:
             keys = {slot.name, slot.owner}
