@@ -700,3 +700,107 @@ def test_malformed_http_a_tiny_top_p_and_a_trickled_body(model_dir: Path) -> Non
         assert answer.startswith(b"HTTP/1.1 408") and b"took over 2 s" in answer, answer
         assert 1.8 < took < 5, took
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_logprobs_and_echo_are_the_checkpoints_own(model_dir: Path) -> None:
+    """`logprobs` (0-5) and `echo` on /v1/completions, `max_tokens` 0 to score a prompt, and
+    chat's `logprobs`/`top_logprobs`: the values equal the checkpoint's scored in transformers;
+    out-of-range or unsupported fields are a 400, never ignored."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def scored(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)
+
+    with live(model_dir, name=NAME) as url:
+        post = f"{url}/v1/completions"
+        body = {"prompt": "THE UNION IS", "max_tokens": 4, "min_tokens": 4, "temperature": 0}
+        done = httpx.post(post, json={**body, "logprobs": 2, "echo": True}).json()["choices"][0]
+        found = done["logprobs"]
+        tokenizer = load_tokenizer(model_dir)
+        prompt = tokenizer("THE UNION IS", add_special_tokens=False)["input_ids"]
+        ids = [tokenizer.eos_token_id, *prompt]
+        everything = len(found["tokens"])
+        assert everything == len(prompt) + 4 and found["token_logprobs"][0] is None
+        assert done["text"].startswith("THE UNION IS") and found["text_offset"][0] == 0
+        generated = tokenizer(done["text"], add_special_tokens=False)["input_ids"][len(prompt) :]
+        logprobs = scored([*ids, *generated])
+        want = [float(logprobs[i, t]) for i, t in enumerate([*ids, *generated][1:])][1:]
+        assert found["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+        for top, chosen in zip(
+            found["top_logprobs"][len(prompt) :],
+            found["token_logprobs"][len(prompt) :],
+            strict=True,
+        ):
+            assert len(top) == 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy
+        # token ids as lm-evaluation-harness sends them; max_tokens 0 scores without generating
+        only = httpx.post(
+            post, json={"prompt": [ids[1:]], "max_tokens": 0, "echo": True, "logprobs": 1}
+        ).json()
+        assert only["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            [
+                float(v)
+                for v in scored(ids[1:]).gather(1, torch.tensor(ids[2:])[:, None])[
+                    : len(ids) - 2, 0
+                ]
+            ],
+            abs=1e-4,
+        )
+        assert only["usage"]["completion_tokens"] == 0
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "the union"}],
+                "max_tokens": 2,
+                "temperature": 0,
+                "logprobs": True,
+                "top_logprobs": 3,
+            },
+        ).json()["choices"][0]["logprobs"]
+        assert len(chat["content"]) >= 1 and len(chat["content"][0]["top_logprobs"]) == 3
+        assert chat["content"][0]["logprob"] == pytest.approx(
+            chat["content"][0]["top_logprobs"][0]["logprob"]
+        )
+        _assert_errors(
+            [
+                (httpx.post(post, json={"prompt": "a", "logprobs": 6}), 400, "logprobs"),
+                (httpx.post(post, json={"prompt": "a", "max_tokens": 0}), 400, "needs echo"),
+                (
+                    httpx.post(post, json={"prompt": "a", "logprobs": 1, "stream": True}),
+                    400,
+                    "not a stream",
+                ),
+                (
+                    httpx.post(post, json={"prompt": "a", "presence_penalty": 0.5}),
+                    400,
+                    "presence_penalty",
+                ),
+                (
+                    httpx.post(post, json={"prompt": [[1, 10**9]], "echo": True}),
+                    400,
+                    "not in the vocabulary",
+                ),
+                (
+                    httpx.post(
+                        f"{url}/v1/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": "a"}],
+                            "logprobs": True,
+                            "top_logprobs": 21,
+                        },
+                    ),
+                    400,
+                    "top_logprobs",
+                ),
+                (
+                    httpx.post(
+                        f"{url}/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+                    ),
+                    400,
+                    "needs logprobs",
+                ),
+            ]
+        )

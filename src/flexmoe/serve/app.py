@@ -137,7 +137,7 @@ async def models(request: Request) -> ModelList:
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     service = _completions(request)
-    job = await service.job(body, str(body.prompt), chat=False, stop=tuple(body.stop or ()))
+    job = await service.job(body, body.one_prompt(), chat=False, stop=tuple(body.stop or ()))
     return await _respond(service, job, request)
 
 
@@ -218,7 +218,7 @@ def _error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", None)
-        if tuple(first.get("loc", ())) == ("body",):
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") != "value_error":
             return error_response(400, "the request body must be a JSON object", None)
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return error_response(400, f"{where}: {message}" if where else message, where or None)

@@ -55,6 +55,18 @@ class RowRequest:
     on_finish: Callable[[RowResult], None] | None = None
     on_error: Callable[[str], None] | None = None  # this row failed; the batch goes on
     cancelled: Callable[[], bool] | None = None  # asked before each token: stop the row now
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+    echo_from: int | None = None  # also score the prompt's tokens from this index on
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the served model (the request's experts), and the
+    likeliest alternatives at its position (``top``: token and log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -65,6 +77,8 @@ class RowResult:
     finish_reason: str  # "stop" (end of text or a stop string), "length" or "cancelled"
     expert_mass: list[float]  # per slot: routing mass summed over the generated tokens
     shares: list[float] = field(default_factory=list)  # per slot: share of that mass
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the generated tokens'
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # echo; first None
 
 
 class _Row:
@@ -78,15 +92,26 @@ class _Row:
         self.done: str | None = None
         self.final: RowResult | None = None  # set once, when the row finishes
         self.mass = torch.zeros(num_experts, dtype=torch.float64)
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = []
         seed = req.seed if req.seed is not None else int(torch.seed() % (2**63))
         self.generator = torch.Generator().manual_seed(seed)
 
-    def add(self, token: int, eos: int | None, routing: torch.Tensor) -> None:
-        """Take the sampled ``token``; ``routing`` (N,) is the mass at the position that made it."""
+    def add(
+        self,
+        token: int,
+        eos: int | None,
+        routing: torch.Tensor,
+        scored: TokenLogprob | None = None,
+    ) -> None:
+        """Take the sampled ``token``; ``routing`` (N,) is the mass at the position that made it,
+        ``scored`` its log-probability (where the request asked for them)."""
         if token == eos:
             self.done = "stop"
         else:
             self.tokens.append(token)
+            if scored is not None:
+                self.logprobs.append(scored)
             self.mass += routing
             self.text = str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
             cut = min(
@@ -115,9 +140,10 @@ class _Row:
             self.req.on_text(self.text[self.sent : final])
             self.sent = final
 
-    def cancel(self) -> None:
-        """Stop this row where it is (its client left); ``on_finish`` hears it as cancelled."""
-        self.done = "cancelled"
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop this row where it is (its client left: ``cancelled``; ``max_tokens`` 0:
+        ``length``); ``on_finish`` hears the reason."""
+        self.done = reason
         self.final = self.result()
         if self.req.on_finish is not None:
             self.req.on_finish(self.final)
@@ -138,7 +164,30 @@ class _Row:
             finish_reason=self.done or "length",
             expert_mass=[float(m) for m in self.mass],
             shares=shares,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+
+def scored(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry from one position's log-probabilities (V,), with ``top`` alternatives."""
+    if top <= 0:
+        return TokenLogprob(token, float(logprobs[token]))
+    best = logprobs.topk(top)
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
+def prompt_scores(
+    logits: torch.Tensor, prompt: list[int], start: int, top: int
+) -> list[TokenLogprob | None]:
+    """The prompt's tokens from ``start`` on, scored from their row's logits (T, V) whose last
+    ``len(prompt)`` positions are the prompt's: the first has no context here (None)."""
+    offset = logits.shape[0] - len(prompt)
+    rows = torch.log_softmax(logits[offset + start : offset + len(prompt) - 1].float(), dim=-1)
+    found: list[TokenLogprob | None] = [None]
+    found += [scored(rows[j], prompt[start + 1 + j], top) for j in range(rows.shape[0])]
+    return found
 
 
 def _sample(logits: torch.Tensor, row: _Row, eos: int | None) -> int:
@@ -218,7 +267,13 @@ class RunningBatch:
         masks = torch.stack([r.req.mask for r in rows]).to(self.device)
         cache = DynamicCache()
         logits, routing = self._forward(ids, attention, masks, cache)
-        chosen = self._next(rows, logits, routing)
+        for i, row in enumerate(rows):
+            if row.req.echo_from is not None:
+                top = row.req.logprobs or 0
+                row.prompt_logprobs = prompt_scores(
+                    logits[i], row.req.prompt_ids, row.req.echo_from, top
+                )
+        chosen = self._next(rows, logits[:, -1, :], routing)
         self._join(rows, masks, cache, attention, chosen)
         self._leave()
 
@@ -230,7 +285,7 @@ class RunningBatch:
         live = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)
         self.attention = torch.cat([self.attention, live], dim=1)
         logits, routing = self._forward(self.next_ids, self.attention, self.masks, self.cache)
-        self.next_ids = self._next(self.rows, logits, routing)
+        self.next_ids = self._next(self.rows, logits[:, -1, :], routing)
         self._leave()
 
     def _forward(
@@ -249,7 +304,7 @@ class RunningBatch:
                 )
         finally:
             set_expert_mask(self.model, None)
-        return out.logits[:, -1, :], record.calls[-1][:, -1, :].double()  # (B, V), (B, N)
+        return out.logits, record.calls[-1][:, -1, :].double()  # (B, T, V), (B, N)
 
     def _next(self, rows: list[_Row], logits: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """Each row's next token (a row whose own work fails, fails alone), as ``(B, 1)``."""
@@ -258,10 +313,16 @@ class RunningBatch:
             token = self.pad
             if row.done is None and row.req.cancelled and row.req.cancelled():
                 row.cancel()  # its client left: no more tokens
+            if row.done is None and row.req.max_tokens == 0:
+                row.cancel("length")  # the prompt scored (echo), nothing to generate
             if row.done is None:
                 try:
                     token = _sample(logits[i], row, self.eos)
-                    row.add(token, self.eos, routing[i])
+                    top = row.req.logprobs
+                    entry = None
+                    if top is not None:
+                        entry = scored(torch.log_softmax(logits[i].float(), -1), token, top)
+                    row.add(token, self.eos, routing[i], entry)
                 except Exception as e:  # this row's own fault: it alone fails
                     row.fail(e)
                     token = self.pad

@@ -16,16 +16,22 @@ from transformers import PreTrainedTokenizerBase
 from flexmoe.errors import FlexMoEError
 from flexmoe.inference.selection import Selection
 from flexmoe.merge.slots import SlotInfo
-from flexmoe.serve.batch import RowResult
+from flexmoe.serve.batch import RowResult, TokenLogprob
 from flexmoe.serve.protocol import (
     ApiError,
     ChatChoice,
     ChatChunkChoice,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
+    ChatRequest,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
     Sampling,
+    TopLogprob,
     Usage,
 )
 from flexmoe.serve.scheduler import Job, Scheduler
@@ -44,8 +50,12 @@ class CompletionService:
     slots: list[SlotInfo]
     context: int  # the model's context length in tokens
 
-    async def job(self, body: Sampling, prompt: str, *, chat: bool, stop: tuple[str, ...]) -> Job:
-        """The request as a job, every refusal (model, experts, length) raised before queueing."""
+    async def job(
+        self, body: Sampling, prompt: str | list[int], *, chat: bool, stop: tuple[str, ...]
+    ) -> Job:
+        """The request as a job, every refusal (model, experts, length) raised before queueing.
+        A text prompt is tokenised after an end-of-text (the start of a document, as in
+        training); token ids are taken as given."""
         if body.model is not None and body.model != self.name:
             raise ApiError(
                 404,
@@ -58,10 +68,7 @@ class CompletionService:
             selection.mask(self.slots)
         except FlexMoEError as e:
             raise ApiError(400, e.fault, param="experts") from None
-        encoded = await asyncio.to_thread(  # off the event loop: /health stays fast
-            lambda: self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        )
-        ids = [self.tokenizer.eos_token_id, *encoded]
+        ids = await self._prompt_ids(prompt)
         if len(ids) + body.max_tokens > self.context:
             raise ApiError(
                 400,
@@ -83,7 +90,23 @@ class CompletionService:
             stop=stop,
             stream=body.stream,
             loop=asyncio.get_running_loop(),
+            logprobs=_wanted_logprobs(body),
+            echo_from=(0 if isinstance(prompt, list) else 1)
+            if getattr(body, "echo", False)
+            else None,
         )
+
+    async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is not in the vocabulary", param="prompt")
+            return list(prompt)
+        encoded = await asyncio.to_thread(  # off the event loop: /health stays fast
+            lambda: self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
+        return [self.tokenizer.eos_token_id, *encoded]
 
     async def answer(self, job: Job, gone: Disconnected) -> Completion:
         """Run ``job`` and wait for its whole answer; a client that leaves cancels it."""
@@ -123,9 +146,14 @@ class CompletionService:
         reason = result.finish_reason
         choice: CompletionChoice | ChatChoice
         if job.endpoint == "chat.completions":
-            choice = ChatChoice(message=ChatMessageOut(content=result.text), finish_reason=reason)
+            chat = _chat_logprobs(self.tokenizer, result) if job.logprobs is not None else None
+            message = ChatMessageOut(content=result.text)
+            choice = ChatChoice(message=message, finish_reason=reason, logprobs=chat)
         else:
-            choice = CompletionChoice(text=result.text, finish_reason=reason)
+            text, logprobs = result.text, None
+            if job.echo_from is not None or job.logprobs is not None:
+                text, logprobs = _completion_logprobs(self.tokenizer, job, result)
+            choice = CompletionChoice(text=text, finish_reason=reason, logprobs=logprobs)
         return Completion(
             id=job.request_id,
             object="chat.completion" if job.endpoint == "chat.completions" else "text_completion",
@@ -193,3 +221,63 @@ async def _event(job: Job, gone: Disconnected) -> tuple[str, Any]:
             getter.cancel()
             job.cancelled.set()
             raise asyncio.CancelledError
+
+
+def _wanted_logprobs(body: Sampling) -> int | None:
+    """How many alternatives per token a request asks for; None: no log-probabilities."""
+    if isinstance(body, ChatRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if isinstance(body, CompletionRequest):
+        return body.logprobs if body.logprobs is not None else (0 if body.echo else None)
+    return None
+
+
+def _piece(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
+    return str(tokenizer.decode([token]))
+
+
+def _completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, job: Job, result: RowResult
+) -> tuple[str, CompletionLogprobs]:
+    """The answer's text (after the prompt's, with echo) and OpenAI's logprobs for it."""
+    entries: list[TokenLogprob | None] = []
+    tokens: list[int] = []
+    if job.echo_from is not None:
+        tokens += job.prompt_ids[job.echo_from :]
+        entries += result.prompt_logprobs
+    tokens += result.token_ids
+    entries += result.logprobs if job.logprobs is not None else [None] * len(result.token_ids)
+    pieces = [_piece(tokenizer, t) for t in tokens]
+    prompt = str(tokenizer.decode(tokens[: len(tokens) - len(result.token_ids)]))
+    text = prompt + result.text if job.echo_from is not None else result.text
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    shown = job.logprobs or 0
+    return text, CompletionLogprobs(
+        tokens=pieces,
+        token_logprobs=[e.logprob if e else None for e in entries],
+        top_logprobs=[
+            {_piece(tokenizer, t): lp for t, lp in e.top[:shown]} if e else None for e in entries
+        ],
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(tokenizer: PreTrainedTokenizerBase, result: RowResult) -> ChatLogprobs:
+    """OpenAI's chat logprobs: each generated token with its ``top_logprobs`` alternatives."""
+
+    def top(token: int, logprob: float) -> TopLogprob:
+        piece = _piece(tokenizer, token)
+        return TopLogprob(token=piece, logprob=logprob, bytes=list(piece.encode("utf-8")))
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **top(e.token, e.logprob).model_dump(),
+                top_logprobs=[top(t, lp) for t, lp in e.top],
+            )
+            for e in result.logprobs
+        ]
+    )

@@ -22,6 +22,8 @@ from flexmoe.inference.selection import Selection
 MAX_STOP = 4
 CHAT_STOP = ("\nUser:", "\nSystem:")
 MAX_SEED = 2**63 - 1  # what torch's generator takes
+MAX_LOGPROBS = 5  # alternatives per token in a completion (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # ... in a chat completion
 MIN_TEMPERATURE = 1e-6  # below it (and above 0) logits / temperature overflow float32
 MIN_TOP_P = float(torch.finfo(torch.float32).tiny)  # the least top_p float32 holds above 0
 
@@ -78,9 +80,10 @@ class ExpertChoice(BaseModel):
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # other OpenAI fields are accepted and ignored
+    # An OpenAI field this server does not honour is refused (400), never silently ignored.
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=0)  # 0: only with echo (a prompt scored)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-text before this
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -125,16 +128,35 @@ def valid_unicode(text: str) -> str:
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    # one prompt: text, or token ids (as lm-evaluation-harness sends them), alone or in a list
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
+    def _one_prompt(cls, value: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+        if value and isinstance(value, list) and not isinstance(value[0], int):
             if len(value) != 1:
-                raise ValueError("give one prompt (a string or a list of one string)")
-            value = value[0]
-        return valid_unicode(value)
+                raise ValueError("give one prompt (text or token ids, or a list of one)")
+            value = value[0]  # type: ignore[assignment]
+        if isinstance(value, str):
+            return valid_unicode(value)
+        if not value:
+            raise ValueError("the prompt has no tokens")
+        return value  # type: ignore[return-value]
+
+    def one_prompt(self) -> str | list[int]:
+        """The prompt as the validator left it: one text or one list of token ids."""
+        return self.prompt  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _scored(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 scores the prompt: it needs echo")
+        if self.stream and (self.logprobs is not None or self.echo):
+            raise ValueError("logprobs and echo come with the whole answer, not a stream")
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -150,6 +172,18 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _scored(self) -> ChatRequest:
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens must be at least 1 for a chat completion")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream and self.logprobs:
+            raise ValueError("logprobs come with the whole answer, not a stream")
+        return self
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -172,11 +206,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: each token, its log-probability (None for the first
+    echoed one), the likeliest alternatives and where the token starts in ``text``."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class ChatMessageOut(BaseModel):
@@ -184,11 +228,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatDelta(BaseModel):

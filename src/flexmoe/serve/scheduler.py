@@ -47,6 +47,8 @@ class Job:
     stop: tuple[str, ...]
     stream: bool
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+    echo_from: int | None = None  # score the prompt's tokens from this index on (echo)
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client left
 
@@ -183,4 +185,6 @@ class Scheduler:
             on_finish=finish,
             on_error=lambda message: job.emit("error", message),
             cancelled=job.cancelled.is_set,
+            logprobs=job.logprobs,
+            echo_from=job.echo_from,
         )
