@@ -90,23 +90,41 @@ def test_transformers_4_57_loads_anchor_and_merged(
     assert lines[1].startswith("FlexOlmoForCausalLM PreTrainedTokenizerFast")
 
 
-@pytest.mark.slow
-def test_lm_eval_scores_the_readme_local_task(
-    tmp_path: Path, merged: Path, corpus_dir: Path
-) -> None:
-    lm_eval = Path(sys.executable).parent / "lm_eval"
-    (tmp_path / "heldout.jsonl").write_bytes((corpus_dir / "other.jsonl").read_bytes())
+def _lm_eval(tmp_path: Path, out: str, *model: str) -> dict[str, float]:
+    """The README's local task (examples/lm_eval) scored by lm_eval with ``model``'s args."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # fmt: skip
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OPENAI_API_KEY": "unused"}  # fmt: skip
     result = subprocess.run(
-        [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-         "--tasks", "flexmoe_heldout", "--include_path", str(ROOT / "examples" / "lm_eval"),
-         "--device", "cpu", "--batch_size", "8", "--limit", "6", "--output_path",
-         str(tmp_path / "out")],
+        [str(Path(sys.executable).parent / "lm_eval"), *model, "--tasks", "flexmoe_heldout",
+         "--include_path", str(ROOT / "examples" / "lm_eval"), "--limit", "6",
+         "--output_path", str(tmp_path / out)],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (found,) = (tmp_path / "out").rglob("results_*.json")
-    scores = json.loads(found.read_text())["results"]["flexmoe_heldout"]
-    bpb = scores["bits_per_byte,none"]
+    (found,) = (tmp_path / out).rglob("results_*.json")
+    return json.loads(found.read_text())["results"]["flexmoe_heldout"]
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_the_readme_local_task_on_the_files_and_on_the_server(
+    tmp_path: Path, merged: Path, corpus_dir: Path
+) -> None:
+    """lm-evaluation-harness scores the held-out task on the checkpoint (`hf`) and on `flexmoe
+    serve` (its `local-completions` model: token ids, logprobs, echo); the same bits per byte."""
+    from helpers import live
+
+    (tmp_path / "heldout.jsonl").write_bytes((corpus_dir / "other.jsonl").read_bytes())
+    # The same rolling windows on both: lm-eval's API model keeps max_length - 1 for the one
+    # token it generates and windows one shorter again; the served prompt and that token fit the
+    # model's context.
+    context = AutoModelForCausalLM.from_pretrained(merged).config.max_position_embeddings
+    files = _lm_eval(tmp_path, "hf", "--model", "hf", "--model_args",
+                     f"pretrained={merged},dtype=float32,max_length={context - 2}", "--device",
+                     "cpu", "--batch_size", "8")  # fmt: skip
+    bpb = files["bits_per_byte,none"]
     assert math.isfinite(bpb) and 0 < bpb < 16
+    with live(merged, name="merged") as url:
+        served = _lm_eval(tmp_path, "served", "--model", "local-completions", "--model_args",
+                          f"model=merged,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+                          f"tokenizer={merged},max_length={context},num_concurrent=1,max_retries=1")  # fmt: skip
+    assert served["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-4)
