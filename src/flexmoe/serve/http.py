@@ -41,8 +41,9 @@ class JsonErrorH11Protocol(H11Protocol):
 
 
 def server_config(app: Any, *, host: str, port: int, log_level: str = "info") -> Config:
-    """How flexmoe runs ``app``: the protocol above, and no access log (uvicorn's prints query
-    strings, where a client may have put a token)."""
+    """How flexmoe runs ``app``: the protocol above, no access log (uvicorn's prints query
+    strings, where a client may have put a token) and no WebSocket upgrades (nothing here
+    speaks WebSocket)."""
     return Config(
         app,
         host=host,
@@ -50,4 +51,5 @@ def server_config(app: Any, *, host: str, port: int, log_level: str = "info") ->
         log_level=log_level,
         access_log=False,
         http=JsonErrorH11Protocol,
+        ws="none",
     )
