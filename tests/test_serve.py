@@ -760,6 +760,15 @@ def test_logprobs_and_echo_are_the_checkpoints_own(model_dir: Path) -> None:
             },
         ).json()["choices"][0]["logprobs"]
         assert len(chat["content"]) >= 1 and len(chat["content"][0]["top_logprobs"]) == 3
+        newer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "a"}],
+                "max_completion_tokens": 2,
+                "min_tokens": 2,
+            },
+        ).json()
+        assert newer["usage"]["completion_tokens"] == 2  # OpenAI's newer name for max_tokens
         assert chat["content"][0]["logprob"] == pytest.approx(
             chat["content"][0]["top_logprobs"][0]["logprob"]
         )

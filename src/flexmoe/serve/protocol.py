@@ -174,9 +174,14 @@ class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer max_tokens
 
     @model_validator(mode="after")
     def _scored(self) -> ChatRequest:
+        if self.max_completion_tokens is not None:
+            if "max_tokens" in self.model_fields_set:
+                raise ValueError("give max_tokens or max_completion_tokens, not both")
+            self.max_tokens = self.max_completion_tokens
         if self.max_tokens == 0:
             raise ValueError("max_tokens must be at least 1 for a chat completion")
         if self.top_logprobs is not None and not self.logprobs:
