@@ -13,6 +13,7 @@ generated token, i.e. the last prompt position and every generated token fed bac
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,15 +29,13 @@ from flexmoe.inference.selection import set_expert_mask
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name the model's forward takes its KV cache under: ``cache`` in the transformers
     releases that renamed it (``past_key_values`` goes in 5.40), else ``past_key_values``."""
-    found = _CACHE_KEYWORDS.get(type(model))
-    if found is None:
-        parameters = inspect.signature(type(model).forward).parameters
-        found = "cache" if "cache" in parameters else "past_key_values"
-        _CACHE_KEYWORDS[type(model)] = found
-    return found
+    return _cache_keyword(type(model))  # type: ignore[arg-type]  # a class is hashable
 
 
-_CACHE_KEYWORDS: dict[type, str] = {}
+@functools.cache  # once per model class
+def _cache_keyword(kind: type[torch.nn.Module]) -> str:
+    parameters = inspect.signature(kind.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass
